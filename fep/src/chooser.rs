@@ -1,0 +1,178 @@
+//! Choosing the back end for a new route (document 003's chooser).
+//!
+//! Both schedulers are deterministic and skip back ends whose ratio is 0.
+//! Ratios are read at every choice, so a ratio change steers the very next
+//! new route; existing routes are never touched here.
+
+use std::sync::Mutex;
+
+use fep_shared::Scheduler;
+
+use crate::transfer_table::Backend;
+
+#[derive(Debug)]
+pub(crate) enum Chooser {
+    /// Smooth weighted round robin; the state is each back end's current weight.
+    Ratio(Mutex<Vec<i64>>),
+    /// Lowest (live routes ÷ ratio), ties by table order; no state of its own.
+    LeastRoutes,
+}
+
+impl Chooser {
+    pub(crate) fn new(scheduler: Scheduler, backends: usize) -> Self {
+        match scheduler {
+            Scheduler::Ratio => Chooser::Ratio(Mutex::new(vec![0; backends])),
+            Scheduler::LeastRoutes => Chooser::LeastRoutes,
+        }
+    }
+
+    pub(crate) fn scheduler(&self) -> Scheduler {
+        match self {
+            Chooser::Ratio(_) => Scheduler::Ratio,
+            Chooser::LeastRoutes => Scheduler::LeastRoutes,
+        }
+    }
+
+    /// Index of the chosen back end, `None` if every ratio is 0.
+    pub(crate) fn choose(&self, backends: &[Backend]) -> Option<usize> {
+        match self {
+            Chooser::Ratio(current) => {
+                let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+                smooth_weighted(&mut current, backends.iter().map(Backend::ratio))
+            }
+            Chooser::LeastRoutes => least_routes(backends.iter().map(|b| (b.routes(), b.ratio()))),
+        }
+    }
+}
+
+/// nginx's smooth weighted round robin: every back end gains its weight, the
+/// largest current weight wins (first on ties) and pays back the total. Over
+/// any window of Σweights choices each back end is picked exactly `weight`
+/// times, interleaved rather than in runs.
+fn smooth_weighted(current: &mut [i64], weights: impl Iterator<Item = u32>) -> Option<usize> {
+    let mut total = 0i64;
+    let mut best: Option<usize> = None;
+    for (i, w) in weights.enumerate() {
+        let w = i64::from(w);
+        if w == 0 {
+            current[i] = 0;
+            continue;
+        }
+        current[i] += w;
+        total += w;
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    let b = best?;
+    current[b] -= total;
+    Some(b)
+}
+
+/// The back end with the lowest routes ÷ ratio (compared by cross
+/// multiplication, so no floating point), first on ties.
+fn least_routes(candidates: impl Iterator<Item = (u32, u32)>) -> Option<usize> {
+    let mut best: Option<(usize, u64, u64)> = None;
+    for (i, (routes, ratio)) in candidates.enumerate() {
+        if ratio == 0 {
+            continue;
+        }
+        let (routes, ratio) = (u64::from(routes), u64::from(ratio));
+        if best.is_none_or(|(_, br, bw)| routes * bw < br * ratio) {
+            best = Some((i, routes, ratio));
+        }
+    }
+    best.map(|(i, _, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `n` choices with the given ratios; for least-routes every choice
+    /// becomes a live route, as it would for clients that stay connected.
+    fn sequence(scheduler: Scheduler, ratios: &[u32], n: usize) -> Vec<usize> {
+        let chooser = Chooser::new(scheduler, ratios.len());
+        let mut routes = vec![0u32; ratios.len()];
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let pick = match &chooser {
+                Chooser::Ratio(cur) => {
+                    smooth_weighted(&mut cur.lock().unwrap(), ratios.iter().copied())
+                }
+                Chooser::LeastRoutes => {
+                    least_routes(routes.iter().copied().zip(ratios.iter().copied()))
+                }
+            }
+            .unwrap();
+            routes[pick] += 1;
+            out.push(pick);
+        }
+        out
+    }
+
+    const BOTH: [Scheduler; 2] = [Scheduler::Ratio, Scheduler::LeastRoutes];
+
+    #[test]
+    fn golden_8081_c2_d1_goes_c_d_c_c_d_c() {
+        // Document 003: six new clients of 8081 with C:2, D:1.
+        const C: usize = 0;
+        const D: usize = 1;
+        for s in BOTH {
+            assert_eq!(sequence(s, &[2, 1], 6), vec![C, D, C, C, D, C], "{s:?}");
+        }
+    }
+
+    #[test]
+    fn golden_one_to_one_alternates() {
+        // Document 003: 8080 with A:1, B:1 (and 8082 with E:1, F:1) go A, B, A, B.
+        for s in BOTH {
+            assert_eq!(sequence(s, &[1, 1], 4), vec![0, 1, 0, 1], "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ratio_zero_is_never_chosen() {
+        for s in BOTH {
+            assert!(
+                sequence(s, &[0, 3, 0, 1], 40)
+                    .iter()
+                    .all(|&i| i == 1 || i == 3),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_zero_means_no_backend() {
+        assert_eq!(smooth_weighted(&mut [0, 0], [0u32, 0].into_iter()), None);
+        assert_eq!(least_routes([(0u32, 0u32), (5, 0)].into_iter()), None);
+    }
+
+    #[test]
+    fn shares_follow_ratios_exactly_over_each_window() {
+        // 2:1:1 over 400 choices: exactly 200/100/100 for both schedulers.
+        for s in BOTH {
+            let seq = sequence(s, &[2, 1, 1], 400);
+            let counts = [0, 1, 2].map(|i| seq.iter().filter(|&&p| p == i).count());
+            assert_eq!(counts, [200, 100, 100], "{s:?}");
+        }
+    }
+
+    #[test]
+    fn least_routes_steers_live_shares_after_a_ratio_change() {
+        // A holds 6 live routes and B 0 (B was at ratio 0); now 1:1 → B gets the
+        // next 6 new routes until the shares are even.
+        let picks: Vec<usize> = {
+            let mut routes = [6u32, 0];
+            (0..8)
+                .map(|_| {
+                    let p = least_routes(routes.iter().copied().zip([1u32, 1])).unwrap();
+                    routes[p] += 1;
+                    p
+                })
+                .collect()
+        };
+        assert_eq!(picks, vec![1, 1, 1, 1, 1, 1, 0, 1]);
+    }
+}

@@ -1,0 +1,141 @@
+//! The running daemon: TUN device, network set-up, workers, and the control
+//! loop (signals, route expiry, periodic counters in the log).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fep_shared::{FepConfig, Scheduler};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::counters::Totals;
+use crate::dispatcher::Dispatcher;
+use crate::netsetup::NetSetup;
+use crate::tun_io::{self, Clock, Workers};
+
+/// How often routes are expired.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// How often the counters are logged while traffic flows.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Serves `cfg` until SIGINT or SIGTERM, then removes everything it set up.
+pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
+    let dispatcher = Arc::new(Dispatcher::new(&cfg));
+    let queues = tun_io::open_queues(&cfg.tun, cfg.workers).with_context(|| {
+        format!(
+            "cannot create TUN device '{}' with {} queues: fep needs root (CAP_NET_ADMIN) and \
+             /dev/net/tun, and the name must not be taken by another device or a running fep",
+            cfg.tun, cfg.workers
+        )
+    })?;
+    let mut net = NetSetup::apply(&cfg)?;
+    let clock = Clock::start();
+    let workers =
+        Workers::spawn(queues, dispatcher.clone(), clock).context("cannot start worker threads")?;
+    tracing::info!(
+        "serving {} service(s) on {} with {} worker(s)",
+        cfg.services.len(),
+        cfg.tun,
+        cfg.workers
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control-plane runtime")?;
+    let result = rt.block_on(control_loop(&dispatcher, &workers, clock));
+
+    net.teardown();
+    let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
+    workers.stop();
+    tracing::info!(
+        "stopped; removed routes, rules and device {}; totals: {totals}",
+        cfg.tun
+    );
+    result
+}
+
+async fn control_loop(
+    dispatcher: &Dispatcher,
+    workers: &Workers,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let mut sigterm =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    let mut log = tokio::time::interval(LOG_EVERY);
+    let mut logged = Totals::default();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()) }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()) }
+            _ = sighup.recv() => tracing::warn!("SIGHUP: this version cannot reload its config; restart fep to apply changes"),
+            _ = expire.tick() => {
+                let s = dispatcher.expire(clock.now_ms());
+                if s.evicted > 0 {
+                    tracing::warn!("route table near max_routes: evicted {} longest-idle route(s)", s.evicted);
+                }
+            }
+            _ = log.tick() => {
+                let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
+                if totals != logged {
+                    tracing::info!("routes={} {totals}", dispatcher.routes().len());
+                    logged = totals;
+                }
+            }
+        }
+    }
+}
+
+/// What `fep --check` prints: the settings and each service's transfer table.
+pub fn describe(cfg: &FepConfig) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "config OK: tun {}, {} worker(s), route idle timeout {} s, max {} routes, policy table {}",
+        cfg.tun, cfg.workers, cfg.route_idle_timeout_s, cfg.max_routes, cfg.policy_table
+    );
+    for s in &cfg.services {
+        let scheduler = match s.scheduler {
+            Scheduler::Ratio => "ratio",
+            Scheduler::LeastRoutes => "least-routes",
+        };
+        let vip = std::net::SocketAddr::new(s.vip, s.port);
+        let _ = writeln!(
+            out,
+            "service {}: {} {vip}, scheduler {scheduler}, affinity {:?}",
+            s.name,
+            s.protocol.as_str(),
+            s.affinity
+        );
+        let total: u64 = s.backends.iter().map(|b| u64::from(b.ratio)).sum();
+        if total == 0 {
+            let _ = writeln!(
+                out,
+                "  (no back end with a ratio above 0: new flows are dropped)"
+            );
+        }
+        for b in &s.backends {
+            let node = cfg
+                .node(&b.node)
+                .expect("validated config names only defined nodes");
+            let share = if total == 0 {
+                0.0
+            } else {
+                100.0 * f64::from(b.ratio) / total as f64
+            };
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<40} ratio {:>4}  {share:5.1}% of new routes",
+                b.node,
+                std::net::SocketAddr::new(node.address, s.backend_port(b)).to_string(),
+                b.ratio
+            );
+        }
+    }
+    out
+}

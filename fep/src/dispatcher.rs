@@ -1,0 +1,726 @@
+//! The data-plane core: one packet in, a verdict out, no I/O.
+//!
+//! [`Dispatcher::process`] parses a packet read from the TUN device, follows
+//! or creates its route, rewrites it in place and says whether to write it
+//! back. Time is passed in (milliseconds of a clock the caller owns), so unit
+//! tests replay ageing and closes without sleeping.
+
+use dashmap::mapref::entry::Entry;
+
+use fep_shared::{Affinity, FepConfig};
+
+use crate::counters::{bump, DropReason, WorkerCounters};
+use crate::route_table::{state, ClientKey, FlowKey, ReplyKey, Route, RouteTable, Sticky};
+use crate::transfer_table::{Backend, BackendId, Service, ServiceId, TransferTable};
+use crate::wire::{tcp_flags, FlowPacket, ParseError};
+
+/// How long a TCP route whose connection has closed (FIN both ways, or RST)
+/// stays, so that the last ACK and a retransmitted FIN still get through.
+pub const CLOSED_LINGER_MS: u32 = 4_000;
+
+/// What to do with a processed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write the first `len` bytes of the (rewritten) buffer back to the device.
+    Forward(usize),
+    Drop(DropReason),
+}
+
+/// What one expiry pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExpireStats {
+    /// Routes whose connection ended or that were idle past the timeout.
+    pub expired: usize,
+    /// Routes evicted, oldest-idle first, because the table neared `max_routes`.
+    pub evicted: usize,
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    table: TransferTable,
+    routes: RouteTable,
+    idle_timeout_ms: u32,
+    max_routes: usize,
+}
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Malformed => DropReason::Malformed,
+            ParseError::Fragment => DropReason::Fragment,
+            ParseError::UnsupportedProtocol => DropReason::UnsupportedProtocol,
+        }
+    }
+}
+
+impl Dispatcher {
+    pub fn new(cfg: &FepConfig) -> Self {
+        Dispatcher {
+            table: TransferTable::from_config(cfg),
+            routes: RouteTable::default(),
+            idle_timeout_ms: (cfg.route_idle_timeout_s * 1000) as u32,
+            max_routes: cfg.max_routes,
+        }
+    }
+
+    pub fn table(&self) -> &TransferTable {
+        &self.table
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Handles one packet in place and counts what happened.
+    #[inline]
+    pub fn process(&self, buf: &mut [u8], now: u32, counters: &WorkerCounters) -> Verdict {
+        let verdict = match FlowPacket::new_checked(buf) {
+            Ok(mut pkt) => {
+                let dst = pkt.dst_addr();
+                match self.table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
+                    Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, counters),
+                    None => self.to_client(&mut pkt, now, counters),
+                }
+            }
+            Err(e) => Verdict::Drop(e.into()),
+        };
+        if let Verdict::Drop(reason) = verdict {
+            counters.drop(reason);
+        }
+        verdict
+    }
+
+    /// Forward direction: client → VIP becomes client → back end.
+    fn to_backend(
+        &self,
+        pkt: &mut FlowPacket,
+        id: ServiceId,
+        svc: &Service,
+        now: u32,
+        counters: &WorkerCounters,
+    ) -> Verdict {
+        let key = FlowKey {
+            service: id,
+            client_port: pkt.src_port(),
+            client: pkt.src_addr(),
+        };
+        let flags = pkt.tcp_flags();
+        let hit = self.routes.forward.get(&key).map(|route| {
+            if is_bare_syn(flags) && state::is_closed(route.state()) {
+                route.reopen(now);
+            }
+            route.touch(now, close_bits(flags, state::FIN_FROM_CLIENT));
+            route.backend
+        });
+        let backend = match hit {
+            Some(b) => b,
+            None => match self.assign(key, svc, flags, now) {
+                Ok(b) => {
+                    bump(&counters.routes_created, 1);
+                    b
+                }
+                Err(reason) => return Verdict::Drop(reason),
+            },
+        };
+        let be = &svc.backends[usize::from(backend)];
+        pkt.set_destination(&be.addr, be.port);
+        bump(&counters.to_backend_packets, 1);
+        bump(&counters.to_backend_bytes, pkt.len() as u64);
+        Verdict::Forward(pkt.len())
+    }
+
+    /// Reverse direction: back end → client becomes VIP → client.
+    fn to_client(&self, pkt: &mut FlowPacket, now: u32, counters: &WorkerCounters) -> Verdict {
+        let reply = ReplyKey {
+            protocol: pkt.protocol(),
+            backend_port: pkt.src_port(),
+            client_port: pkt.dst_port(),
+            backend: pkt.src_addr(),
+            client: pkt.dst_addr(),
+        };
+        let Some(key) = self.routes.reply_route(&reply) else {
+            return Verdict::Drop(DropReason::UnknownFlow);
+        };
+        let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
+        if self
+            .routes
+            .forward
+            .get(&key)
+            .map(|r| r.touch(now, set))
+            .is_none()
+        {
+            // Removed between the two lookups.
+            return Verdict::Drop(DropReason::UnknownFlow);
+        }
+        let svc = self.table.service(key.service);
+        pkt.set_source(&svc.vip, svc.port);
+        bump(&counters.to_client_packets, 1);
+        bump(&counters.to_client_bytes, pkt.len() as u64);
+        Verdict::Forward(pkt.len())
+    }
+
+    /// A route miss: choose a back end and record the route. Only a SYN opens
+    /// a TCP route, as in IPVS: a stray segment must not claim a back end.
+    fn assign(
+        &self,
+        key: FlowKey,
+        svc: &Service,
+        flags: u8,
+        now: u32,
+    ) -> Result<BackendId, DropReason> {
+        if svc.is_tcp() && !is_bare_syn(flags) {
+            return Err(DropReason::NoRoute);
+        }
+        if !self.routes.reserve(self.max_routes) {
+            return Err(DropReason::TableFull);
+        }
+        match self.routes.forward.entry(key) {
+            Entry::Vacant(e) => {
+                if let Some(backend) = self.choose(&key, svc) {
+                    let be = &svc.backends[usize::from(backend)];
+                    be.route_added();
+                    self.routes.replies.insert(reply_key(&key, svc, be), key);
+                    e.insert(Route::new(backend, now));
+                    return Ok(backend);
+                }
+                self.routes.release();
+                Err(DropReason::NoBackend)
+            }
+            // Another worker recorded it meanwhile.
+            Entry::Occupied(e) => {
+                self.routes.release();
+                Ok(e.get().backend)
+            }
+        }
+    }
+
+    fn choose(&self, key: &FlowKey, svc: &Service) -> Option<BackendId> {
+        if svc.affinity == Affinity::Port {
+            return svc.choose();
+        }
+        let client = ClientKey {
+            service: key.service,
+            client: key.client,
+        };
+        match self.routes.clients.entry(client) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().routes += 1;
+                Some(e.get().backend)
+            }
+            Entry::Vacant(e) => {
+                let backend = svc.choose()?;
+                e.insert(Sticky { backend, routes: 1 });
+                Some(backend)
+            }
+        }
+    }
+
+    /// Removes routes whose connection is over or that have been idle past
+    /// the timeout; near `max_routes`, also evicts the longest-idle routes.
+    /// Runs on the control plane; collects under read locks, then removes one
+    /// route at a time so that workers are never blocked for long.
+    pub fn expire(&self, now: u32) -> ExpireStats {
+        let mut stats = ExpireStats::default();
+        let victims: Vec<FlowKey> = self
+            .routes
+            .forward
+            .iter()
+            .filter(|e| self.is_expired(e.key(), e.value(), now))
+            .map(|e| *e.key())
+            .collect();
+        for key in victims {
+            if self.remove_route(&key, |k, r| self.is_expired(k, r, now)) {
+                stats.expired += 1;
+            }
+        }
+        let high = self.max_routes - self.max_routes / 20;
+        if self.routes.len() > high {
+            let target = self.max_routes - self.max_routes / 10;
+            let mut by_idle: Vec<(u32, FlowKey)> = self
+                .routes
+                .forward
+                .iter()
+                .map(|e| (e.idle_ms(now), *e.key()))
+                .collect();
+            by_idle.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            for (_, key) in by_idle {
+                if self.routes.len() <= target {
+                    break;
+                }
+                if self.remove_route(&key, |_, _| true) {
+                    stats.evicted += 1;
+                }
+            }
+        }
+        stats
+    }
+
+    fn is_expired(&self, key: &FlowKey, route: &Route, now: u32) -> bool {
+        let idle = route.idle_ms(now);
+        idle >= self.idle_timeout_ms
+            || (self.table.service(key.service).is_tcp()
+                && state::is_closed(route.state())
+                && idle >= CLOSED_LINGER_MS)
+    }
+
+    /// Removes one route (if `cond` still holds) with its reply index and its
+    /// share of the client-affinity and per-back-end counts.
+    pub fn remove_route(&self, key: &FlowKey, cond: impl FnOnce(&FlowKey, &Route) -> bool) -> bool {
+        let Some((key, route)) = self.routes.forward.remove_if(key, cond) else {
+            return false;
+        };
+        self.routes.release();
+        let svc = self.table.service(key.service);
+        let be = &svc.backends[usize::from(route.backend)];
+        be.route_removed();
+        self.routes
+            .replies
+            .remove_if(&reply_key(&key, svc, be), |_, k| *k == key);
+        if svc.affinity == Affinity::Client {
+            let client = ClientKey {
+                service: key.service,
+                client: key.client,
+            };
+            if let Entry::Occupied(mut e) = self.routes.clients.entry(client) {
+                e.get_mut().routes -= 1;
+                if e.get().routes == 0 {
+                    e.remove();
+                }
+            }
+        }
+        true
+    }
+}
+
+fn reply_key(key: &FlowKey, svc: &Service, be: &Backend) -> ReplyKey {
+    ReplyKey {
+        protocol: svc.protocol,
+        backend_port: be.port,
+        client_port: key.client_port,
+        backend: be.addr,
+        client: key.client,
+    }
+}
+
+/// A SYN that opens a connection (no ACK, no RST).
+fn is_bare_syn(flags: u8) -> bool {
+    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+}
+
+/// The route state bits a segment's FIN/RST set; `fin` says whose FIN it is.
+fn close_bits(flags: u8, fin: u8) -> u8 {
+    let mut bits = 0;
+    if flags & tcp_flags::FIN != 0 {
+        bits |= fin;
+    }
+    if flags & tcp_flags::RST != 0 {
+        bits |= state::RESET;
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use etherparse::PacketBuilder;
+
+    use super::*;
+    use crate::wire::{addr_from_ip, ip_from_addr};
+
+    /// Document 003's transfer table, with A–F on 10.0.2.1–6, VIP 10.0.0.100.
+    const GOLDEN: &str = r#"
+route_idle_timeout_s = 60
+max_routes = 100
+[[node]]
+name = "A"
+address = "10.0.2.1"
+[[node]]
+name = "B"
+address = "10.0.2.2"
+[[node]]
+name = "C"
+address = "10.0.2.3"
+[[node]]
+name = "D"
+address = "10.0.2.4"
+[[node]]
+name = "E"
+address = "10.0.2.5"
+[[node]]
+name = "F"
+address = "10.0.2.6"
+[[service]]
+name = "s8080"
+vip = "10.0.0.100"
+port = 8080
+protocol = "tcp"
+backend = [{ node = "A", ratio = 1 }, { node = "B", ratio = 1 }]
+[[service]]
+name = "s8081"
+vip = "10.0.0.100"
+port = 8081
+protocol = "tcp"
+backend = [{ node = "C", ratio = 2 }, { node = "D", ratio = 1 }]
+[[service]]
+name = "s8082"
+vip = "10.0.0.100"
+port = 8082
+protocol = "tcp"
+backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
+"#;
+
+    const VIP: [u8; 4] = [10, 0, 0, 100];
+
+    struct Rig {
+        d: Dispatcher,
+        c: WorkerCounters,
+    }
+
+    fn rig(text: &str) -> Rig {
+        Rig {
+            d: Dispatcher::new(&FepConfig::parse(text).unwrap()),
+            c: WorkerCounters::default(),
+        }
+    }
+
+    fn client(n: u8) -> [u8; 4] {
+        [192, 0, 2, n]
+    }
+
+    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 1000);
+        if flags & tcp_flags::SYN != 0 {
+            b = b.syn();
+        }
+        if flags & tcp_flags::ACK != 0 {
+            b = b.ack(1);
+        }
+        if flags & tcp_flags::FIN != 0 {
+            b = b.fin();
+        }
+        if flags & tcp_flags::RST != 0 {
+            b = b.rst();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, b"data").unwrap();
+        out
+    }
+
+    const SYN: u8 = tcp_flags::SYN;
+    const ACK: u8 = tcp_flags::ACK;
+    const FIN_ACK: u8 = tcp_flags::FIN | tcp_flags::ACK;
+
+    impl Rig {
+        fn run(&self, mut pkt: Vec<u8>, now: u32) -> (Verdict, Vec<u8>) {
+            let v = self.d.process(&mut pkt, now, &self.c);
+            (v, pkt)
+        }
+
+        /// Sends a client packet; returns the back end's node name it went to.
+        fn send(
+            &self,
+            client: [u8; 4],
+            sport: u16,
+            port: u16,
+            flags: u8,
+            now: u32,
+        ) -> Result<String, DropReason> {
+            match self.run(tcp(client, sport, VIP, port, flags), now) {
+                (Verdict::Forward(_), out) => {
+                    let p = etherparse::SlicedPacket::from_ip(&out).unwrap();
+                    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+                        panic!()
+                    };
+                    let dst = IpAddr::V4(ip.header().destination_addr());
+                    let node = self
+                        .d
+                        .table()
+                        .services()
+                        .iter()
+                        .flat_map(|s| &s.backends)
+                        .find(|b| ip_from_addr(&b.addr) == dst)
+                        .unwrap();
+                    Ok(node.node.clone())
+                }
+                (Verdict::Drop(r), _) => Err(r),
+            }
+        }
+
+        /// Sends a back end's reply; returns the (source, source port) the client sees.
+        fn reply(
+            &self,
+            node_ip: [u8; 4],
+            port: u16,
+            client: [u8; 4],
+            cport: u16,
+            flags: u8,
+            now: u32,
+        ) -> Result<(IpAddr, u16), DropReason> {
+            match self.run(tcp(node_ip, port, client, cport, flags), now) {
+                (Verdict::Forward(_), out) => {
+                    let p = etherparse::SlicedPacket::from_ip(&out).unwrap();
+                    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+                        panic!()
+                    };
+                    let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+                        panic!()
+                    };
+                    Ok((IpAddr::V4(ip.header().source_addr()), t.source_port()))
+                }
+                (Verdict::Drop(r), _) => Err(r),
+            }
+        }
+
+        fn routes(&self) -> usize {
+            self.d.routes().len()
+        }
+    }
+
+    #[test]
+    fn golden_six_new_clients_of_8081_go_c_d_c_c_d_c() {
+        for scheduler in ["ratio", "least-routes"] {
+            let r = rig(&GOLDEN.replace(
+                "port = 8081\n",
+                &format!("port = 8081\nscheduler = \"{scheduler}\"\n"),
+            ));
+            let got: Vec<String> = (1..=6)
+                .map(|n| r.send(client(n), 1000, 8081, SYN, 0).unwrap())
+                .collect();
+            assert_eq!(got, ["C", "D", "C", "C", "D", "C"], "{scheduler}");
+        }
+    }
+
+    #[test]
+    fn golden_one_to_one_service_alternates() {
+        let r = rig(GOLDEN);
+        let got: Vec<String> = (1..=4)
+            .map(|n| r.send(client(n), 1000, 8080, SYN, 0).unwrap())
+            .collect();
+        assert_eq!(got, ["A", "B", "A", "B"]);
+    }
+
+    #[test]
+    fn routes_are_sticky_even_when_ratios_change() {
+        let r = rig(GOLDEN);
+        let first = r.send(client(1), 1000, 8081, SYN, 0).unwrap();
+        assert_eq!(first, "C");
+        r.d.table().service(1).backends[0].set_ratio(0);
+        for t in 1..20 {
+            assert_eq!(r.send(client(1), 1000, 8081, ACK, t).unwrap(), "C");
+        }
+        // Ratio 0: no new routes to C, its existing route keeps working.
+        for n in 2..10 {
+            assert_eq!(r.send(client(n), 1000, 8081, SYN, 30).unwrap(), "D");
+        }
+        assert_eq!(r.send(client(1), 1000, 8081, ACK, 31).unwrap(), "C");
+    }
+
+    #[test]
+    fn two_ports_of_one_client_may_land_on_different_backends() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        assert_eq!(r.send(client(1), 1001, 8080, SYN, 0).unwrap(), "B");
+        assert_eq!(r.routes(), 2);
+    }
+
+    #[test]
+    fn the_service_is_part_of_the_key() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        assert_eq!(r.send(client(1), 1000, 8082, SYN, 0).unwrap(), "E");
+        assert_eq!(r.routes(), 2);
+    }
+
+    #[test]
+    fn replies_are_rewritten_to_the_vip_and_service_port() {
+        let r = rig(&GOLDEN.replace(
+            "{ node = \"A\", ratio = 1 }",
+            "{ node = \"A\", ratio = 1, port = 9000 }",
+        ));
+        assert_eq!(r.send(client(1), 1234, 8080, SYN, 0).unwrap(), "A");
+        let seen = r
+            .reply([10, 0, 2, 1], 9000, client(1), 1234, SYN | ACK, 1)
+            .unwrap();
+        assert_eq!(seen, (IpAddr::from(VIP), 8080));
+        // A reply from the wrong port, or to another client, is not ours.
+        assert_eq!(
+            r.reply([10, 0, 2, 1], 8080, client(1), 1234, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.reply([10, 0, 2, 1], 9000, client(2), 1234, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.c.to_client_packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn unknown_services_stray_segments_and_empty_services_are_dropped_and_counted() {
+        let r = rig(&GOLDEN.replace(
+            "{ node = \"E\", ratio = 1 }, { node = \"F\", ratio = 1 }",
+            "{ node = \"E\", ratio = 0 }",
+        ));
+        assert_eq!(
+            r.send(client(1), 1000, 9999, SYN, 0),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.send(client(1), 1000, 8080, ACK, 0),
+            Err(DropReason::NoRoute)
+        );
+        assert_eq!(
+            r.send(client(1), 1000, 8082, SYN, 0),
+            Err(DropReason::NoBackend)
+        );
+        let (v, _) = r.run(vec![0x45, 0, 0], 0);
+        assert_eq!(v, Verdict::Drop(DropReason::Malformed));
+        for reason in [
+            DropReason::UnknownFlow,
+            DropReason::NoRoute,
+            DropReason::NoBackend,
+            DropReason::Malformed,
+        ] {
+            assert_eq!(r.c.drops(reason), 1, "{reason:?}");
+        }
+        assert_eq!(r.routes(), 0);
+    }
+
+    #[test]
+    fn a_route_ends_after_fin_both_ways_and_a_short_linger() {
+        let r = rig(GOLDEN);
+        r.send(client(1), 1000, 8080, SYN, 0).unwrap();
+        r.reply([10, 0, 2, 1], 8080, client(1), 1000, SYN | ACK, 1)
+            .unwrap();
+        r.send(client(1), 1000, 8080, FIN_ACK, 100).unwrap();
+        assert_eq!(
+            r.d.expire(100 + CLOSED_LINGER_MS),
+            ExpireStats::default(),
+            "half-closed stays"
+        );
+        r.reply([10, 0, 2, 1], 8080, client(1), 1000, FIN_ACK, 200)
+            .unwrap();
+        r.send(client(1), 1000, 8080, ACK, 210).unwrap();
+        assert_eq!(r.d.expire(210 + CLOSED_LINGER_MS - 1).expired, 0, "lingers");
+        assert_eq!(r.d.expire(210 + CLOSED_LINGER_MS).expired, 1);
+        assert_eq!(r.routes(), 0);
+        assert_eq!(r.d.table().service(0).backends[0].routes(), 0);
+        // The reply index went with it.
+        assert_eq!(
+            r.reply([10, 0, 2, 1], 8080, client(1), 1000, ACK, 5000),
+            Err(DropReason::UnknownFlow)
+        );
+    }
+
+    #[test]
+    fn a_reset_ends_the_route_and_a_new_syn_on_a_closed_route_reopens_it() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        r.reply([10, 0, 2, 1], 8080, client(1), 1000, tcp_flags::RST, 1)
+            .unwrap();
+        // Same client port connects again before the linger is over: same back end, fresh state.
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 2).unwrap(), "A");
+        assert_eq!(r.d.expire(2 + CLOSED_LINGER_MS).expired, 0);
+        assert_eq!(r.routes(), 1);
+    }
+
+    #[test]
+    fn idle_routes_expire_and_busy_ones_stay() {
+        let r = rig(GOLDEN);
+        r.send(client(1), 1000, 8080, SYN, 0).unwrap();
+        r.send(client(2), 1000, 8080, SYN, 0).unwrap();
+        r.send(client(2), 1000, 8080, ACK, 50_000).unwrap();
+        assert_eq!(r.d.expire(60_000).expired, 1);
+        assert_eq!(r.send(client(2), 1000, 8080, ACK, 60_001).unwrap(), "B");
+        assert_eq!(
+            r.send(client(1), 1000, 8080, ACK, 60_001),
+            Err(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn the_table_never_exceeds_max_routes_and_pressure_evicts_the_longest_idle() {
+        let r = rig(GOLDEN);
+        for n in 0..100u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, u32::from(n))
+                .unwrap();
+        }
+        assert_eq!(
+            r.send(client(1), 3000, 8080, SYN, 200),
+            Err(DropReason::TableFull)
+        );
+        assert_eq!(r.routes(), 100);
+        let s = r.d.expire(300);
+        assert_eq!(s.evicted, 10);
+        assert_eq!(r.routes(), 90);
+        // The ten oldest went; the newest stays.
+        assert_eq!(
+            r.send(client(1), 2000, 8080, ACK, 301),
+            Err(DropReason::NoRoute)
+        );
+        assert!(r.send(client(1), 2099, 8080, ACK, 301).is_ok());
+        assert!(r.send(client(1), 3000, 8080, SYN, 302).is_ok());
+    }
+
+    #[test]
+    fn client_affinity_keeps_every_connection_of_a_client_on_one_backend() {
+        let r = rig(&GOLDEN.replace("port = 8081\n", "port = 8081\naffinity = \"client\"\n"));
+        let first = r.send(client(1), 1000, 8081, SYN, 0).unwrap();
+        for port in 1001..1010 {
+            assert_eq!(r.send(client(1), port, 8081, SYN, 0).unwrap(), first);
+        }
+        // Another client gets the next choice.
+        assert_eq!(r.send(client(2), 1000, 8081, SYN, 0).unwrap(), "D");
+        // Once all of client 1's routes are gone, it is chosen afresh.
+        assert_eq!(r.d.expire(60_000).expired, 11);
+        assert!(r
+            .d
+            .routes()
+            .sticky(&ClientKey {
+                service: 1,
+                client: addr_from_ip(IpAddr::from(client(1)))
+            })
+            .is_none());
+    }
+
+    #[test]
+    fn udp_flows_are_routed_by_source_port() {
+        let r = rig(r#"
+[[node]]
+name = "u1"
+address = "fd00::11"
+[[node]]
+name = "u2"
+address = "fd00::12"
+[[service]]
+name = "dns"
+vip = "fd00::100"
+port = 53
+protocol = "udp"
+backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
+"#);
+        let udp = |sport: u16, now| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv6(
+                [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                64,
+            )
+            .udp(sport, 53)
+            .write(&mut out, b"q")
+            .unwrap();
+            let (v, out) = r.run(out, now);
+            assert!(matches!(v, Verdict::Forward(_)));
+            out[24 + 15]
+        };
+        assert_eq!(udp(5000, 0), 0x11);
+        assert_eq!(udp(5001, 0), 0x12);
+        for t in 1..10 {
+            assert_eq!(udp(5000, t), 0x11);
+        }
+    }
+}

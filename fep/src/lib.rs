@@ -1,0 +1,22 @@
+//! `fep`, the front-end processor of the cluster dispatcher.
+//!
+//! Layers, from bytes up:
+//! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
+//! - [`transfer_table`], [`chooser`], [`route_table`]: the tables of
+//!   document 003 and the choice of a back end;
+//! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
+//! - [`counters`]: per-worker packet and drop counters;
+//! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
+//!   [`netsetup`] (forwarding, routes and policy rules) and [`daemon`].
+
+pub(crate) mod chooser;
+pub mod counters;
+pub mod daemon;
+pub mod dispatcher;
+pub mod netsetup;
+pub mod route_table;
+pub mod transfer_table;
+pub mod tun_io;
+pub mod wire;
+
+pub use dispatcher::{Dispatcher, Verdict};

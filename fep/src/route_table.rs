@@ -1,0 +1,187 @@
+//! The assigned-route table (document 003, table 111): per (service, client
+//! IP, client port), the back end chosen for it, plus the reverse index that
+//! matches a back end's replies to their route.
+//!
+//! Sharded maps (dashmap, aHash with a random key against collision floods):
+//! a lookup takes one shard's read lock, never a global one. Lock order, where
+//! two are held: `forward` before `replies` and `clients`.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+
+use crate::transfer_table::{BackendId, ServiceId};
+use crate::wire::Addr;
+
+type Map<K, V> = DashMap<K, V, ahash::RandomState>;
+
+/// Key of a route: the service and the client's (IP, port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub service: ServiceId,
+    pub client_port: u16,
+    pub client: Addr,
+}
+
+/// What a back end's reply carries: (protocol, back end address and port,
+/// client address and port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    pub protocol: u8,
+    pub backend_port: u16,
+    pub client_port: u16,
+    pub backend: Addr,
+    pub client: Addr,
+}
+
+/// Key of a client-affinity entry: the service and the client's IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub service: ServiceId,
+    pub client: Addr,
+}
+
+/// State bits of a route.
+pub mod state {
+    /// The client sent a FIN.
+    pub const FIN_FROM_CLIENT: u8 = 0x01;
+    /// The back end sent a FIN.
+    pub const FIN_FROM_BACKEND: u8 = 0x02;
+    /// Either side sent a RST.
+    pub const RESET: u8 = 0x04;
+    /// The back end has answered at least once.
+    pub const REPLIED: u8 = 0x08;
+    /// The connection is over; the route lingers briefly for the last ACKs.
+    pub fn is_closed(s: u8) -> bool {
+        s & RESET != 0
+            || s & (FIN_FROM_CLIENT | FIN_FROM_BACKEND) == FIN_FROM_CLIENT | FIN_FROM_BACKEND
+    }
+}
+
+/// One assigned route. Times are milliseconds of the dispatcher's clock.
+#[derive(Debug)]
+pub struct Route {
+    pub backend: BackendId,
+    state: AtomicU8,
+    last_seen: AtomicU32,
+}
+
+impl Route {
+    pub fn new(backend: BackendId, now: u32) -> Self {
+        Route {
+            backend,
+            state: AtomicU8::new(0),
+            last_seen: AtomicU32::new(now),
+        }
+    }
+
+    pub fn state(&self) -> u8 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    pub fn last_seen(&self) -> u32 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the last packet.
+    pub fn idle_ms(&self, now: u32) -> u32 {
+        now.wrapping_sub(self.last_seen())
+    }
+
+    /// Records a packet: its time and the state bits it sets. Writes only
+    /// what changed, so a busy flow does not keep dirtying the cache line.
+    #[inline]
+    pub fn touch(&self, now: u32, set: u8) {
+        if self.last_seen.load(Ordering::Relaxed) != now {
+            self.last_seen.store(now, Ordering::Relaxed);
+        }
+        if set != 0 && self.state() & set != set {
+            self.state.fetch_or(set, Ordering::Relaxed);
+        }
+    }
+
+    /// A new connection on a client port whose previous connection ended:
+    /// the route stays (same back end) with a fresh state.
+    pub fn reopen(&self, now: u32) {
+        self.state.store(0, Ordering::Relaxed);
+        self.last_seen.store(now, Ordering::Relaxed);
+    }
+}
+
+/// A client's back end under `affinity = "client"`, held while it has routes.
+#[derive(Debug, Clone, Copy)]
+pub struct Sticky {
+    pub backend: BackendId,
+    pub routes: u32,
+}
+
+/// The assigned-route table with its reply index and client-affinity map.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub(crate) forward: Map<FlowKey, Route>,
+    pub(crate) replies: Map<ReplyKey, FlowKey>,
+    pub(crate) clients: Map<ClientKey, Sticky>,
+    len: AtomicUsize,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable {
+            forward: Map::default(),
+            replies: Map::default(),
+            clients: Map::default(),
+            len: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl RouteTable {
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The back end of a route, if it exists.
+    pub fn backend_of(&self, key: &FlowKey) -> Option<BackendId> {
+        self.forward.get(key).map(|r| r.backend)
+    }
+
+    /// The route a reply belongs to.
+    pub fn reply_route(&self, key: &ReplyKey) -> Option<FlowKey> {
+        self.replies.get(key).map(|k| *k)
+    }
+
+    /// The back end a client is held to under client affinity.
+    pub fn sticky(&self, key: &ClientKey) -> Option<Sticky> {
+        self.clients.get(key).map(|s| *s)
+    }
+
+    /// Every route's key, back end and state (a snapshot for the control plane).
+    pub fn snapshot(&self) -> Vec<(FlowKey, BackendId, u8, u32)> {
+        self.forward
+            .iter()
+            .map(|e| (*e.key(), e.backend, e.state(), e.last_seen()))
+            .collect()
+    }
+}
+
+impl RouteTable {
+    /// Claims room for one more route if the table holds fewer than `max`,
+    /// so concurrent workers can never push it past the bound.
+    pub(crate) fn reserve(&self, max: usize) -> bool {
+        self.len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back one route's room: a reservation not used, or a removal.
+    pub(crate) fn release(&self) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+}

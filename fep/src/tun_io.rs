@@ -1,0 +1,155 @@
+//! The I/O shell around the core: one worker thread per queue of a
+//! multi-queue TUN device. The kernel spreads flows over the queues by flow
+//! hash, so a flow stays on one worker.
+//!
+//! A worker reads a packet, hands it to [`Dispatcher::process`] and writes it
+//! back: one reusable buffer, no allocation and no lock of its own per packet.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use crate::counters::{bump, WorkerCounters};
+use crate::dispatcher::{Dispatcher, Verdict};
+
+/// Largest IP packet a TUN read can return.
+const MAX_PACKET: usize = 65_535;
+/// How often an idle worker looks at the stop flag.
+const STOP_POLL_MS: i32 = 200;
+
+/// Milliseconds since the daemon started: the core's notion of `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn start() -> Self {
+        Clock(Instant::now())
+    }
+
+    pub fn now_ms(&self) -> u32 {
+        self.0.elapsed().as_millis() as u32
+    }
+}
+
+/// Creates the TUN device `name` with `queues` queues, up, in non-blocking mode.
+pub fn open_queues(name: &str, queues: usize) -> io::Result<Vec<SyncDevice>> {
+    let first = DeviceBuilder::new()
+        .name(name)
+        .multi_queue(true)
+        .enable(true)
+        .build_sync()?;
+    let mut all = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        all.push(first.try_clone()?);
+    }
+    all.insert(0, first);
+    for q in &all {
+        q.set_nonblocking(true)?;
+    }
+    Ok(all)
+}
+
+/// The running worker threads.
+pub struct Workers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    counters: Vec<Arc<WorkerCounters>>,
+}
+
+impl Workers {
+    /// Starts one worker per queue.
+    pub fn spawn(
+        queues: Vec<SyncDevice>,
+        dispatcher: Arc<Dispatcher>,
+        clock: Clock,
+    ) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut counters = Vec::new();
+        for (i, queue) in queues.into_iter().enumerate() {
+            let c = Arc::new(WorkerCounters::default());
+            counters.push(c.clone());
+            let (d, s) = (dispatcher.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fep-worker-{i}"))
+                    .spawn(move || run(queue, &d, &c, &s, clock))?,
+            );
+        }
+        Ok(Workers {
+            stop,
+            threads,
+            counters,
+        })
+    }
+
+    pub fn counters(&self) -> &[Arc<WorkerCounters>] {
+        &self.counters
+    }
+
+    /// Stops every worker and waits for it; the queues close with them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            if t.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}
+
+fn run(
+    queue: SyncDevice,
+    dispatcher: &Dispatcher,
+    counters: &WorkerCounters,
+    stop: &AtomicBool,
+    clock: Clock,
+) {
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut logged_errors = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let n = match queue.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_readable(&queue);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                bump(&counters.tun_read_errors, 1);
+                log_io_error(&mut logged_errors, "read", &e);
+                continue;
+            }
+        };
+        if let Verdict::Forward(len) = dispatcher.process(&mut buf[..n], clock.now_ms(), counters) {
+            if let Err(e) = queue.send(&buf[..len]) {
+                bump(&counters.tun_write_errors, 1);
+                log_io_error(&mut logged_errors, "write", &e);
+            }
+        }
+    }
+}
+
+/// Blocks until the queue is readable or [`STOP_POLL_MS`] passed.
+fn wait_readable(queue: &SyncDevice) {
+    let mut pfd = libc::pollfd {
+        fd: queue.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
+}
+
+/// Logs the first few I/O errors of a worker, then only counts them.
+fn log_io_error(logged: &mut u32, op: &str, e: &io::Error) {
+    if *logged < 10 {
+        *logged += 1;
+        tracing::warn!("TUN {op} failed: {e} (counted; only the first 10 per worker are logged)");
+    }
+}

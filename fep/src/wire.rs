@@ -1,0 +1,505 @@
+//! Typed views over IP packets in a byte buffer, after smoltcp's `wire`.
+//!
+//! [`FlowPacket::new_checked`] validates an IPv4/IPv6 TCP/UDP packet once
+//! (with etherparse); after that no accessor can panic, and the setters
+//! rewrite addresses and ports in place, updating the IPv4 header checksum and
+//! the L4 checksum incrementally (RFC 1624) instead of recomputing them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{IpSlice, TcpSlice, UdpSlice};
+
+/// An IP address in the 16-byte form the tables key on; IPv4 is stored
+/// v4-mapped (`::ffff:a.b.c.d`), so one key type serves both families.
+pub type Addr = [u8; 16];
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+mod field {
+    use std::ops::Range;
+    pub const V4_CHECKSUM: Range<usize> = 10..12;
+    pub const V4_SRC: Range<usize> = 12..16;
+    pub const V4_DST: Range<usize> = 16..20;
+    pub const V6_SRC: Range<usize> = 8..24;
+    pub const V6_DST: Range<usize> = 24..40;
+    // Offsets from the start of the L4 header.
+    pub const SRC_PORT: usize = 0;
+    pub const DST_PORT: usize = 2;
+    pub const TCP_FLAGS: usize = 13;
+    pub const TCP_CHECKSUM: usize = 16;
+    pub const UDP_CHECKSUM: usize = 6;
+}
+
+pub fn addr_from_ip(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Inverse of [`addr_from_ip`]: v4-mapped addresses come back as IPv4.
+pub fn ip_from_addr(addr: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(*addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Why a buffer is not a packet the dispatcher can handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not a well-formed IPv4/IPv6 packet with a complete TCP/UDP header.
+    Malformed,
+    /// A fragment: the ports of non-first fragments are unknown.
+    Fragment,
+    /// Neither TCP nor UDP.
+    UnsupportedProtocol,
+}
+
+/// A validated IPv4/IPv6 packet carrying TCP or UDP, viewed in place.
+#[derive(Debug)]
+pub struct FlowPacket<'a> {
+    buf: &'a mut [u8],
+    v4: bool,
+    proto: u8,
+    /// Offset of the TCP/UDP header.
+    l4: usize,
+    /// Length of the IP packet (the buffer may carry trailing bytes).
+    len: usize,
+}
+
+impl<'a> FlowPacket<'a> {
+    /// Validates the IP header, extension headers, lengths and the L4 header.
+    pub fn new_checked(buf: &'a mut [u8]) -> Result<Self, ParseError> {
+        let (v4, proto, l4, len) = {
+            let ip = IpSlice::from_slice(buf).map_err(|_| ParseError::Malformed)?;
+            let payload = ip.payload();
+            if payload.fragmented {
+                return Err(ParseError::Fragment);
+            }
+            let proto = payload.ip_number.0;
+            match proto {
+                TCP => {
+                    TcpSlice::from_slice(payload.payload).map_err(|_| ParseError::Malformed)?;
+                }
+                UDP => {
+                    UdpSlice::from_slice(payload.payload).map_err(|_| ParseError::Malformed)?;
+                }
+                _ => return Err(ParseError::UnsupportedProtocol),
+            }
+            let l4 = payload.payload.as_ptr() as usize - buf.as_ptr() as usize;
+            (
+                matches!(ip, IpSlice::Ipv4(_)),
+                proto,
+                l4,
+                l4 + payload.payload.len(),
+            )
+        };
+        Ok(FlowPacket {
+            buf,
+            v4,
+            proto,
+            l4,
+            len,
+        })
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.v4
+    }
+
+    /// IP protocol number: [`TCP`] or [`UDP`].
+    pub fn protocol(&self) -> u8 {
+        self.proto
+    }
+
+    /// Length of the IP packet, which is what gets written back.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn src_addr(&self) -> Addr {
+        self.addr(if self.v4 {
+            field::V4_SRC
+        } else {
+            field::V6_SRC
+        })
+    }
+
+    pub fn dst_addr(&self) -> Addr {
+        self.addr(if self.v4 {
+            field::V4_DST
+        } else {
+            field::V6_DST
+        })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        self.read_u16(self.l4 + field::SRC_PORT)
+    }
+
+    pub fn dst_port(&self) -> u16 {
+        self.read_u16(self.l4 + field::DST_PORT)
+    }
+
+    /// TCP flags, or 0 for UDP.
+    pub fn tcp_flags(&self) -> u8 {
+        if self.proto == TCP {
+            self.buf[self.l4 + field::TCP_FLAGS]
+        } else {
+            0
+        }
+    }
+
+    /// Rewrites the destination (forward direction: VIP → back end).
+    pub fn set_destination(&mut self, addr: &Addr, port: u16) {
+        let range = if self.v4 {
+            field::V4_DST
+        } else {
+            field::V6_DST
+        };
+        self.rewrite(range, field::DST_PORT, addr, port);
+    }
+
+    /// Rewrites the source (reverse direction: back end → VIP).
+    pub fn set_source(&mut self, addr: &Addr, port: u16) {
+        let range = if self.v4 {
+            field::V4_SRC
+        } else {
+            field::V6_SRC
+        };
+        self.rewrite(range, field::SRC_PORT, addr, port);
+    }
+
+    fn rewrite(
+        &mut self,
+        addr_range: std::ops::Range<usize>,
+        port_at: usize,
+        addr: &Addr,
+        port: u16,
+    ) {
+        let new_addr: &[u8] = if self.v4 { &addr[12..] } else { &addr[..] };
+        let port_at = self.l4 + port_at;
+        let new_port = port.to_be_bytes();
+
+        let mut addr_delta = ChecksumDelta::default();
+        addr_delta.replace(&self.buf[addr_range.clone()], new_addr);
+        let mut l4_delta = addr_delta;
+        l4_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
+
+        let csum_at = self.l4
+            + if self.proto == TCP {
+                field::TCP_CHECKSUM
+            } else {
+                field::UDP_CHECKSUM
+            };
+        let old = self.read_u16(csum_at);
+        // An IPv4 UDP checksum of 0 means "none"; it stays that way.
+        if !(self.proto == UDP && self.v4 && old == 0) {
+            let mut new = l4_delta.apply(old);
+            if self.proto == UDP && new == 0 {
+                new = 0xffff;
+            }
+            self.write_u16(csum_at, new);
+        }
+        if self.v4 {
+            let at = field::V4_CHECKSUM.start;
+            let new = addr_delta.apply(self.read_u16(at));
+            self.write_u16(at, new);
+        }
+        self.buf[addr_range].copy_from_slice(new_addr);
+        self.buf[port_at..port_at + 2].copy_from_slice(&new_port);
+    }
+
+    fn addr(&self, range: std::ops::Range<usize>) -> Addr {
+        if self.v4 {
+            let b = &self.buf[range];
+            Ipv4Addr::new(b[0], b[1], b[2], b[3])
+                .to_ipv6_mapped()
+                .octets()
+        } else {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&self.buf[range]);
+            a
+        }
+    }
+
+    fn read_u16(&self, at: usize) -> u16 {
+        u16::from_be_bytes([self.buf[at], self.buf[at + 1]])
+    }
+
+    fn write_u16(&mut self, at: usize, v: u16) {
+        self.buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// The one's-complement difference between old and new 16-bit words, to be
+/// folded into an Internet checksum (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+#[derive(Debug, Default, Clone, Copy)]
+struct ChecksumDelta(u32);
+
+impl ChecksumDelta {
+    /// Records that the even-length `old` bytes become `new`.
+    fn replace(&mut self, old: &[u8], new: &[u8]) {
+        debug_assert_eq!(old.len(), new.len());
+        for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+            self.0 += u32::from(!u16::from_be_bytes([o[0], o[1]]));
+            self.0 += u32::from(u16::from_be_bytes([n[0], n[1]]));
+        }
+    }
+
+    fn apply(self, checksum: u16) -> u16 {
+        let mut sum = u32::from(!checksum) + self.0;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    const CLIENT4: [u8; 4] = [10, 0, 1, 2];
+    const VIP4: [u8; 4] = [10, 0, 0, 100];
+    const BE4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
+    const CLIENT6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+    fn be6() -> Ipv6Addr {
+        "fd00:2::11".parse().unwrap()
+    }
+
+    /// Serialises a packet built with etherparse (correct checksums).
+    macro_rules! build {
+        ($builder:expr, $payload:expr) => {{
+            let mut out = Vec::new();
+            $builder.write(&mut out, $payload).unwrap();
+            out
+        }};
+    }
+
+    fn tcp4(payload: &[u8]) -> Vec<u8> {
+        build!(
+            PacketBuilder::ipv4(CLIENT4, VIP4, 64)
+                .tcp(40000, 80, 12345, 64240)
+                .syn(),
+            payload
+        )
+    }
+
+    fn udp4(payload: &[u8]) -> Vec<u8> {
+        build!(
+            PacketBuilder::ipv4(CLIENT4, VIP4, 64).udp(40000, 53),
+            payload
+        )
+    }
+
+    fn tcp6(payload: &[u8]) -> Vec<u8> {
+        build!(
+            PacketBuilder::ipv6(CLIENT6, VIP6, 64)
+                .tcp(40000, 80, 1, 64240)
+                .ack(7),
+            payload
+        )
+    }
+
+    fn udp6(payload: &[u8]) -> Vec<u8> {
+        build!(
+            PacketBuilder::ipv6(CLIENT6, VIP6, 64).udp(40000, 53),
+            payload
+        )
+    }
+
+    /// Recomputes every checksum of `bytes` from scratch with etherparse and
+    /// compares it with the one the packet carries.
+    fn assert_checksums_valid(bytes: &[u8]) {
+        let p = SlicedPacket::from_ip(bytes).unwrap();
+        let payload = match &p.transport {
+            Some(TransportSlice::Tcp(t)) => t.payload(),
+            Some(TransportSlice::Udp(u)) => u.payload(),
+            other => panic!("no transport: {other:?}"),
+        };
+        match (&p.net, &p.transport) {
+            (Some(NetSlice::Ipv4(ip)), Some(t)) => {
+                let h = ip.header().to_header();
+                assert_eq!(
+                    h.calc_header_checksum(),
+                    h.header_checksum,
+                    "ipv4 header checksum"
+                );
+                match t {
+                    TransportSlice::Tcp(t) => {
+                        let want = t.to_header().calc_checksum_ipv4(&h, payload).unwrap();
+                        assert_eq!(want, t.checksum(), "tcp/ipv4 checksum");
+                    }
+                    TransportSlice::Udp(u) => {
+                        let want = u.to_header().calc_checksum_ipv4(&h, payload).unwrap();
+                        assert_eq!(want, u.checksum(), "udp/ipv4 checksum");
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            (Some(NetSlice::Ipv6(ip)), Some(t)) => {
+                let h = ip.header().to_header();
+                match t {
+                    TransportSlice::Tcp(t) => {
+                        let want = t.to_header().calc_checksum_ipv6(&h, payload).unwrap();
+                        assert_eq!(want, t.checksum(), "tcp/ipv6 checksum");
+                    }
+                    TransportSlice::Udp(u) => {
+                        let want = u.to_header().calc_checksum_ipv6(&h, payload).unwrap();
+                        assert_eq!(want, u.checksum(), "udp/ipv6 checksum");
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rewrites_keep_checksums_correct_for_tcp_and_udp_over_v4_and_v6() {
+        let payloads: [&[u8]; 3] = [b"", b"odd", b"GET / HTTP/1.0\r\n\r\n"];
+        for payload in payloads {
+            for (mut bytes, be) in [
+                (tcp4(payload), IpAddr::V4(BE4)),
+                (udp4(payload), IpAddr::V4(BE4)),
+                (tcp6(payload), IpAddr::V6(be6())),
+                (udp6(payload), IpAddr::V6(be6())),
+            ] {
+                assert_checksums_valid(&bytes);
+                let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+                p.set_destination(&addr_from_ip(be), 8080);
+                assert_eq!(p.dst_addr(), addr_from_ip(be));
+                assert_eq!(p.dst_port(), 8080);
+                assert_checksums_valid(&bytes);
+
+                let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+                let client = p.src_addr();
+                p.set_source(&addr_from_ip(be), 80);
+                p.set_destination(&client, 40001);
+                assert_eq!(p.src_port(), 80);
+                assert_checksums_valid(&bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn reads_addresses_ports_and_flags() {
+        let mut bytes = tcp4(b"x");
+        let p = FlowPacket::new_checked(&mut bytes).unwrap();
+        assert!(p.is_ipv4());
+        assert_eq!(p.protocol(), TCP);
+        assert_eq!(ip_from_addr(&p.src_addr()), IpAddr::from(CLIENT4));
+        assert_eq!(ip_from_addr(&p.dst_addr()), IpAddr::from(VIP4));
+        assert_eq!((p.src_port(), p.dst_port()), (40000, 80));
+        assert_eq!(p.tcp_flags(), tcp_flags::SYN);
+        assert_eq!(p.len(), 20 + 20 + 1);
+    }
+
+    #[test]
+    fn ipv4_udp_without_checksum_stays_without() {
+        let mut bytes = udp4(b"abc");
+        bytes[20 + 6] = 0;
+        bytes[20 + 7] = 0;
+        let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+        p.set_destination(&addr_from_ip(IpAddr::V4(BE4)), 53);
+        assert_eq!(&bytes[26..28], &[0, 0]);
+    }
+
+    #[test]
+    fn trailing_bytes_are_not_part_of_the_packet() {
+        let mut bytes = udp4(b"abc");
+        let len = bytes.len();
+        bytes.extend_from_slice(&[0xee; 7]);
+        assert_eq!(FlowPacket::new_checked(&mut bytes).unwrap().len(), len);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let good = tcp4(b"hello");
+        // Every truncation of a valid packet.
+        for cut in 0..good.len() - 5 {
+            let mut b = good[..cut].to_vec();
+            assert!(FlowPacket::new_checked(&mut b).is_err(), "cut at {cut}");
+        }
+        // IHL < 5.
+        let mut b = good.clone();
+        b[0] = 0x44;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Malformed
+        );
+        // Total length beyond the buffer.
+        let mut b = good.clone();
+        b[2] = 0xff;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Malformed
+        );
+        // TCP data offset below 5.
+        let mut b = good.clone();
+        b[20 + 12] = 0x40;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Malformed
+        );
+        // Not IP at all.
+        let mut b = vec![0x00u8; 40];
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Malformed
+        );
+        // ICMP.
+        let mut b = good.clone();
+        b[9] = 1;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::UnsupportedProtocol
+        );
+        // A fragment (more-fragments bit).
+        let mut b = udp4(b"abcdefgh");
+        b[6] = 0x20;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Fragment
+        );
+        // Every single byte value in every header position, bounded: no panic.
+        for at in 0..40 {
+            for v in [0u8, 1, 0x45, 0x60, 0x7f, 0x80, 0xff] {
+                let mut b = good.clone();
+                b[at] = v;
+                if let Ok(mut p) = FlowPacket::new_checked(&mut b) {
+                    let _ = (p.src_addr(), p.dst_port(), p.tcp_flags());
+                    p.set_destination(&[0; 16], 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_delta_matches_rfc1624_example() {
+        // RFC 1624 §4: HC = 0xDD2F, m = 0x5555 → m' = 0x3285 gives HC' = 0x0000
+        // with eqn. 3 (its one's-complement negative zero is avoided).
+        let mut d = ChecksumDelta::default();
+        d.replace(&[0x55, 0x55], &[0x32, 0x85]);
+        assert_eq!(d.apply(0xDD2F), 0x0000);
+    }
+}

@@ -1,0 +1,475 @@
+//! The `fep` configuration file (TOML): the nodes, the services and each
+//! service's transfer table (which back-end nodes serve it, at what ratio).
+//!
+//! Loading validates everything a running dispatcher relies on, so that an
+//! operator sees one message naming the key and the problem instead of a
+//! half-configured gateway.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest ratio accepted; keeps the chooser's weight sums far from overflow.
+pub const MAX_RATIO: u32 = 1_000_000;
+
+/// A configuration that could not be read or does not describe a servable cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file '{path}': {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file '{path}' is not valid TOML for fep: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number carried in IPv4 `protocol` / IPv6 `next header`.
+    pub fn ip_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// How a service picks the back end for a new route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Smooth weighted round robin over the ratios: the shares of new routes
+    /// follow the ratios however short the connections are.
+    #[default]
+    Ratio,
+    /// Lowest (live routes ÷ ratio), ties by table order: steers the shares of
+    /// live routes toward the ratios, e.g. after a ratio change.
+    LeastRoutes,
+}
+
+/// What identifies a client for stickiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// (client IP, client port): each client process may land on its own back end.
+    #[default]
+    Port,
+    /// Client IP: every connection of a client goes where its live routes go
+    /// (protocols with control and data connections need this).
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub node: String,
+    pub ratio: u32,
+    /// Back-end port when it differs from the service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    #[serde(default)]
+    pub affinity: Affinity,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FepConfig {
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    #[serde(default = "default_idle_timeout")]
+    pub route_idle_timeout_s: u64,
+    #[serde(default = "default_max_routes")]
+    pub max_routes: usize,
+    #[serde(default = "default_policy_table")]
+    pub policy_table: u32,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+fn default_tun() -> String {
+    "fep0".into()
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_max_routes() -> usize {
+    1_000_000
+}
+fn default_policy_table() -> u32 {
+    100
+}
+
+impl FepConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: FepConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Looks a node up by name.
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Checks every rule a running dispatcher relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tun.is_empty() || self.tun.len() > 15 || self.tun.contains(['/', ' ', '\t', ':']) {
+            return Err(ConfigError::invalid(
+                "tun",
+                format!(
+                    "'{}' is not a usable interface name (1 to 15 characters, no '/', ':' or spaces)",
+                    self.tun
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.workers) {
+            return Err(ConfigError::invalid(
+                "workers",
+                format!("{} is out of range (1 to 64)", self.workers),
+            ));
+        }
+        if self.route_idle_timeout_s == 0 || self.route_idle_timeout_s > 7 * 24 * 3600 {
+            return Err(ConfigError::invalid(
+                "route_idle_timeout_s",
+                "must be between 1 and 604800 seconds",
+            ));
+        }
+        if self.max_routes == 0 {
+            return Err(ConfigError::invalid("max_routes", "must be at least 1"));
+        }
+        if matches!(self.policy_table, 0 | 253..=255) {
+            return Err(ConfigError::invalid(
+                "policy_table",
+                format!(
+                    "{} is reserved (0 unspecified, 253 default, 254 main, 255 local); pick another table number",
+                    self.policy_table
+                ),
+            ));
+        }
+        self.validate_nodes()?;
+        self.validate_services()
+    }
+
+    fn validate_nodes(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut addrs = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let key = format!("node[{i}]");
+            if node.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(node.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("node '{}' is defined twice", node.name),
+                ));
+            }
+            if !is_unicast(node.address) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.address"),
+                    format!("{} is not a unicast host address", node.address),
+                ));
+            }
+            if let Some(other) = addrs.insert(node.address, node.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.address"),
+                    format!("{} is already the address of node '{other}'", node.address),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        if self.services.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::invalid("service", "at most 65535 services"));
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let key = format!("service[{i}]");
+            if svc.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(svc.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("service '{}' is defined twice", svc.name),
+                ));
+            }
+            if !is_unicast(svc.vip) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.vip"),
+                    format!("{} is not a unicast address", svc.vip),
+                ));
+            }
+            if let Some(node) = self.nodes.iter().find(|n| n.address == svc.vip) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.vip"),
+                    format!("{} is the address of node '{}'", svc.vip, node.name),
+                ));
+            }
+            if svc.port == 0 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.port"),
+                    "must be 1 to 65535",
+                ));
+            }
+            if let Some(other) =
+                endpoints.insert((svc.vip, svc.port, svc.protocol), svc.name.as_str())
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.port"),
+                    format!(
+                        "{} {}:{} is already served by service '{other}'",
+                        svc.protocol.as_str(),
+                        svc.vip,
+                        svc.port
+                    ),
+                ));
+            }
+            self.validate_backends(&key, svc)?;
+        }
+        Ok(())
+    }
+
+    fn validate_backends(&self, svc_key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (j, be) in svc.backends.iter().enumerate() {
+            let key = format!("{svc_key}.backend[{j}]");
+            let Some(node) = self.node(&be.node) else {
+                let known: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+                return Err(ConfigError::invalid(
+                    format!("{key}.node"),
+                    format!(
+                        "no node '{}' (nodes: {})",
+                        be.node,
+                        if known.is_empty() {
+                            "none defined".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            };
+            if !seen.insert(be.node.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.node"),
+                    format!(
+                        "node '{}' is listed twice in service '{}'",
+                        be.node, svc.name
+                    ),
+                ));
+            }
+            if node.address.is_ipv4() != svc.vip.is_ipv4() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.node"),
+                    format!(
+                        "node '{}' has address {} but the VIP {} is of the other IP family",
+                        node.name, node.address, svc.vip
+                    ),
+                ));
+            }
+            if be.ratio > MAX_RATIO {
+                return Err(ConfigError::invalid(
+                    format!("{key}.ratio"),
+                    format!("{} is above the maximum {MAX_RATIO}", be.ratio),
+                ));
+            }
+            if be.port == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.port"),
+                    "must be 1 to 65535",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// The port a back end serves this service on.
+    pub fn backend_port(&self, be: &BackendConfig) -> u16 {
+        be.port.unwrap_or(self.port)
+    }
+}
+
+fn is_unicast(addr: IpAddr) -> bool {
+    !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
+        && !matches!(addr, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+tun = "fep0"
+workers = 2
+route_idle_timeout_s = 300
+max_routes = 1000000
+policy_table = 100
+
+[[node]]
+name = "be1"
+address = "10.0.2.11"
+
+[[node]]
+name = "be2"
+address = "10.0.2.12"
+
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+node = "be1"
+ratio = 2
+
+[[service.backend]]
+node = "be2"
+ratio = 1
+port = 8080
+"#;
+
+    fn problem(text: &str) -> String {
+        FepConfig::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn example_from_the_issue_parses() {
+        let cfg = FepConfig::parse(EXAMPLE).unwrap();
+        assert_eq!(cfg.tun, "fep0");
+        assert_eq!(cfg.services[0].backends.len(), 2);
+        assert_eq!(cfg.services[0].scheduler, Scheduler::Ratio);
+        assert_eq!(cfg.services[0].affinity, Affinity::Port);
+        let svc = &cfg.services[0];
+        assert_eq!(svc.backend_port(&svc.backends[0]), 80);
+        assert_eq!(svc.backend_port(&svc.backends[1]), 8080);
+    }
+
+    #[test]
+    fn unknown_node_names_the_key_and_the_known_nodes() {
+        let text = EXAMPLE.replace("node = \"be2\"", "node = \"be9\"");
+        assert_eq!(
+            problem(&text),
+            "config key `service[0].backend[1].node`: no node 'be9' (nodes: be1, be2)"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(problem(&EXAMPLE.replace("workers = 2", "workerz = 2")).contains("workerz"));
+        assert!(problem(&EXAMPLE.replace("ratio = 2", "ratio = -1")).contains("ratio"));
+        assert!(problem(&EXAMPLE.replace("\"tcp\"", "\"sctp\"")).contains("sctp"));
+        assert!(problem(&EXAMPLE.replace("10.0.0.100", "10.0.0.300")).contains("vip"));
+        assert!(
+            problem(&EXAMPLE.replace("policy_table = 100", "policy_table = 254"))
+                .starts_with("config key `policy_table`")
+        );
+        assert!(problem(&EXAMPLE.replace("workers = 2", "workers = 0"))
+            .starts_with("config key `workers`"));
+    }
+
+    #[test]
+    fn mixed_families_and_duplicates_are_rejected() {
+        let v6 = EXAMPLE.replace("10.0.2.12", "fd00::12");
+        assert!(problem(&v6).contains("other IP family"));
+        let dup = EXAMPLE.replace("node = \"be2\"", "node = \"be1\"");
+        assert!(problem(&dup).contains("listed twice"));
+        let same_addr = EXAMPLE.replace("10.0.2.12", "10.0.2.11");
+        assert!(problem(&same_addr).contains("already the address of node 'be1'"));
+    }
+
+    #[test]
+    fn defaults_fill_optional_keys() {
+        let cfg = FepConfig::parse("").unwrap();
+        assert_eq!(cfg.tun, "fep0");
+        assert_eq!(cfg.route_idle_timeout_s, 300);
+        assert_eq!(cfg.max_routes, 1_000_000);
+        assert_eq!(cfg.policy_table, 100);
+    }
+}
