@@ -67,7 +67,7 @@ async fn control_loop(
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
-    let mut log = tokio::time::interval(LOG_EVERY);
+    let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
     loop {
         tokio::select! {

@@ -1,1 +1,8 @@
+//! Tools around fep: a network-namespace lab (client, gateway, back ends),
+//! a tiny HTTP/UDP back-end server, and an HTTP client, shared by the demo
+//! (`fep-demo`) and the integration tests.
 
+pub mod http;
+pub mod lab;
+pub mod netns;
+pub mod pattern;

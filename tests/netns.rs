@@ -1,0 +1,275 @@
+//! End-to-end: real kernel TCP and UDP from a client namespace, through fep
+//! on the gateway's TUN device, to back-end namespaces and back.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use fep_tests::{http, pattern, skip_without_root, start, tally, TIMEOUT};
+use fep_tools::lab::{VIP_V4, VIP_V6};
+
+const WEB_2_1_1: &str = r#"
+[[service]]
+name = "web"
+vip = "VIP"
+port = 80
+protocol = "tcp"
+backend = [{ node = "be1", ratio = 2 }, { node = "be2", ratio = 1 }, { node = "be3", ratio = 1 }]
+"#;
+
+/// Fetches `/` `n` times, each on a new connection, from the client; returns
+/// the node names that answered.
+fn get_names(r: &fep_tests::Running, vip: IpAddr, n: usize) -> Vec<String> {
+    let addr = SocketAddr::new(vip, 80);
+    r.lab
+        .client
+        .enter(|| {
+            (0..n)
+                .map(|i| {
+                    let resp = http::get(addr, "/", TIMEOUT)
+                        .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+                    assert_eq!(resp.status, 200);
+                    resp.body_text()
+                })
+                .collect()
+        })
+        .unwrap()
+}
+
+/// Shares of 400 one-request connections must be within 5 percentage points
+/// of the 2:1:1 ratios (the chooser is exact; the slack covers a client port
+/// reused while its old route lingers).
+fn assert_shares_2_1_1(names: &[String]) {
+    let counts = tally(names, 3);
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        names.len(),
+        "every answer came from a back end: {names:?}"
+    );
+    let n = names.len() as f64;
+    for (i, want) in [0.5, 0.25, 0.25].into_iter().enumerate() {
+        let got = counts[i] as f64 / n;
+        assert!(
+            (got - want).abs() <= 0.05,
+            "be{} share {got:.3}, want {want} ± 0.05 (counts {counts:?})",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn http_connections_split_2_1_1_over_ipv4() {
+    if skip_without_root("http_connections_split_2_1_1_over_ipv4") {
+        return;
+    }
+    let mut r = start(
+        "fh4",
+        3,
+        false,
+        &[80],
+        &[],
+        &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
+    );
+    let names = get_names(&r, VIP_V4.into(), 400);
+    assert_shares_2_1_1(&names);
+    assert!(r.fep.stop().unwrap().success());
+}
+
+#[test]
+fn http_connections_split_2_1_1_over_ipv6() {
+    if skip_without_root("http_connections_split_2_1_1_over_ipv6") {
+        return;
+    }
+    let mut r = start(
+        "fh6",
+        3,
+        true,
+        &[80],
+        &[],
+        &WEB_2_1_1.replace("VIP", &VIP_V6.to_string()),
+    );
+    let names = get_names(&r, VIP_V6.into(), 400);
+    assert_shares_2_1_1(&names);
+    assert!(r.fep.stop().unwrap().success());
+}
+
+#[test]
+fn a_20_mb_download_arrives_byte_exact() {
+    if skip_without_root("a_20_mb_download_arrives_byte_exact") {
+        return;
+    }
+    const LEN: u64 = 20_000_000;
+    let mut r = start(
+        "fdl",
+        3,
+        false,
+        &[80],
+        &[],
+        &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
+    );
+    let (status, received, hash, mismatch) = r
+        .lab
+        .client
+        .enter(|| {
+            let mut received = 0u64;
+            let mut hash = pattern::Fnv::default();
+            let mut mismatch = None;
+            let mut want = vec![0u8; 64 * 1024];
+            let (status, _) = http::get_with(
+                SocketAddr::new(VIP_V4.into(), 80),
+                &format!("/bytes/{LEN}"),
+                TIMEOUT,
+                |chunk| {
+                    pattern::fill(received, &mut want[..chunk.len()]);
+                    if mismatch.is_none() && chunk != &want[..chunk.len()] {
+                        mismatch = Some(received);
+                    }
+                    hash.write(chunk);
+                    received += chunk.len() as u64;
+                    Ok(())
+                },
+            )
+            .expect("download");
+            (status, received, hash.finish(), mismatch)
+        })
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(received, LEN);
+    assert_eq!(
+        mismatch, None,
+        "first differing chunk starts at this offset"
+    );
+    assert_eq!(hash, pattern::expected_hash(LEN));
+    assert!(r.fep.stop().unwrap().success());
+}
+
+#[test]
+fn udp_datagrams_stick_per_source_port_and_spread_over_ports() {
+    if skip_without_root("udp_datagrams_stick_per_source_port_and_spread_over_ports") {
+        return;
+    }
+    let services = format!(
+        r#"
+[[service]]
+name = "dns"
+vip = "{VIP_V4}"
+port = 5353
+protocol = "udp"
+backend = [{{ node = "be1", ratio = 2 }}, {{ node = "be2", ratio = 1 }}, {{ node = "be3", ratio = 1 }}]
+"#
+    );
+    let mut r = start("fud", 3, false, &[], &[5353], &services);
+    let vip = SocketAddr::new(VIP_V4.into(), 5353);
+    let (fixed, spread) = r
+        .lab
+        .client
+        .enter(|| {
+            let ask = |sock: &UdpSocket| -> String {
+                let mut buf = [0u8; 64];
+                for _attempt in 0..3 {
+                    sock.send_to(b"who?", vip).unwrap();
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        assert_eq!(from, vip, "the reply comes from the VIP");
+                        return String::from_utf8_lossy(&buf[..n]).to_string();
+                    }
+                }
+                panic!("no UDP answer from {vip} after 3 tries");
+            };
+            let bind = || {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s
+            };
+            let one = bind();
+            let fixed: Vec<String> = (0..50).map(|_| ask(&one)).collect();
+            let spread: Vec<String> = (0..400).map(|_| ask(&bind())).collect();
+            (fixed, spread)
+        })
+        .unwrap();
+    assert!(
+        fixed.iter().all(|n| *n == fixed[0]),
+        "one source port, one back end: {fixed:?}"
+    );
+    assert_shares_2_1_1(&spread);
+    assert!(r.fep.stop().unwrap().success());
+}
+
+#[test]
+fn unknown_ports_are_not_forwarded_and_fep_exits_clean() {
+    if skip_without_root("unknown_ports_are_not_forwarded_and_fep_exits_clean") {
+        return;
+    }
+    let mut r = start(
+        "fun",
+        3,
+        false,
+        &[80, 81],
+        &[81],
+        &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
+    );
+    // Set up as promised while running.
+    let gw = &r.lab.gateway;
+    assert!(gw.ip_output(&["link", "show", "fep0"]).is_ok());
+    assert!(gw.ip_output(&["rule"]).unwrap().contains("lookup 100"));
+    assert!(gw
+        .ip_output(&["route", "show", "table", "100"])
+        .unwrap()
+        .contains("fep0"));
+
+    let (tcp81, udp81) = r
+        .lab
+        .client
+        .enter(|| {
+            let tcp = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(VIP_V4.into(), 81),
+                Duration::from_secs(2),
+            );
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            for _ in 0..3 {
+                sock.send_to(b"anyone?", SocketAddr::new(VIP_V4.into(), 81))
+                    .unwrap();
+            }
+            let mut buf = [0u8; 64];
+            (
+                tcp.is_ok(),
+                sock.recv_from(&mut buf).ok().map(|(_, from)| from),
+            )
+        })
+        .unwrap();
+    assert!(!tcp81, "a TCP connection to an unserved port got through");
+    assert_eq!(
+        udp81, None,
+        "a datagram to an unserved port reached a back end"
+    );
+
+    let status = r.fep.stop().unwrap();
+    let log = r.fep.log();
+    assert!(status.success(), "fep exit {status}:\n{log}");
+    let dropped: u64 = log
+        .rsplit("unknown_flow=")
+        .next()
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .filter(|_| log.contains("totals:"))
+        .unwrap_or_else(|| panic!("no drop summary in fep's log:\n{log}"));
+    assert!(
+        dropped >= 4,
+        "the SYN and 3 datagrams are counted as unknown_flow drops ({dropped}):\n{log}"
+    );
+
+    // Nothing left behind: device, VIP route, return-path table and rules.
+    assert!(
+        gw.ip_output(&["link", "show", "fep0"]).is_err(),
+        "TUN device left behind"
+    );
+    assert!(
+        !gw.ip_output(&["rule"]).unwrap().contains("lookup 100"),
+        "policy rules left behind"
+    );
+    assert!(gw
+        .ip_output(&["route", "show", "table", "100"])
+        .unwrap()
+        .trim()
+        .is_empty());
+    assert!(!gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
+}

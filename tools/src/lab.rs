@@ -1,0 +1,324 @@
+//! A dispatcher lab on one machine: a client, a gateway that runs fep, and
+//! back ends, each a network namespace with addresses only inside them.
+//!
+//! ```text
+//!  client 10.0.1.2 ── 10.0.1.1 gateway (fep, VIP 10.0.0.100 / fd00::100) 10.0.2.1 ── br0 ─┬─ be1 10.0.2.11
+//!         fd00:1::2    fd00:1::1                                          fd00:2::1       ├─ be2 10.0.2.12
+//!                                                                                           └─ be3 10.0.2.13
+//! ```
+//!
+//! The gateway gets no forwarding, routes or rules from the lab: fep sets up
+//! all of that itself. Everything (processes, namespaces, files) goes away
+//! when the lab is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::netns::Netns;
+
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+
+/// Back end `i` (0-based): 10.0.2.(11+i).
+pub fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 2, 11 + i as u8)
+}
+
+/// Back end `i` (0-based): fd00:2::(11+i) (hex digits as written).
+pub fn backend_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+
+/// Node name of back end `i`: be1, be2, …
+pub fn backend_name(i: usize) -> String {
+    format!("be{}", i + 1)
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    pub client: Netns,
+    pub gateway: Netns,
+    pub backends: Vec<Netns>,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    /// Builds the namespaces and links; `tag` goes into the names
+    /// (`<tag><pid>x<n>-…`) so that parallel tests and runs never collide.
+    pub fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
+        let prefix = format!(
+            "{tag}{}x{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut lab = Lab {
+            client: Netns::create(&format!("{prefix}-cl"))?,
+            gateway: Netns::create(&format!("{prefix}-gw"))?,
+            backends: Vec::new(),
+            dir,
+            children: Vec::new(),
+        };
+        for i in 0..backends {
+            lab.backends
+                .push(Netns::create(&format!("{prefix}-b{}", i + 1))?);
+        }
+        lab.wire_up().context("wiring the lab's links")?;
+        Ok(lab)
+    }
+
+    fn wire_up(&self) -> anyhow::Result<()> {
+        let (gw, cl) = (&self.gateway, &self.client);
+        gw.ip(&[
+            "link",
+            "add",
+            "cl",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            cl.name(),
+        ])?;
+        gw.ip(&["addr", "add", "10.0.1.1/24", "dev", "cl"])?;
+        gw.ip(&["addr", "add", "fd00:1::1/64", "dev", "cl", "nodad"])?;
+        gw.ip(&["link", "set", "cl", "up"])?;
+        cl.ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"])?;
+        cl.ip(&["addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad"])?;
+        cl.ip(&["link", "set", "eth0", "up"])?;
+        cl.ip(&["route", "add", "default", "via", "10.0.1.1"])?;
+        cl.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+
+        gw.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+        ])?;
+        gw.ip(&["addr", "add", "10.0.2.1/24", "dev", "br0"])?;
+        gw.ip(&["addr", "add", "fd00:2::1/64", "dev", "br0", "nodad"])?;
+        gw.ip(&["link", "set", "br0", "up"])?;
+        for (i, be) in self.backends.iter().enumerate() {
+            let port = format!("b{}", i + 1);
+            gw.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                be.name(),
+            ])?;
+            gw.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            be.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", backend_v4(i)),
+                "dev",
+                "eth0",
+            ])?;
+            be.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", backend_v6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            be.ip(&["link", "set", "eth0", "up"])?;
+            be.ip(&["route", "add", "default", "via", "10.0.2.1"])?;
+            be.ip(&["-6", "route", "add", "default", "via", "fd00:2::1"])?;
+        }
+        Ok(())
+    }
+
+    /// A scratch directory that goes away with the lab.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `fep-testsrv` on every back end (node name answered over HTTP
+    /// on each TCP port and over UDP on each UDP port), and waits until each
+    /// is listening.
+    pub fn start_backend_servers(
+        &mut self,
+        testsrv: &Path,
+        tcp: &[u16],
+        udp: &[u16],
+    ) -> anyhow::Result<()> {
+        for i in 0..self.backends.len() {
+            let mut cmd = self.backends[i].command(testsrv);
+            cmd.args(["--name", &backend_name(i)]);
+            for p in tcp {
+                cmd.args(["--tcp", &p.to_string()]);
+            }
+            for p in udp {
+                cmd.args(["--udp", &p.to_string()]);
+            }
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", testsrv.display()))?;
+            let stdout = child.stdout.take().expect("piped");
+            self.children.push(child);
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line)?;
+            if line.trim() != "ready" {
+                bail!(
+                    "fep-testsrv on {} did not start (said {line:?})",
+                    backend_name(i)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts fep in the gateway with `config` and waits until it serves.
+    pub fn start_fep(&self, fep: &Path, config: &str) -> anyhow::Result<FepProcess> {
+        let config_path = self.dir.join("fep.toml");
+        std::fs::write(&config_path, config)?;
+        let log_path = self.dir.join("fep.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = self
+            .gateway
+            .command(fep)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", fep.display()))?;
+        let mut p = FepProcess {
+            child: Some(child),
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !p.log().contains("serving") {
+            if let Some(status) = p.child.as_mut().expect("running").try_wait()? {
+                bail!("fep exited with {status} before serving:\n{}", p.log());
+            }
+            if Instant::now() > deadline {
+                bail!("fep did not start serving within 15 s:\n{}", p.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The namespaces are deleted as the fields drop.
+    }
+}
+
+/// fep running in the gateway; killed if dropped while running.
+pub struct FepProcess {
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl FepProcess {
+    /// fep's log (stderr) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to 15 s for fep to exit.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("fep already stopped")?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("fep did not exit within 15 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FepProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A config for the lab: one node per back end and the given services
+/// (TOML `[[service]]` tables, written by the caller).
+pub fn config(backends: usize, v6_nodes: bool, services: &str) -> String {
+    let mut s = String::from("tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 30\n");
+    for i in 0..backends {
+        let addr: IpAddr = if v6_nodes {
+            backend_v6(i).into()
+        } else {
+            backend_v4(i).into()
+        };
+        s.push_str(&format!(
+            "\n[[node]]\nname = \"{}\"\naddress = \"{addr}\"\n",
+            backend_name(i)
+        ));
+    }
+    s.push('\n');
+    s.push_str(services);
+    s
+}
+
+/// Finds a binary of the workspace next to the running executable (the
+/// target directory of the current profile).
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the workspace's binaries first (`cargo build --workspace --bins`, with --release for a release run)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
