@@ -10,7 +10,7 @@ use fep_shared::{FepConfig, Scheduler};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::counters::Totals;
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatcher, ExpireStats};
 use crate::netsetup::NetSetup;
 use crate::tun_io::{self, Clock, Workers};
 
@@ -69,13 +69,15 @@ async fn control_loop(
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
-    loop {
+    let mut removed = ExpireStats::default();
+    let result = loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()) }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()) }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
             _ = sighup.recv() => tracing::warn!("SIGHUP: this version cannot reload its config; restart fep to apply changes"),
             _ = expire.tick() => {
                 let s = dispatcher.expire(clock.now_ms());
+                removed += s;
                 if s.evicted > 0 {
                     tracing::warn!("route table near max_routes: evicted {} longest-idle route(s)", s.evicted);
                 }
@@ -83,12 +85,23 @@ async fn control_loop(
             _ = log.tick() => {
                 let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
                 if totals != logged {
-                    tracing::info!("routes={} {totals}", dispatcher.routes().len());
+                    tracing::info!("{}; {totals}", route_summary(dispatcher, removed));
                     logged = totals;
                 }
             }
         }
-    }
+    };
+    tracing::info!("{} at stop", route_summary(dispatcher, removed));
+    result
+}
+
+fn route_summary(dispatcher: &Dispatcher, removed: ExpireStats) -> String {
+    format!(
+        "routes live={} expired={} evicted={}",
+        dispatcher.routes().len(),
+        removed.expired,
+        removed.evicted
+    )
 }
 
 /// What `fep --check` prints: the settings and each service's transfer table.

@@ -26,7 +26,7 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
-/// What one expiry pass removed.
+/// What expiry removed (one pass, or a running total).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ExpireStats {
     /// Routes whose connection ended or that were idle past the timeout.
@@ -41,6 +41,13 @@ pub struct Dispatcher {
     routes: RouteTable,
     idle_timeout_ms: u32,
     max_routes: usize,
+}
+
+impl std::ops::AddAssign for ExpireStats {
+    fn add_assign(&mut self, other: Self) {
+        self.expired += other.expired;
+        self.evicted += other.evicted;
+    }
 }
 
 impl From<ParseError> for DropReason {
