@@ -44,7 +44,7 @@ pub fn start(
         .expect("starting back-end servers");
     let fep_bin = lab::workspace_bin("fep").unwrap();
     let fep = lab
-        .start_fep(&fep_bin, &lab::config(backends, v6, services))
+        .start_fep(&fep_bin, &lab.config(v6, "", services))
         .expect("starting fep");
     Running { lab, fep }
 }

@@ -1,7 +1,292 @@
-//! `bep-agent`: the back-end agent. Its reports, connection-state monitor and
-//! protocol come with the control-loop issue; until then it says so.
+//! `bep-agent --config PATH`: the back-end agent.
+//!
+//! Connects to the FEP (retrying with backoff while it is unreachable),
+//! authenticates, registers as its node, and then:
+//! - reports CPU, load average and, per watched port, listening state, live
+//!   connections and received packets per second every `report_interval_ms`,
+//!   and at once when a watched port starts or stops listening;
+//! - answers "which of these connections are live?" from the kernel's socket
+//!   table (netlink sock_diag);
+//! - runs a service's `start` / `stop` command when the FEP asks, and says
+//!   when the port listens.
+//!
+//! `bep-agent --gen-key PATH` writes a new shared key for `key_file` and the
+//! FEP's `agent_key_file`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("bep-agent: not available yet in this version (the control-loop issue adds it); fep runs without agents");
-    std::process::ExitCode::from(2)
+mod load;
+mod sockdiag;
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, Session};
+use fep_shared::AgentConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// How often the listening state of watched ports is checked between reports.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a started service may take to listen.
+const START_LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Parser)]
+#[command(version, about = "Back-end agent of the fep cluster dispatcher")]
+struct Args {
+    /// Path of the agent's TOML config file.
+    #[arg(long, required_unless_present = "gen_key")]
+    config: Option<PathBuf>,
+    /// Write a new random shared key (64 hex characters, mode 0600) to this file and exit.
+    #[arg(long, value_name = "PATH")]
+    gen_key: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Some(path) = args.gen_key {
+        return match write_key(&path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bep-agent: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let path = args
+        .config
+        .expect("clap requires --config without --gen-key");
+    let cfg = match AgentConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bep-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let key = match Key::load(&cfg.key_file) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("bep-agent: config key `key_file`: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bep-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cfg, key));
+    ExitCode::SUCCESS
+}
+
+fn write_key(path: &std::path::Path) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot create key file {} (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    std::io::Write::write_all(&mut f, format!("{}\n", Key::generate_hex()).as_bytes())?;
+    Ok(())
+}
+
+/// Connects, serves, and reconnects with backoff; never returns.
+async fn run(cfg: AgentConfig, key: Key) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = tokio::time::Instant::now();
+        match session(&cfg, key.clone()).await {
+            Ok(()) => tracing::warn!("the fep at {} closed the connection", cfg.fep),
+            Err(e) => tracing::warn!("fep at {}: {e:#}", cfg.fep),
+        }
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_millis(250);
+        }
+        tracing::info!("reconnecting in {} ms", backoff.as_millis());
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(cfg: &AgentConfig, key: Key) -> anyhow::Result<()> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(cfg.fep))
+        .await
+        .context("connect timed out")?
+        .context("cannot connect")?;
+    let mut session = io::handshake(&mut stream, key, Duration::from_secs(5)).await?;
+    let (rd, mut wr) = stream.into_split();
+    let send = |session: &mut Session, msg: &AgentMsg| session.seal(msg);
+    wr.write_all(&send(
+        &mut session,
+        &AgentMsg::Register {
+            node: cfg.node.clone(),
+        },
+    ))
+    .await?;
+    tracing::info!("connected to the fep at {} as node '{}'", cfg.fep, cfg.node);
+
+    let (frames_tx, mut frames) = mpsc::channel(64);
+    let reader = tokio::spawn(io::read_frames(rd, frames_tx));
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let mut sampler = load::Sampler::default();
+    let mut report = tokio::time::interval(Duration::from_millis(cfg.report_interval_ms));
+    let mut watch = tokio::time::interval(WATCH_EVERY);
+    let mut listening = load::listening(&cfg.watch_ports);
+
+    let result = loop {
+        let msg = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(bytes)) => match session.open::<FepMsg>(&bytes) {
+                    Ok(msg) => handle(cfg, msg, &done_tx),
+                    Err(e) => break Err(anyhow::anyhow!("rejected a frame from the fep: {e}")),
+                },
+                Some(Err(e)) => break Err(anyhow::anyhow!("rejected a frame from the fep: {e}")),
+                None => break Ok(()),
+            },
+            Some(msg) = done.recv() => Some(msg),
+            _ = report.tick() => Some(AgentMsg::Report(sampler.sample(&cfg.watch_ports))),
+            _ = watch.tick() => {
+                let now = load::listening(&cfg.watch_ports);
+                if now != listening {
+                    tracing::info!("watched ports {:?} listening: {now:?} (was {listening:?}); reporting at once", cfg.watch_ports);
+                    listening = now;
+                    Some(AgentMsg::Report(sampler.sample(&cfg.watch_ports)))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(msg) = msg {
+            if let Err(e) = wr.write_all(&send(&mut session, &msg)).await {
+                break Err(e.into());
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+/// Handles one FEP message; a query is answered at once, commands report
+/// their result through `done` when they finish.
+fn handle(
+    cfg: &AgentConfig,
+    msg: FepMsg,
+    done: &mpsc::UnboundedSender<AgentMsg>,
+) -> Option<AgentMsg> {
+    match msg {
+        FepMsg::Query { id, conns } => Some(AgentMsg::Live {
+            id,
+            live: live_of(&conns),
+        }),
+        FepMsg::Start { port } | FepMsg::Stop { port } => {
+            let start = matches!(msg, FepMsg::Start { .. });
+            let command = cfg.service(port).and_then(|s| {
+                if start {
+                    s.start.clone()
+                } else {
+                    s.stop.clone()
+                }
+            });
+            let done = done.clone();
+            tokio::spawn(async move {
+                let (ok, message) = match command {
+                    Some(cmd) => control(&cmd, port, start).await,
+                    None => (
+                        false,
+                        format!(
+                            "no {} command configured for port {port}",
+                            if start { "start" } else { "stop" }
+                        ),
+                    ),
+                };
+                let _ = done.send(AgentMsg::Control {
+                    port,
+                    start,
+                    ok,
+                    message,
+                });
+            });
+            None
+        }
+    }
+}
+
+/// Which of `conns` have a live TCP connection in this host's socket table.
+fn live_of(conns: &[ConnId]) -> Vec<ConnId> {
+    let table: HashSet<ConnId> = match sockdiag::tcp(sockdiag::live_tcp_states(), false) {
+        Ok(socks) => socks
+            .into_iter()
+            .map(|s| ConnId {
+                client: s.remote,
+                client_port: s.remote_port,
+                port: s.local_port,
+            })
+            .collect(),
+        Err(e) => {
+            // Unknown is not idle: answer that all are live.
+            tracing::warn!("sock_diag failed ({e}); answering that every asked connection is live");
+            return conns.to_vec();
+        }
+    };
+    conns
+        .iter()
+        .filter(|c| table.contains(c))
+        .copied()
+        .collect()
+}
+
+/// Runs a start or stop command; a start succeeds once the port listens.
+async fn control(cmd: &str, port: u16, start: bool) -> (bool, String) {
+    tracing::info!(
+        "running {} command for port {port}: {cmd}",
+        if start { "start" } else { "stop" }
+    );
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .await;
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => return (false, format!("`{cmd}` exited with {s}")),
+        Err(e) => return (false, format!("cannot run `{cmd}`: {e}")),
+    }
+    if !start {
+        return (true, format!("`{cmd}` done"));
+    }
+    let deadline = tokio::time::Instant::now() + START_LISTEN_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if load::listening(&[port])[0] {
+            return (true, format!("port {port} is listening"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (
+        false,
+        format!("`{cmd}` ran but port {port} did not listen within 15 s"),
+    )
 }

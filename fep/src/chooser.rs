@@ -16,6 +16,8 @@ pub(crate) enum Chooser {
     Ratio(Mutex<Vec<i64>>),
     /// Lowest (live routes ÷ ratio), ties by table order; no state of its own.
     LeastRoutes,
+    /// Lowest (reported load ÷ ratio), ties by table order (document 004).
+    Load,
 }
 
 impl Chooser {
@@ -23,6 +25,7 @@ impl Chooser {
         match scheduler {
             Scheduler::Ratio => Chooser::Ratio(Mutex::new(vec![0; backends])),
             Scheduler::LeastRoutes => Chooser::LeastRoutes,
+            Scheduler::Load => Chooser::Load,
         }
     }
 
@@ -30,6 +33,7 @@ impl Chooser {
         match self {
             Chooser::Ratio(_) => Scheduler::Ratio,
             Chooser::LeastRoutes => Scheduler::LeastRoutes,
+            Chooser::Load => Scheduler::Load,
         }
     }
 
@@ -41,8 +45,25 @@ impl Chooser {
                 smooth_weighted(&mut current, backends.iter().map(Backend::ratio))
             }
             Chooser::LeastRoutes => least_routes(backends.iter().map(|b| (b.routes(), b.ratio()))),
+            Chooser::Load => least_load(backends.iter().map(|b| (b.load(), b.ratio()))),
         }
     }
+}
+
+/// Document 004: among running back ends (ratio above 0; a stopped or down
+/// node has ratio 0), the smallest load ÷ ratio wins, first on ties.
+fn least_load(candidates: impl Iterator<Item = (f64, u32)>) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, (load, ratio)) in candidates.enumerate() {
+        if ratio == 0 {
+            continue;
+        }
+        let per_ratio = load / f64::from(ratio);
+        if best.is_none_or(|(_, b)| per_ratio < b) {
+            best = Some((i, per_ratio));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// nginx's smooth weighted round robin: every back end gains its weight, the
@@ -103,6 +124,7 @@ mod tests {
                 Chooser::LeastRoutes => {
                     least_routes(routes.iter().copied().zip(ratios.iter().copied()))
                 }
+                Chooser::Load => unreachable!("the tests drive load separately"),
             }
             .unwrap();
             routes[pick] += 1;
@@ -157,6 +179,18 @@ mod tests {
             let counts = [0, 1, 2].map(|i| seq.iter().filter(|&&p| p == i).count());
             assert_eq!(counts, [200, 100, 100], "{s:?}");
         }
+    }
+
+    #[test]
+    fn golden_fig6_smallest_load_per_ratio_among_running_hosts_wins() {
+        // Document 004, Fig. 6: host1 load 20 ratio 2, host2 load 15 ratio 1,
+        // host3 load 0 ratio 2 but stopped (effective ratio 0).
+        assert_eq!(
+            least_load([(20.0, 2), (15.0, 1), (0.0, 0)].into_iter()),
+            Some(0)
+        );
+        // No running server: no choice ("no server available").
+        assert_eq!(least_load([(20.0, 0), (15.0, 0)].into_iter()), None);
     }
 
     #[test]

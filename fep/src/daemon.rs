@@ -6,9 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fep_shared::{FepConfig, Scheduler};
+use fep_shared::FepConfig;
 use tokio::signal::unix::{signal, SignalKind};
 
+use fep_shared::protocol::Key;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Admin};
+use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
 use crate::dispatcher::{Dispatcher, ExpireStats};
 use crate::netsetup::NetSetup;
@@ -16,11 +21,17 @@ use crate::tun_io::{self, Clock, Workers};
 
 /// How often routes are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// How often the control plane re-evaluates node states and ratios.
+const TICK_EVERY: Duration = Duration::from_millis(200);
 /// How often the counters are logged while traffic flows.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Serves `cfg` until SIGINT or SIGTERM, then removes everything it set up.
 pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
+    let agent_key = match &cfg.agent_key_file {
+        Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let dispatcher = Arc::new(Dispatcher::new(&cfg));
     let queues = tun_io::open_queues(&cfg.tun, cfg.workers).with_context(|| {
         format!(
@@ -44,7 +55,27 @@ pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control-plane runtime")?;
-    let result = rt.block_on(control_loop(&dispatcher, &workers, clock));
+    let result = rt.block_on(async {
+        let cp = Arc::new(ControlPlane::new(&cfg, dispatcher.clone(), clock));
+        let mut tasks = JoinSet::new();
+        if let (Some(listen), Some(key)) = (cfg.agent_listen, agent_key) {
+            tasks.spawn(agents::serve(cp.clone(), listen, key));
+        }
+        if cfg.health_check_interval_ms > 0 {
+            let (every, timeout) = (cfg.health_check_interval_ms, cfg.health_check_timeout_ms);
+            tasks.spawn(forever(health::run(cp.clone(), every, timeout)));
+        }
+        tasks.spawn(forever(prune::run(cp.clone())));
+        let admin = Admin {
+            cp: cp.clone(),
+            counters: workers.counters().to_vec(),
+        };
+        let socket = cfg.control_socket.clone();
+        tasks.spawn(async move { admin::serve(admin, &socket).await });
+        let result = control_loop(&cp, &workers, clock, &mut tasks).await;
+        let _ = std::fs::remove_file(&cfg.control_socket);
+        result
+    });
 
     net.teardown();
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
@@ -56,17 +87,26 @@ pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
     result
 }
 
+/// A task that runs until the runtime stops.
+async fn forever(f: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    f.await;
+    Ok(())
+}
+
 async fn control_loop(
-    dispatcher: &Dispatcher,
+    cp: &ControlPlane,
     workers: &Workers,
     clock: Clock,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
+    let dispatcher = cp.dispatcher();
     let mut sigterm =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    let mut tick = tokio::time::interval(TICK_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
     let mut removed = ExpireStats::default();
@@ -75,6 +115,14 @@ async fn control_loop(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
             _ = sighup.recv() => tracing::warn!("SIGHUP: this version cannot reload its config; restart fep to apply changes"),
+            Some(done) = tasks.join_next() => {
+                break match done {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("a control-plane task ended unexpectedly")),
+                    Err(e) => Err(anyhow::anyhow!("a control-plane task failed: {e}")),
+                };
+            }
+            _ = tick.tick() => cp.tick(),
             _ = expire.tick() => {
                 let s = dispatcher.expire(clock.now_ms());
                 removed += s;
@@ -113,10 +161,7 @@ pub fn describe(cfg: &FepConfig) -> String {
         cfg.tun, cfg.workers, cfg.route_idle_timeout_s, cfg.max_routes, cfg.policy_table
     );
     for s in &cfg.services {
-        let scheduler = match s.scheduler {
-            Scheduler::Ratio => "ratio",
-            Scheduler::LeastRoutes => "least-routes",
-        };
+        let scheduler = s.scheduler.as_str();
         let vip = std::net::SocketAddr::new(s.vip, s.port);
         let _ = writeln!(
             out,

@@ -227,19 +227,10 @@ impl Dispatcher {
     /// Runs on the control plane; collects under read locks, then removes one
     /// route at a time so that workers are never blocked for long.
     pub fn expire(&self, now: u32) -> ExpireStats {
-        let mut stats = ExpireStats::default();
-        let victims: Vec<FlowKey> = self
-            .routes
-            .forward
-            .iter()
-            .filter(|e| self.is_expired(e.key(), e.value(), now))
-            .map(|e| *e.key())
-            .collect();
-        for key in victims {
-            if self.remove_route(&key, |k, r| self.is_expired(k, r, now)) {
-                stats.expired += 1;
-            }
-        }
+        let mut stats = ExpireStats {
+            expired: self.remove_routes(|k, r| self.is_expired(k, r, now)),
+            evicted: 0,
+        };
         let high = self.max_routes - self.max_routes / 20;
         if self.routes.len() > high {
             let target = self.max_routes - self.max_routes / 10;
@@ -268,6 +259,21 @@ impl Dispatcher {
             || (self.table.service(key.service).is_tcp()
                 && state::is_closed(route.state())
                 && idle >= CLOSED_LINGER_MS)
+    }
+
+    /// Removes every route for which `pred` holds (checked again under the
+    /// route's lock, so a route touched meanwhile is judged afresh).
+    pub fn remove_routes(&self, pred: impl Fn(&FlowKey, &Route) -> bool) -> usize {
+        let keys: Vec<FlowKey> = self
+            .routes
+            .forward
+            .iter()
+            .filter(|e| pred(e.key(), e.value()))
+            .map(|e| *e.key())
+            .collect();
+        keys.iter()
+            .filter(|k| self.remove_route(k, |k, r| pred(k, r)))
+            .count()
     }
 
     /// Removes one route (if `cond` still holds) with its reply index and its

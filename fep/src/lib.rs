@@ -9,7 +9,9 @@
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
 //!   [`netsetup`] (forwarding, routes and policy rules) and [`daemon`].
 
+pub mod admin;
 pub(crate) mod chooser;
+pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod dispatcher;

@@ -5,7 +5,7 @@
 //! can change them without stopping a worker.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use fep_shared::{Affinity, FepConfig, Scheduler};
 
@@ -16,26 +16,45 @@ use crate::wire::{addr_from_ip, Addr};
 pub type ServiceId = u16;
 /// Index of a back end within its service.
 pub type BackendId = u16;
+/// Index of a node in the config's `[[node]]` list.
+pub type NodeId = u16;
 
-/// One back end of a service.
+/// One back end of a service: a node (or a spare node, which starts with
+/// ratio 0 and joins when the control plane has started it).
 #[derive(Debug)]
 pub struct Backend {
     pub node: String,
+    pub node_id: NodeId,
     pub addr: Addr,
     /// Port the back end serves the service on.
     pub port: u16,
+    /// Configured as a spare (scale-out) rather than a back end.
+    pub spare: bool,
+    /// The effective ratio the chooser uses; the control plane derives it
+    /// from the configured ratio, the node's state, pins and load.
     ratio: AtomicU32,
+    /// The load the `load` scheduler compares (f64 bits).
+    load: AtomicU64,
     /// Live routes assigned to this back end.
     routes: AtomicU32,
 }
 
 impl Backend {
+    /// The effective ratio.
     pub fn ratio(&self) -> u32 {
         self.ratio.load(Ordering::Relaxed)
     }
 
     pub fn set_ratio(&self, ratio: u32) {
         self.ratio.store(ratio, Ordering::Relaxed);
+    }
+
+    pub fn load(&self) -> f64 {
+        f64::from_bits(self.load.load(Ordering::Relaxed))
+    }
+
+    pub fn set_load(&self, load: f64) {
+        self.load.store(load.to_bits(), Ordering::Relaxed);
     }
 
     pub fn routes(&self) -> u32 {
@@ -89,18 +108,25 @@ impl TransferTable {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut by_endpoint = HashMap::default();
         for (id, s) in cfg.services.iter().enumerate() {
-            let backends: Vec<Backend> = s
-                .backends
-                .iter()
-                .map(|b| {
-                    let node = cfg
-                        .node(&b.node)
+            let listed = s.backends.iter().map(|b| (b, false));
+            let spares = s.spares.iter().map(|b| (b, true));
+            let backends: Vec<Backend> = listed
+                .chain(spares)
+                .map(|(b, spare)| {
+                    let node_id = cfg
+                        .nodes
+                        .iter()
+                        .position(|n| n.name == b.node)
                         .expect("validated config names only defined nodes");
+                    let node = &cfg.nodes[node_id];
                     Backend {
                         node: node.name.clone(),
+                        node_id: node_id as NodeId,
                         addr: addr_from_ip(node.address),
                         port: s.backend_port(b),
-                        ratio: AtomicU32::new(b.ratio),
+                        spare,
+                        ratio: AtomicU32::new(if spare { 0 } else { b.ratio }),
+                        load: AtomicU64::new(0f64.to_bits()),
                         routes: AtomicU32::new(0),
                     }
                 })

@@ -6,8 +6,8 @@
 //! half-configured gateway.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +30,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             problem: problem.into(),
@@ -74,6 +74,31 @@ pub enum Scheduler {
     /// Lowest (live routes ÷ ratio), ties by table order: steers the shares of
     /// live routes toward the ratios, e.g. after a ratio change.
     LeastRoutes,
+    /// Lowest (reported load ÷ ratio) among running nodes (document 004).
+    Load,
+}
+
+impl Scheduler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Ratio => "ratio",
+            Scheduler::LeastRoutes => "least-routes",
+            Scheduler::Load => "load",
+        }
+    }
+}
+
+/// Which agent-reported figure is a node's load for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadMetric {
+    /// Packets received per second on the service port (document 004).
+    #[default]
+    Pps,
+    /// Live connections on the service port.
+    Connections,
+    /// The node's CPU use, 0–100 %.
+    Cpu,
 }
 
 /// What identifies a client for stickiness.
@@ -93,6 +118,9 @@ pub enum Affinity {
 pub struct NodeConfig {
     pub name: String,
     pub address: IpAddr,
+    /// Once drained, ask the node's agent to stop the services' processes.
+    #[serde(default)]
+    pub stop_when_drained: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +133,7 @@ pub struct BackendConfig {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -118,9 +146,24 @@ pub struct ServiceConfig {
     pub affinity: Affinity,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Nodes that may be started for this service when all back ends stay
+    /// overloaded (scale-out); they join the transfer table once listening.
+    #[serde(default, rename = "spare")]
+    pub spares: Vec<BackendConfig>,
+    #[serde(default)]
+    pub load_metric: LoadMetric,
+    /// Above this load a back end's effective ratio is halved …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_load: Option<f64>,
+    /// … until its load falls below this (default 80 % of `high_load`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_load: Option<f64>,
+    /// How long every back end must stay overloaded before a spare starts.
+    #[serde(default = "default_scale_out_after")]
+    pub scale_out_after_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FepConfig {
     #[serde(default = "default_tun")]
@@ -133,6 +176,32 @@ pub struct FepConfig {
     pub max_routes: usize,
     #[serde(default = "default_policy_table")]
     pub policy_table: u32,
+    /// Where agents connect (`"0.0.0.0:9441"`); no agent server when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_listen: Option<SocketAddr>,
+    /// File with the agents' shared key (64 hex characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_key_file: Option<PathBuf>,
+    /// A node whose agent reported before is down after this long without a report.
+    #[serde(default = "default_node_dead_after")]
+    pub node_dead_after_ms: u64,
+    /// How often idle routes are pruned while shares move toward their target.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_ms: u64,
+    /// Where runtime changes (ratios, pins, drains) are kept across restarts.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The admin API's Unix socket (mode 0600).
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Active TCP health checks of each back end's service port; 0 turns them off.
+    #[serde(default = "default_health_interval")]
+    pub health_check_interval_ms: u64,
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout_ms: u64,
+    /// Consecutive failed checks after which a back end is down.
+    #[serde(default = "default_health_fails")]
+    pub health_check_fails: u32,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
     #[serde(default, rename = "service")]
@@ -154,29 +223,66 @@ fn default_max_routes() -> usize {
 fn default_policy_table() -> u32 {
     100
 }
+fn default_node_dead_after() -> u64 {
+    3000
+}
+fn default_prune_interval() -> u64 {
+    1000
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/fep".into()
+}
+fn default_control_socket() -> PathBuf {
+    "/run/fep/fep.sock".into()
+}
+fn default_health_interval() -> u64 {
+    2000
+}
+fn default_health_timeout() -> u64 {
+    1000
+}
+fn default_health_fails() -> u32 {
+    3
+}
+fn default_scale_out_after() -> u64 {
+    10_000
+}
+
+/// Reads a TOML file and parses it with `parse`, naming the file in errors.
+pub(crate) fn load_with<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|e| match e {
+        ConfigError::Parse { message, .. } => ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        },
+        other => other,
+    })
+}
+
+/// Deserialises TOML text, with the parser's message (it names the key).
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: "<text>".into(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
 
 impl FepConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
-            other => other,
-        })
+        load_with(path, Self::parse)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: FepConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let cfg: FepConfig = from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -219,6 +325,36 @@ impl FepConfig {
                     "{} is reserved (0 unspecified, 253 default, 254 main, 255 local); pick another table number",
                     self.policy_table
                 ),
+            ));
+        }
+        if self.agent_listen.is_some() && self.agent_key_file.is_none() {
+            return Err(ConfigError::invalid(
+                "agent_key_file",
+                "is required with agent_listen (a file with 64 hex characters; `bep-agent --gen-key` writes one)",
+            ));
+        }
+        for (key, v, min) in [
+            ("node_dead_after_ms", self.node_dead_after_ms, 100),
+            ("prune_interval_ms", self.prune_interval_ms, 50),
+            ("health_check_timeout_ms", self.health_check_timeout_ms, 10),
+        ] {
+            if v < min {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{v} is below the minimum {min}"),
+                ));
+            }
+        }
+        if self.health_check_interval_ms != 0 && self.health_check_interval_ms < 100 {
+            return Err(ConfigError::invalid(
+                "health_check_interval_ms",
+                "must be 0 (off) or at least 100",
+            ));
+        }
+        if self.health_check_fails == 0 {
+            return Err(ConfigError::invalid(
+                "health_check_fails",
+                "must be at least 1",
             ));
         }
         self.validate_nodes()?;
@@ -309,15 +445,62 @@ impl FepConfig {
                     ),
                 ));
             }
-            self.validate_backends(&key, svc)?;
+            self.validate_backends(&key, svc, &svc.backends, "backend")?;
+            self.validate_backends(&key, svc, &svc.spares, "spare")?;
+            if let Some(spare) = svc
+                .spares
+                .iter()
+                .find(|s| svc.backends.iter().any(|b| b.node == s.node))
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.spare"),
+                    format!(
+                        "node '{}' is both a backend and a spare of service '{}'",
+                        spare.node, svc.name
+                    ),
+                ));
+            }
+            match (svc.high_load, svc.low_load) {
+                (Some(h), _) if !(h.is_finite() && h > 0.0) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.high_load"),
+                        "must be a number above 0",
+                    ));
+                }
+                (Some(h), Some(l)) if !(l.is_finite() && l >= 0.0 && l < h) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.low_load"),
+                        format!("must be at least 0 and below high_load ({h})"),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.low_load"),
+                        "needs high_load",
+                    ));
+                }
+                (None, None) if !svc.spares.is_empty() => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.spare"),
+                        "needs high_load: spares start when every back end stays above it",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
 
-    fn validate_backends(&self, svc_key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+    fn validate_backends(
+        &self,
+        svc_key: &str,
+        svc: &ServiceConfig,
+        list: &[BackendConfig],
+        what: &str,
+    ) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
-        for (j, be) in svc.backends.iter().enumerate() {
-            let key = format!("{svc_key}.backend[{j}]");
+        for (j, be) in list.iter().enumerate() {
+            let key = format!("{svc_key}.{what}[{j}]");
             let Some(node) = self.node(&be.node) else {
                 let known: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
                 return Err(ConfigError::invalid(
@@ -372,6 +555,11 @@ impl ServiceConfig {
     /// The port a back end serves this service on.
     pub fn backend_port(&self, be: &BackendConfig) -> u16 {
         be.port.unwrap_or(self.port)
+    }
+
+    /// The load below which an overloaded back end gets its ratio back.
+    pub fn low_load_mark(&self) -> Option<f64> {
+        self.high_load.map(|h| self.low_load.unwrap_or(h * 0.8))
     }
 }
 

@@ -195,6 +195,36 @@ impl Lab {
         Ok(())
     }
 
+    /// fep's admin socket in this lab.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("fep.sock")
+    }
+
+    /// A config for this lab: one node per back end (IPv6 addresses when
+    /// `v6`), the admin socket and state directory inside the lab, and the
+    /// given services and extra top-level keys (TOML, written by the caller).
+    pub fn config(&self, v6: bool, top: &str, services: &str) -> String {
+        let mut s = format!(
+            "tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 30\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n{top}\n",
+            self.control_socket().display(),
+            self.dir.join("state").display()
+        );
+        for i in 0..self.backends.len() {
+            let addr: IpAddr = if v6 {
+                backend_v6(i).into()
+            } else {
+                backend_v4(i).into()
+            };
+            s.push_str(&format!(
+                "\n[[node]]\nname = \"{}\"\naddress = \"{addr}\"\n",
+                backend_name(i)
+            ));
+        }
+        s.push('\n');
+        s.push_str(services);
+        s
+    }
+
     /// Starts fep in the gateway with `config` and waits until it serves.
     pub fn start_fep(&self, fep: &Path, config: &str) -> anyhow::Result<FepProcess> {
         let config_path = self.dir.join("fep.toml");
@@ -280,26 +310,6 @@ impl Drop for FepProcess {
             let _ = c.wait();
         }
     }
-}
-
-/// A config for the lab: one node per back end and the given services
-/// (TOML `[[service]]` tables, written by the caller).
-pub fn config(backends: usize, v6_nodes: bool, services: &str) -> String {
-    let mut s = String::from("tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 30\n");
-    for i in 0..backends {
-        let addr: IpAddr = if v6_nodes {
-            backend_v6(i).into()
-        } else {
-            backend_v4(i).into()
-        };
-        s.push_str(&format!(
-            "\n[[node]]\nname = \"{}\"\naddress = \"{addr}\"\n",
-            backend_name(i)
-        ));
-    }
-    s.push('\n');
-    s.push_str(services);
-    s
 }
 
 /// Finds a binary of the workspace next to the running executable (the

@@ -2,6 +2,7 @@
 //! a tiny HTTP/UDP back-end server, and an HTTP client, shared by the demo
 //! (`fep-demo`) and the integration tests.
 
+pub mod admin_client;
 pub mod http;
 pub mod lab;
 pub mod netns;

@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
          [[service]]\nname = \"dns\"\nvip = \"{VIP_V4}\"\nport = 5353\nprotocol = \"udp\"\nbackend = [{0}]\n",
         backends.join(", ")
     );
-    let config = lab::config(3, false, &services);
+    let config = lab.config(false, "", &services);
     println!("== fep config:\n{}", indent(&config));
     let mut fep = lab.start_fep(&fep, &config)?;
     println!(

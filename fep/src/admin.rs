@@ -1,0 +1,378 @@
+//! The admin API: JSON over HTTP on a Unix socket (mode 0600), for `fepctl`.
+//!
+//! | method | path | body / query | what |
+//! |---|---|---|---|
+//! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
+//! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
+//! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
+//! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | assigned routes |
+//! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
+//! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
+//! | POST | `/v1/pin` | `{"node","state"?,"load"?,"ratio"?}` | pin values |
+//! | POST | `/v1/unpin` | `{"node"}` | release all pins |
+//!
+//! Errors answer 400/404 with `{"error": "..."}` naming what exists.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::control::model::{NodeState, Pin, Spare};
+use crate::control::{CommandError, ControlPlane};
+use crate::counters::{DropReason, Totals, WorkerCounters};
+use crate::route_table::state;
+use crate::wire::ip_from_addr;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub cp: Arc<ControlPlane>,
+    pub counters: Vec<Arc<WorkerCounters>>,
+}
+
+/// Serves the admin API on `path` until the runtime stops.
+pub async fn serve(admin: Admin, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| {
+        format!(
+            "cannot listen on control socket {} (control_socket)",
+            path.display()
+        )
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!("admin API on {}", path.display());
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route(
+            "/v1/nodes",
+            get(|State(a): State<Admin>| async move { Json(nodes(&a.cp)) }),
+        )
+        .route(
+            "/v1/services",
+            get(|State(a): State<Admin>| async move { Json(services(&a.cp)) }),
+        )
+        .route("/v1/routes", get(routes))
+        .route("/v1/ratio", post(ratio))
+        .route(
+            "/v1/drain",
+            post(
+                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                    reply(a.cp.drain(&n.node))
+                },
+            ),
+        )
+        .route(
+            "/v1/undrain",
+            post(
+                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                    reply(a.cp.undrain(&n.node))
+                },
+            ),
+        )
+        .route("/v1/pin", post(pin))
+        .route(
+            "/v1/unpin",
+            post(
+                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                    reply(a.cp.unpin(&n.node))
+                },
+            ),
+        )
+        .with_state(admin);
+    axum::serve(listener, app).await.context("admin API")
+}
+
+#[derive(Deserialize)]
+struct NodeArg {
+    node: String,
+}
+
+#[derive(Deserialize)]
+struct RatioArg {
+    service: String,
+    node: String,
+    ratio: u32,
+}
+
+#[derive(Deserialize)]
+struct PinArg {
+    node: String,
+    #[serde(flatten)]
+    pin: Pin,
+}
+
+fn reply(result: Result<(), CommandError>) -> Response {
+    match result {
+        Ok(()) => Json(serde_json::json!({"ok": true})).into_response(),
+        Err(e) => {
+            let code = match e {
+                CommandError::BadRatio(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::NOT_FOUND,
+            };
+            (code, Json(serde_json::json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}
+
+async fn ratio(State(a): State<Admin>, Json(r): Json<RatioArg>) -> Response {
+    reply(a.cp.set_ratio(&r.service, &r.node, r.ratio))
+}
+
+async fn pin(State(a): State<Admin>, Json(p): Json<PinArg>) -> Response {
+    reply(a.cp.pin(&p.node, p.pin))
+}
+
+/// One back end of a service, as operators see it.
+#[derive(Serialize)]
+pub struct BackendView {
+    pub node: String,
+    pub port: u16,
+    pub configured_ratio: u32,
+    pub effective_ratio: u32,
+    pub routes: u32,
+    /// Share of the service's live routes.
+    pub share: f64,
+    /// Share the effective ratios aim for.
+    pub target_share: f64,
+    pub up: bool,
+    pub overloaded: bool,
+    pub spare: Spare,
+    pub load: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub scheduler: &'static str,
+    pub routes: u32,
+    pub pruning: bool,
+    pub backends: Vec<BackendView>,
+}
+
+/// A node's ratios in one service.
+#[derive(Serialize)]
+pub struct NodeServiceView {
+    pub service: String,
+    pub configured_ratio: u32,
+    pub effective_ratio: u32,
+    pub routes: u32,
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    pub state: NodeState,
+    pub pinned: bool,
+    pub pin: Pin,
+    pub routes: u32,
+    pub agent_connected: bool,
+    pub report_age_ms: Option<u32>,
+    pub cpu_percent: Option<f64>,
+    pub services: Vec<NodeServiceView>,
+}
+
+pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
+    let now = cp.now();
+    let m = cp.model();
+    let table = cp.dispatcher().table();
+    m.services
+        .iter()
+        .enumerate()
+        .map(|(sid, s)| {
+            let svc = &table.services()[sid];
+            let mine: Vec<_> = m
+                .backends
+                .iter()
+                .filter(|b| usize::from(b.service) == sid)
+                .collect();
+            let routes: u32 = svc.backends.iter().map(|b| b.routes()).sum();
+            let ratio_sum: u32 = svc.backends.iter().map(|b| b.ratio()).sum();
+            ServiceView {
+                name: s.name.clone(),
+                vip: ip_from_addr(&svc.vip).to_string(),
+                port: s.port,
+                protocol: if s.tcp { "tcp" } else { "udp" },
+                scheduler: s.scheduler.as_str(),
+                routes,
+                pruning: s.pruning,
+                backends: mine
+                    .iter()
+                    .map(|b| {
+                        let be = &svc.backends[usize::from(b.index)];
+                        BackendView {
+                            node: be.node.clone(),
+                            port: be.port,
+                            configured_ratio: b.configured,
+                            effective_ratio: be.ratio(),
+                            routes: be.routes(),
+                            share: fraction(be.routes(), routes),
+                            target_share: fraction(be.ratio(), ratio_sum),
+                            up: m.backend_up(b, now),
+                            overloaded: b.overloaded,
+                            spare: b.spare,
+                            load: m.load(b, now),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
+    let now = cp.now();
+    let connected: Vec<u16> = cp.agents().keys().copied().collect();
+    let m = cp.model();
+    let table = cp.dispatcher().table();
+    m.nodes
+        .iter()
+        .enumerate()
+        .map(|(id, n)| {
+            let services: Vec<NodeServiceView> = m
+                .backends
+                .iter()
+                .filter(|b| usize::from(b.node) == id)
+                .map(|b| {
+                    let be = &table.service(b.service).backends[usize::from(b.index)];
+                    NodeServiceView {
+                        service: m.services[usize::from(b.service)].name.clone(),
+                        configured_ratio: b.configured,
+                        effective_ratio: be.ratio(),
+                        routes: be.routes(),
+                    }
+                })
+                .collect();
+            NodeView {
+                name: n.name.clone(),
+                address: n.address.to_string(),
+                state: m.node_state(id as u16, now),
+                pinned: !n.pin.is_empty(),
+                pin: n.pin.clone(),
+                routes: services.iter().map(|s| s.routes).sum(),
+                agent_connected: connected.contains(&(id as u16)),
+                report_age_ms: n.report.as_ref().map(|(at, _)| now.wrapping_sub(*at)),
+                cpu_percent: n.report.as_ref().map(|(_, r)| r.cpu_percent),
+                services,
+            }
+        })
+        .collect()
+}
+
+fn fraction(part: u32, whole: u32) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        f64::from(part) / f64::from(whole)
+    }
+}
+
+#[derive(Serialize)]
+struct CountersView {
+    to_backend_packets: u64,
+    to_backend_bytes: u64,
+    to_client_packets: u64,
+    to_client_bytes: u64,
+    routes_created: u64,
+    tun_read_errors: u64,
+    tun_write_errors: u64,
+    drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl From<Totals> for CountersView {
+    fn from(t: Totals) -> Self {
+        CountersView {
+            drops: DropReason::ALL
+                .iter()
+                .map(|&r| (r.as_str(), t.drops(r)))
+                .collect(),
+            to_backend_packets: t.to_backend_packets,
+            to_backend_bytes: t.to_backend_bytes,
+            to_client_packets: t.to_client_packets,
+            to_client_bytes: t.to_client_bytes,
+            routes_created: t.routes_created,
+            tun_read_errors: t.tun_read_errors,
+            tun_write_errors: t.tun_write_errors,
+        }
+    }
+}
+
+async fn status(State(a): State<Admin>) -> impl IntoResponse {
+    let totals = Totals::sum(a.counters.iter().map(|c| &**c));
+    Json(serde_json::json!({
+        "routes": a.cp.dispatcher().routes().len(),
+        "counters": CountersView::from(totals),
+        "agent_rejects": a.cp.rejects(),
+        "services": services(&a.cp),
+        "nodes": nodes(&a.cp),
+    }))
+}
+
+#[derive(Deserialize)]
+struct RouteQuery {
+    service: Option<String>,
+    node: Option<String>,
+    client: Option<std::net::IpAddr>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct RouteView {
+    service: String,
+    client: String,
+    client_port: u16,
+    node: String,
+    backend_port: u16,
+    state: &'static str,
+    idle_ms: u32,
+}
+
+async fn routes(State(a): State<Admin>, Query(q): Query<RouteQuery>) -> impl IntoResponse {
+    let now = a.cp.now();
+    let table = a.cp.dispatcher().table();
+    let limit = q.limit.unwrap_or(1000);
+    let list: Vec<RouteView> =
+        a.cp.dispatcher()
+            .routes()
+            .snapshot()
+            .into_iter()
+            .filter_map(|(key, backend, st, last_seen)| {
+                let svc = table.service(key.service);
+                let be = &svc.backends[usize::from(backend)];
+                let client = ip_from_addr(&key.client);
+                let keep = q.service.as_ref().is_none_or(|s| *s == svc.name)
+                    && q.node.as_ref().is_none_or(|n| *n == be.node)
+                    && q.client.is_none_or(|c| c == client);
+                keep.then(|| RouteView {
+                    service: svc.name.clone(),
+                    client: client.to_string(),
+                    client_port: key.client_port,
+                    node: be.node.clone(),
+                    backend_port: be.port,
+                    state: if state::is_closed(st) {
+                        "closed"
+                    } else if st & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
+                        "closing"
+                    } else {
+                        "open"
+                    },
+                    idle_ms: now.wrapping_sub(last_seen),
+                })
+            })
+            .take(limit)
+            .collect();
+    Json(list)
+}

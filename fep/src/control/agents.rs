@@ -1,0 +1,198 @@
+//! The agent server: back-end agents connect, authenticate (see
+//! `fep_shared::protocol`), register as a node, and then report load and
+//! answer liveness queries. Rejected frames are counted and logged, and end
+//! the connection; they never change state.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, ProtocolError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AgentLink, ControlPlane};
+use crate::transfer_table::NodeId;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+static QUERY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts agents until the runtime stops.
+pub async fn serve(cp: Arc<ControlPlane>, listen: SocketAddr, key: Key) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for agents on {listen} (agent_listen)"))?;
+    tracing::info!("listening for agents on {listen}");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (cp, key) = (cp.clone(), key.clone());
+                tokio::spawn(async move {
+                    match connection(&cp, stream, key).await {
+                        Ok(node) => tracing::warn!("agent of node '{node}' at {peer} disconnected"),
+                        Err(e) => tracing::warn!("agent connection from {peer} ended: {e}"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accepting an agent connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One agent connection; returns the node's name when it ends cleanly.
+async fn connection(cp: &ControlPlane, mut stream: TcpStream, key: Key) -> Result<String, String> {
+    let mut session = io::handshake(&mut stream, key, HANDSHAKE_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            io::HandshakeError::Protocol(p) => rejected(cp, p),
+            other => other.to_string(),
+        })?;
+    let (rd, mut wr) = stream.into_split();
+    let (frames_tx, mut frames) = mpsc::channel(64);
+    let reader = tokio::spawn(io::read_frames(rd, frames_tx));
+
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.recv())
+        .await
+        .map_err(|_| "no registration within 5 s".to_string())?
+        .ok_or("closed before registering")?
+        .map_err(|e| rejected(cp, e))?;
+    let name = match session
+        .open::<AgentMsg>(&first)
+        .map_err(|e| rejected(cp, e))?
+    {
+        AgentMsg::Register { node } => node,
+        other => return Err(format!("first message was not a registration: {other:?}")),
+    };
+    let Some(node) = cp.model().node_id(&name) else {
+        cp.reject("unknown_node");
+        return Err(format!(
+            "agent registered as '{name}', which is not a node of this fep"
+        ));
+    };
+    tracing::info!("agent of node '{name}' registered");
+    let (tx, mut outgoing) = mpsc::unbounded_channel();
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+    cp.agents().insert(
+        node,
+        AgentLink {
+            generation,
+            tx,
+            pending: Default::default(),
+        },
+    );
+
+    let result = loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(bytes)) => match session.open::<AgentMsg>(&bytes) {
+                    Ok(msg) => cp.on_agent_msg(node, msg),
+                    Err(e) => break Err(rejected(cp, e)),
+                },
+                Some(Err(e)) => break Err(rejected(cp, e)),
+                None => break Ok(name.clone()),
+            },
+            msg = outgoing.recv() => match msg {
+                Some(msg) => {
+                    if let Err(e) = wr.write_all(&session.seal(&msg)).await {
+                        break Err(e.to_string());
+                    }
+                }
+                None => break Ok(name.clone()),
+            },
+        }
+    };
+    reader.abort();
+    let mut agents = cp.agents();
+    if agents
+        .get(&node)
+        .is_some_and(|a| a.generation == generation)
+    {
+        agents.remove(&node);
+    }
+    result
+}
+
+/// Counts and describes a rejected frame.
+fn rejected(cp: &ControlPlane, e: ProtocolError) -> String {
+    cp.reject(e.kind());
+    format!("rejected frame: {e}")
+}
+
+impl ControlPlane {
+    pub(crate) fn agents(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, AgentLink>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn on_agent_msg(&self, node: NodeId, msg: AgentMsg) {
+        match msg {
+            AgentMsg::Register { .. } => {
+                tracing::warn!("agent registered twice on one connection; ignored")
+            }
+            AgentMsg::Report(report) => {
+                let now = self.now();
+                self.model().nodes[usize::from(node)].report = Some((now, report));
+                self.tick();
+            }
+            AgentMsg::Live { id, live } => {
+                if let Some(waiter) = self
+                    .agents()
+                    .get_mut(&node)
+                    .and_then(|a| a.pending.remove(&id))
+                {
+                    let _ = waiter.send(live);
+                }
+            }
+            AgentMsg::Control {
+                port,
+                start,
+                ok,
+                message,
+            } => {
+                let name = self.model().nodes[usize::from(node)].name.clone();
+                let what = if start { "start" } else { "stop" };
+                if ok {
+                    tracing::info!("node '{name}': {what} of port {port} done: {message}");
+                } else {
+                    tracing::warn!("node '{name}': {what} of port {port} failed: {message}");
+                    if start {
+                        self.model().spare_failed(node, port);
+                    }
+                }
+                self.tick();
+            }
+        }
+    }
+
+    /// Asks a node's agent which of `conns` are live; `None` when no agent is
+    /// connected or it does not answer within the prune interval.
+    pub async fn query_live(&self, node: NodeId, conns: Vec<ConnId>) -> Option<Vec<ConnId>> {
+        let id = QUERY_ID.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut agents = self.agents();
+            let link = agents.get_mut(&node)?;
+            link.pending.insert(id, tx);
+            link.tx.send(FepMsg::Query { id, conns }).ok()?;
+        }
+        let wait = Duration::from_millis(self.prune_interval_ms.max(500));
+        let answer = tokio::time::timeout(wait, rx)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if answer.is_none() {
+            if let Some(link) = self.agents().get_mut(&node) {
+                link.pending.remove(&id);
+            }
+        }
+        answer
+    }
+}

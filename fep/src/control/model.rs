@@ -1,0 +1,642 @@
+//! The control plane's model of the cluster: what each node's agent reported,
+//! health-check results, pins, drains, overload and spares — and, derived
+//! from them, each back end's effective ratio.
+//!
+//! Pure: no I/O, time passed in, so the unit tests replay failures, load
+//! swings and drains step by step.
+
+use std::net::IpAddr;
+
+use fep_shared::protocol::Report;
+use fep_shared::{FepConfig, LoadMetric, Scheduler};
+use serde::{Deserialize, Serialize};
+
+use crate::transfer_table::{BackendId, NodeId, ServiceId};
+
+/// A pinned node state (document 004, claim 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinState {
+    Up,
+    Down,
+}
+
+/// Values an operator pinned; each overrides what agents and checks say.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pin {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PinState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<u32>,
+}
+
+impl Pin {
+    pub fn is_empty(&self) -> bool {
+        self.state.is_none() && self.load.is_none() && self.ratio.is_none()
+    }
+}
+
+/// What operators see of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Down,
+    Draining,
+    Drained,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub address: IpAddr,
+    pub stop_when_drained: bool,
+    /// The last report and when it came (ms of the daemon clock).
+    pub report: Option<(u32, Report)>,
+    pub pin: Pin,
+    pub draining: bool,
+    pub drained: bool,
+}
+
+/// Where a spare node stands in scale-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spare {
+    /// A regular back end.
+    No,
+    /// A spare not started.
+    Idle,
+    /// Asked to start; joins once its port listens.
+    Starting,
+    /// Started and in the transfer table.
+    Active,
+}
+
+/// The control plane's view of one transfer-table entry.
+#[derive(Debug)]
+pub struct Backend {
+    pub service: ServiceId,
+    pub index: BackendId,
+    pub node: NodeId,
+    pub port: u16,
+    /// The configured ratio (changed at runtime by `fepctl ratio`).
+    pub configured: u32,
+    /// The ratio in the config file, to tell runtime changes apart.
+    pub config_ratio: u32,
+    pub spare: Spare,
+    /// Consecutive failed health checks.
+    pub health_fails: u32,
+    /// Above the service's high-load mark (until it falls below the low one).
+    pub overloaded: bool,
+    /// Last computed down state, to see transitions.
+    pub down: bool,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    pub tcp: bool,
+    pub scheduler: Scheduler,
+    pub metric: LoadMetric,
+    pub high_load: Option<f64>,
+    pub low_load: Option<f64>,
+    pub scale_out_after_ms: u32,
+    /// Since when every back end has been overloaded.
+    pub overloaded_since: Option<u32>,
+    /// Idle routes are being pruned until the shares reach the target.
+    pub pruning: bool,
+}
+
+/// Something the I/O shell must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Delete the back end's routes so that clients' retries land elsewhere.
+    BackendDown {
+        service: ServiceId,
+        backend: BackendId,
+    },
+    BackendUp {
+        service: ServiceId,
+        backend: BackendId,
+    },
+    /// Ask the node's agent to start the service on `port`.
+    StartSpare { node: NodeId, port: u16 },
+    /// The node holds no routes any more: safe to stop.
+    NodeDrained { node: NodeId },
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub backends: Vec<Backend>,
+    node_dead_after_ms: u32,
+    health_fails: u32,
+}
+
+impl Model {
+    pub fn from_config(cfg: &FepConfig) -> Model {
+        let nodes = cfg
+            .nodes
+            .iter()
+            .map(|n| Node {
+                name: n.name.clone(),
+                address: n.address,
+                stop_when_drained: n.stop_when_drained,
+                report: None,
+                pin: Pin::default(),
+                draining: false,
+                drained: false,
+            })
+            .collect();
+        let mut services = Vec::new();
+        let mut backends = Vec::new();
+        for (sid, s) in cfg.services.iter().enumerate() {
+            services.push(Service {
+                name: s.name.clone(),
+                port: s.port,
+                tcp: s.protocol == fep_shared::Protocol::Tcp,
+                scheduler: s.scheduler,
+                metric: s.load_metric,
+                high_load: s.high_load,
+                low_load: s.low_load_mark(),
+                scale_out_after_ms: s.scale_out_after_ms.min(u64::from(u32::MAX)) as u32,
+                overloaded_since: None,
+                pruning: false,
+            });
+            let listed = s.backends.iter().map(|b| (b, Spare::No));
+            let spares = s.spares.iter().map(|b| (b, Spare::Idle));
+            for (i, (b, spare)) in listed.chain(spares).enumerate() {
+                backends.push(Backend {
+                    service: sid as ServiceId,
+                    index: i as BackendId,
+                    node: cfg
+                        .nodes
+                        .iter()
+                        .position(|n| n.name == b.node)
+                        .expect("validated") as NodeId,
+                    port: s.backend_port(b),
+                    configured: b.ratio,
+                    config_ratio: b.ratio,
+                    spare,
+                    health_fails: 0,
+                    overloaded: false,
+                    down: false,
+                });
+            }
+        }
+        Model {
+            nodes,
+            services,
+            backends,
+            node_dead_after_ms: cfg.node_dead_after_ms.min(u64::from(u32::MAX)) as u32,
+            health_fails: cfg.health_check_fails,
+        }
+    }
+
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .map(|i| i as NodeId)
+    }
+
+    pub fn service_id(&self, name: &str) -> Option<ServiceId> {
+        self.services
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| i as ServiceId)
+    }
+
+    /// The entry of `node` in `service`'s transfer table.
+    pub fn backend_mut(&mut self, service: ServiceId, node: NodeId) -> Option<&mut Backend> {
+        self.backends
+            .iter_mut()
+            .find(|b| b.service == service && b.node == node)
+    }
+
+    /// The agent's last report, if it is recent enough to believe.
+    pub fn live_report(&self, node: NodeId, now: u32) -> Option<&Report> {
+        match &self.nodes[usize::from(node)].report {
+            Some((at, r)) if now.wrapping_sub(*at) < self.node_dead_after_ms => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Up unless pinned down, or its agent reported once and then fell
+    /// silent for `node_dead_after_ms`. A node without an agent counts as up.
+    pub fn node_up(&self, node: NodeId, now: u32) -> bool {
+        let n = &self.nodes[usize::from(node)];
+        match n.pin.state {
+            Some(PinState::Up) => true,
+            Some(PinState::Down) => false,
+            None => n.report.is_none() || self.live_report(node, now).is_some(),
+        }
+    }
+
+    /// A back end is up when its node is, its health checks pass and its
+    /// agent does not report the port closed; a node pinned up overrides the
+    /// last two.
+    pub fn backend_up(&self, b: &Backend, now: u32) -> bool {
+        if !self.node_up(b.node, now) {
+            return false;
+        }
+        if self.nodes[usize::from(b.node)].pin.state == Some(PinState::Up) {
+            return true;
+        }
+        let listening = self
+            .live_report(b.node, now)
+            .and_then(|r| r.services.iter().find(|s| s.port == b.port))
+            .map(|s| s.listening);
+        b.health_fails < self.health_fails && listening != Some(false)
+    }
+
+    /// The back end's load under its service's metric: pinned, or reported.
+    pub fn load(&self, b: &Backend, now: u32) -> Option<f64> {
+        let node = &self.nodes[usize::from(b.node)];
+        if let Some(l) = node.pin.load {
+            return Some(l);
+        }
+        let report = self.live_report(b.node, now)?;
+        let svc = report.services.iter().find(|s| s.port == b.port);
+        match self.services[usize::from(b.service)].metric {
+            LoadMetric::Pps => svc.map(|s| s.rx_pps),
+            LoadMetric::Connections => svc.map(|s| f64::from(s.connections)),
+            LoadMetric::Cpu => Some(report.cpu_percent),
+        }
+    }
+
+    /// The ratio the chooser uses: 0 when down, draining or a spare not yet
+    /// started; the pinned or configured ratio otherwise, halved (rounded up)
+    /// while overloaded.
+    pub fn effective_ratio(&self, b: &Backend, now: u32) -> u32 {
+        let node = &self.nodes[usize::from(b.node)];
+        if node.draining || node.drained || !self.backend_up(b, now) {
+            return 0;
+        }
+        if matches!(b.spare, Spare::Idle | Spare::Starting) {
+            return 0;
+        }
+        let ratio = node.pin.ratio.unwrap_or(b.configured);
+        let svc = &self.services[usize::from(b.service)];
+        if b.overloaded && svc.scheduler != Scheduler::Load {
+            ratio.div_ceil(2)
+        } else {
+            ratio
+        }
+    }
+
+    pub fn node_state(&self, node: NodeId, now: u32) -> NodeState {
+        let n = &self.nodes[usize::from(node)];
+        if n.drained {
+            NodeState::Drained
+        } else if n.draining {
+            NodeState::Draining
+        } else if self.node_up(node, now) {
+            NodeState::Up
+        } else {
+            NodeState::Down
+        }
+    }
+
+    /// Records a health-check result for every back end on (node, port).
+    pub fn health_result(&mut self, node: NodeId, port: u16, ok: bool) {
+        for b in self
+            .backends
+            .iter_mut()
+            .filter(|b| b.node == node && b.port == port)
+        {
+            b.health_fails = if ok {
+                0
+            } else {
+                b.health_fails.saturating_add(1)
+            };
+        }
+    }
+
+    /// Starts a drain: no new routes; `tick` reports it drained once it
+    /// holds no routes.
+    pub fn drain(&mut self, node: NodeId) {
+        let n = &mut self.nodes[usize::from(node)];
+        n.draining = !n.drained;
+    }
+
+    pub fn undrain(&mut self, node: NodeId) {
+        let n = &mut self.nodes[usize::from(node)];
+        n.draining = false;
+        n.drained = false;
+    }
+
+    /// Advances the state machines: down/up transitions, overload with
+    /// hysteresis, scale-out, drain completion. `routes_of` counts a node's
+    /// live routes.
+    pub fn tick(&mut self, now: u32, routes_of: impl Fn(NodeId) -> u32) -> Vec<Event> {
+        let mut events = Vec::new();
+        for i in 0..self.backends.len() {
+            let up = self.backend_up(&self.backends[i], now);
+            let load = self.load(&self.backends[i], now);
+            let svc = &self.services[usize::from(self.backends[i].service)];
+            let (high, low) = (svc.high_load, svc.low_load);
+            let b = &mut self.backends[i];
+            if b.down == up {
+                b.down = !up;
+                let (service, backend) = (b.service, b.index);
+                events.push(if up {
+                    Event::BackendUp { service, backend }
+                } else {
+                    Event::BackendDown { service, backend }
+                });
+            }
+            b.overloaded = match (high, low, load) {
+                (Some(h), _, Some(l)) if !b.overloaded => l > h,
+                (Some(_), Some(lo), Some(l)) => l >= lo,
+                _ => false,
+            };
+            if b.spare == Spare::Starting
+                && self.nodes[usize::from(b.node)]
+                    .report
+                    .as_ref()
+                    .and_then(|(_, r)| r.services.iter().find(|s| s.port == b.port))
+                    .is_some_and(|s| s.listening)
+            {
+                b.spare = Spare::Active;
+            }
+        }
+        for sid in 0..self.services.len() {
+            events.extend(self.scale_out(sid as ServiceId, now));
+        }
+        for (id, n) in self.nodes.iter_mut().enumerate() {
+            if n.draining && routes_of(id as NodeId) == 0 {
+                n.draining = false;
+                n.drained = true;
+                events.push(Event::NodeDrained { node: id as NodeId });
+            }
+        }
+        events
+    }
+
+    /// When every serving back end of a service has been overloaded for
+    /// `scale_out_after_ms`, starts the first idle spare whose node is up.
+    fn scale_out(&mut self, sid: ServiceId, now: u32) -> Option<Event> {
+        let serving: Vec<&Backend> = self
+            .backends
+            .iter()
+            .filter(|b| {
+                b.service == sid
+                    && matches!(b.spare, Spare::No | Spare::Active)
+                    && self.effective_ratio(b, now) > 0
+            })
+            .collect();
+        let all_overloaded = !serving.is_empty() && serving.iter().all(|b| b.overloaded);
+        let svc = &mut self.services[usize::from(sid)];
+        if !all_overloaded || svc.high_load.is_none() {
+            svc.overloaded_since = None;
+            return None;
+        }
+        let since = *svc.overloaded_since.get_or_insert(now);
+        if now.wrapping_sub(since) < svc.scale_out_after_ms {
+            return None;
+        }
+        let starting = self
+            .backends
+            .iter()
+            .any(|b| b.service == sid && b.spare == Spare::Starting);
+        if starting {
+            return None;
+        }
+        let i = self.backends.iter().position(|b| {
+            b.service == sid && b.spare == Spare::Idle && self.node_up(b.node, now)
+        })?;
+        let b = &mut self.backends[i];
+        b.spare = Spare::Starting;
+        self.services[usize::from(sid)].overloaded_since = None;
+        Some(Event::StartSpare {
+            node: b.node,
+            port: b.port,
+        })
+    }
+
+    /// A spare's start command failed: it goes back to idle.
+    pub fn spare_failed(&mut self, node: NodeId, port: u16) {
+        for b in self
+            .backends
+            .iter_mut()
+            .filter(|b| b.node == node && b.port == port && b.spare == Spare::Starting)
+        {
+            b.spare = Spare::Idle;
+        }
+    }
+}
+
+/// Which back ends of a service hold more than their target share of live
+/// routes (target = effective ratio ÷ sum, with 5 percentage points of
+/// slack); a back end with effective ratio 0 is over as long as it has routes.
+pub fn over_target(backends: &[(u32, u32)]) -> Vec<bool> {
+    let total_ratio: u64 = backends.iter().map(|&(r, _)| u64::from(r)).sum();
+    let total_routes: u64 = backends.iter().map(|&(_, n)| u64::from(n)).sum();
+    backends
+        .iter()
+        .map(|&(ratio, routes)| {
+            if routes == 0 {
+                return false;
+            }
+            if ratio == 0 || total_ratio == 0 {
+                return true;
+            }
+            let actual = routes as f64 / total_routes as f64;
+            let target = f64::from(ratio) / total_ratio as f64;
+            actual > target + 0.05
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::protocol::ServiceLoad;
+
+    use super::*;
+
+    const CFG: &str = r#"
+node_dead_after_ms = 3000
+health_check_fails = 3
+[[node]]
+name = "be1"
+address = "10.0.2.11"
+[[node]]
+name = "be2"
+address = "10.0.2.12"
+[[node]]
+name = "be3"
+address = "10.0.2.13"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+load_metric = "connections"
+high_load = 100
+low_load = 50
+scale_out_after_ms = 5000
+backend = [{ node = "be1", ratio = 4 }, { node = "be2", ratio = 2 }]
+spare = [{ node = "be3", ratio = 2 }]
+"#;
+
+    fn model() -> Model {
+        Model::from_config(&FepConfig::parse(CFG).unwrap())
+    }
+
+    fn report(conns: u32, listening: bool) -> Report {
+        Report {
+            cpu_percent: 10.0,
+            load_avg: [0.0; 3],
+            services: vec![ServiceLoad {
+                port: 80,
+                listening,
+                connections: conns,
+                rx_pps: 0.0,
+            }],
+        }
+    }
+
+    fn ratios(m: &Model, now: u32) -> Vec<u32> {
+        m.backends
+            .iter()
+            .map(|b| m.effective_ratio(b, now))
+            .collect()
+    }
+
+    #[test]
+    fn a_node_without_an_agent_is_up_and_one_whose_agent_fell_silent_is_down() {
+        let mut m = model();
+        assert_eq!(ratios(&m, 0), [4, 2, 0]);
+        m.nodes[0].report = Some((1000, report(0, true)));
+        assert_eq!(ratios(&m, 3999), [4, 2, 0]);
+        assert_eq!(ratios(&m, 4000), [0, 2, 0], "3000 ms without a report");
+        let ev = m.tick(4000, |_| 0);
+        assert_eq!(
+            ev,
+            [Event::BackendDown {
+                service: 0,
+                backend: 0
+            }]
+        );
+        m.nodes[0].report = Some((5000, report(0, true)));
+        assert_eq!(
+            m.tick(5000, |_| 0),
+            [Event::BackendUp {
+                service: 0,
+                backend: 0
+            }]
+        );
+        assert_eq!(ratios(&m, 5000), [4, 2, 0]);
+    }
+
+    #[test]
+    fn failed_health_checks_and_a_closed_port_take_a_backend_down() {
+        let mut m = model();
+        m.health_result(1, 80, false);
+        m.health_result(1, 80, false);
+        assert_eq!(ratios(&m, 0)[1], 2, "two failures are not enough");
+        m.health_result(1, 80, false);
+        assert_eq!(ratios(&m, 0)[1], 0);
+        m.health_result(1, 80, true);
+        assert_eq!(ratios(&m, 0)[1], 2);
+        m.nodes[1].report = Some((0, report(0, false)));
+        assert_eq!(ratios(&m, 10)[1], 0, "the agent says nothing listens");
+    }
+
+    #[test]
+    fn pins_override_reports_until_released() {
+        let mut m = model();
+        m.nodes[0].report = Some((0, report(0, true)));
+        m.nodes[0].pin.state = Some(PinState::Up);
+        assert_eq!(
+            ratios(&m, 60_000)[0],
+            4,
+            "pinned up although its agent is silent"
+        );
+        m.nodes[0].pin = Pin {
+            state: Some(PinState::Down),
+            ..Pin::default()
+        };
+        assert_eq!(ratios(&m, 0)[0], 0, "pinned down is never chosen");
+        m.nodes[0].pin = Pin {
+            ratio: Some(7),
+            load: Some(1.0),
+            ..Pin::default()
+        };
+        assert_eq!(ratios(&m, 0)[0], 7);
+        assert_eq!(m.load(&m.backends[0], 0), Some(1.0));
+        m.nodes[0].pin = Pin::default();
+        assert_eq!(ratios(&m, 0)[0], 4);
+    }
+
+    #[test]
+    fn overload_halves_the_ratio_with_hysteresis() {
+        let mut m = model();
+        let step = |m: &mut Model, conns: u32, t: u32| {
+            m.nodes[0].report = Some((t, report(conns, true)));
+            m.tick(t, |_| 0);
+            ratios(m, t)[0]
+        };
+        assert_eq!(step(&mut m, 90, 0), 4);
+        assert_eq!(step(&mut m, 101, 1), 2, "above high_load 100");
+        assert_eq!(
+            step(&mut m, 80, 2),
+            2,
+            "still above low_load 50: no flapping"
+        );
+        assert_eq!(step(&mut m, 99, 3), 2);
+        assert_eq!(step(&mut m, 49, 4), 4, "below low_load");
+        assert_eq!(step(&mut m, 99, 5), 4, "not above high_load again");
+    }
+
+    #[test]
+    fn scale_out_starts_a_spare_after_sustained_overload_and_adds_it_once_listening() {
+        let mut m = model();
+        let overload = |m: &mut Model, t: u32| {
+            for n in 0..2 {
+                m.nodes[n].report = Some((t, report(500, true)));
+            }
+            m.tick(t, |_| 0)
+        };
+        assert_eq!(overload(&mut m, 0), []);
+        assert_eq!(overload(&mut m, 4999), []);
+        assert_eq!(
+            overload(&mut m, 5000),
+            [Event::StartSpare { node: 2, port: 80 }]
+        );
+        assert_eq!(m.backends[2].spare, Spare::Starting);
+        assert_eq!(ratios(&m, 5000)[2], 0, "not before it listens");
+        assert_eq!(overload(&mut m, 6000), [], "one start at a time");
+        m.nodes[2].report = Some((6500, report(0, true)));
+        overload(&mut m, 6500);
+        assert_eq!(m.backends[2].spare, Spare::Active);
+        assert_eq!(ratios(&m, 6500)[2], 2);
+    }
+
+    #[test]
+    fn a_drain_zeroes_the_ratio_and_completes_when_no_routes_are_left() {
+        let mut m = model();
+        m.drain(1);
+        assert_eq!(ratios(&m, 0), [4, 0, 0]);
+        assert_eq!(m.node_state(1, 0), NodeState::Draining);
+        assert_eq!(m.tick(0, |n| if n == 1 { 3 } else { 0 }), []);
+        assert_eq!(m.tick(1, |_| 0), [Event::NodeDrained { node: 1 }]);
+        assert_eq!(m.node_state(1, 1), NodeState::Drained);
+        assert_eq!(ratios(&m, 1), [4, 0, 0]);
+        m.undrain(1);
+        assert_eq!(ratios(&m, 1), [4, 2, 0]);
+    }
+
+    #[test]
+    fn over_target_finds_backends_above_their_share() {
+        assert_eq!(over_target(&[(1, 5), (1, 5)]), [false, false]);
+        assert_eq!(over_target(&[(1, 8), (1, 2)]), [true, false]);
+        assert_eq!(over_target(&[(0, 1), (1, 0)]), [true, false]);
+        assert_eq!(over_target(&[(0, 0), (0, 3)]), [false, true]);
+    }
+}

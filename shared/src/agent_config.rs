@@ -1,0 +1,116 @@
+//! The `bep-agent` configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{from_toml, load_with, ConfigError};
+
+/// Server-process control for one service port (document 003, 124).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentService {
+    pub port: u16,
+    /// Shell command that starts the service's server process.
+    #[serde(default)]
+    pub start: Option<String>,
+    /// Shell command that stops it.
+    #[serde(default)]
+    pub stop: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's name in the FEP's config.
+    pub node: String,
+    /// The FEP's agent address (its `agent_listen`).
+    pub fep: SocketAddr,
+    /// File with the shared key (64 hex characters).
+    pub key_file: PathBuf,
+    #[serde(default = "default_report_interval")]
+    pub report_interval_ms: u64,
+    /// Service ports whose load and connections are reported.
+    #[serde(default)]
+    pub watch_ports: Vec<u16>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<AgentService>,
+}
+
+fn default_report_interval() -> u64 {
+    1000
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load_with(path, Self::parse)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = from_toml(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty() {
+            return Err(ConfigError::invalid("node", "must not be empty"));
+        }
+        if !(50..=60_000).contains(&self.report_interval_ms) {
+            return Err(ConfigError::invalid(
+                "report_interval_ms",
+                format!("{} is out of range (50 to 60000)", self.report_interval_ms),
+            ));
+        }
+        if let Some(i) = self.watch_ports.iter().position(|&p| p == 0) {
+            return Err(ConfigError::invalid(
+                format!("watch_ports[{i}]"),
+                "must be 1 to 65535",
+            ));
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            if !self.watch_ports.contains(&s.port) {
+                return Err(ConfigError::invalid(
+                    format!("service[{i}].port"),
+                    format!("{} is not in watch_ports {:?}", s.port, self.watch_ports),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The control commands for a port.
+    pub fn service(&self, port: u16) -> Option<&AgentService> {
+        self.services.iter().find(|s| s.port == port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let cfg = AgentConfig::parse(
+            "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"/etc/fep/agent.key\"\nwatch_ports = [80]\n\
+             [[service]]\nport = 80\nstart = \"nginx\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.report_interval_ms, 1000);
+        assert_eq!(cfg.service(80).unwrap().start.as_deref(), Some("nginx"));
+        let bad = AgentConfig::parse(
+            "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"k\"\n[[service]]\nport = 81\n",
+        );
+        assert_eq!(
+            bad.unwrap_err().to_string(),
+            "config key `service[0].port`: 81 is not in watch_ports []"
+        );
+        assert!(
+            AgentConfig::parse("node = \"be1\"\nfep = \"nowhere\"\nkey_file = \"k\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("fep")
+        );
+    }
+}

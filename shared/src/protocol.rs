@@ -1,0 +1,470 @@
+//! The agent protocol: what `bep-agent` and `fep` say to each other over the
+//! TCP connection the agent opens.
+//!
+//! Framing: each side first sends a hello frame, `b"FEPA"`, a version (u16)
+//! and a fresh 16-byte random nonce. After that every frame is
+//! `len (u32, big endian) | HMAC-SHA256 (32 bytes) | JSON body`, where the
+//! body is an [`Envelope`] with the sender's sequence number and the MAC is
+//! computed under the shared key over the *receiver's* nonce and the body.
+//! So a frame forged without the key fails the MAC, a frame replayed within a
+//! connection fails the sequence check, and a frame replayed from another
+//! connection fails the MAC (another nonce). Frames over [`MAX_FRAME`] bytes
+//! are refused before they are read.
+
+use std::net::IpAddr;
+
+use hmac::{Hmac, Mac};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Protocol version carried in the hello frame and every envelope.
+pub const VERSION: u16 = 1;
+/// Largest frame (MAC and body) accepted.
+pub const MAX_FRAME: usize = 4 << 20;
+/// Size of the hello frame: magic, version, nonce.
+pub const HELLO_LEN: usize = 4 + 2 + 16;
+const MAGIC: &[u8; 4] = b"FEPA";
+const MAC_LEN: usize = 32;
+
+/// The shared secret (32 bytes, written as 64 hex characters in a key file).
+#[derive(Clone)]
+pub struct Key([u8; 32]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+impl Key {
+    pub fn from_hex(text: &str) -> Result<Key, String> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(format!("expected 64 hex characters, found {}", text.len()));
+        }
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(text, &mut k).map_err(|e| format!("not hex: {e}"))?;
+        Ok(Key(k))
+    }
+
+    /// Reads a key file.
+    pub fn load(path: &std::path::Path) -> Result<Key, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read key file '{}': {e}", path.display()))?;
+        Key::from_hex(&text).map_err(|e| format!("key file '{}': {e}", path.display()))
+    }
+
+    /// A new random key, as hex for a key file.
+    pub fn generate_hex() -> String {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).expect("the OS random source works");
+        hex::encode(k)
+    }
+
+    fn mac(&self, nonce: &[u8; 16], body: &[u8]) -> Hmac<Sha256> {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(nonce);
+        m.update(body);
+        m
+    }
+}
+
+/// A client connection the FEP asks about: as the back end sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnId {
+    pub client: IpAddr,
+    pub client_port: u16,
+    /// The back end's (local) port.
+    pub port: u16,
+}
+
+/// Load of one watched service port on a back end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceLoad {
+    pub port: u16,
+    /// Something listens on the port (TCP listen socket or bound UDP socket).
+    pub listening: bool,
+    /// Live TCP connections (0 for UDP).
+    pub connections: u32,
+    /// Packets received per second (document 004's load).
+    pub rx_pps: f64,
+}
+
+/// A periodic (or, on an up/down change, immediate) load report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// CPU busy, 0–100 %, since the last report.
+    pub cpu_percent: f64,
+    /// 1, 5 and 15 minute load averages.
+    pub load_avg: [f64; 3],
+    pub services: Vec<ServiceLoad>,
+}
+
+/// Agent → FEP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    /// First message: which node this agent speaks for.
+    Register {
+        node: String,
+    },
+    Report(Report),
+    /// Answer to [`FepMsg::Query`]: the asked connections that are live.
+    Live {
+        id: u64,
+        live: Vec<ConnId>,
+    },
+    /// Result of [`FepMsg::Start`] / [`FepMsg::Stop`].
+    Control {
+        port: u16,
+        start: bool,
+        ok: bool,
+        message: String,
+    },
+}
+
+/// FEP → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FepMsg {
+    /// Which of these connections still have a live connection here?
+    Query { id: u64, conns: Vec<ConnId> },
+    /// Run the start command of the service on `port`.
+    Start { port: u16 },
+    /// Run the stop command of the service on `port`.
+    Stop { port: u16 },
+}
+
+/// What goes inside every authenticated frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub version: u16,
+    pub seq: u64,
+    pub msg: T,
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    Oversized(usize),
+    #[error("frame authentication failed (wrong key, or a forged or replayed frame)")]
+    BadMac,
+    #[error("replayed or reordered frame: sequence {got}, expected above {last}")]
+    Replay { got: u64, last: u64 },
+    #[error("garbled frame: {0}")]
+    Garbled(String),
+    #[error("peer speaks protocol version {0}, this side {VERSION}")]
+    Version(u16),
+}
+
+impl ProtocolError {
+    /// The counter label for this rejection.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::Oversized(_) => "oversized",
+            ProtocolError::BadMac => "bad_mac",
+            ProtocolError::Replay { .. } => "replay",
+            ProtocolError::Garbled(_) => "garbled",
+            ProtocolError::Version(_) => "version",
+        }
+    }
+}
+
+/// A hello frame with a fresh random nonce; keep the nonce for [`Session::new`].
+pub fn hello() -> ([u8; HELLO_LEN], [u8; 16]) {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).expect("the OS random source works");
+    let mut frame = [0u8; HELLO_LEN];
+    frame[..4].copy_from_slice(MAGIC);
+    frame[4..6].copy_from_slice(&VERSION.to_be_bytes());
+    frame[6..].copy_from_slice(&nonce);
+    (frame, nonce)
+}
+
+/// The peer's nonce from its hello frame.
+pub fn parse_hello(frame: &[u8; HELLO_LEN]) -> Result<[u8; 16], ProtocolError> {
+    if &frame[..4] != MAGIC {
+        return Err(ProtocolError::Garbled(
+            "not an fep agent-protocol hello".into(),
+        ));
+    }
+    let v = u16::from_be_bytes([frame[4], frame[5]]);
+    if v != VERSION {
+        return Err(ProtocolError::Version(v));
+    }
+    let mut nonce = [0u8; 16];
+    nonce.copy_from_slice(&frame[6..]);
+    Ok(nonce)
+}
+
+/// One side of an authenticated connection, after the hello exchange.
+#[derive(Debug)]
+pub struct Session {
+    key: Key,
+    own_nonce: [u8; 16],
+    peer_nonce: [u8; 16],
+    sent: u64,
+    received: u64,
+}
+
+impl Session {
+    pub fn new(key: Key, own_nonce: [u8; 16], peer_nonce: [u8; 16]) -> Self {
+        Session {
+            key,
+            own_nonce,
+            peer_nonce,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    /// A complete frame (length prefix included) carrying `msg`.
+    pub fn seal<T: Serialize>(&mut self, msg: &T) -> Vec<u8> {
+        self.sent += 1;
+        let body = serde_json::to_vec(&Envelope {
+            version: VERSION,
+            seq: self.sent,
+            msg,
+        })
+        .expect("protocol messages serialise");
+        let mac = self
+            .key
+            .mac(&self.peer_nonce, &body)
+            .finalize()
+            .into_bytes();
+        let mut frame = Vec::with_capacity(4 + MAC_LEN + body.len());
+        frame.extend_from_slice(&((MAC_LEN + body.len()) as u32).to_be_bytes());
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// Checks a frame's announced length before reading it.
+    pub fn check_len(len: u32) -> Result<usize, ProtocolError> {
+        let len = len as usize;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::Oversized(len));
+        }
+        if len < MAC_LEN {
+            return Err(ProtocolError::Garbled(format!(
+                "frame of {len} bytes is shorter than its MAC"
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Authenticates and decodes a frame (without its length prefix).
+    pub fn open<T: DeserializeOwned>(&mut self, frame: &[u8]) -> Result<T, ProtocolError> {
+        Self::check_len(frame.len() as u32)?;
+        let (mac, body) = frame.split_at(MAC_LEN);
+        self.key
+            .mac(&self.own_nonce, body)
+            .verify_slice(mac)
+            .map_err(|_| ProtocolError::BadMac)?;
+        let env: Envelope<T> =
+            serde_json::from_slice(body).map_err(|e| ProtocolError::Garbled(e.to_string()))?;
+        if env.version != VERSION {
+            return Err(ProtocolError::Version(env.version));
+        }
+        if env.seq <= self.received {
+            return Err(ProtocolError::Replay {
+                got: env.seq,
+                last: self.received,
+            });
+        }
+        self.received = env.seq;
+        Ok(env.msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> Key {
+        Key::from_hex(&hex::encode([b; 32])).unwrap()
+    }
+
+    /// An agent and an FEP session that exchanged hellos.
+    fn pair() -> (Session, Session) {
+        let (_, agent_nonce) = hello();
+        let (_, fep_nonce) = hello();
+        (
+            Session::new(key(7), agent_nonce, fep_nonce),
+            Session::new(key(7), fep_nonce, agent_nonce),
+        )
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        &frame[4..]
+    }
+
+    #[test]
+    fn messages_round_trip_both_ways() {
+        let (mut agent, mut fep) = pair();
+        let msg = AgentMsg::Register { node: "be1".into() };
+        assert_eq!(fep.open::<AgentMsg>(body(&agent.seal(&msg))).unwrap(), msg);
+        let q = FepMsg::Query {
+            id: 3,
+            conns: vec![ConnId {
+                client: "10.0.1.2".parse().unwrap(),
+                client_port: 40000,
+                port: 80,
+            }],
+        };
+        assert_eq!(agent.open::<FepMsg>(body(&fep.seal(&q))).unwrap(), q);
+    }
+
+    #[test]
+    fn replayed_frames_are_rejected() {
+        let (mut agent, mut fep) = pair();
+        let f1 = agent.seal(&AgentMsg::Register { node: "be1".into() });
+        fep.open::<AgentMsg>(body(&f1)).unwrap();
+        assert!(matches!(
+            fep.open::<AgentMsg>(body(&f1)),
+            Err(ProtocolError::Replay { got: 1, last: 1 })
+        ));
+        // Replayed into another connection: other nonce, MAC fails.
+        let (_, mut fep2) = pair();
+        assert_eq!(
+            fep2.open::<AgentMsg>(body(&f1)).unwrap_err(),
+            ProtocolError::BadMac
+        );
+    }
+
+    #[test]
+    fn forged_and_tampered_frames_are_rejected() {
+        let (mut agent, mut fep) = pair();
+        let mut f = agent.seal(&AgentMsg::Register { node: "be1".into() });
+        let last = f.len() - 3;
+        f[last] ^= 1;
+        assert_eq!(
+            fep.open::<AgentMsg>(body(&f)).unwrap_err(),
+            ProtocolError::BadMac
+        );
+        // Sealed under another key.
+        let (mut other, _) = pair();
+        other.key = key(8);
+        let f = other.seal(&AgentMsg::Register { node: "be1".into() });
+        assert_eq!(
+            fep.open::<AgentMsg>(body(&f)).unwrap_err(),
+            ProtocolError::BadMac
+        );
+    }
+
+    #[test]
+    fn oversized_short_and_garbled_frames_are_rejected() {
+        assert!(matches!(
+            Session::check_len(u32::MAX),
+            Err(ProtocolError::Oversized(_))
+        ));
+        assert!(matches!(
+            Session::check_len(5),
+            Err(ProtocolError::Garbled(_))
+        ));
+        let (mut agent, mut fep) = pair();
+        // A correctly authenticated body that is not a message.
+        let body = b"{\"version\":1,\"seq\":1,\"msg\":{\"type\":\"explode\"}}";
+        let mac = agent
+            .key
+            .mac(&agent.peer_nonce, body)
+            .finalize()
+            .into_bytes();
+        let mut frame = mac.to_vec();
+        frame.extend_from_slice(body);
+        assert!(matches!(
+            fep.open::<AgentMsg>(&frame),
+            Err(ProtocolError::Garbled(_))
+        ));
+        let _ = agent.seal(&AgentMsg::Register { node: "x".into() });
+        // Random bytes.
+        assert_eq!(
+            fep.open::<AgentMsg>(&[0xab; 100]).unwrap_err(),
+            ProtocolError::BadMac
+        );
+    }
+
+    #[test]
+    fn hello_checks_magic_and_version() {
+        let (mut f, nonce) = hello();
+        assert_eq!(parse_hello(&f).unwrap(), nonce);
+        f[5] = 9;
+        assert_eq!(parse_hello(&f).unwrap_err(), ProtocolError::Version(9));
+        f[0] = b'X';
+        assert!(matches!(parse_hello(&f), Err(ProtocolError::Garbled(_))));
+    }
+
+    #[test]
+    fn keys_must_be_64_hex_characters() {
+        assert!(Key::from_hex(&Key::generate_hex()).is_ok());
+        assert!(Key::from_hex("abcd").unwrap_err().contains("64 hex"));
+        assert!(Key::from_hex(&"zz".repeat(32))
+            .unwrap_err()
+            .contains("not hex"));
+    }
+}
+
+/// Async framing over a TCP stream, shared by both ends.
+#[cfg(feature = "tokio")]
+pub mod io {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::OwnedReadHalf;
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc;
+
+    use super::{hello, parse_hello, Key, ProtocolError, Session, HELLO_LEN};
+
+    /// Why a connection could not be set up.
+    #[derive(Debug, thiserror::Error)]
+    pub enum HandshakeError {
+        #[error("connection: {0}")]
+        Io(#[from] std::io::Error),
+        #[error("no hello from the peer within the time limit")]
+        Timeout,
+        #[error(transparent)]
+        Protocol(#[from] ProtocolError),
+    }
+
+    /// Exchanges hello frames and returns the session for this connection.
+    pub async fn handshake(
+        stream: &mut TcpStream,
+        key: Key,
+        wait: std::time::Duration,
+    ) -> Result<Session, HandshakeError> {
+        let _ = stream.set_nodelay(true);
+        let (frame, nonce) = hello();
+        stream.write_all(&frame).await?;
+        let mut peer = [0u8; HELLO_LEN];
+        tokio::time::timeout(wait, stream.read_exact(&mut peer))
+            .await
+            .map_err(|_| HandshakeError::Timeout)??;
+        Ok(Session::new(key, nonce, parse_hello(&peer)?))
+    }
+
+    /// Reads length-prefixed frames into `tx` until the stream ends or a
+    /// frame is refused (sent as an error, then the reader stops), so that a
+    /// session loop can wait for frames and its own messages at once.
+    pub async fn read_frames(
+        mut rd: OwnedReadHalf,
+        tx: mpsc::Sender<Result<Vec<u8>, ProtocolError>>,
+    ) {
+        while let Ok(len) = rd.read_u32().await {
+            let frame = match Session::check_len(len) {
+                Ok(len) => {
+                    let mut buf = vec![0u8; len];
+                    if rd.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    Ok(buf)
+                }
+                Err(e) => Err(e),
+            };
+            let refused = frame.is_err();
+            if tx.send(frame).await.is_err() || refused {
+                return;
+            }
+        }
+    }
+}
