@@ -55,3 +55,134 @@ pub fn tally(names: &[String], backends: usize) -> Vec<usize> {
         .map(|i| names.iter().filter(|n| **n == lab::backend_name(i)).count())
         .collect()
 }
+
+/// A lab whose back ends run `fep-testsrv` (HTTP on 80, echo on 7000) and
+/// `bep-agent`, and fep with the agent server and fast control-loop timings
+/// (`top` adds or overrides top-level keys).
+pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) -> Running {
+    let mut lab = Lab::new(tag, backends).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    let agent = lab::workspace_bin("bep-agent").unwrap();
+    for i in 0..backends {
+        let mut args = lab::testsrv_args(i, &[80], &[]);
+        args.extend(["--echo".to_string(), "7000".to_string()]);
+        lab.start_backend_server(i, &testsrv, &args)
+            .expect("starting back-end servers");
+    }
+    let key = lab.agent_key(&agent).unwrap();
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\n\
+         health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
+        key.display()
+    );
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, services),
+        )
+        .expect("starting fep");
+    for i in 0..backends {
+        lab.start_agent(i, &agent, &[80, 7000], 200, "")
+            .expect("starting agents");
+    }
+    let r = Running { lab, fep };
+    wait_for(&r, "every agent connected", Duration::from_secs(10), |r| {
+        let nodes = fepctl_json(r, &["nodes"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["agent_connected"] == true && !n["report_age_ms"].is_null())
+    });
+    r
+}
+
+/// Runs `fepctl --socket <lab's> ARGS`; returns the exit code and stdout.
+pub fn fepctl(r: &Running, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())
+        .arg("--socket")
+        .arg(r.lab.control_socket())
+        .args(args)
+        .output()
+        .expect("running fepctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// `fepctl --json ARGS`, which must succeed, parsed.
+pub fn fepctl_json(r: &Running, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out) = fepctl(r, &all);
+    assert_eq!(code, 0, "fepctl {args:?} failed: {out}");
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("fepctl {args:?} printed no JSON ({e}): {out}"))
+}
+
+/// Polls `cond` every 100 ms until it holds; panics with `what` and fep's
+/// log after `limit`.
+pub fn wait_for(r: &Running, what: &str, limit: Duration, mut cond: impl FnMut(&Running) -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond(r) {
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out after {limit:?} waiting for: {what}\nfep log:\n{}",
+                r.fep.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The entry of `node` in `fepctl nodes --json`.
+pub fn node(r: &Running, name: &str) -> serde_json::Value {
+    fepctl_json(r, &["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+/// The entry of back end `node` in service `service` of `fepctl services --json`.
+pub fn backend(r: &Running, service: &str, node: &str) -> serde_json::Value {
+    let services = fepctl_json(r, &["services"]);
+    let svc = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .expect("service");
+    svc["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["node"] == node)
+        .cloned()
+        .expect("backend")
+}
+
+/// `n` HTTP GETs to `vip:80` from the client, each a new connection; the
+/// names that answered (a failed request panics).
+pub fn http_names(r: &Running, vip: std::net::IpAddr, n: usize) -> Vec<String> {
+    let addr = std::net::SocketAddr::new(vip, 80);
+    r.lab
+        .client
+        .enter(|| {
+            (0..n)
+                .map(|i| {
+                    http::get(addr, "/", TIMEOUT)
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "request {i} of {n} failed: {e:#}\nfep log:\n{}",
+                                r.fep.log()
+                            )
+                        })
+                        .body_text()
+                })
+                .collect()
+        })
+        .unwrap()
+}

@@ -129,7 +129,7 @@ impl NetSetup {
             .services
             .iter()
             .flat_map(|s| {
-                s.backends.iter().map(move |b| {
+                s.all_backends().map(move |(b, _)| {
                     let node = cfg
                         .node(&b.node)
                         .expect("validated config names only defined nodes");

@@ -108,10 +108,8 @@ impl TransferTable {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut by_endpoint = HashMap::default();
         for (id, s) in cfg.services.iter().enumerate() {
-            let listed = s.backends.iter().map(|b| (b, false));
-            let spares = s.spares.iter().map(|b| (b, true));
-            let backends: Vec<Backend> = listed
-                .chain(spares)
+            let backends: Vec<Backend> = s
+                .all_backends()
                 .map(|(b, spare)| {
                     let node_id = cfg
                         .nodes

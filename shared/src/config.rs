@@ -557,6 +557,13 @@ impl ServiceConfig {
         be.port.unwrap_or(self.port)
     }
 
+    /// Back ends then spares, each with whether it is a spare: everything
+    /// that may carry this service's traffic.
+    pub fn all_backends(&self) -> impl Iterator<Item = (&BackendConfig, bool)> {
+        let listed = self.backends.iter().map(|b| (b, false));
+        listed.chain(self.spares.iter().map(|b| (b, true)))
+    }
+
     /// The load below which an overloaded back end gets its ratio back.
     pub fn low_load_mark(&self) -> Option<f64> {
         self.high_load.map(|h| self.low_load.unwrap_or(h * 0.8))

@@ -14,7 +14,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,8 @@ pub struct Lab {
     pub gateway: Netns,
     pub backends: Vec<Netns>,
     dir: PathBuf,
-    children: Vec<Child>,
+    /// Processes the lab started, with the back end they belong to.
+    children: Vec<(Option<usize>, Child)>,
 }
 
 impl Lab {
@@ -167,30 +168,35 @@ impl Lab {
         udp: &[u16],
     ) -> anyhow::Result<()> {
         for i in 0..self.backends.len() {
-            let mut cmd = self.backends[i].command(testsrv);
-            cmd.args(["--name", &backend_name(i)]);
-            for p in tcp {
-                cmd.args(["--tcp", &p.to_string()]);
-            }
-            for p in udp {
-                cmd.args(["--udp", &p.to_string()]);
-            }
-            let mut child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .with_context(|| format!("starting {}", testsrv.display()))?;
-            let stdout = child.stdout.take().expect("piped");
-            self.children.push(child);
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line)?;
-            if line.trim() != "ready" {
-                bail!(
-                    "fep-testsrv on {} did not start (said {line:?})",
-                    backend_name(i)
-                );
-            }
+            self.start_backend_server(i, testsrv, &testsrv_args(i, tcp, udp))?;
+        }
+        Ok(())
+    }
+
+    /// Starts `fep-testsrv ARGS` on back end `i` and waits until it listens.
+    pub fn start_backend_server(
+        &mut self,
+        i: usize,
+        testsrv: &Path,
+        args: &[String],
+    ) -> anyhow::Result<()> {
+        let mut child = self.backends[i]
+            .command(testsrv)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", testsrv.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        self.children.push((Some(i), child));
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!(
+                "fep-testsrv on {} did not start (said {line:?})",
+                backend_name(i)
+            );
         }
         Ok(())
     }
@@ -223,6 +229,81 @@ impl Lab {
         s.push('\n');
         s.push_str(services);
         s
+    }
+
+    /// Writes a fresh agent key into the lab (with `bep-agent --gen-key`).
+    pub fn agent_key(&self, agent: &Path) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("agent.key");
+        if !path.exists() {
+            crate::netns::run(Command::new(agent).arg("--gen-key").arg(&path))?;
+        }
+        Ok(path)
+    }
+
+    /// Starts `bep-agent` on back end `i`, reporting to the fep on the
+    /// gateway (10.0.2.1:9441) every `interval_ms`; `extra` is appended to
+    /// its config (e.g. `[[service]]` commands).
+    pub fn start_agent(
+        &mut self,
+        i: usize,
+        agent: &Path,
+        watch: &[u16],
+        interval_ms: u64,
+        extra: &str,
+    ) -> anyhow::Result<()> {
+        let key = self.agent_key(agent)?;
+        let config = self.dir.join(format!("agent-{}.toml", backend_name(i)));
+        std::fs::write(
+            &config,
+            format!(
+                "node = \"{}\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"{}\"\nreport_interval_ms = {interval_ms}\nwatch_ports = {watch:?}\n{extra}\n",
+                backend_name(i),
+                key.display()
+            ),
+        )?;
+        let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", backend_name(i))))?;
+        let child = self.backends[i]
+            .command(agent)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", agent.display()))?;
+        self.children.push((Some(i), child));
+        Ok(())
+    }
+
+    /// Kills every process of back end `i` (server, agent): the node dies.
+    pub fn kill_backend(&mut self, i: usize) {
+        for (_, c) in self.children.iter_mut().filter(|(b, _)| *b == Some(i)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.retain(|(b, _)| *b != Some(i));
+        self.kill_pidfiles(&format!("{}-", backend_name(i)));
+    }
+
+    /// Kills processes whose pid a start command wrote to `<prefix>*.pid` in
+    /// the lab directory (services started by agents run detached).
+    fn kill_pidfiles(&self, prefix: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(prefix) && name.ends_with(".pid") {
+                if let Some(pid) = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) on a pid our own start command recorded.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Starts fep in the gateway with `config` and waits until it serves.
@@ -262,10 +343,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.kill_pidfiles("");
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces are deleted as the fields drop.
     }
@@ -310,6 +392,18 @@ impl Drop for FepProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// `fep-testsrv` arguments for back end `i`.
+pub fn testsrv_args(i: usize, tcp: &[u16], udp: &[u16]) -> Vec<String> {
+    let mut args = vec!["--name".to_string(), backend_name(i)];
+    for p in tcp {
+        args.extend(["--tcp".to_string(), p.to_string()]);
+    }
+    for p in udp {
+        args.extend(["--udp".to_string(), p.to_string()]);
+    }
+    args
 }
 
 /// Finds a binary of the workspace next to the running executable (the

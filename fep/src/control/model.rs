@@ -167,9 +167,8 @@ impl Model {
                 overloaded_since: None,
                 pruning: false,
             });
-            let listed = s.backends.iter().map(|b| (b, Spare::No));
-            let spares = s.spares.iter().map(|b| (b, Spare::Idle));
-            for (i, (b, spare)) in listed.chain(spares).enumerate() {
+            for (i, (b, is_spare)) in s.all_backends().enumerate() {
+                let spare = if is_spare { Spare::Idle } else { Spare::No };
                 backends.push(Backend {
                     service: sid as ServiceId,
                     index: i as BackendId,
@@ -341,8 +340,8 @@ impl Model {
             let svc = &self.services[usize::from(self.backends[i].service)];
             let (high, low) = (svc.high_load, svc.low_load);
             let b = &mut self.backends[i];
-            if b.down == up {
-                b.down = !up;
+            // A spare not started is expected to be closed: no news.
+            if b.down == up && b.spare != Spare::Idle {
                 let (service, backend) = (b.service, b.index);
                 events.push(if up {
                     Event::BackendUp { service, backend }
@@ -350,6 +349,7 @@ impl Model {
                     Event::BackendDown { service, backend }
                 });
             }
+            b.down = !up;
             b.overloaded = match (high, low, load) {
                 (Some(h), _, Some(l)) if !b.overloaded => l > h,
                 (Some(_), Some(lo), Some(l)) => l >= lo,

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use super::model::over_target;
 use super::ControlPlane;
 use crate::route_table::FlowKey;
-use crate::transfer_table::{NodeId, ServiceId};
+use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
 use crate::wire::ip_from_addr;
 
 /// A route with a packet this recent is not a candidate at all.
@@ -34,7 +34,7 @@ pub async fn run(cp: Arc<ControlPlane>) {
 
 /// A route to ask about: the connection as the back end sees it, the route
 /// and its last-seen time when the round began.
-type Candidate = (ConnId, FlowKey, u32);
+pub type Candidate = (ConnId, FlowKey, u32);
 
 /// One pruning round; returns how many routes it deleted.
 pub async fn round(cp: &Arc<ControlPlane>) -> usize {
@@ -44,39 +44,19 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     }
     let now = cp.now();
     let dispatcher = cp.dispatcher();
-    let table = dispatcher.table();
-    let mut deleted = 0;
-    let mut ask: HashMap<NodeId, Vec<Candidate>> = HashMap::new();
-    for (key, backend, _, last_seen) in dispatcher.routes().snapshot() {
-        let idle = now.wrapping_sub(last_seen);
-        if idle < MIN_IDLE_MS
-            || !over
-                .get(&key.service)
-                .is_some_and(|o| o[usize::from(backend)])
-        {
-            continue;
-        }
-        let svc = table.service(key.service);
-        let be = &svc.backends[usize::from(backend)];
-        if !svc.is_tcp() {
-            if idle >= UDP_IDLE_MS
-                && dispatcher.remove_route(&key, |_, r| r.last_seen() == last_seen)
-            {
-                deleted += 1;
-            }
-            continue;
-        }
-        let conn = ConnId {
-            client: ip_from_addr(&key.client),
-            client_port: key.client_port,
-            port: be.port,
-        };
-        ask.entry(be.node_id)
-            .or_default()
-            .push((conn, key, last_seen));
-    }
+    let plan = plan(
+        dispatcher.table(),
+        dispatcher.routes().snapshot(),
+        &over,
+        now,
+    );
+    let mut deleted = plan
+        .idle_udp
+        .iter()
+        .filter(|(key, last_seen)| dispatcher.remove_route(key, |_, r| r.last_seen() == *last_seen))
+        .count();
     let mut queries = JoinSet::new();
-    for (node, candidates) in ask {
+    for (node, candidates) in plan.ask {
         let cp = cp.clone();
         queries.spawn(async move {
             let conns = candidates.iter().map(|c| c.0).collect();
@@ -103,6 +83,53 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     deleted
 }
 
+/// What one round does before asking anyone.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// UDP routes idle long enough to delete without asking.
+    pub idle_udp: Vec<(FlowKey, u32)>,
+    /// TCP routes to ask each node's agent about.
+    pub ask: HashMap<NodeId, Vec<Candidate>>,
+}
+
+/// Picks the candidates: routes of back ends above target (`over`, per
+/// service) with no packet for [`MIN_IDLE_MS`].
+pub fn plan(
+    table: &TransferTable,
+    routes: Vec<(FlowKey, BackendId, u8, u32)>,
+    over: &HashMap<ServiceId, Vec<bool>>,
+    now: u32,
+) -> Plan {
+    let mut plan = Plan::default();
+    for (key, backend, _, last_seen) in routes {
+        let idle = now.wrapping_sub(last_seen);
+        let is_over = over
+            .get(&key.service)
+            .is_some_and(|o| o[usize::from(backend)]);
+        if idle < MIN_IDLE_MS || !is_over {
+            continue;
+        }
+        let svc = table.service(key.service);
+        let be = &svc.backends[usize::from(backend)];
+        if !svc.is_tcp() {
+            if idle >= UDP_IDLE_MS {
+                plan.idle_udp.push((key, last_seen));
+            }
+            continue;
+        }
+        let conn = ConnId {
+            client: ip_from_addr(&key.client),
+            client_port: key.client_port,
+            port: be.port,
+        };
+        plan.ask
+            .entry(be.node_id)
+            .or_default()
+            .push((conn, key, last_seen));
+    }
+    plan
+}
+
 /// For each service being pruned, which back ends are above target; a
 /// service whose shares are on target stops being pruned.
 fn services_over_target(cp: &ControlPlane) -> HashMap<ServiceId, Vec<bool>> {
@@ -127,4 +154,66 @@ fn services_over_target(cp: &ControlPlane) -> HashMap<ServiceId, Vec<bool>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::FepConfig;
+
+    use super::*;
+    use crate::wire::addr_from_ip;
+
+    const CFG: &str = r#"
+[[node]]
+name = "be1"
+address = "10.0.2.11"
+[[node]]
+name = "be2"
+address = "10.0.2.12"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+backend = [{ node = "be1", ratio = 1, port = 8080 }, { node = "be2", ratio = 1 }]
+[[service]]
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
+"#;
+
+    fn key(service: ServiceId, n: u8) -> FlowKey {
+        FlowKey {
+            service,
+            client_port: 40000 + u16::from(n),
+            client: addr_from_ip([192, 0, 2, n].into()),
+        }
+    }
+
+    #[test]
+    fn only_idle_routes_of_backends_above_target_are_candidates() {
+        let table = TransferTable::from_config(&FepConfig::parse(CFG).unwrap());
+        let over = HashMap::from([(0, vec![true, false]), (1, vec![true, false])]);
+        let now = 10_000;
+        let routes = vec![
+            (key(0, 1), 0, 0, now - 5_000),           // be1, idle: ask be1's agent
+            (key(0, 2), 0, 0, now - MIN_IDLE_MS + 1), // be1, too recent
+            (key(0, 3), 1, 0, now - 9_000),           // be2 is on target
+            (key(1, 4), 0, 0, now - UDP_IDLE_MS),     // UDP, idle long enough
+            (key(1, 5), 0, 0, now - 2_000),           // UDP, not idle long enough
+        ];
+        let p = plan(&table, routes, &over, now);
+        assert_eq!(p.idle_udp, vec![(key(1, 4), now - UDP_IDLE_MS)]);
+        let conn = ConnId {
+            client: [192, 0, 2, 1].into(),
+            client_port: 40001,
+            port: 8080,
+        };
+        assert_eq!(
+            p.ask,
+            HashMap::from([(0, vec![(conn, key(0, 1), now - 5_000)])])
+        );
+    }
 }

@@ -1,8 +1,10 @@
-//! `fep-testsrv --name NODE [--tcp PORT]... [--udp PORT]...`: a back-end
-//! server for the demo and the tests. Over HTTP it answers `GET /` with its
-//! node name and `GET /bytes/N` with N bytes of the deterministic pattern;
-//! over UDP it answers every datagram with its node name. Listens on `[::]`
-//! (IPv4 and IPv6); prints `ready` once every port is bound.
+//! `fep-testsrv --name NODE [--tcp PORT]... [--udp PORT]... [--echo PORT]...`:
+//! a back-end server for the demo and the tests. Over HTTP it answers `GET /`
+//! with its node name and `GET /bytes/N` with N bytes of the deterministic
+//! pattern; over UDP it answers every datagram with its node name; on an echo
+//! port it sends its name and a newline, then echoes every byte until the
+//! client closes (a long-lived connection). Listens on `[::]` (IPv4 and
+//! IPv6); prints `ready` once every port is bound.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -22,12 +24,20 @@ struct Args {
     /// UDP port to answer on (repeatable).
     #[arg(long)]
     udp: Vec<u16>,
+    /// TCP port of the long-lived echo service (repeatable).
+    #[arg(long)]
+    echo: Vec<u16>,
 }
+
+/// What serves one accepted TCP connection.
+type Handler = fn(TcpStream, &str) -> std::io::Result<()>;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut threads = Vec::new();
-    for port in args.tcp {
+    let http = args.tcp.iter().map(|&p| (p, serve_http as Handler));
+    let echo = args.echo.iter().map(|&p| (p, serve_echo as Handler));
+    for (port, serve) in http.chain(echo) {
         let listener =
             TcpListener::bind(("::", port)).with_context(|| format!("bind tcp {port}"))?;
         let name = args.name.clone();
@@ -35,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             for conn in listener.incoming().flatten() {
                 let name = name.clone();
                 std::thread::spawn(move || {
-                    let _ = serve_http(conn, &name);
+                    let _ = serve(conn, &name);
                 });
             }
         }));
@@ -95,4 +105,16 @@ fn serve_http(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
         }
     }
     conn.flush()
+}
+
+fn serve_echo(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
+    conn.write_all(format!("{name}\n").as_bytes())?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.write_all(&buf[..n])?;
+    }
 }

@@ -1,0 +1,104 @@
+//! `bep-agent` without root: config errors, key generation, and retrying
+//! while the FEP is unreachable (on loopback).
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("bep-agent-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bep-agent"))
+}
+
+#[test]
+fn gen_key_writes_a_private_64_hex_key_once() {
+    let d = dir("key");
+    let key = d.join("agent.key");
+    assert!(agent()
+        .arg("--gen-key")
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(text.trim().len(), 64);
+    assert!(text.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = agent().arg("--gen-key").arg(&key).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("must not exist yet"));
+}
+
+#[test]
+fn a_bad_config_or_key_exits_2_naming_the_problem() {
+    let d = dir("bad");
+    let cfg = d.join("agent.toml");
+    std::fs::write(&cfg, "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"/nonexistent\"\nreport_interval_ms = 5\n").unwrap();
+    let out = agent().arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("report_interval_ms"));
+
+    std::fs::write(
+        &cfg,
+        "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = agent().arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key_file"));
+}
+
+#[test]
+fn an_unreachable_fep_is_retried_with_backoff_and_the_agent_keeps_running() {
+    let d = dir("retry");
+    let key = d.join("agent.key");
+    assert!(agent()
+        .arg("--gen-key")
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let cfg = d.join("agent.toml");
+    // Port 1 on loopback: nothing listens there.
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = \"be1\"\nfep = \"127.0.0.1:1\"\nkey_file = \"{}\"\nwatch_ports = [80]\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(d.join("log")).unwrap();
+    let mut child = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent must not exit on its own"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(d.join("log")).unwrap();
+    assert!(
+        log.contains("cannot connect") && log.contains("reconnecting in 250 ms"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reconnecting in 500 ms"),
+        "backoff doubles: {log}"
+    );
+}

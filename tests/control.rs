@@ -1,0 +1,418 @@
+//! The control loop end to end: real agents on the back ends, real kernel
+//! TCP, fep driven with fepctl.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use fep_shared::protocol::{self, AgentMsg, Key, Report, ServiceLoad, Session};
+use fep_tests::{
+    backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents, tally,
+    wait_for,
+};
+use fep_tools::lab::VIP_V4;
+
+fn services(ratios: &[(&str, u32)], extra: &str) -> String {
+    let list: Vec<String> = ratios
+        .iter()
+        .map(|(n, r)| format!("{{ node = \"{n}\", ratio = {r} }}"))
+        .collect();
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{extra}\nbackend = [{0}]\n\n\
+         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{0}]\n",
+        list.join(", ")
+    )
+}
+
+/// Sends a line on the long-lived echo connection and checks it comes back.
+fn echo(conn: &mut BufReader<TcpStream>, line: &str) {
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut back = String::new();
+    conn.read_line(&mut back)
+        .unwrap_or_else(|e| panic!("echo of {line:?} failed: {e}"));
+    assert_eq!(back.trim(), line, "the long-lived connection broke");
+}
+
+#[test]
+fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it_closes() {
+    if skip_without_root("a_live_connection_survives_a_ratio_change_and_a_drain") {
+        return;
+    }
+    let r = start_with_agents("fcd", 2, "", &services(&[("be1", 1), ("be2", 1)], ""));
+    let stream = r
+        .lab
+        .client
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(VIP_V4.into(), 7000),
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut conn = BufReader::new(stream);
+    let mut name = String::new();
+    conn.read_line(&mut name).unwrap();
+    let held = name.trim().to_string();
+    let other = if held == "be1" { "be2" } else { "be1" };
+    echo(&mut conn, "before");
+
+    // Ratio 0: no new routes, the live one stays.
+    let (code, out) = fepctl(&r, &["ratio", "echo", &held, "0"]);
+    assert_eq!(code, 0, "{out}");
+    std::thread::sleep(Duration::from_millis(1200));
+    echo(&mut conn, "after the ratio change");
+
+    // Drain: returns at once; the live route stays through several prune rounds.
+    let (code, out) = fepctl(&r, &["drain", &held]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(node(&r, &held)["state"], "draining");
+    std::thread::sleep(Duration::from_millis(1500));
+    echo(&mut conn, "while draining");
+    let routes = fepctl_json(&r, &["routes", "--node", &held]);
+    assert_eq!(
+        routes.as_array().unwrap().len(),
+        1,
+        "the live route stays: {routes}"
+    );
+    assert_eq!(node(&r, &held)["state"], "draining");
+    assert!(
+        http_names(&r, VIP_V4.into(), 20).iter().all(|n| n == other),
+        "new connections avoid the draining node"
+    );
+
+    // Closing the connection lets the drain complete within a few prune intervals.
+    let mut stream = conn.into_inner();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = stream.read_to_end(&mut Vec::new());
+    drop(stream);
+    let started = std::time::Instant::now();
+    let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "15"]);
+    assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
+    assert!(out.contains("is drained"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "drained after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(node(&r, &held)["state"], "drained");
+
+    // Back into rotation.
+    assert_eq!(fepctl(&r, &["undrain", &held]).0, 0);
+    assert_eq!(fepctl(&r, &["ratio", "echo", &held, "1"]).0, 0);
+    assert!(http_names(&r, VIP_V4.into(), 10).contains(&held.to_string()));
+}
+
+#[test]
+fn a_dead_backend_is_routed_around_and_comes_back() {
+    if skip_without_root("a_dead_backend_is_routed_around_and_comes_back") {
+        return;
+    }
+    let mut r = start_with_agents(
+        "fdd",
+        3,
+        "node_dead_after_ms = 1500\n",
+        &services(&[("be1", 1), ("be2", 1), ("be3", 1)], ""),
+    );
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 30), 3), [10, 10, 10]);
+
+    r.lab.kill_backend(0);
+    std::thread::sleep(Duration::from_millis(2000));
+    let names = http_names(&r, VIP_V4.into(), 60);
+    assert_eq!(
+        tally(&names, 3),
+        [0, 30, 30],
+        "every new connection succeeds on the others"
+    );
+    assert_eq!(node(&r, "be1")["state"], "down");
+
+    // Back: server and agent restarted.
+    let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
+    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
+    let mut args = fep_tools::lab::testsrv_args(0, &[80], &[]);
+    args.extend(["--echo".to_string(), "7000".to_string()]);
+    r.lab.start_backend_server(0, &testsrv, &args).unwrap();
+    r.lab.start_agent(0, &agent, &[80, 7000], 200, "").unwrap();
+    wait_for(
+        &r,
+        "be1 back up with its ratio",
+        Duration::from_secs(10),
+        |r| backend(r, "web", "be1")["effective_ratio"] == 1,
+    );
+    assert_eq!(node(&r, "be1")["state"], "up");
+    assert!(
+        tally(&http_names(&r, VIP_V4.into(), 30), 3)[0] >= 5,
+        "be1 is back in rotation"
+    );
+}
+
+#[test]
+fn a_loaded_node_gets_a_lower_effective_ratio_and_recovers() {
+    if skip_without_root("a_loaded_node_gets_a_lower_effective_ratio_and_recovers") {
+        return;
+    }
+    let r = start_with_agents(
+        "fld",
+        2,
+        "",
+        &services(
+            &[("be1", 2), ("be2", 2)],
+            "load_metric = \"connections\"\nhigh_load = 5\nlow_load = 2",
+        ),
+    );
+    // Eight connections held open on be1 (straight from the gateway).
+    let held: Vec<TcpStream> = r
+        .lab
+        .gateway
+        .enter(|| {
+            (0..8)
+                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
+                .collect()
+        })
+        .unwrap();
+    wait_for(
+        &r,
+        "be1's effective ratio halved",
+        Duration::from_secs(5),
+        |r| backend(r, "web", "be1")["effective_ratio"] == 1,
+    );
+    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 2);
+    assert_eq!(backend(&r, "web", "be1")["overloaded"], true);
+    assert_eq!(
+        tally(&http_names(&r, VIP_V4.into(), 30), 2),
+        [10, 20],
+        "be1 gets fewer new routes"
+    );
+
+    drop(held);
+    wait_for(&r, "be1's ratio restored", Duration::from_secs(5), |r| {
+        backend(r, "web", "be1")["effective_ratio"] == 2
+    });
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 20), 2), [10, 10]);
+}
+
+#[test]
+fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
+    if skip_without_root("scale_out_starts_a_spare") {
+        return;
+    }
+    let mut lab = fep_tools::lab::Lab::new("fso", 2).unwrap();
+    let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
+    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
+    lab.start_backend_server(0, &testsrv, &fep_tools::lab::testsrv_args(0, &[80], &[]))
+        .unwrap();
+    let key = lab.agent_key(&agent).unwrap();
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
+         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\nspare = [{{ node = \"be2\", ratio = 1 }}]\n"
+    );
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
+        key.display()
+    );
+    let fep = lab
+        .start_fep(
+            &fep_tools::lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, &services),
+        )
+        .unwrap();
+    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
+    let start = format!(
+        "[[service]]\nport = 80\nstart = \"{} --name be2 --tcp 80 >/dev/null 2>&1 & echo $! > {}/be2-spare.pid\"\n",
+        testsrv.display(),
+        lab.dir().display()
+    );
+    lab.start_agent(1, &agent, &[80], 200, &start).unwrap();
+    let r = fep_tests::Running { lab, fep };
+    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
+        fepctl_json(r, &["nodes"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["agent_connected"] == true)
+    });
+    assert!(
+        http_names(&r, VIP_V4.into(), 10).iter().all(|n| n == "be1"),
+        "the spare gets nothing yet"
+    );
+    assert_eq!(backend(&r, "web", "be2")["spare"], "idle");
+
+    let held: Vec<TcpStream> = r
+        .lab
+        .gateway
+        .enter(|| {
+            (0..6)
+                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
+                .collect()
+        })
+        .unwrap();
+    // Requests keep succeeding while the spare starts: none is sent to it
+    // before it listens.
+    let mut answered = Vec::new();
+    wait_for(
+        &r,
+        "the spare active in the transfer table",
+        Duration::from_secs(15),
+        |r| {
+            answered.extend(http_names(r, VIP_V4.into(), 2));
+            let b = backend(r, "web", "be2");
+            b["spare"] == "active" && b["effective_ratio"] == 1
+        },
+    );
+    assert!(r
+        .fep
+        .log()
+        .contains("asking spare node 'be2' to start port 80"));
+    let after = http_names(&r, VIP_V4.into(), 10);
+    assert!(
+        after.iter().any(|n| n == "be2"),
+        "the started spare receives routes: {after:?}"
+    );
+    drop(held);
+}
+
+/// A report that would take be1's port 80 down if it were believed.
+fn harmful_report() -> AgentMsg {
+    AgentMsg::Report(Report {
+        cpu_percent: 0.0,
+        load_avg: [0.0; 3],
+        services: vec![ServiceLoad {
+            port: 80,
+            listening: false,
+            connections: 0,
+            rx_pps: 0.0,
+        }],
+    })
+}
+
+/// An agent connection from the client namespace, speaking the protocol by hand.
+struct RawAgent {
+    stream: TcpStream,
+    session: Session,
+}
+
+impl RawAgent {
+    fn connect(r: &fep_tests::Running, key: Key) -> RawAgent {
+        let mut stream = r
+            .lab
+            .client
+            .enter(|| TcpStream::connect("10.0.2.1:9441").unwrap())
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (hello, nonce) = protocol::hello();
+        stream.write_all(&hello).unwrap();
+        let mut peer = [0u8; protocol::HELLO_LEN];
+        stream.read_exact(&mut peer).unwrap();
+        let session = Session::new(key, nonce, protocol::parse_hello(&peer).unwrap());
+        RawAgent { stream, session }
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        let _ = self.stream.write_all(frame);
+    }
+
+    /// True once fep has closed the connection.
+    fn closed(&mut self) -> bool {
+        matches!(self.stream.read(&mut [0u8; 64]), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
+    if skip_without_root("forged_and_replayed_agent_messages_change_nothing") {
+        return;
+    }
+    let lab = fep_tools::lab::Lab::new("ffg", 1).unwrap();
+    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
+    let key_path = lab.agent_key(&agent).unwrap();
+    let key = Key::load(&key_path).unwrap();
+    let mut lab = lab;
+    lab.start_backend_servers(
+        &fep_tools::lab::workspace_bin("fep-testsrv").unwrap(),
+        &[80],
+        &[],
+    )
+    .unwrap();
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nnode_dead_after_ms = 60000\nhealth_check_interval_ms = 0\n",
+        key_path.display()
+    );
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
+    );
+    let fep = lab
+        .start_fep(
+            &fep_tools::lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, &services),
+        )
+        .unwrap();
+    let r = fep_tests::Running { lab, fep };
+
+    // Forged: the right protocol under the wrong key.
+    let wrong = Key::from_hex(&"ab".repeat(32)).unwrap();
+    let mut forger = RawAgent::connect(&r, wrong);
+    let f = forger
+        .session
+        .seal(&AgentMsg::Register { node: "be1".into() });
+    forger.send(&f);
+    let f = forger.session.seal(&harmful_report());
+    forger.send(&f);
+    assert!(forger.closed(), "fep hangs up on a forged frame");
+
+    // Replayed within a connection: a genuine frame sent twice.
+    let mut agent = RawAgent::connect(&r, key.clone());
+    let register = agent
+        .session
+        .seal(&AgentMsg::Register { node: "be1".into() });
+    agent.send(&register);
+    let report = agent.session.seal(&harmful_report());
+    let replayed = report.clone();
+    // Send a good (harmless) report first, then the recorded one again out of order.
+    let good = agent.session.seal(&AgentMsg::Report(Report {
+        cpu_percent: 1.0,
+        load_avg: [0.0; 3],
+        services: vec![ServiceLoad {
+            port: 80,
+            listening: true,
+            connections: 0,
+            rx_pps: 0.0,
+        }],
+    }));
+    agent.send(&good);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.send(&replayed);
+    assert!(agent.closed(), "fep hangs up on a replayed frame");
+
+    // Replayed into another connection: the recorded registration and report.
+    let mut replayer = RawAgent::connect(&r, wrong_key_never_used());
+    replayer.send(&register);
+    replayer.send(&report);
+    assert!(replayer.closed());
+
+    // Garbled: an oversized length.
+    let mut garbler = RawAgent::connect(&r, key);
+    garbler.send(&u32::MAX.to_be_bytes());
+    assert!(garbler.closed());
+
+    let status = fepctl_json(&r, &["status"]);
+    let rejects = &status["agent_rejects"];
+    assert!(rejects["bad_mac"].as_u64().unwrap_or(0) >= 2, "{rejects}");
+    assert!(rejects["replay"].as_u64().unwrap_or(0) >= 1, "{rejects}");
+    assert!(rejects["oversized"].as_u64().unwrap_or(0) >= 1, "{rejects}");
+    // Nothing changed: be1 is up, with its ratio, and serves.
+    assert_eq!(backend(&r, "web", "be1")["effective_ratio"], 1);
+    assert_eq!(node(&r, "be1")["state"], "up");
+    assert!(http_names(&r, VIP_V4.into(), 5).iter().all(|n| n == "be1"));
+}
+
+/// A key nobody holds: a replayer has only recorded frames.
+fn wrong_key_never_used() -> Key {
+    Key::from_hex(&Key::generate_hex()).unwrap()
+}
