@@ -17,7 +17,6 @@ mod load;
 mod sockdiag;
 
 use std::collections::HashSet;
-use std::io::IsTerminal;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,14 +49,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    fep_shared::init_logging();
     if let Some(path) = args.gen_key {
         return match write_key(&path) {
             Ok(()) => ExitCode::SUCCESS,

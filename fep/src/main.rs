@@ -1,6 +1,5 @@
 //! `fep --config PATH [--check]`: the front-end dispatcher daemon.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,14 +21,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    fep_shared::init_logging();
     let cfg = match FepConfig::load(&args.config) {
         Ok(cfg) => cfg,
         Err(e) => {

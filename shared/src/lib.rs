@@ -5,6 +5,20 @@ pub mod agent_config;
 pub mod config;
 pub mod protocol;
 
+/// Logs to stderr through `tracing`, at `info` unless `RUST_LOG` says
+/// otherwise, with colours only on a terminal.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
 pub use agent_config::{AgentConfig, AgentService};
 pub use config::{
     Affinity, BackendConfig, ConfigError, FepConfig, LoadMetric, NodeConfig, Protocol, Scheduler,

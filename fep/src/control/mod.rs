@@ -55,6 +55,11 @@ pub struct ControlPlane {
     pub(crate) prune_interval_ms: u64,
 }
 
+/// "a, b, c" for error messages that say what exists.
+fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}
+
 impl ControlPlane {
     /// Builds the model from the config and applies the runtime changes saved
     /// in `state_dir`.
@@ -226,12 +231,7 @@ impl ControlPlane {
     fn node_id(&self, m: &Model, name: &str) -> Result<NodeId, CommandError> {
         m.node_id(name).ok_or_else(|| CommandError::NoNode {
             name: name.into(),
-            known: m
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: list(m.nodes.iter().map(|n| n.name.as_str())),
         })
     }
 
@@ -248,12 +248,7 @@ impl ControlPlane {
                 .service_id(service)
                 .ok_or_else(|| CommandError::NoService {
                     name: service.into(),
-                    known: m
-                        .services
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    known: list(m.services.iter().map(|s| s.name.as_str())),
                 })?;
             let b = m
                 .backend_mut(sid, nid)

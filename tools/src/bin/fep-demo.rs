@@ -1,26 +1,30 @@
-//! `fep-demo`: the whole dispatcher on one machine, in a minute.
+//! `fep-demo`: the whole dispatcher on one machine, in well under a minute.
 //!
-//! Builds network namespaces (a client, a gateway, three back ends running a
-//! small HTTP server that answers its node name), starts the real `fep` on the
-//! gateway, sends real traffic through it, prints the live share of each node
-//! next to its configured ratio, and removes everything again. Needs root.
+//! Builds network namespaces (a client, a gateway, three back ends each
+//! running a small server that answers its node name, and `bep-agent`),
+//! starts the real `fep` on the gateway, sends real traffic through it and
+//! prints the live share of each node next to its ratio: first 2:1:1, then
+//! after a ratio change, then during a drain that waits for a live
+//! connection; then UDP stickiness. Removes everything again. Needs root.
 
-use std::io::Write;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use fep_tools::admin_client::call;
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::{http, netns};
+use serde_json::json;
 
 const TAG: &str = "fepdemo";
-const RATIOS: [u32; 3] = [2, 1, 1];
 
 #[derive(Parser)]
 struct Args {
-    /// HTTP requests to send, each on a new connection.
+    /// HTTP requests in the first phase, each on a new connection.
     #[arg(long, default_value_t = 400)]
     requests: usize,
 }
@@ -29,6 +33,10 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     }
     let fep = lab::workspace_bin("fep")?;
     let testsrv = lab::workspace_bin("fep-testsrv")?;
+    let agent = lab::workspace_bin("bep-agent")?;
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     remove_stale_labs();
@@ -49,44 +58,86 @@ fn main() -> anyhow::Result<()> {
         "== building the lab: client 10.0.1.2, gateway (fep), back ends be1-be3 at 10.0.2.11-13"
     );
     let mut lab = Lab::new(TAG, 3)?;
-    lab.start_backend_servers(&testsrv, &[80], &[5353])?;
-    let backends: Vec<String> = (0..3)
+    for i in 0..3 {
+        let mut args = lab::testsrv_args(i, &[80], &[5353]);
+        args.extend(["--echo".into(), "7000".into()]);
+        lab.start_backend_server(i, &testsrv, &args)?;
+    }
+    let key = lab.agent_key(&agent)?;
+    let ratios = [2, 1, 1];
+    let list: Vec<String> = (0..3)
         .map(|i| {
             format!(
                 "{{ node = \"{}\", ratio = {} }}",
                 lab::backend_name(i),
-                RATIOS[i]
+                ratios[i]
             )
         })
         .collect();
-    let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{0}]\n\n\
-         [[service]]\nname = \"dns\"\nvip = \"{VIP_V4}\"\nport = 5353\nprotocol = \"udp\"\nbackend = [{0}]\n",
-        backends.join(", ")
+    let service = |name: &str, port: u16, proto: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{VIP_V4}\"\nport = {port}\nprotocol = \"{proto}\"\nbackend = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let services = [
+        service("web", 80, "tcp"),
+        service("echo", 7000, "tcp"),
+        service("dns", 5353, "udp"),
+    ]
+    .join("\n");
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 500\n",
+        key.display()
     );
-    let config = lab.config(false, "", &services);
+    let config = lab.config(false, &top, &services);
     println!("== fep config:\n{}", indent(&config));
     let mut fep = lab.start_fep(&fep, &config)?;
+    for i in 0..3 {
+        lab.start_agent(i, &agent, &[80, 7000, 5353], 500, "")?;
+    }
+    let socket = lab.control_socket();
+    wait(Duration::from_secs(10), "agents to connect", || {
+        Ok(call(&socket, "GET", "/v1/nodes", None)?
+            .as_array()
+            .is_some_and(|n| n.iter().all(|n| n["agent_connected"] == true)))
+    })?;
+    println!("== fep is serving and the three agents report to it");
+
     println!(
-        "== fep is serving; {} HTTP requests to {VIP_V4}:80 from the client, each a new connection",
+        "\n== {} HTTP requests to {VIP_V4}:80, each a new connection",
         args.requests
     );
+    let counts = lab.client.enter(|| http_rounds(args.requests, &ratios))??;
+    println!(
+        "\n   final shares over {} connections:",
+        counts.iter().sum::<usize>()
+    );
+    print_shares(&counts, &ratios);
 
-    let counts = lab.client.enter(|| http_rounds(args.requests))??;
-    let total: usize = counts.iter().sum();
-    if total > 0 {
-        println!("\n== final shares over {total} connections (configured 2:1:1 → 50% / 25% / 25%)");
-        print_shares(&counts);
+    if !interrupted() {
+        println!("\n== `fepctl ratio web be1 1`: new connections now split 1:1:1");
+        call(
+            &socket,
+            "POST",
+            "/v1/ratio",
+            Some(json!({"service": "web", "node": "be1", "ratio": 1})),
+        )?;
+        lab.client.enter(|| http_rounds(300, &[1, 1, 1]))??;
     }
 
-    if !INTERRUPTED.load(Ordering::Relaxed) {
-        println!("\n== UDP {VIP_V4}:5353: one source port sticks to one node; new ports follow the ratios");
+    if !interrupted() {
+        drain_demo(&lab, &socket)?;
+    }
+
+    if !interrupted() {
+        println!("\n== UDP {VIP_V4}:5353: one source port sticks to one node; new ports follow the ratios 2:1:1");
         let (fixed, spread) = lab.client.enter(udp_demo)??;
         println!(
             "   20 datagrams from one port were answered by: {}",
             fixed.join(" ")
         );
-        print_shares(&spread);
+        print_shares(&spread, &ratios);
     }
 
     println!("\n== stopping fep (SIGTERM)");
@@ -101,23 +152,116 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("fep exited with {status}:\n{log}");
     }
-    let left = lab.gateway.ip_output(&["rule"])?;
+    let rules = lab.gateway.ip_output(&["rule"])?;
     println!(
         "   fep exited 0; TUN device gone: {}, policy rules gone: {}",
         lab.gateway.ip_output(&["link", "show", "fep0"]).is_err(),
-        !left.contains("lookup 100")
+        !rules.contains("lookup 100")
     );
     println!("== removing the lab");
     Ok(())
 }
 
+/// Holds a live connection, drains its node, shows that the connection keeps
+/// working and new connections avoid the node, closes it, and waits for the
+/// node to be drained.
+fn drain_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
+    let stream = lab.client.enter(|| TcpStream::connect((VIP_V4, 7000)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut conn = BufReader::new(stream);
+    let mut node = String::new();
+    conn.read_line(&mut node)?;
+    let node = node.trim().to_string();
+    println!(
+        "\n== a long-lived connection to {VIP_V4}:7000 landed on {node}; `fepctl drain {node}`"
+    );
+    call(socket, "POST", "/v1/drain", Some(json!({"node": node})))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    conn.get_mut().write_all(b"still here?\n")?;
+    let mut echo = String::new();
+    conn.read_line(&mut echo)?;
+    print_nodes(socket)?;
+    println!(
+        "   the connection still works (echoed {:?}); its route stays while it lives",
+        echo.trim()
+    );
+    let names = lab.client.enter(|| {
+        (0..30)
+            .map(|_| {
+                http::get(
+                    SocketAddr::new(VIP_V4.into(), 80),
+                    "/",
+                    Duration::from_secs(5),
+                )
+                .map(|r| r.body_text())
+            })
+            .collect::<anyhow::Result<Vec<String>>>()
+    })??;
+    println!(
+        "   30 new connections went to: {}",
+        ["be1", "be2", "be3"]
+            .iter()
+            .map(|n| format!("{n} {}", names.iter().filter(|x| x == n).count()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("   closing the connection …");
+    let mut stream = conn.into_inner();
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let _ = stream.read_to_end(&mut Vec::new());
+    let started = Instant::now();
+    wait(Duration::from_secs(15), "the drain to complete", || {
+        let nodes = call(socket, "GET", "/v1/nodes", None)?;
+        Ok(nodes.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|n| n["name"] == node.as_str() && n["state"] == "drained")
+        }))
+    })?;
+    println!(
+        "   {node} is drained {:.1} s after the close: safe to stop",
+        started.elapsed().as_secs_f64()
+    );
+    print_nodes(socket)?;
+    call(socket, "POST", "/v1/undrain", Some(json!({"node": node})))?;
+    Ok(())
+}
+
+fn print_nodes(socket: &Path) -> anyhow::Result<()> {
+    let nodes = call(socket, "GET", "/v1/nodes", None)?;
+    for n in nodes.as_array().into_iter().flatten() {
+        println!(
+            "     {:<4} {:<9} routes {:>3}",
+            n["name"].as_str().unwrap_or("?"),
+            n["state"].as_str().unwrap_or("?"),
+            n["routes"]
+        );
+    }
+    Ok(())
+}
+
+/// Polls `cond` every 100 ms for up to `limit`.
+fn wait(
+    limit: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond()? {
+        if Instant::now() > deadline || interrupted() {
+            bail!("gave up waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// Sends the requests in rounds of 100, printing the shares after each.
-fn http_rounds(requests: usize) -> anyhow::Result<[usize; 3]> {
+fn http_rounds(requests: usize, ratios: &[u32; 3]) -> anyhow::Result<[usize; 3]> {
     let addr = SocketAddr::new(VIP_V4.into(), 80);
     let mut counts = [0usize; 3];
     let started = Instant::now();
     let mut sent = 0;
-    while sent < requests && !INTERRUPTED.load(Ordering::Relaxed) {
+    while sent < requests && !interrupted() {
         let round = (requests - sent).min(100);
         for _ in 0..round {
             let resp =
@@ -133,7 +277,7 @@ fn http_rounds(requests: usize) -> anyhow::Result<[usize; 3]> {
             "\n   after {sent} connections ({:.0} conn/s):",
             sent as f64 / started.elapsed().as_secs_f64()
         );
-        print_shares(&counts);
+        print_shares(&counts, ratios);
     }
     Ok(counts)
 }
@@ -165,18 +309,18 @@ fn udp_demo() -> anyhow::Result<(Vec<String>, [usize; 3])> {
     Ok((fixed, spread))
 }
 
-fn print_shares(counts: &[usize; 3]) {
+fn print_shares(counts: &[usize; 3], ratios: &[u32; 3]) {
     let total: usize = counts.iter().sum::<usize>().max(1);
-    let ratio_sum: u32 = RATIOS.iter().sum();
+    let ratio_sum: u32 = ratios.iter().sum();
     for i in 0..3 {
         let share = 100.0 * counts[i] as f64 / total as f64;
-        let target = 100.0 * f64::from(RATIOS[i]) / f64::from(ratio_sum);
+        let target = 100.0 * f64::from(ratios[i]) / f64::from(ratio_sum);
         let bar = "█".repeat((share / 2.0).round() as usize);
         println!(
             "   {}  {bar:<50} {:>5} ({share:5.1}%)   ratio {} → {target:.1}%",
             lab::backend_name(i),
             counts[i],
-            RATIOS[i]
+            ratios[i]
         );
     }
     let _ = std::io::stdout().flush();
