@@ -10,6 +10,13 @@
 //! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
 //! | POST | `/v1/pin` | `{"node","state"?,"load"?,"ratio"?}` | pin values |
 //! | POST | `/v1/unpin` | `{"node"}` | release all pins |
+//! | POST | `/v1/node/add` | `{"name","address"}` | add a node |
+//! | POST | `/v1/node/remove` | `{"name","force"?}` | remove a node (refused unless drained, or forced) |
+//! | POST | `/v1/backend/add` | `{"service","node","ratio","port"?}` | add a node to a service |
+//! | POST | `/v1/backend/remove` | `{"service","node","force"?}` | remove it (live routes carry on unless forced) |
+//! | POST | `/v1/service/add` | a `[[service]]` table as JSON | add a service |
+//! | POST | `/v1/service/remove` | `{"name","force"?}` | remove a service (live routes carry on unless forced) |
+//! | POST | `/v1/reload` | | re-read the config file (as SIGHUP) |
 //!
 //! Errors answer 400/404 with `{"error": "..."}` naming what exists.
 
@@ -26,6 +33,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::control::model::{NodeState, Pin, Spare};
+use fep_shared::ServiceConfig;
+
 use crate::control::{CommandError, ControlPlane};
 use crate::counters::{DropReason, Totals, WorkerCounters};
 use crate::route_table::state;
@@ -88,6 +97,16 @@ pub async fn serve(admin: Admin, path: &Path) -> anyhow::Result<()> {
                 },
             ),
         )
+        .route("/v1/node/add", post(node_add))
+        .route("/v1/node/remove", post(node_remove))
+        .route("/v1/backend/add", post(backend_add))
+        .route("/v1/backend/remove", post(backend_remove))
+        .route("/v1/service/add", post(service_add))
+        .route("/v1/service/remove", post(service_remove))
+        .route(
+            "/v1/reload",
+            post(|State(a): State<Admin>| async move { reply(a.cp.reload()) }),
+        )
         .with_state(admin);
     axum::serve(listener, app).await.context("admin API")
 }
@@ -115,13 +134,68 @@ fn reply(result: Result<(), CommandError>) -> Response {
     match result {
         Ok(()) => Json(serde_json::json!({"ok": true})).into_response(),
         Err(e) => {
-            let code = match e {
-                CommandError::BadRatio(_) => StatusCode::BAD_REQUEST,
-                _ => StatusCode::NOT_FOUND,
+            let code = if e.is_bad_request() {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::NOT_FOUND
             };
             (code, Json(serde_json::json!({"error": e.to_string()}))).into_response()
         }
     }
+}
+
+#[derive(Deserialize)]
+struct NodeAddArg {
+    name: String,
+    address: std::net::IpAddr,
+}
+
+#[derive(Deserialize)]
+struct RemoveArg {
+    name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+struct BackendAddArg {
+    service: String,
+    node: String,
+    ratio: u32,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct BackendRemoveArg {
+    service: String,
+    node: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn node_add(State(a): State<Admin>, Json(n): Json<NodeAddArg>) -> Response {
+    reply(a.cp.node_add(&n.name, n.address))
+}
+
+async fn node_remove(State(a): State<Admin>, Json(n): Json<RemoveArg>) -> Response {
+    reply(a.cp.node_remove(&n.name, n.force))
+}
+
+async fn backend_add(State(a): State<Admin>, Json(b): Json<BackendAddArg>) -> Response {
+    reply(a.cp.backend_add(&b.service, &b.node, b.ratio, b.port))
+}
+
+async fn backend_remove(State(a): State<Admin>, Json(b): Json<BackendRemoveArg>) -> Response {
+    reply(a.cp.backend_remove(&b.service, &b.node, b.force))
+}
+
+async fn service_add(State(a): State<Admin>, Json(s): Json<ServiceConfig>) -> Response {
+    reply(a.cp.service_add(s))
+}
+
+async fn service_remove(State(a): State<Admin>, Json(s): Json<RemoveArg>) -> Response {
+    reply(a.cp.service_remove(&s.name, s.force))
 }
 
 async fn ratio(State(a): State<Admin>, Json(r): Json<RatioArg>) -> Response {
@@ -192,6 +266,7 @@ pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
     m.services
         .iter()
         .enumerate()
+        .filter(|(_, s)| !s.removed)
         .map(|(sid, s)| {
             let svc = &table.services()[sid];
             let mine: Vec<_> = m
@@ -199,8 +274,8 @@ pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
                 .iter()
                 .filter(|b| usize::from(b.service) == sid)
                 .collect();
-            let routes: u32 = svc.backends.iter().map(|b| b.routes()).sum();
-            let ratio_sum: u32 = svc.backends.iter().map(|b| b.ratio()).sum();
+            let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
+            let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
             ServiceView {
                 name: s.name.clone(),
                 vip: ip_from_addr(&svc.vip).to_string(),
@@ -241,6 +316,7 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
     m.nodes
         .iter()
         .enumerate()
+        .filter(|(_, n)| !n.removed)
         .map(|(id, n)| {
             let services: Vec<NodeServiceView> = m
                 .backends

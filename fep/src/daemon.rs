@@ -2,6 +2,7 @@
 //! loop (signals, route expiry, periodic counters in the log).
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use fep_shared::protocol::Key;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
+use crate::control::state::StateFile;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
 use crate::dispatcher::{Dispatcher, ExpireStats};
@@ -26,8 +28,12 @@ const TICK_EVERY: Duration = Duration::from_millis(200);
 /// How often the counters are logged while traffic flows.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Serves `cfg` until SIGINT or SIGTERM, then removes everything it set up.
-pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
+/// Serves the config file at `config_path` (already loaded as `file`),
+/// with the runtime changes saved in its state directory, until SIGINT or
+/// SIGTERM; then removes everything it set up.
+pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
+    let saved = StateFile::new(&file.state_dir).load();
+    let cfg = saved.live_config(&file);
     let agent_key = match &cfg.agent_key_file {
         Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
         None => None,
@@ -40,7 +46,8 @@ pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
             cfg.tun, cfg.workers
         )
     })?;
-    let mut net = NetSetup::apply(&cfg)?;
+    let mut net = NetSetup::new(&cfg.tun, cfg.policy_table);
+    net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
     let workers =
         Workers::spawn(queues, dispatcher.clone(), clock).context("cannot start worker threads")?;
@@ -56,7 +63,15 @@ pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
         .build()
         .context("cannot start the control-plane runtime")?;
     let result = rt.block_on(async {
-        let cp = Arc::new(ControlPlane::new(&cfg, dispatcher.clone(), clock));
+        let cp = Arc::new(ControlPlane::new(
+            config_path,
+            file,
+            cfg.clone(),
+            &saved,
+            dispatcher.clone(),
+            net,
+            clock,
+        ));
         let mut tasks = JoinSet::new();
         if let (Some(listen), Some(key)) = (cfg.agent_listen, agent_key) {
             tasks.spawn(agents::serve(cp.clone(), listen, key));
@@ -74,10 +89,10 @@ pub fn run(cfg: FepConfig) -> anyhow::Result<()> {
         tasks.spawn(async move { admin::serve(admin, &socket).await });
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
+        cp.teardown_network();
         result
     });
 
-    net.teardown();
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
     workers.stop();
     tracing::info!(
@@ -114,7 +129,12 @@ async fn control_loop(
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
-            _ = sighup.recv() => tracing::warn!("SIGHUP: this version cannot reload its config; restart fep to apply changes"),
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading the config file");
+                if let Err(e) = cp.reload() {
+                    tracing::error!("{e}");
+                }
+            }
             Some(done) = tasks.join_next() => {
                 break match done {
                     Ok(Err(e)) => Err(e),

@@ -5,6 +5,10 @@
 //! back. Time is passed in (milliseconds of a clock the caller owns), so unit
 //! tests replay ageing and closes without sleeping.
 
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry;
 
 use fep_shared::{Affinity, FepConfig};
@@ -37,10 +41,12 @@ pub struct ExpireStats {
 
 #[derive(Debug)]
 pub struct Dispatcher {
-    table: TransferTable,
+    /// Swapped whole when the config changes; a worker loads it once per
+    /// packet without a lock.
+    table: ArcSwap<TransferTable>,
     routes: RouteTable,
-    idle_timeout_ms: u32,
-    max_routes: usize,
+    idle_timeout_ms: AtomicU32,
+    max_routes: AtomicUsize,
 }
 
 impl std::ops::AddAssign for ExpireStats {
@@ -62,16 +68,35 @@ impl From<ParseError> for DropReason {
 
 impl Dispatcher {
     pub fn new(cfg: &FepConfig) -> Self {
-        Dispatcher {
-            table: TransferTable::from_config(cfg),
+        let d = Dispatcher {
+            table: ArcSwap::from_pointee(TransferTable::from_config(cfg)),
             routes: RouteTable::default(),
-            idle_timeout_ms: (cfg.route_idle_timeout_s * 1000) as u32,
-            max_routes: cfg.max_routes,
-        }
+            idle_timeout_ms: AtomicU32::new(0),
+            max_routes: AtomicUsize::new(0),
+        };
+        d.set_limits(cfg);
+        d
     }
 
-    pub fn table(&self) -> &TransferTable {
-        &self.table
+    /// The current transfer table.
+    pub fn table(&self) -> Arc<TransferTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a new transfer table (built with [`TransferTable::build`]
+    /// from the current one, so that route slots keep their meaning).
+    pub fn set_table(&self, table: TransferTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    /// Applies `route_idle_timeout_s` and `max_routes`.
+    pub fn set_limits(&self, cfg: &FepConfig) {
+        let idle = cfg
+            .route_idle_timeout_s
+            .saturating_mul(1000)
+            .min(u64::from(u32::MAX / 2));
+        self.idle_timeout_ms.store(idle as u32, Ordering::Relaxed);
+        self.max_routes.store(cfg.max_routes, Ordering::Relaxed);
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -84,9 +109,10 @@ impl Dispatcher {
         let verdict = match FlowPacket::new_checked(buf) {
             Ok(mut pkt) => {
                 let dst = pkt.dst_addr();
-                match self.table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
+                let table = self.table.load();
+                match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
                     Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, counters),
-                    None => self.to_client(&mut pkt, now, counters),
+                    None => self.to_client(&table, &mut pkt, now, counters),
                 }
             }
             Err(e) => Verdict::Drop(e.into()),
@@ -137,7 +163,13 @@ impl Dispatcher {
     }
 
     /// Reverse direction: back end → client becomes VIP → client.
-    fn to_client(&self, pkt: &mut FlowPacket, now: u32, counters: &WorkerCounters) -> Verdict {
+    fn to_client(
+        &self,
+        table: &TransferTable,
+        pkt: &mut FlowPacket,
+        now: u32,
+        counters: &WorkerCounters,
+    ) -> Verdict {
         let reply = ReplyKey {
             protocol: pkt.protocol(),
             backend_port: pkt.src_port(),
@@ -159,7 +191,7 @@ impl Dispatcher {
             // Removed between the two lookups.
             return Verdict::Drop(DropReason::UnknownFlow);
         }
-        let svc = self.table.service(key.service);
+        let svc = table.service(key.service);
         pkt.set_source(&svc.vip, svc.port);
         bump(&counters.to_client_packets, 1);
         bump(&counters.to_client_bytes, pkt.len() as u64);
@@ -178,7 +210,7 @@ impl Dispatcher {
         if svc.is_tcp() && !is_bare_syn(flags) {
             return Err(DropReason::NoRoute);
         }
-        if !self.routes.reserve(self.max_routes) {
+        if !self.routes.reserve(self.max_routes.load(Ordering::Relaxed)) {
             return Err(DropReason::TableFull);
         }
         match self.routes.forward.entry(key) {
@@ -227,13 +259,15 @@ impl Dispatcher {
     /// Runs on the control plane; collects under read locks, then removes one
     /// route at a time so that workers are never blocked for long.
     pub fn expire(&self, now: u32) -> ExpireStats {
+        let table = self.table.load();
         let mut stats = ExpireStats {
-            expired: self.remove_routes(|k, r| self.is_expired(k, r, now)),
+            expired: self.remove_routes(|k, r| self.is_expired(&table, k, r, now)),
             evicted: 0,
         };
-        let high = self.max_routes - self.max_routes / 20;
+        let max_routes = self.max_routes.load(Ordering::Relaxed);
+        let high = max_routes - max_routes / 20;
         if self.routes.len() > high {
-            let target = self.max_routes - self.max_routes / 10;
+            let target = max_routes - max_routes / 10;
             let mut by_idle: Vec<(u32, FlowKey)> = self
                 .routes
                 .forward
@@ -253,10 +287,10 @@ impl Dispatcher {
         stats
     }
 
-    fn is_expired(&self, key: &FlowKey, route: &Route, now: u32) -> bool {
+    fn is_expired(&self, table: &TransferTable, key: &FlowKey, route: &Route, now: u32) -> bool {
         let idle = route.idle_ms(now);
-        idle >= self.idle_timeout_ms
-            || (self.table.service(key.service).is_tcp()
+        idle >= self.idle_timeout_ms.load(Ordering::Relaxed)
+            || (table.service(key.service).is_tcp()
                 && state::is_closed(route.state())
                 && idle >= CLOSED_LINGER_MS)
     }
@@ -283,7 +317,8 @@ impl Dispatcher {
             return false;
         };
         self.routes.release();
-        let svc = self.table.service(key.service);
+        let table = self.table.load();
+        let svc = table.service(key.service);
         let be = &svc.backends[usize::from(route.backend)];
         be.route_removed();
         self.routes
@@ -446,9 +481,8 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
                         panic!()
                     };
                     let dst = IpAddr::V4(ip.header().destination_addr());
-                    let node = self
-                        .d
-                        .table()
+                    let table = self.d.table();
+                    let node = table
                         .services()
                         .iter()
                         .flat_map(|s| &s.backends)

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         print!("{}", fep::daemon::describe(&cfg));
         return ExitCode::SUCCESS;
     }
-    match fep::daemon::run(cfg) {
+    match fep::daemon::run(&args.config, cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -7,16 +7,18 @@
 //!   (`from ADDR ipproto P sport PORT`) sends back ends' replies to
 //!   `policy_table`, whose default route is the TUN device.
 //!
-//! Uses the `ip` command of iproute2: a handful of calls at start and stop,
-//! each with a message naming what failed. Everything applied is recorded and
-//! removed in reverse order; rules a killed fep left behind are removed at
-//! start.
+//! [`NetSetup::reconcile`] brings the host to what a transfer table needs —
+//! adding and removing VIP routes and rules as services and back ends come
+//! and go — and keeps them for removed ones while they still carry routes.
+//! Uses the `ip` command of iproute2: each call reported with the exact
+//! command on failure. Rules a killed fep left behind are removed at start.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::process::Command;
 
-use fep_shared::FepConfig;
+use crate::transfer_table::TransferTable;
+use crate::wire::ip_from_addr;
 
 /// Priority of fep's policy rules: after `local` (0), before `main` (32766).
 pub const RULE_PRIORITY: u32 = 1000;
@@ -65,111 +67,145 @@ impl Family {
     }
 }
 
-#[derive(Debug)]
-enum Undo {
-    /// `ip <args>` that reverses a step.
-    Ip(Vec<String>),
-    /// A sysctl to put back to its old value.
-    Sysctl { path: String, old: String },
-}
+/// A back end's (address, protocol, port): one return-path rule.
+type Endpoint = (IpAddr, &'static str, u16);
 
-/// What fep changed on the host; [`NetSetup::teardown`] reverts it.
-#[derive(Debug, Default)]
+/// What fep changed on the host.
+#[derive(Debug)]
 pub struct NetSetup {
-    undo: Vec<Undo>,
+    tun: String,
+    table: String,
+    families: BTreeSet<Family>,
+    vips: BTreeSet<IpAddr>,
+    rules: BTreeSet<Endpoint>,
+    /// Sysctls to put back, in the order they were changed.
+    sysctls: Vec<(String, String)>,
 }
 
 impl NetSetup {
-    /// Applies the set-up for `cfg` around the existing TUN device. On error
-    /// everything applied so far is reverted.
-    pub fn apply(cfg: &FepConfig) -> Result<Self, NetError> {
-        let mut setup = NetSetup::default();
-        match setup.apply_steps(cfg) {
-            Ok(()) => Ok(setup),
-            Err(e) => {
-                setup.teardown();
-                Err(e)
-            }
+    /// Set-up around the TUN device `tun`; removes rules to `policy_table`
+    /// that an fep killed without its clean-up left behind.
+    pub fn new(tun: &str, policy_table: u32) -> Self {
+        let table = policy_table.to_string();
+        for fam in [Family::V4, Family::V6] {
+            remove_stale(fam, &table);
+        }
+        NetSetup {
+            tun: tun.to_string(),
+            table,
+            families: BTreeSet::new(),
+            vips: BTreeSet::new(),
+            rules: BTreeSet::new(),
+            sysctls: Vec::new(),
         }
     }
 
-    fn apply_steps(&mut self, cfg: &FepConfig) -> Result<(), NetError> {
-        let table = cfg.policy_table.to_string();
-        let families: BTreeSet<Family> = cfg.services.iter().map(|s| Family::of(s.vip)).collect();
-        for &fam in &families {
-            remove_stale(fam, &table);
+    /// Brings VIP routes and return-path rules to what `table` needs:
+    /// every configured service and back end, and removed ones that still
+    /// carry routes. Does nothing when nothing changed.
+    pub fn reconcile(&mut self, table: &TransferTable) -> Result<(), NetError> {
+        let mut vips = BTreeSet::new();
+        let mut rules = BTreeSet::new();
+        for svc in table.services() {
+            let carrying = |routes: u32| routes > 0;
+            let backends: Vec<_> = svc
+                .backends
+                .iter()
+                .filter(|b| (!b.removed && !svc.removed) || carrying(b.routes()))
+                .collect();
+            if svc.removed && backends.is_empty() {
+                continue;
+            }
+            vips.insert(ip_from_addr(&svc.vip));
+            let proto = if svc.is_tcp() { "tcp" } else { "udp" };
+            rules.extend(
+                backends
+                    .iter()
+                    .map(|b| (ip_from_addr(&b.addr), proto, b.port)),
+            );
         }
-        if families.contains(&Family::V4) {
-            self.sysctl("net/ipv4/ip_forward", "1")?;
-            self.sysctl(&format!("net/ipv4/conf/{}/rp_filter", cfg.tun), "2")?;
+        for fam in vips.iter().map(|v| Family::of(*v)).collect::<BTreeSet<_>>() {
+            if !self.families.contains(&fam) {
+                self.enable(fam)?;
+            }
         }
-        if families.contains(&Family::V6) {
-            self.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        for vip in vips.difference(&self.vips.clone()) {
+            self.vip(*vip, "replace")?;
+            self.vips.insert(*vip);
         }
-        let vips: BTreeSet<IpAddr> = cfg.services.iter().map(|s| s.vip).collect();
-        for vip in vips {
-            let fam = Family::of(vip);
-            let dst = format!("{vip}/{}", fam.host_prefix());
-            self.ip(
-                fam,
-                &["route", "replace", &dst, "dev", &cfg.tun],
-                &["route", "del", &dst, "dev", &cfg.tun],
-            )?;
+        for rule in rules.difference(&self.rules.clone()) {
+            self.rule(*rule, "add")?;
+            self.rules.insert(*rule);
         }
-        for &fam in &families {
-            self.ip(
-                fam,
-                &[
-                    "route", "replace", "default", "dev", &cfg.tun, "table", &table,
-                ],
-                &["route", "flush", "table", &table],
-            )?;
+        for rule in self.rules.difference(&rules).copied().collect::<Vec<_>>() {
+            self.rule(rule, "del")?;
+            self.rules.remove(&rule);
         }
-        let endpoints: BTreeSet<(IpAddr, &str, u16)> = cfg
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.all_backends().map(move |(b, _)| {
-                    let node = cfg
-                        .node(&b.node)
-                        .expect("validated config names only defined nodes");
-                    (node.address, s.protocol.as_str(), s.backend_port(b))
-                })
-            })
-            .collect();
-        let prio = RULE_PRIORITY.to_string();
-        for (addr, proto, port) in endpoints {
-            let (addr, port) = (addr.to_string(), port.to_string());
-            let selector = [
-                "priority", &prio, "from", &addr, "ipproto", proto, "sport", &port, "lookup",
-                &table,
-            ];
-            let mut add = vec!["rule", "add"];
-            add.extend(selector);
-            let mut del = vec!["rule", "del"];
-            del.extend(selector);
-            self.ip(
-                Family::of(addr.parse().expect("formatted from an IpAddr")),
-                &add,
-                &del,
-            )?;
+        for vip in self.vips.difference(&vips).copied().collect::<Vec<_>>() {
+            self.vip(vip, "del")?;
+            self.vips.remove(&vip);
         }
+        Ok(())
+    }
+
+    /// Forwarding, reverse-path filtering and the return-path table for one
+    /// IP family.
+    fn enable(&mut self, fam: Family) -> Result<(), NetError> {
+        match fam {
+            Family::V4 => {
+                self.sysctl("net/ipv4/ip_forward", "1")?;
+                self.sysctl(&format!("net/ipv4/conf/{}/rp_filter", self.tun), "2")?;
+            }
+            Family::V6 => self.sysctl("net/ipv6/conf/all/forwarding", "1")?,
+        }
+        run_ip(&[
+            fam.flag(),
+            "route",
+            "replace",
+            "default",
+            "dev",
+            &self.tun,
+            "table",
+            &self.table,
+        ])?;
+        self.families.insert(fam);
         tracing::info!(
-            "network set-up done: forwarding on, VIP routes into {}, return-path rules to table {}",
-            cfg.tun,
-            cfg.policy_table
+            "{} forwarding on; replies from back ends return through {} via table {}",
+            if fam == Family::V4 { "IPv4" } else { "IPv6" },
+            self.tun,
+            self.table
         );
         Ok(())
     }
 
-    fn ip(&mut self, fam: Family, args: &[&str], undo: &[&str]) -> Result<(), NetError> {
-        let mut full = vec![fam.flag()];
-        full.extend_from_slice(args);
-        run_ip(&full)?;
-        let mut u: Vec<String> = vec![fam.flag().to_string()];
-        u.extend(undo.iter().map(|s| s.to_string()));
-        self.undo.push(Undo::Ip(u));
-        Ok(())
+    fn vip(&self, vip: IpAddr, op: &str) -> Result<(), NetError> {
+        let fam = Family::of(vip);
+        let dst = format!("{vip}/{}", fam.host_prefix());
+        run_ip(&[fam.flag(), "route", op, &dst, "dev", &self.tun])
+    }
+
+    fn rule(&self, (addr, proto, port): Endpoint, op: &str) -> Result<(), NetError> {
+        let (prio, addr, port) = (
+            RULE_PRIORITY.to_string(),
+            addr.to_string(),
+            port.to_string(),
+        );
+        let fam = Family::of(addr.parse().expect("formatted from an IpAddr"));
+        run_ip(&[
+            fam.flag(),
+            "rule",
+            op,
+            "priority",
+            &prio,
+            "from",
+            &addr,
+            "ipproto",
+            proto,
+            "sport",
+            &port,
+            "lookup",
+            &self.table,
+        ])
     }
 
     fn sysctl(&mut self, path: &str, value: &str) -> Result<(), NetError> {
@@ -184,26 +220,37 @@ impl NetSetup {
             .to_string();
         if old != value {
             std::fs::write(&full, value).map_err(err)?;
-            self.undo.push(Undo::Sysctl { path: full, old });
+            self.sysctls.push((full, old));
         }
         Ok(())
     }
 
-    /// Reverts every step, newest first; failures are logged, not fatal.
+    /// Removes every rule, route and sysctl change, newest first; failures
+    /// are logged, not fatal.
     pub fn teardown(&mut self) {
-        while let Some(step) = self.undo.pop() {
-            match step {
-                Undo::Ip(args) => {
-                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                    if let Err(e) = run_ip(&args) {
-                        tracing::warn!("clean-up: {e}");
-                    }
-                }
-                Undo::Sysctl { path, old } => {
-                    if let Err(e) = std::fs::write(&path, &old) {
-                        tracing::warn!("clean-up: cannot restore {path} to {old}: {e}");
-                    }
-                }
+        let warn = |r: Result<(), NetError>| {
+            if let Err(e) = r {
+                tracing::warn!("clean-up: {e}");
+            }
+        };
+        for rule in std::mem::take(&mut self.rules) {
+            warn(self.rule(rule, "del"));
+        }
+        for vip in std::mem::take(&mut self.vips) {
+            warn(self.vip(vip, "del"));
+        }
+        for fam in std::mem::take(&mut self.families) {
+            warn(run_ip(&[
+                fam.flag(),
+                "route",
+                "flush",
+                "table",
+                &self.table,
+            ]));
+        }
+        while let Some((path, old)) = self.sysctls.pop() {
+            if let Err(e) = std::fs::write(&path, &old) {
+                tracing::warn!("clean-up: cannot restore {path} to {old}: {e}");
             }
         }
     }

@@ -6,30 +6,24 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fep_shared::{Affinity, FepConfig, Scheduler};
 
 use crate::chooser::Chooser;
 use crate::wire::{addr_from_ip, Addr};
 
-/// Index of a service in the transfer table; part of every route key.
+/// Slot of a service (see [`TransferTable`]); part of every route key.
 pub type ServiceId = u16;
-/// Index of a back end within its service.
+/// Slot of a back end within its service.
 pub type BackendId = u16;
-/// Index of a node in the config's `[[node]]` list.
+/// Slot of a node (see [`TransferTable`]).
 pub type NodeId = u16;
 
-/// One back end of a service: a node (or a spare node, which starts with
-/// ratio 0 and joins when the control plane has started it).
-#[derive(Debug)]
-pub struct Backend {
-    pub node: String,
-    pub node_id: NodeId,
-    pub addr: Addr,
-    /// Port the back end serves the service on.
-    pub port: u16,
-    /// Configured as a spare (scale-out) rather than a back end.
-    pub spare: bool,
+/// A back end's counters and effective ratio, shared by every version of
+/// the table so that rebuilding it (a node added, a reload) loses nothing.
+#[derive(Debug, Default)]
+pub struct BackendShared {
     /// The effective ratio the chooser uses; the control plane derives it
     /// from the configured ratio, the node's state, pins and load.
     ratio: AtomicU32,
@@ -39,34 +33,56 @@ pub struct Backend {
     routes: AtomicU32,
 }
 
+/// One back end of a service: a node (or a spare node, which starts with
+/// ratio 0 and joins when the control plane has started it).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub node: String,
+    pub node_id: NodeId,
+    pub addr: Addr,
+    /// Port the back end serves the service on.
+    pub port: u16,
+    /// Configured as a spare (scale-out) rather than a back end.
+    pub spare: bool,
+    /// No longer configured: never chosen, kept so that the slot (which
+    /// routes refer to) is never given to another back end.
+    pub removed: bool,
+    shared: Arc<BackendShared>,
+}
+
 impl Backend {
     /// The effective ratio.
     pub fn ratio(&self) -> u32 {
-        self.ratio.load(Ordering::Relaxed)
+        self.shared.ratio.load(Ordering::Relaxed)
     }
 
     pub fn set_ratio(&self, ratio: u32) {
-        self.ratio.store(ratio, Ordering::Relaxed);
+        self.shared.ratio.store(ratio, Ordering::Relaxed);
     }
 
     pub fn load(&self) -> f64 {
-        f64::from_bits(self.load.load(Ordering::Relaxed))
+        f64::from_bits(self.shared.load.load(Ordering::Relaxed))
     }
 
     pub fn set_load(&self, load: f64) {
-        self.load.store(load.to_bits(), Ordering::Relaxed);
+        self.shared.load.store(load.to_bits(), Ordering::Relaxed);
     }
 
     pub fn routes(&self) -> u32 {
-        self.routes.load(Ordering::Relaxed)
+        self.shared.routes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn route_added(&self) {
-        self.routes.fetch_add(1, Ordering::Relaxed);
+        self.shared.routes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn route_removed(&self) {
-        self.routes.fetch_sub(1, Ordering::Relaxed);
+        self.shared.routes.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Same node, address and port: routes to one are routes to the other.
+    fn same_endpoint(&self, other: &Backend) -> bool {
+        self.node == other.node && self.addr == other.addr && self.port == other.port
     }
 }
 
@@ -79,6 +95,9 @@ pub struct Service {
     /// IP protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
     pub affinity: Affinity,
+    /// No longer configured (its slot is never reused).
+    pub removed: bool,
+    /// Indexed by [`BackendId`]; removed back ends stay as tombstones.
     pub backends: Vec<Backend>,
     chooser: Chooser,
 }
@@ -93,58 +112,155 @@ impl Service {
     pub fn is_tcp(&self) -> bool {
         self.protocol == crate::wire::TCP
     }
+
+    /// The configured back ends (not the tombstones).
+    pub fn live_backends(&self) -> impl Iterator<Item = (BackendId, &Backend)> {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !b.removed)
+            .map(|(i, b)| (i as BackendId, b))
+    }
+
+    fn same_endpoint(&self, vip: Addr, port: u16, protocol: u8) -> bool {
+        self.vip == vip && self.port == port && self.protocol == protocol
+    }
 }
 
 /// All services, looked up by (protocol, VIP, port).
+///
+/// Services, back ends and nodes sit in slots that keep their index for the
+/// life of the process (routes store the indices): [`TransferTable::build`]
+/// gives a changed config a new table in which whatever is unchanged keeps
+/// its slot and its counters, new things get new slots, and removed ones stay
+/// as tombstones that are never chosen.
 #[derive(Debug)]
 pub struct TransferTable {
     services: Vec<Service>,
     by_endpoint: HashMap<(u8, Addr, u16), ServiceId, ahash::RandomState>,
+    /// Node names by [`NodeId`].
+    nodes: Vec<String>,
 }
 
 impl TransferTable {
     /// Builds the table from a validated config.
     pub fn from_config(cfg: &FepConfig) -> Self {
-        let mut services = Vec::with_capacity(cfg.services.len());
+        Self::build(cfg, None)
+    }
+
+    /// Builds the table for `cfg`, keeping the slots of `previous`.
+    pub fn build(cfg: &FepConfig, previous: Option<&TransferTable>) -> Self {
+        let mut nodes: Vec<String> = previous.map(|p| p.nodes.clone()).unwrap_or_default();
+        for n in &cfg.nodes {
+            if !nodes.contains(&n.name) {
+                nodes.push(n.name.clone());
+            }
+        }
+        let node_id = |name: &str| {
+            nodes
+                .iter()
+                .position(|n| n == name)
+                .expect("every node has a slot") as NodeId
+        };
+        let previous: &[Service] = previous.map_or(&[], |p| &p.services);
+
+        // Each configured service takes the slot of the same service (name
+        // and endpoint) or a new one; the others become tombstones.
+        let mut services: Vec<Service> = previous.iter().map(tombstone).collect();
         let mut by_endpoint = HashMap::default();
-        for (id, s) in cfg.services.iter().enumerate() {
-            let backends: Vec<Backend> = s
-                .all_backends()
-                .map(|(b, spare)| {
-                    let node_id = cfg
-                        .nodes
-                        .iter()
-                        .position(|n| n.name == b.node)
-                        .expect("validated config names only defined nodes");
-                    let node = &cfg.nodes[node_id];
-                    Backend {
-                        node: node.name.clone(),
-                        node_id: node_id as NodeId,
-                        addr: addr_from_ip(node.address),
-                        port: s.backend_port(b),
-                        spare,
-                        ratio: AtomicU32::new(if spare { 0 } else { b.ratio }),
-                        load: AtomicU64::new(0f64.to_bits()),
-                        routes: AtomicU32::new(0),
-                    }
+        for s in &cfg.services {
+            let vip = addr_from_ip(s.vip);
+            let protocol = s.protocol.ip_number();
+            let slot = previous
+                .iter()
+                .position(|p| {
+                    !p.removed && p.name == s.name && p.same_endpoint(vip, s.port, protocol)
+                })
+                .unwrap_or_else(|| {
+                    services.push(tombstone_of(&s.name, vip, s.port, protocol));
+                    services.len() - 1
+                });
+            let mut backends: Vec<Backend> = services[slot]
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    removed: true,
+                    ..b.clone()
                 })
                 .collect();
-            let vip = addr_from_ip(s.vip);
-            by_endpoint.insert((s.protocol.ip_number(), vip, s.port), id as ServiceId);
-            services.push(Service {
+            for (b, spare) in s.all_backends() {
+                let node = cfg
+                    .node(&b.node)
+                    .expect("validated config names only defined nodes");
+                let candidate = Backend {
+                    node: node.name.clone(),
+                    node_id: node_id(&node.name),
+                    addr: addr_from_ip(node.address),
+                    port: s.backend_port(b),
+                    spare,
+                    removed: false,
+                    shared: Arc::new(BackendShared::default()),
+                };
+                // Until the control plane publishes the effective ratio.
+                candidate.set_ratio(if spare { 0 } else { b.ratio });
+                match backends
+                    .iter_mut()
+                    .find(|old| old.same_endpoint(&candidate))
+                {
+                    Some(old) => {
+                        old.removed = false;
+                        old.spare = spare;
+                        old.node_id = candidate.node_id;
+                    }
+                    None => backends.push(candidate),
+                }
+            }
+            for b in backends.iter().filter(|b| b.removed) {
+                b.set_ratio(0);
+            }
+            by_endpoint.insert((protocol, vip, s.port), slot as ServiceId);
+            services[slot] = Service {
                 name: s.name.clone(),
                 vip,
                 port: s.port,
-                protocol: s.protocol.ip_number(),
+                protocol,
                 affinity: s.affinity,
+                removed: false,
                 chooser: Chooser::new(s.scheduler, backends.len()),
                 backends,
-            });
+            };
+        }
+        for svc in services.iter().filter(|s| s.removed) {
+            for b in &svc.backends {
+                b.set_ratio(0);
+            }
         }
         TransferTable {
             services,
             by_endpoint,
+            nodes,
         }
+    }
+
+    /// Node names by slot (removed nodes included).
+    pub fn node_names(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// The slot of a node, if it ever had one.
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as NodeId)
+    }
+
+    /// The slot of a configured service.
+    pub fn service_id(&self, name: &str) -> Option<ServiceId> {
+        self.services
+            .iter()
+            .position(|s| !s.removed && s.name == name)
+            .map(|i| i as ServiceId)
     }
 
     /// The service a client packet to (`dst`, `port`) over `protocol` is for.
@@ -164,5 +280,132 @@ impl TransferTable {
     /// The scheduler a service was configured with.
     pub fn scheduler(&self, id: ServiceId) -> Scheduler {
         self.service(id).chooser.scheduler()
+    }
+}
+
+/// A removed service: same slot, no back end chosen, not looked up.
+fn tombstone(s: &Service) -> Service {
+    Service {
+        name: s.name.clone(),
+        vip: s.vip,
+        port: s.port,
+        protocol: s.protocol,
+        affinity: s.affinity,
+        removed: true,
+        backends: s
+            .backends
+            .iter()
+            .map(|b| Backend {
+                removed: true,
+                ..b.clone()
+            })
+            .collect(),
+        chooser: Chooser::new(Scheduler::Ratio, 0),
+    }
+}
+
+/// The placeholder a new service slot starts as.
+fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
+    Service {
+        name: name.to_string(),
+        vip,
+        port,
+        protocol,
+        affinity: Affinity::Port,
+        removed: true,
+        backends: Vec::new(),
+        chooser: Chooser::new(Scheduler::Ratio, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+[[node]]
+name = "be1"
+address = "10.0.2.11"
+[[node]]
+name = "be2"
+address = "10.0.2.12"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 2 }]
+[[service]]
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+backend = [{ node = "be1", ratio = 1 }]
+"#;
+
+    fn names(svc: &Service) -> Vec<(&str, bool)> {
+        svc.backends
+            .iter()
+            .map(|b| (b.node.as_str(), b.removed))
+            .collect()
+    }
+
+    #[test]
+    fn a_rebuild_keeps_slots_and_counters_and_leaves_tombstones() {
+        let cfg = FepConfig::parse(CFG).unwrap();
+        let t1 = TransferTable::from_config(&cfg);
+        t1.service(0).backends[1].route_added();
+
+        // be1 leaves web, be3 joins it; dns goes; a new service comes.
+        let mut cfg2 = cfg.clone();
+        cfg2.nodes.push(fep_shared::NodeConfig {
+            name: "be3".into(),
+            address: "10.0.2.13".parse().unwrap(),
+            stop_when_drained: false,
+        });
+        cfg2.services[0].backends.remove(0);
+        cfg2.services[0].backends.push(fep_shared::BackendConfig {
+            node: "be3".into(),
+            ratio: 4,
+            port: None,
+        });
+        cfg2.services.remove(1);
+        let mut extra = FepConfig::parse(CFG).unwrap().services.remove(1);
+        extra.name = "dns2".into();
+        extra.port = 54;
+        cfg2.services.push(extra);
+        let t2 = TransferTable::build(&cfg2, Some(&t1));
+
+        assert_eq!(t2.service_id("web"), Some(0));
+        assert_eq!(
+            names(t2.service(0)),
+            [("be1", true), ("be2", false), ("be3", false)]
+        );
+        assert_eq!(t2.service(0).backends[1].routes(), 1, "counters carry over");
+        assert_eq!(
+            t2.service(0).backends[0].ratio(),
+            0,
+            "a removed back end is never chosen"
+        );
+        assert_eq!(t2.service(0).backends[2].ratio(), 4);
+        assert!(t2.service(1).removed, "dns keeps its slot as a tombstone");
+        assert_eq!(t2.service_id("dns"), None);
+        assert_eq!(t2.service_id("dns2"), Some(2));
+        assert!(t2
+            .lookup(17, &addr_from_ip("10.0.0.100".parse().unwrap()), 53)
+            .is_none());
+        assert_eq!(t2.node_id("be3"), Some(2));
+
+        // Back again: be1 gets its old slot.
+        let t3 = TransferTable::build(&cfg, Some(&t2));
+        assert_eq!(
+            names(t3.service(0)),
+            [("be1", false), ("be2", false), ("be3", true)]
+        );
+        assert_eq!(
+            t3.service_id("dns"),
+            Some(3),
+            "a removed service comes back in a new slot"
+        );
     }
 }

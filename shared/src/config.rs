@@ -570,6 +570,113 @@ impl ServiceConfig {
     }
 }
 
+impl FepConfig {
+    /// The first key whose change needs a restart of fep (the device, the
+    /// workers, the sockets it listens on), if `new` changes one.
+    pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
+        let keys: [(&'static str, bool); 9] = [
+            ("tun", self.tun != new.tun),
+            ("workers", self.workers != new.workers),
+            ("policy_table", self.policy_table != new.policy_table),
+            ("agent_listen", self.agent_listen != new.agent_listen),
+            ("agent_key_file", self.agent_key_file != new.agent_key_file),
+            ("state_dir", self.state_dir != new.state_dir),
+            ("control_socket", self.control_socket != new.control_socket),
+            (
+                "health_check_interval_ms",
+                self.health_check_interval_ms != new.health_check_interval_ms
+                    || self.health_check_timeout_ms != new.health_check_timeout_ms,
+            ),
+            (
+                "prune_interval_ms",
+                self.prune_interval_ms != new.prune_interval_ms,
+            ),
+        ];
+        keys.into_iter()
+            .find(|(_, changed)| *changed)
+            .map(|(k, _)| k)
+    }
+
+    /// Three-way merge for a reload: what the file changed since `base` (the
+    /// file loaded before) wins; everything else keeps its `live` (runtime)
+    /// value. Nodes, services and each service's back ends and spares merge
+    /// item by item (by name, by node).
+    pub fn merge(base: &FepConfig, file: &FepConfig, live: &FepConfig) -> FepConfig {
+        let header = |s: &ServiceConfig| ServiceConfig {
+            backends: Vec::new(),
+            spares: Vec::new(),
+            ..s.clone()
+        };
+        let headers = |c: &FepConfig| c.services.iter().map(header).collect::<Vec<_>>();
+        let find = |c: &FepConfig, name: &str| c.services.iter().find(|s| s.name == name).cloned();
+        let services = merge_keyed(&headers(base), &headers(file), &headers(live), |s| {
+            s.name.clone()
+        })
+        .into_iter()
+        .map(|h| {
+            let (b, f, l) = (
+                find(base, &h.name),
+                find(file, &h.name),
+                find(live, &h.name),
+            );
+            let list = |s: &Option<ServiceConfig>, spares: bool| {
+                s.as_ref().map_or_else(Vec::new, |s| {
+                    if spares {
+                        s.spares.clone()
+                    } else {
+                        s.backends.clone()
+                    }
+                })
+            };
+            let by_node = |b: &BackendConfig| b.node.clone();
+            ServiceConfig {
+                backends: merge_keyed(
+                    &list(&b, false),
+                    &list(&f, false),
+                    &list(&l, false),
+                    by_node,
+                ),
+                spares: merge_keyed(&list(&b, true), &list(&f, true), &list(&l, true), by_node),
+                ..h
+            }
+        })
+        .collect();
+        FepConfig {
+            nodes: merge_keyed(&base.nodes, &file.nodes, &live.nodes, |n| n.name.clone()),
+            services,
+            ..file.clone()
+        }
+    }
+}
+
+/// Per key: the file's version where the file changed it since `base`
+/// (added, removed or edited), else the live one. Live order first, then
+/// what only the file has.
+fn merge_keyed<T: Clone + PartialEq, K: PartialEq>(
+    base: &[T],
+    file: &[T],
+    live: &[T],
+    key: impl Fn(&T) -> K,
+) -> Vec<T> {
+    let get = |list: &[T], k: &K| list.iter().find(|x| key(x) == *k).cloned();
+    let mut keys: Vec<K> = live.iter().map(&key).collect();
+    for k in file.iter().map(&key) {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.iter()
+        .filter_map(|k| {
+            let (b, f) = (get(base, k), get(file, k));
+            if b != f {
+                f
+            } else {
+                get(live, k)
+            }
+        })
+        .collect()
+}
+
 fn is_unicast(addr: IpAddr) -> bool {
     !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
         && !matches!(addr, IpAddr::V4(v4) if v4.is_broadcast())
@@ -657,6 +764,52 @@ port = 8080
         assert!(problem(&dup).contains("listed twice"));
         let same_addr = EXAMPLE.replace("10.0.2.12", "10.0.2.11");
         assert!(problem(&same_addr).contains("already the address of node 'be1'"));
+    }
+
+    #[test]
+    fn merge_keeps_runtime_changes_and_takes_what_the_file_changed() {
+        let base = FepConfig::parse(EXAMPLE).unwrap();
+        // At runtime: be2's ratio set to 5, node be3 and a back end on it added.
+        let mut live = base.clone();
+        live.services[0].backends[1].ratio = 5;
+        live.nodes.push(NodeConfig {
+            name: "be3".into(),
+            address: "10.0.2.13".parse().unwrap(),
+            stop_when_drained: false,
+        });
+        live.services[0].backends.push(BackendConfig {
+            node: "be3".into(),
+            ratio: 1,
+            port: None,
+        });
+        // In the file: be1's ratio changed to 7, workers changed.
+        let mut file = base.clone();
+        file.services[0].backends[0].ratio = 7;
+        file.max_routes = 5;
+        let merged = FepConfig::merge(&base, &file, &live);
+        merged.validate().unwrap();
+        let ratios: Vec<(&str, u32)> = merged.services[0]
+            .backends
+            .iter()
+            .map(|b| (b.node.as_str(), b.ratio))
+            .collect();
+        assert_eq!(ratios, [("be1", 7), ("be2", 5), ("be3", 1)]);
+        assert_eq!(merged.nodes.len(), 3);
+        assert_eq!(merged.max_routes, 5);
+        // The file removes be2 from the service: removed, whatever runtime said.
+        let mut file2 = file.clone();
+        file2.services[0].backends.remove(1);
+        let merged2 = FepConfig::merge(&file, &file2, &merged);
+        let nodes: Vec<&str> = merged2.services[0]
+            .backends
+            .iter()
+            .map(|b| b.node.as_str())
+            .collect();
+        assert_eq!(nodes, ["be1", "be3"]);
+        assert_eq!(base.restart_key_changed(&merged2), None);
+        let mut tun = merged2.clone();
+        tun.tun = "fep9".into();
+        assert_eq!(merged2.restart_key_changed(&tun), Some("tun"));
     }
 
     #[test]

@@ -1,26 +1,32 @@
 //! The control plane: everything that decides, kept apart from the data
 //! path (as in Katran). It owns the [`model::Model`], takes agent reports,
 //! health checks and operator commands, and publishes the outcome to the
-//! data path as effective ratios and loads in the transfer table, and as
-//! route deletions (failed nodes, pruning of idle routes).
+//! data path as effective ratios and loads in the transfer table, as new
+//! transfer tables when the config changes, and as route deletions (failed
+//! nodes, pruning of idle routes).
 
 pub mod agents;
+pub mod commands;
 pub mod health;
 pub mod model;
 pub mod prune;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fep_shared::protocol::{ConnId, FepMsg};
 use fep_shared::FepConfig;
 use tokio::sync::{mpsc, oneshot};
 
+pub use commands::CommandError;
+
 use crate::dispatcher::Dispatcher;
+use crate::netsetup::NetSetup;
 use crate::transfer_table::{NodeId, ServiceId};
 use crate::tun_io::Clock;
-use model::{Event, Model, Pin};
+use model::{Event, Model};
 
 /// A connected agent: where to send it messages, and its pending queries.
 #[derive(Debug)]
@@ -31,19 +37,6 @@ pub(crate) struct AgentLink {
     pub(crate) pending: HashMap<u64, oneshot::Sender<Vec<ConnId>>>,
 }
 
-/// An operator command the control plane refuses, with what exists.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    #[error("no node '{name}'; nodes: {known}")]
-    NoNode { name: String, known: String },
-    #[error("no service '{name}'; services: {known}")]
-    NoService { name: String, known: String },
-    #[error("node '{node}' is not a back end or spare of service '{service}'")]
-    NotABackend { node: String, service: String },
-    #[error("ratio {0} is above the maximum {max}", max = fep_shared::config::MAX_RATIO)]
-    BadRatio(u32),
-}
-
 pub struct ControlPlane {
     model: Mutex<Model>,
     dispatcher: Arc<Dispatcher>,
@@ -52,30 +45,53 @@ pub struct ControlPlane {
     /// Rejected agent frames and connections, by reason.
     rejects: Mutex<BTreeMap<&'static str, u64>>,
     state: state::StateFile,
+    /// The config file as last loaded, and the config in force.
+    configs: Mutex<commands::Configs>,
+    net: Mutex<NetSetup>,
     pub(crate) prune_interval_ms: u64,
 }
 
-/// "a, b, c" for error messages that say what exists.
-fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.collect::<Vec<_>>().join(", ")
-}
-
 impl ControlPlane {
-    /// Builds the model from the config and applies the runtime changes saved
-    /// in `state_dir`.
-    pub fn new(cfg: &FepConfig, dispatcher: Arc<Dispatcher>, clock: Clock) -> Self {
+    /// The control plane for `live` (the config in force: `file`, read from
+    /// `config_path`, plus saved runtime changes), with the host's network
+    /// set up by `net`.
+    pub fn new(
+        config_path: &Path,
+        file: FepConfig,
+        live: FepConfig,
+        saved: &state::Saved,
+        dispatcher: Arc<Dispatcher>,
+        net: NetSetup,
+        clock: Clock,
+    ) -> Self {
+        let mut model = Model::new(&live, &dispatcher.table(), None);
+        saved.restore_nodes(&mut model);
         let cp = ControlPlane {
-            model: Mutex::new(Model::from_config(cfg)),
+            model: Mutex::new(model),
             dispatcher,
             clock,
             agents: Mutex::new(HashMap::new()),
             rejects: Mutex::new(BTreeMap::new()),
-            state: state::StateFile::new(&cfg.state_dir),
-            prune_interval_ms: cfg.prune_interval_ms,
+            state: state::StateFile::new(&live.state_dir),
+            prune_interval_ms: live.prune_interval_ms,
+            configs: Mutex::new(commands::Configs {
+                path: config_path.to_path_buf(),
+                file,
+                live,
+            }),
+            net: Mutex::new(net),
         };
-        cp.state.restore(&mut cp.model());
+        cp.save();
         cp.tick();
         cp
+    }
+
+    /// Removes every route, rule and sysctl change fep made.
+    pub fn teardown_network(&self) {
+        self.net
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .teardown();
     }
 
     pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
@@ -138,6 +154,7 @@ impl ControlPlane {
         for e in events {
             self.act(e);
         }
+        self.reconcile_network();
     }
 
     /// Writes effective ratios and loads into the transfer table; marks the
@@ -220,95 +237,5 @@ impl ControlPlane {
     pub(crate) fn send(&self, node: NodeId, msg: FepMsg) -> bool {
         let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
         agents.get(&node).is_some_and(|a| a.tx.send(msg).is_ok())
-    }
-
-    fn save(&self) {
-        if let Err(e) = self.state.save(&self.model()) {
-            tracing::error!("{e}");
-        }
-    }
-
-    fn node_id(&self, m: &Model, name: &str) -> Result<NodeId, CommandError> {
-        m.node_id(name).ok_or_else(|| CommandError::NoNode {
-            name: name.into(),
-            known: list(m.nodes.iter().map(|n| n.name.as_str())),
-        })
-    }
-
-    /// `fepctl ratio SERVICE NODE N`: affects new routes; idle routes are
-    /// pruned until the shares follow.
-    pub fn set_ratio(&self, service: &str, node: &str, ratio: u32) -> Result<(), CommandError> {
-        if ratio > fep_shared::config::MAX_RATIO {
-            return Err(CommandError::BadRatio(ratio));
-        }
-        {
-            let mut m = self.model();
-            let nid = self.node_id(&m, node)?;
-            let sid = m
-                .service_id(service)
-                .ok_or_else(|| CommandError::NoService {
-                    name: service.into(),
-                    known: list(m.services.iter().map(|s| s.name.as_str())),
-                })?;
-            let b = m
-                .backend_mut(sid, nid)
-                .ok_or_else(|| CommandError::NotABackend {
-                    node: node.into(),
-                    service: service.into(),
-                })?;
-            b.configured = ratio;
-        }
-        tracing::info!("ratio of node '{node}' in service '{service}' set to {ratio}");
-        self.save();
-        self.tick();
-        Ok(())
-    }
-
-    pub fn drain(&self, node: &str) -> Result<(), CommandError> {
-        self.with_node(node, |m, id| m.drain(id))?;
-        tracing::info!("draining node '{node}'");
-        Ok(())
-    }
-
-    pub fn undrain(&self, node: &str) -> Result<(), CommandError> {
-        self.with_node(node, |m, id| m.undrain(id))?;
-        tracing::info!("node '{node}' back in rotation");
-        Ok(())
-    }
-
-    /// Pins the given values (the others stay as they are).
-    pub fn pin(&self, node: &str, pin: Pin) -> Result<(), CommandError> {
-        if let Some(r) = pin.ratio.filter(|&r| r > fep_shared::config::MAX_RATIO) {
-            return Err(CommandError::BadRatio(r));
-        }
-        self.with_node(node, |m, id| {
-            let p = &mut m.nodes[usize::from(id)].pin;
-            p.state = pin.state.or(p.state);
-            p.load = pin.load.or(p.load);
-            p.ratio = pin.ratio.or(p.ratio);
-        })?;
-        tracing::info!("node '{node}' pinned: {pin:?}");
-        Ok(())
-    }
-
-    pub fn unpin(&self, node: &str) -> Result<(), CommandError> {
-        self.with_node(node, |m, id| m.nodes[usize::from(id)].pin = Pin::default())?;
-        tracing::info!("node '{node}' unpinned");
-        Ok(())
-    }
-
-    fn with_node(
-        &self,
-        node: &str,
-        f: impl FnOnce(&mut Model, NodeId),
-    ) -> Result<(), CommandError> {
-        {
-            let mut m = self.model();
-            let id = self.node_id(&m, node)?;
-            f(&mut m, id);
-        }
-        self.save();
-        self.tick();
-        Ok(())
     }
 }

@@ -11,7 +11,7 @@ use fep_shared::protocol::Report;
 use fep_shared::{FepConfig, LoadMetric, Scheduler};
 use serde::{Deserialize, Serialize};
 
-use crate::transfer_table::{BackendId, NodeId, ServiceId};
+use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
 
 /// A pinned node state (document 004, claim 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +53,8 @@ pub struct Node {
     pub name: String,
     pub address: IpAddr,
     pub stop_when_drained: bool,
+    /// No longer configured (the slot stays).
+    pub removed: bool,
     /// The last report and when it came (ms of the daemon clock).
     pub report: Option<(u32, Report)>,
     pub pin: Pin,
@@ -81,10 +83,8 @@ pub struct Backend {
     pub index: BackendId,
     pub node: NodeId,
     pub port: u16,
-    /// The configured ratio (changed at runtime by `fepctl ratio`).
+    /// The configured ratio (of the live config: `fepctl ratio` changes it).
     pub configured: u32,
-    /// The ratio in the config file, to tell runtime changes apart.
-    pub config_ratio: u32,
     pub spare: Spare,
     /// Consecutive failed health checks.
     pub health_fails: u32,
@@ -99,6 +99,8 @@ pub struct Service {
     pub name: String,
     pub port: u16,
     pub tcp: bool,
+    /// No longer configured (the slot stays).
+    pub removed: bool,
     pub scheduler: Scheduler,
     pub metric: LoadMetric,
     pub high_load: Option<f64>,
@@ -138,52 +140,84 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn from_config(cfg: &FepConfig) -> Model {
-        let nodes = cfg
-            .nodes
+    /// The model for `cfg` over `table`'s slots, carrying what `previous`
+    /// knew (reports, pins, drains, health, overload, spares) by name.
+    pub fn new(cfg: &FepConfig, table: &TransferTable, previous: Option<&Model>) -> Model {
+        let old_node = |name: &str| {
+            previous.and_then(|p| p.nodes.iter().find(|n| n.name == name && !n.removed))
+        };
+        let nodes = table
+            .node_names()
             .iter()
-            .map(|n| Node {
-                name: n.name.clone(),
-                address: n.address,
-                stop_when_drained: n.stop_when_drained,
-                report: None,
-                pin: Pin::default(),
-                draining: false,
-                drained: false,
+            .map(|name| {
+                let old = old_node(name);
+                let conf = cfg.node(name);
+                Node {
+                    name: name.clone(),
+                    address: conf.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.address),
+                    stop_when_drained: conf.is_some_and(|c| c.stop_when_drained),
+                    removed: conf.is_none(),
+                    report: old.and_then(|o| o.report.clone()),
+                    pin: old.map(|o| o.pin.clone()).unwrap_or_default(),
+                    draining: old.is_some_and(|o| o.draining),
+                    drained: old.is_some_and(|o| o.drained),
+                }
             })
             .collect();
         let mut services = Vec::new();
         let mut backends = Vec::new();
-        for (sid, s) in cfg.services.iter().enumerate() {
-            services.push(Service {
-                name: s.name.clone(),
-                port: s.port,
-                tcp: s.protocol == fep_shared::Protocol::Tcp,
-                scheduler: s.scheduler,
-                metric: s.load_metric,
-                high_load: s.high_load,
-                low_load: s.low_load_mark(),
-                scale_out_after_ms: s.scale_out_after_ms.min(u64::from(u32::MAX)) as u32,
-                overloaded_since: None,
-                pruning: false,
+        for (sid, slot) in table.services().iter().enumerate() {
+            let conf = cfg
+                .services
+                .iter()
+                .find(|s| s.name == slot.name)
+                .filter(|_| !slot.removed);
+            let old = previous.and_then(|p| {
+                p.services
+                    .iter()
+                    .find(|s| s.name == slot.name && !s.removed)
             });
-            for (i, (b, is_spare)) in s.all_backends().enumerate() {
-                let spare = if is_spare { Spare::Idle } else { Spare::No };
+            services.push(Service {
+                name: slot.name.clone(),
+                port: slot.port,
+                tcp: slot.is_tcp(),
+                removed: conf.is_none(),
+                scheduler: conf.map_or(Scheduler::Ratio, |c| c.scheduler),
+                metric: conf.map_or(LoadMetric::Pps, |c| c.load_metric),
+                high_load: conf.and_then(|c| c.high_load),
+                low_load: conf.and_then(|c| c.low_load_mark()),
+                scale_out_after_ms: conf
+                    .map_or(0, |c| c.scale_out_after_ms.min(u64::from(u32::MAX)) as u32),
+                overloaded_since: old.and_then(|o| o.overloaded_since),
+                pruning: old.is_some_and(|o| o.pruning),
+            });
+            let Some(conf) = conf else { continue };
+            for (bid, be) in slot.live_backends() {
+                let (b, is_spare) = conf
+                    .all_backends()
+                    .find(|(b, _)| b.node == be.node)
+                    .expect("table built from cfg");
+                let old = previous.and_then(|p| {
+                    p.backends.iter().find(|o| {
+                        p.services[usize::from(o.service)].name == slot.name
+                            && p.nodes[usize::from(o.node)].name == be.node
+                    })
+                });
+                let spare = match (is_spare, old.map(|o| o.spare)) {
+                    (false, _) => Spare::No,
+                    (true, Some(s @ (Spare::Idle | Spare::Starting | Spare::Active))) => s,
+                    (true, _) => Spare::Idle,
+                };
                 backends.push(Backend {
                     service: sid as ServiceId,
-                    index: i as BackendId,
-                    node: cfg
-                        .nodes
-                        .iter()
-                        .position(|n| n.name == b.node)
-                        .expect("validated") as NodeId,
-                    port: s.backend_port(b),
+                    index: bid,
+                    node: be.node_id,
+                    port: be.port,
                     configured: b.ratio,
-                    config_ratio: b.ratio,
                     spare,
-                    health_fails: 0,
-                    overloaded: false,
-                    down: false,
+                    health_fails: old.map_or(0, |o| o.health_fails),
+                    overloaded: old.is_some_and(|o| o.overloaded),
+                    down: old.is_some_and(|o| o.down),
                 });
             }
         }
@@ -194,6 +228,11 @@ impl Model {
             node_dead_after_ms: cfg.node_dead_after_ms.min(u64::from(u32::MAX)) as u32,
             health_fails: cfg.health_check_fails,
         }
+    }
+
+    /// The model of a fresh start (tests, benchmarks).
+    pub fn from_config(cfg: &FepConfig) -> Model {
+        Model::new(cfg, &TransferTable::from_config(cfg), None)
     }
 
     pub fn node_id(&self, name: &str) -> Option<NodeId> {
@@ -366,10 +405,12 @@ impl Model {
             }
         }
         for sid in 0..self.services.len() {
-            events.extend(self.scale_out(sid as ServiceId, now));
+            if !self.services[sid].removed {
+                events.extend(self.scale_out(sid as ServiceId, now));
+            }
         }
         for (id, n) in self.nodes.iter_mut().enumerate() {
-            if n.draining && routes_of(id as NodeId) == 0 {
+            if n.draining && !n.removed && routes_of(id as NodeId) == 0 {
                 n.draining = false;
                 n.drained = true;
                 events.push(Event::NodeDrained { node: id as NodeId });

@@ -45,7 +45,7 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     let now = cp.now();
     let dispatcher = cp.dispatcher();
     let plan = plan(
-        dispatcher.table(),
+        &dispatcher.table(),
         dispatcher.routes().snapshot(),
         &over,
         now,

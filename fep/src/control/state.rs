@@ -1,26 +1,75 @@
-//! Runtime changes (ratios, pins, drains) kept in `state_dir/state.json`, so
-//! that a restart of fep does not undo what an operator did. Written
-//! atomically: a temporary file, fsync, rename, fsync of the directory.
+//! Runtime changes kept in `state_dir/state.json`, so that a restart of fep
+//! does not undo what an operator did: the config in force (the file plus
+//! ratios, nodes, back ends and services changed at runtime), the file it
+//! was based on, and pins and drains. Written atomically: a temporary file,
+//! fsync, rename, fsync of the directory.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use fep_shared::FepConfig;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Model, Pin};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Saved {
-    /// service → node → ratio, where it differs from the config file.
+pub struct Saved {
+    /// The config file the runtime changes were made on.
     #[serde(default)]
-    ratios: BTreeMap<String, BTreeMap<String, u32>>,
+    pub base: Option<FepConfig>,
+    /// The config in force: the file plus runtime changes.
     #[serde(default)]
-    pins: BTreeMap<String, Pin>,
+    pub live: Option<FepConfig>,
     #[serde(default)]
-    draining: Vec<String>,
+    pub pins: BTreeMap<String, Pin>,
     #[serde(default)]
-    drained: Vec<String>,
+    pub draining: Vec<String>,
+    #[serde(default)]
+    pub drained: Vec<String>,
+}
+
+impl Saved {
+    /// The config to run: `file`, with the saved runtime changes merged in
+    /// (what the file changed since they were made wins).
+    pub fn live_config(&self, file: &FepConfig) -> FepConfig {
+        let (Some(base), Some(live)) = (&self.base, &self.live) else {
+            return file.clone();
+        };
+        let merged = FepConfig::merge(base, file, live);
+        match merged.validate() {
+            Ok(()) => {
+                if &merged != file {
+                    tracing::info!("applying the runtime changes saved in the state directory on top of the config file");
+                }
+                merged
+            }
+            Err(e) => {
+                tracing::error!("saved runtime changes no longer fit the config file ({e}); starting from the file alone");
+                file.clone()
+            }
+        }
+    }
+
+    /// Puts back saved pins and drains; names the config no longer has are
+    /// skipped with a warning.
+    pub fn restore_nodes(&self, m: &mut Model) {
+        let mut node = |name: &str, f: &dyn Fn(&mut super::model::Node)| match m.node_id(name) {
+            Some(id) => f(&mut m.nodes[usize::from(id)]),
+            None => tracing::warn!(
+                "saved state names node '{name}', which the config no longer has; skipped"
+            ),
+        };
+        for (name, pin) in &self.pins {
+            node(name, &|n| n.pin = pin.clone());
+        }
+        for name in &self.draining {
+            node(name, &|n| n.draining = true);
+        }
+        for name in &self.drained {
+            node(name, &|n| n.drained = true);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -39,17 +88,40 @@ impl StateFile {
         self.dir.join("state.json")
     }
 
-    /// Saves the model's runtime changes.
-    pub fn save(&self, m: &Model) -> Result<(), String> {
-        let mut saved = Saved::default();
-        for b in m.backends.iter().filter(|b| b.configured != b.config_ratio) {
-            saved
-                .ratios
-                .entry(m.services[usize::from(b.service)].name.clone())
-                .or_default()
-                .insert(m.nodes[usize::from(b.node)].name.clone(), b.configured);
+    /// The saved state; missing is empty, damaged is reported and ignored.
+    pub fn load(&self) -> Saved {
+        let path = self.path();
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Saved::default(),
+            Err(e) => {
+                tracing::error!(
+                    "cannot read saved state {}: {e}; starting from the config alone",
+                    path.display()
+                );
+                return Saved::default();
+            }
+        };
+        match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(
+                    "saved state {} is damaged ({e}); starting from the config alone",
+                    path.display()
+                );
+                Saved::default()
+            }
         }
-        for n in &m.nodes {
+    }
+
+    /// Saves the configs and the model's pins and drains.
+    pub fn save(&self, base: &FepConfig, live: &FepConfig, m: &Model) -> Result<(), String> {
+        let mut saved = Saved {
+            base: Some(base.clone()),
+            live: Some(live.clone()),
+            ..Saved::default()
+        };
+        for n in m.nodes.iter().filter(|n| !n.removed) {
             if !n.pin.is_empty() {
                 saved.pins.insert(n.name.clone(), n.pin.clone());
             }
@@ -67,61 +139,6 @@ impl StateFile {
                 self.path().display()
             )
         })
-    }
-
-    /// Applies saved runtime changes; names the config no longer has are
-    /// skipped with a warning, and a damaged file is reported and ignored.
-    pub fn restore(&self, m: &mut Model) {
-        let path = self.path();
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) => {
-                tracing::error!(
-                    "cannot read saved state {}: {e}; starting from the config alone",
-                    path.display()
-                );
-                return;
-            }
-        };
-        let saved: Saved = match serde_json::from_slice(&text) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(
-                    "saved state {} is damaged ({e}); starting from the config alone",
-                    path.display()
-                );
-                return;
-            }
-        };
-        for (service, nodes) in &saved.ratios {
-            for (node, &ratio) in nodes {
-                match (m.service_id(service), m.node_id(node)) {
-                    (Some(s), Some(n)) if m.backend_mut(s, n).is_some() => {
-                        m.backend_mut(s, n).expect("checked").configured = ratio;
-                    }
-                    _ => tracing::warn!(
-                        "saved ratio for '{node}' in '{service}' no longer applies; skipped"
-                    ),
-                }
-            }
-        }
-        let mut node = |name: &str, f: &dyn Fn(&mut super::model::Node)| match m.node_id(name) {
-            Some(id) => f(&mut m.nodes[usize::from(id)]),
-            None => tracing::warn!(
-                "saved state names node '{name}', which the config no longer has; skipped"
-            ),
-        };
-        for (name, pin) in &saved.pins {
-            node(name, &|n| n.pin = pin.clone());
-        }
-        for name in &saved.draining {
-            node(name, &|n| n.draining = true);
-        }
-        for name in &saved.drained {
-            node(name, &|n| n.drained = true);
-        }
-        tracing::info!("restored runtime changes from {}", path.display());
     }
 }
 
