@@ -25,8 +25,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use std::net::SocketAddr;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -47,7 +50,9 @@ pub struct Admin {
 }
 
 /// Serves the admin API on `path` until the runtime stops.
-pub async fn serve(admin: Admin, path: &Path) -> anyhow::Result<()> {
+/// Serves the admin API on the Unix socket `path` (mode 0600: root only)
+/// until the runtime stops.
+pub async fn serve_socket(admin: Admin, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -60,7 +65,65 @@ pub async fn serve(admin: Admin, path: &Path) -> anyhow::Result<()> {
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!("admin API on {}", path.display());
-    let app = Router::new()
+    axum::serve(listener, router(admin))
+        .await
+        .context("admin API")
+}
+
+/// Serves the admin API on TCP; every request must carry
+/// `Authorization: Bearer <token>` (the token file's content).
+pub async fn serve_tcp(admin: Admin, listen: SocketAddr, token: String) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for the admin API on {listen} (admin_listen)"))?;
+    tracing::info!("admin API on {listen} (bearer token required)");
+    let token = Arc::new(token);
+    let app = router(admin).layer(middleware::from_fn(move |req: Request, next: Next| {
+        let token = token.clone();
+        async move {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes())) {
+                next.run(req).await
+            } else {
+                let error = "missing or wrong bearer token (admin_token_file)";
+                (
+                    StatusCode::UNAUTHORIZED,
+                    Json(serde_json::json!({ "error": error })),
+                )
+                    .into_response()
+            }
+        }
+    }));
+    axum::serve(listener, app).await.context("admin API (TCP)")
+}
+
+/// Compares without an early exit, so the time taken says nothing about
+/// where a guessed token differs.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the TCP admin token file.
+pub fn load_token(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read admin_token_file {}", path.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "admin_token_file {}: the token must be at least 16 characters",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+fn router(admin: Admin) -> Router {
+    Router::new()
         .route("/v1/status", get(status))
         .route(
             "/v1/nodes",
@@ -107,8 +170,7 @@ pub async fn serve(admin: Admin, path: &Path) -> anyhow::Result<()> {
             "/v1/reload",
             post(|State(a): State<Admin>| async move { reply(a.cp.reload()) }),
         )
-        .with_state(admin);
-    axum::serve(listener, app).await.context("admin API")
+        .with_state(admin)
 }
 
 #[derive(Deserialize)]
@@ -375,10 +437,10 @@ impl From<Totals> for CountersView {
                 .iter()
                 .map(|&r| (r.as_str(), t.drops(r)))
                 .collect(),
-            to_backend_packets: t.to_backend_packets,
-            to_backend_bytes: t.to_backend_bytes,
-            to_client_packets: t.to_client_packets,
-            to_client_bytes: t.to_client_bytes,
+            to_backend_packets: t.all.to_backend_packets,
+            to_backend_bytes: t.all.to_backend_bytes,
+            to_client_packets: t.all.to_client_packets,
+            to_client_bytes: t.all.to_client_bytes,
             routes_created: t.routes_created,
             tun_read_errors: t.tun_read_errors,
             tun_write_errors: t.tun_write_errors,

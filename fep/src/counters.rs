@@ -54,19 +54,42 @@ impl DropReason {
     }
 }
 
-/// Counters written by one worker only; 128-byte aligned so that two workers'
-/// counters never share a cache line.
+/// Service slots with their own traffic counters; the transfer table never
+/// hands out more.
+pub const MAX_SERVICE_SLOTS: usize = fep_shared::config::MAX_SERVICES;
+
+/// One service's traffic, as seen by one worker.
 #[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct WorkerCounters {
+pub struct Traffic {
     pub to_backend_packets: AtomicU64,
     pub to_backend_bytes: AtomicU64,
     pub to_client_packets: AtomicU64,
     pub to_client_bytes: AtomicU64,
+}
+
+/// Counters written by one worker only; 128-byte aligned so that two workers'
+/// counters never share a cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct WorkerCounters {
+    /// Indexed by service slot.
+    traffic: Box<[Traffic]>,
     pub routes_created: AtomicU64,
     pub tun_read_errors: AtomicU64,
     pub tun_write_errors: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Default for WorkerCounters {
+    fn default() -> Self {
+        WorkerCounters {
+            traffic: (0..MAX_SERVICE_SLOTS).map(|_| Traffic::default()).collect(),
+            routes_created: AtomicU64::new(0),
+            tun_read_errors: AtomicU64::new(0),
+            tun_write_errors: AtomicU64::new(0),
+            drops: Default::default(),
+        }
+    }
 }
 
 /// Adds `n` to a counter that has a single writer.
@@ -87,15 +110,61 @@ impl WorkerCounters {
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()].load(Ordering::Relaxed)
     }
+
+    /// A service's traffic counters (slots past the bound share the last).
+    #[inline]
+    pub fn traffic(&self, service: u16) -> &Traffic {
+        let last = self.traffic.len() - 1;
+        &self.traffic[usize::from(service).min(last)]
+    }
+
+    #[inline]
+    pub fn to_backend(&self, service: u16, bytes: usize) {
+        let t = self.traffic(service);
+        bump(&t.to_backend_packets, 1);
+        bump(&t.to_backend_bytes, bytes as u64);
+    }
+
+    #[inline]
+    pub fn to_client(&self, service: u16, bytes: usize) {
+        let t = self.traffic(service);
+        bump(&t.to_client_packets, 1);
+        bump(&t.to_client_bytes, bytes as u64);
+    }
+}
+
+/// Traffic totals (of a service, or of all).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TrafficTotals {
+    pub to_backend_packets: u64,
+    pub to_backend_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+impl TrafficTotals {
+    fn add(&mut self, t: &Traffic) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        self.to_backend_packets += get(&t.to_backend_packets);
+        self.to_backend_bytes += get(&t.to_backend_bytes);
+        self.to_client_packets += get(&t.to_client_packets);
+        self.to_client_bytes += get(&t.to_client_bytes);
+    }
+
+    fn merge(&mut self, o: &TrafficTotals) {
+        self.to_backend_packets += o.to_backend_packets;
+        self.to_backend_bytes += o.to_backend_bytes;
+        self.to_client_packets += o.to_client_packets;
+        self.to_client_bytes += o.to_client_bytes;
+    }
 }
 
 /// The sum of all workers' counters at one moment.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Totals {
-    pub to_backend_packets: u64,
-    pub to_backend_bytes: u64,
-    pub to_client_packets: u64,
-    pub to_client_bytes: u64,
+    pub all: TrafficTotals,
+    /// By service slot.
+    pub services: Vec<TrafficTotals>,
     pub routes_created: u64,
     pub tun_read_errors: u64,
     pub tun_write_errors: u64,
@@ -104,19 +173,24 @@ pub struct Totals {
 
 impl Totals {
     pub fn sum<'a>(workers: impl IntoIterator<Item = &'a WorkerCounters>) -> Totals {
-        let mut t = Totals::default();
+        let mut t = Totals {
+            services: vec![TrafficTotals::default(); MAX_SERVICE_SLOTS],
+            ..Totals::default()
+        };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for w in workers {
-            t.to_backend_packets += get(&w.to_backend_packets);
-            t.to_backend_bytes += get(&w.to_backend_bytes);
-            t.to_client_packets += get(&w.to_client_packets);
-            t.to_client_bytes += get(&w.to_client_bytes);
+            for (total, traffic) in t.services.iter_mut().zip(w.traffic.iter()) {
+                total.add(traffic);
+            }
             t.routes_created += get(&w.routes_created);
             t.tun_read_errors += get(&w.tun_read_errors);
             t.tun_write_errors += get(&w.tun_write_errors);
             for r in DropReason::ALL {
                 t.drops[r.index()] += w.drops(r);
             }
+        }
+        for s in &t.services {
+            t.all.merge(s);
         }
         t
     }
@@ -129,13 +203,14 @@ impl Totals {
 impl std::fmt::Display for Totals {
     /// One log line: `to_backend=… to_client=… routes_created=… drops: reason=n …`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = &self.all;
         write!(
             f,
             "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, tun_errors read={} write={}; drops:",
-            self.to_backend_packets,
-            self.to_backend_bytes,
-            self.to_client_packets,
-            self.to_client_bytes,
+            a.to_backend_packets,
+            a.to_backend_bytes,
+            a.to_client_packets,
+            a.to_client_bytes,
             self.routes_created,
             self.tun_read_errors,
             self.tun_write_errors,

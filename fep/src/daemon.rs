@@ -17,7 +17,8 @@ use crate::admin::{self, Admin};
 use crate::control::state::StateFile;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
-use crate::dispatcher::{Dispatcher, ExpireStats};
+use crate::dispatcher::Dispatcher;
+use crate::metrics;
 use crate::netsetup::NetSetup;
 use crate::tun_io::{self, Clock, Workers};
 
@@ -36,6 +37,10 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
     let cfg = saved.live_config(&file);
     let agent_key = match &cfg.agent_key_file {
         Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let admin_token = match &cfg.admin_token_file {
+        Some(path) => Some(admin::load_token(path)?),
         None => None,
     };
     let dispatcher = Arc::new(Dispatcher::new(&cfg));
@@ -85,8 +90,14 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
             cp: cp.clone(),
             counters: workers.counters().to_vec(),
         };
+        if let Some(listen) = cfg.metrics_listen {
+            tasks.spawn(metrics::serve(admin.clone(), listen));
+        }
+        if let (Some(listen), Some(token)) = (cfg.admin_listen, admin_token) {
+            tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
+        }
         let socket = cfg.control_socket.clone();
-        tasks.spawn(async move { admin::serve(admin, &socket).await });
+        tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
         cp.teardown_network();
@@ -124,7 +135,6 @@ async fn control_loop(
     let mut tick = tokio::time::interval(TICK_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
-    let mut removed = ExpireStats::default();
     let result = loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
@@ -145,7 +155,6 @@ async fn control_loop(
             _ = tick.tick() => cp.tick(),
             _ = expire.tick() => {
                 let s = dispatcher.expire(clock.now_ms());
-                removed += s;
                 if s.evicted > 0 {
                     tracing::warn!("route table near max_routes: evicted {} longest-idle route(s)", s.evicted);
                 }
@@ -153,17 +162,18 @@ async fn control_loop(
             _ = log.tick() => {
                 let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
                 if totals != logged {
-                    tracing::info!("{}; {totals}", route_summary(dispatcher, removed));
+                    tracing::info!("{}; {totals}", route_summary(dispatcher));
                     logged = totals;
                 }
             }
         }
     };
-    tracing::info!("{} at stop", route_summary(dispatcher, removed));
+    tracing::info!("{} at stop", route_summary(dispatcher));
     result
 }
 
-fn route_summary(dispatcher: &Dispatcher, removed: ExpireStats) -> String {
+fn route_summary(dispatcher: &Dispatcher) -> String {
+    let removed = dispatcher.removed_totals();
     format!(
         "routes live={} expired={} evicted={}",
         dispatcher.routes().len(),

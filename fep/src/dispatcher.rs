@@ -5,7 +5,7 @@
 //! back. Time is passed in (milliseconds of a clock the caller owns), so unit
 //! tests replay ageing and closes without sleeping.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -30,7 +30,7 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
-/// What expiry removed (one pass, or a running total).
+/// What expiry removed (one pass, or the totals since the start).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ExpireStats {
     /// Routes whose connection ended or that were idle past the timeout.
@@ -47,13 +47,9 @@ pub struct Dispatcher {
     routes: RouteTable,
     idle_timeout_ms: AtomicU32,
     max_routes: AtomicUsize,
-}
-
-impl std::ops::AddAssign for ExpireStats {
-    fn add_assign(&mut self, other: Self) {
-        self.expired += other.expired;
-        self.evicted += other.evicted;
-    }
+    /// Routes removed by expiry and eviction since the start.
+    expired: AtomicU64,
+    evicted: AtomicU64,
 }
 
 impl From<ParseError> for DropReason {
@@ -73,6 +69,8 @@ impl Dispatcher {
             routes: RouteTable::default(),
             idle_timeout_ms: AtomicU32::new(0),
             max_routes: AtomicUsize::new(0),
+            expired: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
         };
         d.set_limits(cfg);
         d
@@ -157,8 +155,7 @@ impl Dispatcher {
         };
         let be = &svc.backends[usize::from(backend)];
         pkt.set_destination(&be.addr, be.port);
-        bump(&counters.to_backend_packets, 1);
-        bump(&counters.to_backend_bytes, pkt.len() as u64);
+        counters.to_backend(id, pkt.len());
         Verdict::Forward(pkt.len())
     }
 
@@ -193,8 +190,7 @@ impl Dispatcher {
         }
         let svc = table.service(key.service);
         pkt.set_source(&svc.vip, svc.port);
-        bump(&counters.to_client_packets, 1);
-        bump(&counters.to_client_bytes, pkt.len() as u64);
+        counters.to_client(key.service, pkt.len());
         Verdict::Forward(pkt.len())
     }
 
@@ -284,7 +280,20 @@ impl Dispatcher {
                 }
             }
         }
+        self.expired
+            .fetch_add(stats.expired as u64, Ordering::Relaxed);
+        self.evicted
+            .fetch_add(stats.evicted as u64, Ordering::Relaxed);
         stats
+    }
+
+    /// Routes removed by expiry (connection over, or idle) and by eviction
+    /// (table near `max_routes`) since the start.
+    pub fn removed_totals(&self) -> ExpireStats {
+        ExpireStats {
+            expired: self.expired.load(Ordering::Relaxed) as usize,
+            evicted: self.evicted.load(Ordering::Relaxed) as usize,
+        }
     }
 
     fn is_expired(&self, table: &TransferTable, key: &FlowKey, route: &Route, now: u32) -> bool {
@@ -600,7 +609,8 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             Err(DropReason::UnknownFlow)
         );
         assert_eq!(
-            r.c.to_client_packets
+            r.c.traffic(0)
+                .to_client_packets
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );

@@ -15,6 +15,7 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod dispatcher;
+pub mod metrics;
 pub mod netsetup;
 pub mod route_table;
 pub mod transfer_table;

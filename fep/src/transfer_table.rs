@@ -31,6 +31,8 @@ pub struct BackendShared {
     load: AtomicU64,
     /// Live routes assigned to this back end.
     routes: AtomicU32,
+    /// Routes ever assigned to it.
+    assigned: AtomicU64,
 }
 
 /// One back end of a service: a node (or a spare node, which starts with
@@ -72,8 +74,14 @@ impl Backend {
         self.shared.routes.load(Ordering::Relaxed)
     }
 
+    /// Routes ever assigned to this back end.
+    pub fn assigned(&self) -> u64 {
+        self.shared.assigned.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn route_added(&self) {
         self.shared.routes.fetch_add(1, Ordering::Relaxed);
+        self.shared.assigned.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn route_removed(&self) {

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Largest ratio accepted; keeps the chooser's weight sums far from overflow.
 pub const MAX_RATIO: u32 = 1_000_000;
+/// Most services (and service slots over a run of fep, removed ones included).
+pub const MAX_SERVICES: usize = 1024;
 
 /// A configuration that could not be read or does not describe a servable cluster.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +196,15 @@ pub struct FepConfig {
     /// The admin API's Unix socket (mode 0600).
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Also serve the admin API on TCP (e.g. "127.0.0.1:9442"), with a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+    /// File with the bearer token TCP admin requests must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Where Prometheus scrapes `/metrics` (e.g. "0.0.0.0:9100"); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Active TCP health checks of each back end's service port; 0 turns them off.
     #[serde(default = "default_health_interval")]
     pub health_check_interval_ms: u64,
@@ -327,6 +338,12 @@ impl FepConfig {
                 ),
             ));
         }
+        if self.admin_listen.is_some() && self.admin_token_file.is_none() {
+            return Err(ConfigError::invalid(
+                "admin_token_file",
+                "is required with admin_listen: the TCP admin API refuses requests without the token",
+            ));
+        }
         if self.agent_listen.is_some() && self.agent_key_file.is_none() {
             return Err(ConfigError::invalid(
                 "agent_key_file",
@@ -395,8 +412,11 @@ impl FepConfig {
     }
 
     fn validate_services(&self) -> Result<(), ConfigError> {
-        if self.services.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::invalid("service", "at most 65535 services"));
+        if self.services.len() > MAX_SERVICES {
+            return Err(ConfigError::invalid(
+                "service",
+                format!("at most {MAX_SERVICES} services"),
+            ));
         }
         let mut names = HashSet::new();
         let mut endpoints = HashMap::new();
@@ -574,7 +594,13 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 9] = [
+        let keys: [(&'static str, bool); 12] = [
+            ("admin_listen", self.admin_listen != new.admin_listen),
+            (
+                "admin_token_file",
+                self.admin_token_file != new.admin_token_file,
+            ),
+            ("metrics_listen", self.metrics_listen != new.metrics_listen),
             ("tun", self.tun != new.tun),
             ("workers", self.workers != new.workers),
             ("policy_table", self.policy_table != new.policy_table),

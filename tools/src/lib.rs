@@ -7,3 +7,4 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod pattern;
+pub mod top;

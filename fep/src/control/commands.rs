@@ -12,7 +12,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use fep_shared::config::MAX_RATIO;
+use fep_shared::config::{MAX_RATIO, MAX_SERVICES};
 use fep_shared::{BackendConfig, ConfigError, FepConfig, NodeConfig, ServiceConfig};
 
 use super::model::{Model, NodeState, Pin};
@@ -53,6 +53,8 @@ pub enum CommandError {
     NeedsRestart(&'static str),
     #[error("reload refused, the running config stays: {0}")]
     Reload(ConfigError),
+    #[error("fep has used all {MAX_SERVICES} service slots since it started (removed services keep theirs); restart it to start afresh")]
+    SlotsExhausted,
     #[error("network set-up: {0}")]
     Net(#[from] NetError),
 }
@@ -136,6 +138,9 @@ impl ControlPlane {
             return Err(CommandError::NeedsRestart(key));
         }
         let table = TransferTable::build(&new, Some(&self.dispatcher.table()));
+        if table.services().len() > MAX_SERVICES {
+            return Err(CommandError::SlotsExhausted);
+        }
         self.dispatcher.set_table(table);
         self.dispatcher.set_limits(&new);
         let table = self.dispatcher.table();

@@ -14,6 +14,7 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fep_shared::protocol::{ConnId, FepMsg};
@@ -49,6 +50,9 @@ pub struct ControlPlane {
     configs: Mutex<commands::Configs>,
     net: Mutex<NetSetup>,
     pub(crate) prune_interval_ms: u64,
+    /// Pruning rounds that had routes to look at, and routes they deleted.
+    pub prune_cycles: AtomicU64,
+    pub routes_pruned: AtomicU64,
 }
 
 impl ControlPlane {
@@ -80,6 +84,8 @@ impl ControlPlane {
                 live,
             }),
             net: Mutex::new(net),
+            prune_cycles: AtomicU64::new(0),
+            routes_pruned: AtomicU64::new(0),
         };
         cp.save();
         cp.tick();

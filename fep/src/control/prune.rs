@@ -6,6 +6,7 @@
 //! is one whose node has no agent to ask.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,9 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
             }
         }
     }
+    cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
+    cp.routes_pruned
+        .fetch_add(deleted as u64, Ordering::Relaxed);
     if deleted > 0 {
         tracing::info!("pruned {deleted} idle route(s) toward the target shares");
     }

@@ -1,25 +1,33 @@
-//! `fepctl`: the operator's command line for a running fep (over its admin
-//! socket). Every command takes `--json` and `--socket PATH`; exit status 0
-//! on success, 1 on failure, 2 on a usage error.
+//! `fepctl`: the operator's command line for a running fep, over its admin
+//! socket (or its TCP admin port with a token). Every command takes `--json`
+//! and `--socket PATH` (before or after the subcommand); exit status 0 on
+//! success, 1 on failure, 2 on a usage error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use fep_tools::admin_client::call;
+use fep_tools::admin_client::{call, Endpoint};
+use fep_tools::top;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Operate a running fep: ratios, drains, pins, routes, status"
+    about = "Operate a running fep: ratios, drains, pins, nodes, services, routes, status"
 )]
 struct Cli {
     /// fep's admin socket (its `control_socket`).
     #[arg(long, global = true, default_value = "/run/fep/fep.sock")]
     socket: PathBuf,
+    /// Use fep's TCP admin port (`admin_listen`, HOST:PORT) instead of the socket.
+    #[arg(long, global = true, requires = "token_file")]
+    tcp: Option<String>,
+    /// File holding the bearer token (fep's `admin_token_file`), with --tcp.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -76,12 +84,122 @@ enum Cmd {
     },
     /// Release every pin of a node.
     Unpin { node: String },
+    /// Add or remove a node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Add or remove a node in a service's transfer table.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Add or remove a service.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Re-read fep's config file (as SIGHUP); an invalid file is refused with the reason.
+    Reload,
+    /// A live, refreshing view of services and nodes (q quits).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one frame as text and exit (for scripts and logs).
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Add a node (then `fepctl backend add` it to services).
+    Add {
+        name: String,
+        address: std::net::IpAddr,
+    },
+    /// Remove a node from fep and every service; refused unless drained.
+    Remove {
+        name: String,
+        /// Remove even if not drained: its routes are deleted.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    /// Add a node to a service.
+    Add {
+        service: String,
+        node: String,
+        #[arg(long)]
+        ratio: u32,
+        /// Back-end port when it differs from the service port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Remove a node from a service; its live connections carry on until they end.
+    Remove {
+        service: String,
+        node: String,
+        /// Delete its routes now.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Add a service (then `fepctl backend add` its back ends).
+    Add {
+        name: String,
+        #[arg(long)]
+        vip: std::net::IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "tcp")]
+        protocol: Protocol,
+        #[arg(long, default_value = "ratio")]
+        scheduler: Scheduler,
+        #[arg(long, default_value = "port")]
+        affinity: Affinity,
+    },
+    /// Remove a service; its live connections carry on until they end.
+    Remove {
+        name: String,
+        /// Delete its routes now.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum PinState {
     Up,
     Down,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scheduler {
+    Ratio,
+    LeastRoutes,
+    Load,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Affinity {
+    Port,
+    Client,
+}
+
+/// The value's command-line name (as the config file spells it).
+fn name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value()
+        .expect("no skipped values")
+        .get_name()
+        .to_string()
 }
 
 fn main() -> ExitCode {
@@ -95,138 +213,124 @@ fn main() -> ExitCode {
     }
 }
 
+fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
+    match (&cli.tcp, &cli.token_file) {
+        (Some(addr), Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?;
+            Ok(Endpoint::Tcp {
+                addr: addr.clone(),
+                token: token.trim().to_string(),
+            })
+        }
+        _ => Ok(Endpoint::Socket(cli.socket.clone())),
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let get = |path: &str| call(&cli.socket, "GET", path, None);
-    let post = |path: &str, body: Value| call(&cli.socket, "POST", path, Some(body));
-    let out = match &cli.cmd {
+    let to = endpoint(cli)?;
+    let get = |path: &str| call(&to, "GET", path, None);
+    let post = |path: &str, body: Value| call(&to, "POST", path, Some(body));
+    // Each arm returns the API's answer and the line a person reads.
+    let (out, said): (Value, String) = match &cli.cmd {
         Cmd::Status => {
             let v = get("/v1/status")?;
-            if !cli.json {
-                print_status(&v);
-            }
-            v
+            let text = status_text(&v);
+            (v, text)
         }
         Cmd::Nodes => {
             let v = get("/v1/nodes")?;
-            if !cli.json {
-                print_nodes(&v);
-            }
-            v
+            let text = nodes_text(&v);
+            (v, text)
         }
         Cmd::Services => {
             let v = get("/v1/services")?;
-            if !cli.json {
-                print_services(&v);
-            }
-            v
+            let text = services_text(&v);
+            (v, text)
         }
-        Cmd::Routes {
-            service,
-            node,
-            client,
-            limit,
-        } => {
+        Cmd::Routes { service, node, client, limit } => {
             let mut q = format!("/v1/routes?limit={limit}");
-            for (k, v) in [
-                ("service", service.clone()),
-                ("node", node.clone()),
-                ("client", client.map(|c| c.to_string())),
-            ] {
+            let filters = [("service", service.clone()), ("node", node.clone()), ("client", client.map(|c| c.to_string()))];
+            for (k, v) in filters {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={v}"));
                 }
             }
             let v = get(&q)?;
-            if !cli.json {
-                print_routes(&v);
-            }
-            v
+            let text = routes_text(&v);
+            (v, text)
         }
-        Cmd::Ratio {
-            service,
-            node,
-            ratio,
-        } => {
-            let v = post(
-                "/v1/ratio",
-                json!({"service": service, "node": node, "ratio": ratio}),
-            )?;
-            say(cli, &format!("ratio of {node} in {service} set to {ratio}; new routes follow, idle routes are pruned"));
-            v
-        }
-        Cmd::Drain {
-            node,
-            wait,
-            timeout,
-        } => {
+        Cmd::Ratio { service, node, ratio } => (
+            post("/v1/ratio", json!({"service": service, "node": node, "ratio": ratio}))?,
+            format!("ratio of {node} in {service} set to {ratio}; new routes follow, idle routes are pruned"),
+        ),
+        Cmd::Drain { node, wait, timeout } => {
             let v = post("/v1/drain", json!({"node": node}))?;
             if *wait {
-                return wait_drained(cli, node, Duration::from_secs(*timeout));
+                return wait_drained(cli, &to, node, Duration::from_secs(*timeout));
             }
-            say(
-                cli,
-                &format!("draining {node}; `fepctl drain {node} --wait` waits until it is drained"),
-            );
-            v
+            (v, format!("draining {node}; `fepctl drain {node} --wait` waits until it is drained"))
         }
-        Cmd::Undrain { node } => {
-            let v = post("/v1/undrain", json!({"node": node}))?;
-            say(cli, &format!("{node} is back in rotation"));
-            v
-        }
-        Cmd::Pin {
-            node,
-            state,
-            load,
-            ratio,
-        } => {
+        Cmd::Undrain { node } => (post("/v1/undrain", json!({"node": node}))?, format!("{node} is back in rotation")),
+        Cmd::Pin { node, state, load, ratio } => {
             if state.is_none() && load.is_none() && ratio.is_none() {
                 bail!("pin what? give --state up|down, --load X or --ratio N");
             }
-            let state = state.map(|s| match s {
-                PinState::Up => "up",
-                PinState::Down => "down",
-            });
-            let v = post(
-                "/v1/pin",
-                json!({"node": node, "state": state, "load": load, "ratio": ratio}),
-            )?;
-            say(cli, &format!("{node} pinned"));
-            v
+            let body = json!({"node": node, "state": state.map(name), "load": load, "ratio": ratio});
+            (post("/v1/pin", body)?, format!("{node} pinned"))
         }
-        Cmd::Unpin { node } => {
-            let v = post("/v1/unpin", json!({"node": node}))?;
-            say(cli, &format!("{node} unpinned"));
-            v
+        Cmd::Unpin { node } => (post("/v1/unpin", json!({"node": node}))?, format!("{node} unpinned")),
+        Cmd::Node(NodeCmd::Add { name, address }) => (
+            post("/v1/node/add", json!({"name": name, "address": address}))?,
+            format!("node {name} ({address}) added; `fepctl backend add SERVICE {name} --ratio N` puts it to work"),
+        ),
+        Cmd::Node(NodeCmd::Remove { name, force }) => (
+            post("/v1/node/remove", json!({"name": name, "force": force}))?,
+            format!("node {name} removed"),
+        ),
+        Cmd::Backend(BackendCmd::Add { service, node, ratio, port }) => (
+            post("/v1/backend/add", json!({"service": service, "node": node, "ratio": ratio, "port": port}))?,
+            format!("{node} added to {service} with ratio {ratio}"),
+        ),
+        Cmd::Backend(BackendCmd::Remove { service, node, force }) => (
+            post("/v1/backend/remove", json!({"service": service, "node": node, "force": force}))?,
+            format!("{node} removed from {service}{}", if *force { "" } else { "; its live connections carry on until they end" }),
+        ),
+        Cmd::Service(ServiceCmd::Add { name: svc, vip, port, protocol, scheduler, affinity }) => {
+            let body = json!({
+                "name": svc, "vip": vip, "port": port, "protocol": name(*protocol),
+                "scheduler": name(*scheduler), "affinity": name(*affinity),
+            });
+            (post("/v1/service/add", body)?, format!("service {svc} added; `fepctl backend add {svc} NODE --ratio N` gives it back ends"))
+        }
+        Cmd::Service(ServiceCmd::Remove { name, force }) => (
+            post("/v1/service/remove", json!({"name": name, "force": force}))?,
+            format!("service {name} removed"),
+        ),
+        Cmd::Reload => (post("/v1/reload", json!({}))?, "config file reloaded".to_string()),
+        Cmd::Top { interval, once } => {
+            return top::run(&to, Duration::from_secs_f64(interval.max(0.1)), *once);
         }
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", said.trim_end());
     }
     Ok(())
 }
 
-fn say(cli: &Cli, text: &str) {
-    if !cli.json {
-        println!("{text}");
-    }
-}
-
-fn node_entry(cli: &Cli, node: &str) -> anyhow::Result<Value> {
-    let nodes = call(&cli.socket, "GET", "/v1/nodes", None)?;
-    nodes
-        .as_array()
-        .and_then(|a| a.iter().find(|n| n["name"] == node))
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("node '{node}' vanished"))
-}
-
 /// Polls until the node is drained, printing the routes left when they change.
-fn wait_drained(cli: &Cli, node: &str, timeout: Duration) -> anyhow::Result<()> {
+fn wait_drained(cli: &Cli, to: &Endpoint, node: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
-        let n = node_entry(cli, node)?;
+        let nodes = call(to, "GET", "/v1/nodes", None)?;
+        let n = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == node))
+            .cloned()
+            .with_context(|| format!("node '{node}' vanished"))?;
         let routes = n["routes"].as_u64().unwrap_or(0);
         if n["state"] == "drained" {
             if cli.json {
@@ -250,21 +354,9 @@ fn wait_drained(cli: &Cli, node: &str, timeout: Duration) -> anyhow::Result<()> 
     }
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-fn pct(v: &Value) -> String {
-    format!("{:.1}%", v.as_f64().unwrap_or(0.0) * 100.0)
-}
-
-fn print_nodes(v: &Value) {
-    println!(
-        "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)",
+fn nodes_text(v: &Value) -> String {
+    let mut out = format!(
+        "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)\n",
         "NODE", "ADDRESS", "STATE", "PINNED", "ROUTES", "AGENT", "CPU"
     );
     for n in v.as_array().into_iter().flatten() {
@@ -283,17 +375,17 @@ fn print_nodes(v: &Value) {
             .map(|x| {
                 format!(
                     "{} {}/{}",
-                    s(&x["service"]),
+                    top::s(&x["service"]),
                     x["configured_ratio"],
                     x["effective_ratio"]
                 )
             })
             .collect();
-        println!(
-            "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  {}",
-            s(&n["name"]),
-            s(&n["address"]),
-            s(&n["state"]),
+        out += &format!(
+            "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  {}\n",
+            top::s(&n["name"]),
+            top::s(&n["address"]),
+            top::s(&n["state"]),
             if n["pinned"] == true { "yes" } else { "no" },
             n["routes"],
             agent,
@@ -301,17 +393,19 @@ fn print_nodes(v: &Value) {
             ratios.join(", ")
         );
     }
+    out
 }
 
-fn print_services(v: &Value) {
+fn services_text(v: &Value) -> String {
+    let mut out = String::new();
     for svc in v.as_array().into_iter().flatten() {
-        println!(
-            "{} {} {}:{} scheduler {} — {} route(s){}",
-            s(&svc["name"]),
-            s(&svc["protocol"]),
-            s(&svc["vip"]),
+        out += &format!(
+            "{} {} {}:{} scheduler {} — {} route(s){}\n",
+            top::s(&svc["name"]),
+            top::s(&svc["protocol"]),
+            top::s(&svc["vip"]),
             svc["port"],
-            s(&svc["scheduler"]),
+            top::s(&svc["scheduler"]),
             svc["routes"],
             if svc["pruning"] == true {
                 ", pruning idle routes"
@@ -319,50 +413,55 @@ fn print_services(v: &Value) {
                 ""
             }
         );
-        println!(
-            "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} LOAD",
-            "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE"
+        out += &format!(
+            "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} SHARE\n",
+            "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE", "LOAD"
         );
         for b in svc["backends"].as_array().into_iter().flatten() {
-            let bar = "█".repeat((b["share"].as_f64().unwrap_or(0.0) * 20.0).round() as usize);
-            println!(
-                "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} {bar}",
-                s(&b["node"]),
+            out += &format!(
+                "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} {}\n",
+                top::s(&b["node"]),
                 b["configured_ratio"],
                 b["effective_ratio"],
                 b["routes"],
-                pct(&b["share"]),
-                pct(&b["target_share"]),
+                top::pct(&b["share"]),
+                top::pct(&b["target_share"]),
                 if b["up"] == true { "up" } else { "down" },
-                s(&b["spare"]),
+                top::s(&b["spare"]),
                 b["load"].as_f64().map_or("-".into(), |l| format!("{l:.1}")),
+                top::bar(
+                    b["share"].as_f64().unwrap_or(0.0),
+                    b["target_share"].as_f64().unwrap_or(0.0),
+                    20
+                ),
             );
         }
     }
+    out
 }
 
-fn print_routes(v: &Value) {
-    println!(
-        "{:<10} {:<40} {:<12} {:<8} {:>10}",
+fn routes_text(v: &Value) -> String {
+    let mut out = format!(
+        "{:<10} {:<40} {:<22} {:<8} {:>10}\n",
         "SERVICE", "CLIENT", "NODE", "STATE", "IDLE"
     );
     for r in v.as_array().into_iter().flatten() {
-        let client = format!("{}:{}", s(&r["client"]), r["client_port"]);
-        println!(
-            "{:<10} {:<40} {:<12} {:<8} {:>9.1}s",
-            s(&r["service"]),
-            client,
-            format!("{}:{}", s(&r["node"]), r["backend_port"]),
-            s(&r["state"]),
+        out += &format!(
+            "{:<10} {:<40} {:<22} {:<8} {:>9.1}s\n",
+            top::s(&r["service"]),
+            format!("{}:{}", top::s(&r["client"]), r["client_port"]),
+            format!("{}:{}", top::s(&r["node"]), r["backend_port"]),
+            top::s(&r["state"]),
             r["idle_ms"].as_f64().unwrap_or(0.0) / 1000.0
         );
     }
+    out
 }
 
-fn print_status(v: &Value) {
+fn status_text(v: &Value) -> String {
     let c = &v["counters"];
-    println!(
-        "routes {}   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}",
+    let mut out = format!(
+        "routes {}   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}\n",
         v["routes"], c["to_backend_packets"], c["to_backend_bytes"], c["to_client_packets"], c["to_client_bytes"], c["routes_created"]
     );
     let drops: Vec<String> = c["drops"]
@@ -372,8 +471,8 @@ fn print_status(v: &Value) {
         .filter(|(_, n)| n.as_u64() != Some(0))
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
-    println!(
-        "drops: {}",
+    out += &format!(
+        "drops: {}\n",
         if drops.is_empty() {
             "none".into()
         } else {
@@ -387,10 +486,7 @@ fn print_status(v: &Value) {
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
     if !rejects.is_empty() {
-        println!("rejected agent frames: {}", rejects.join(" "));
+        out += &format!("rejected agent frames: {}\n", rejects.join(" "));
     }
-    println!();
-    print_services(&v["services"]);
-    println!();
-    print_nodes(&v["nodes"]);
+    out + "\n" + &services_text(&v["services"]) + "\n" + &nodes_text(&v["nodes"])
 }

@@ -1,0 +1,240 @@
+//! Prometheus metrics on `metrics_listen` (`GET /metrics`), read from the
+//! data path's counters and the control plane at scrape time, so that the
+//! packet path does no metrics work of its own.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::admin::Admin;
+use crate::control::model::NodeState;
+use crate::counters::{DropReason, Totals};
+
+/// Every metric fep exports.
+pub struct Metrics {
+    registry: Registry,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    drops: IntCounterVec,
+    routes: IntGaugeVec,
+    assignments: IntCounterVec,
+    expired: IntCounter,
+    evicted: IntCounter,
+    node_up: IntGaugeVec,
+    node_state: IntGaugeVec,
+    load: GaugeVec,
+    configured_ratio: IntGaugeVec,
+    effective_ratio: IntGaugeVec,
+    report_age: GaugeVec,
+    prune_cycles: IntCounter,
+    pruned: IntCounter,
+    tun_errors: IntCounterVec,
+    rejects: IntCounterVec,
+}
+
+/// Raises a counter to `value` (counters only go up; the sources are
+/// monotonic too).
+fn sync(c: &IntCounter, value: u64) {
+    let current = c.get();
+    if value > current {
+        c.inc_by(value - current);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique");
+            m
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let float_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
+        let sb = &["service", "direction"][..];
+        let sn = &["service", "node"][..];
+        Metrics {
+            packets: counter_vec("fep_packets_total", "Packets forwarded, by service and direction (to_backend, to_client).", sb),
+            bytes: counter_vec("fep_bytes_total", "Bytes of IP packets forwarded, by service and direction.", sb),
+            drops: counter_vec("fep_dropped_packets_total", "Packets dropped, by reason.", &["reason"]),
+            routes: gauge_vec("fep_routes", "Live routes in the assigned-route table, by service and node.", sn),
+            assignments: counter_vec("fep_route_assignments_total", "Routes assigned, by service and node.", sn),
+            expired: counter("fep_routes_expired_total", "Routes removed because their connection ended or idled out."),
+            evicted: counter("fep_routes_evicted_total", "Routes evicted because the table neared max_routes."),
+            node_up: gauge_vec("fep_node_up", "1 if the node is up (agent reporting or none configured, not pinned down).", &["node"]),
+            node_state: gauge_vec("fep_node_state", "1 for the node's current state (up, down, draining, drained).", &["node", "state"]),
+            load: float_vec("fep_backend_load", "The back end's load as its service measures it (load_metric).", sn),
+            configured_ratio: gauge_vec("fep_backend_configured_ratio", "The configured ratio of a back end.", sn),
+            effective_ratio: gauge_vec(
+                "fep_backend_effective_ratio",
+                "The ratio the chooser uses (0 when down, draining or a spare; lowered under load).",
+                sn,
+            ),
+            report_age: float_vec("fep_agent_report_age_seconds", "Age of the node agent's last report.", &["node"]),
+            prune_cycles: counter("fep_prune_cycles_total", "Pruning rounds that looked at routes."),
+            pruned: counter("fep_routes_pruned_total", "Idle routes deleted by pruning."),
+            tun_errors: counter_vec("fep_tun_errors_total", "TUN device read and write errors.", &["op"]),
+            rejects: counter_vec("fep_agent_rejected_frames_total", "Agent frames and connections rejected, by reason.", &["reason"]),
+            registry,
+        }
+    }
+
+    /// Brings every metric up to date and renders the text format.
+    pub fn render(&self, admin: &Admin) -> String {
+        let cp = &admin.cp;
+        let totals = Totals::sum(admin.counters.iter().map(|c| &**c));
+        let table = cp.dispatcher().table();
+        for (slot, svc) in table.services().iter().enumerate() {
+            let t = &totals.services[slot.min(totals.services.len() - 1)];
+            if t.to_backend_packets + t.to_client_packets == 0 {
+                continue;
+            }
+            for (dir, packets, bytes) in [
+                ("to_backend", t.to_backend_packets, t.to_backend_bytes),
+                ("to_client", t.to_client_packets, t.to_client_bytes),
+            ] {
+                sync(&self.packets.with_label_values(&[&svc.name, dir]), packets);
+                sync(&self.bytes.with_label_values(&[&svc.name, dir]), bytes);
+            }
+        }
+        for r in DropReason::ALL {
+            sync(
+                &self.drops.with_label_values(&[r.as_str()]),
+                totals.drops(r),
+            );
+        }
+        sync(
+            &self.tun_errors.with_label_values(&["read"]),
+            totals.tun_read_errors,
+        );
+        sync(
+            &self.tun_errors.with_label_values(&["write"]),
+            totals.tun_write_errors,
+        );
+        let removed = cp.dispatcher().removed_totals();
+        sync(&self.expired, removed.expired as u64);
+        sync(&self.evicted, removed.evicted as u64);
+        sync(&self.prune_cycles, cp.prune_cycles.load(Ordering::Relaxed));
+        sync(&self.pruned, cp.routes_pruned.load(Ordering::Relaxed));
+        for (reason, n) in cp.rejects() {
+            sync(&self.rejects.with_label_values(&[reason]), n);
+        }
+
+        for g in [
+            &self.routes,
+            &self.configured_ratio,
+            &self.effective_ratio,
+            &self.node_up,
+            &self.node_state,
+        ] {
+            g.reset();
+        }
+        self.load.reset();
+        self.report_age.reset();
+        let now = cp.now();
+        let m = cp.model();
+        for b in &m.backends {
+            let svc = table.service(b.service);
+            let be = &svc.backends[usize::from(b.index)];
+            let labels = [svc.name.as_str(), be.node.as_str()];
+            self.routes
+                .with_label_values(&labels)
+                .set(i64::from(be.routes()));
+            sync(&self.assignments.with_label_values(&labels), be.assigned());
+            self.configured_ratio
+                .with_label_values(&labels)
+                .set(i64::from(b.configured));
+            self.effective_ratio
+                .with_label_values(&labels)
+                .set(i64::from(be.ratio()));
+            if let Some(load) = m.load(b, now) {
+                self.load.with_label_values(&labels).set(load);
+            }
+        }
+        for (id, n) in m.nodes.iter().enumerate().filter(|(_, n)| !n.removed) {
+            let state = m.node_state(id as u16, now);
+            self.node_up
+                .with_label_values(&[&n.name])
+                .set(i64::from(m.node_up(id as u16, now)));
+            for (s, name) in [
+                (NodeState::Up, "up"),
+                (NodeState::Down, "down"),
+                (NodeState::Draining, "draining"),
+                (NodeState::Drained, "drained"),
+            ] {
+                self.node_state
+                    .with_label_values(&[&n.name, name])
+                    .set(i64::from(state == s));
+            }
+            if let Some((at, _)) = &n.report {
+                self.report_age
+                    .with_label_values(&[&n.name])
+                    .set(f64::from(now.wrapping_sub(*at)) / 1000.0);
+            }
+        }
+        drop(m);
+        let mut out = String::new();
+        TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("text encoding of valid metrics");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `/metrics` on `listen` until the runtime stops.
+pub async fn serve(admin: Admin, listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {listen} (metrics_listen)"))?;
+    tracing::info!("metrics on http://{listen}/metrics");
+    let state = Arc::new((admin, Metrics::new()));
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<(Admin, Metrics)>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    s.1.render(&s.0),
+                )
+                    .into_response()
+            }),
+        )
+        .with_state(state);
+    axum::serve(listener, app).await.context("metrics server")
+}
