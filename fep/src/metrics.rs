@@ -14,6 +14,8 @@ use axum::routing::get;
 use axum::Router;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use fep_shared::protocol::ProtocolError;
+
 use crate::admin::Admin;
 use crate::control::model::NodeState;
 use crate::counters::{DropReason, Totals};
@@ -107,6 +109,22 @@ impl Metrics {
             rejects: counter_vec("fep_agent_rejected_frames_total", "Agent frames and connections rejected, by reason.", &["reason"]),
             registry,
         }
+        .with_zero_series()
+    }
+
+    /// Creates the series of every known reason at 0, so that rates and
+    /// alerts work before the first event.
+    fn with_zero_series(self) -> Self {
+        for r in ProtocolError::KINDS.iter().chain(&["unknown_node"]) {
+            self.rejects.with_label_values(&[r]);
+        }
+        for op in ["read", "write"] {
+            self.tun_errors.with_label_values(&[op]);
+        }
+        for r in DropReason::ALL {
+            self.drops.with_label_values(&[r.as_str()]);
+        }
+        self
     }
 
     /// Brings every metric up to date and renders the text format.

@@ -160,6 +160,9 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// Every counter label [`ProtocolError::kind`] gives.
+    pub const KINDS: [&'static str; 5] = ["oversized", "bad_mac", "replay", "garbled", "version"];
+
     /// The counter label for this rejection.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -210,12 +210,17 @@ impl Lab {
     /// `v6`), the admin socket and state directory inside the lab, and the
     /// given services and extra top-level keys (TOML, written by the caller).
     pub fn config(&self, v6: bool, top: &str, services: &str) -> String {
+        self.config_with_nodes(self.backends.len(), v6, top, services)
+    }
+
+    /// As [`Lab::config`], with only the first `nodes` back ends as nodes.
+    pub fn config_with_nodes(&self, nodes: usize, v6: bool, top: &str, services: &str) -> String {
         let mut s = format!(
             "tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 30\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n{top}\n",
             self.control_socket().display(),
             self.dir.join("state").display()
         );
-        for i in 0..self.backends.len() {
+        for i in 0..nodes {
             let addr: IpAddr = if v6 {
                 backend_v6(i).into()
             } else {
@@ -360,6 +365,14 @@ pub struct FepProcess {
 }
 
 impl FepProcess {
+    /// Sends a signal to fep (e.g. `libc::SIGHUP` to reload).
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
     /// fep's log (stderr) so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

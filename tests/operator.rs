@@ -1,0 +1,446 @@
+//! The operator surface end to end: every fepctl command against a running
+//! fep with real traffic, the TCP admin API, Prometheus metrics, a restart
+//! that keeps runtime changes, and reloads good and bad.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use fep_tests::{
+    backend, fepctl, fepctl_json, http, http_names, node, skip_without_root, tally, wait_for,
+    Running, TIMEOUT,
+};
+use fep_tools::lab::{self, Lab, VIP_V4};
+
+const WEB_1_1: &str = r#"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
+"#;
+
+/// Three back ends serving HTTP on 80 and 8080; fep knows only be1 and be2,
+/// with metrics and a TCP admin port on the gateway's loopback.
+fn start(tag: &str) -> Running {
+    let mut lab = Lab::new(tag, 3).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    lab.start_backend_servers(&testsrv, &[80, 8080], &[])
+        .unwrap();
+    let token = lab.dir().join("admin.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let key = lab
+        .agent_key(&lab::workspace_bin("bep-agent").unwrap())
+        .unwrap();
+    let top = format!(
+        "metrics_listen = \"127.0.0.1:9100\"\nadmin_listen = \"127.0.0.1:9442\"\nadmin_token_file = \"{}\"\nprune_interval_ms = 300\n\
+         agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\n",
+        token.display(),
+        key.display()
+    );
+    let config = lab.config_with_nodes(2, false, &top, WEB_1_1);
+    let fep = lab
+        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
+        .unwrap();
+    Running { lab, fep }
+}
+
+fn ok(r: &Running, args: &[&str]) -> String {
+    let (code, out) = fepctl(r, args);
+    assert_eq!(code, 0, "fepctl {args:?}: {out}\nfep log:\n{}", r.fep.log());
+    out
+}
+
+fn get(r: &Running, vip: &str, port: u16) -> anyhow::Result<String> {
+    let addr = SocketAddr::new(vip.parse().unwrap(), port);
+    r.lab
+        .client
+        .enter(|| http::get(addr, "/", Duration::from_secs(2)).map(|r| r.body_text()))
+        .unwrap()
+}
+
+#[test]
+fn every_fepctl_command_against_a_running_fep() {
+    if skip_without_root("every_fepctl_command_against_a_running_fep") {
+        return;
+    }
+    let r = start("fop");
+    let vip = VIP_V4.into();
+
+    // Views, human and JSON.
+    let nodes = fepctl_json(&r, &["nodes"]);
+    let be1 = &nodes.as_array().unwrap()[0];
+    for key in ["name", "address", "state", "pinned", "routes", "services"] {
+        assert!(!be1[key].is_null(), "nodes --json lacks {key}: {be1}");
+    }
+    assert_eq!(
+        (
+            be1["name"].as_str(),
+            be1["address"].as_str(),
+            be1["state"].as_str()
+        ),
+        (Some("be1"), Some("10.0.2.11"), Some("up"))
+    );
+    assert_eq!(be1["pinned"], false);
+    assert_eq!(be1["services"][0]["configured_ratio"], 1);
+    assert_eq!(be1["services"][0]["effective_ratio"], 1);
+    assert!(ok(&r, &["status"]).contains("web tcp 10.0.0.100:80"));
+    assert!(ok(&r, &["services"]).contains("be2"));
+    assert!(ok(&r, &["nodes"]).contains("10.0.2.12"));
+    // --json and --socket may come after the subcommand too.
+    let socket = r.lab.control_socket();
+    let (code, out) = fepctl(&r, &["status", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["services"].is_array());
+    let direct = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())
+        .args(["nodes", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(direct.status.success());
+
+    // ratio: new connections follow at once.
+    ok(&r, &["ratio", "web", "be1", "0"]);
+    assert_eq!(tally(&http_names(&r, vip, 20), 2), [0, 20]);
+    ok(&r, &["ratio", "web", "be1", "1"]);
+
+    // pin / unpin.
+    ok(&r, &["pin", "be2", "--state", "down"]);
+    assert_eq!(node(&r, "be2")["pinned"], true);
+    assert_eq!(tally(&http_names(&r, vip, 10), 2), [10, 0]);
+    ok(&r, &["unpin", "be2"]);
+    assert_eq!(node(&r, "be2")["pinned"], false);
+
+    // routes with filters.
+    http_names(&r, vip, 4);
+    let routes = fepctl_json(&r, &["routes", "--service", "web", "--client", "10.0.1.2"]);
+    assert!(!routes.as_array().unwrap().is_empty());
+    assert!(routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["client"] == "10.0.1.2" && x["service"] == "web"));
+    assert_eq!(
+        fepctl_json(&r, &["routes", "--limit", "1"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(fepctl_json(&r, &["routes", "--node", "be1"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["node"] == "be1"));
+
+    // A node joins at runtime: its return path is set up and it gets its share.
+    ok(&r, &["node", "add", "be3", "10.0.2.13"]);
+    ok(&r, &["backend", "add", "web", "be3", "--ratio", "1"]);
+    assert_eq!(tally(&http_names(&r, vip, 30), 3), [10, 10, 10]);
+    assert!(r
+        .lab
+        .gateway
+        .ip_output(&["rule"])
+        .unwrap()
+        .contains("from 10.0.2.13"));
+
+    // ... and leaves: removed from the service, then refused until drained.
+    ok(&r, &["backend", "remove", "web", "be3"]);
+    assert_eq!(tally(&http_names(&r, vip, 10), 3)[2], 0);
+    let (code, out) = fepctl(&r, &["node", "remove", "be3"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("drain it first"), "{out}");
+    ok(&r, &["drain", "be3", "--wait", "--timeout", "15"]);
+    ok(&r, &["node", "remove", "be3"]);
+    assert!(fepctl_json(&r, &["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["name"] != "be3"));
+    wait_for(
+        &r,
+        "be3's return-path rule removed",
+        Duration::from_secs(5),
+        |r| {
+            !r.lab
+                .gateway
+                .ip_output(&["rule"])
+                .unwrap()
+                .contains("from 10.0.2.13")
+        },
+    );
+
+    // A service comes and goes.
+    ok(
+        &r,
+        &[
+            "service",
+            "add",
+            "alt",
+            "--vip",
+            "10.0.0.101",
+            "--port",
+            "8080",
+        ],
+    );
+    ok(&r, &["backend", "add", "alt", "be1", "--ratio", "1"]);
+    assert_eq!(get(&r, "10.0.0.101", 8080).unwrap(), "be1");
+    ok(&r, &["service", "remove", "alt"]);
+    wait_for(
+        &r,
+        "alt's VIP route removed",
+        Duration::from_secs(10),
+        |r| {
+            !r.lab
+                .gateway
+                .ip_output(&["route"])
+                .unwrap()
+                .contains("10.0.0.101")
+        },
+    );
+    assert!(
+        get(&r, "10.0.0.101", 8080).is_err(),
+        "a removed service stops answering"
+    );
+
+    // The live view renders.
+    let top = ok(&r, &["top", "--once"]);
+    assert!(
+        top.contains("fepctl top") && top.contains("web") && top.contains("be2"),
+        "{top}"
+    );
+
+    // Errors say what exists; usage errors exit 2.
+    let (code, out) = fepctl(&r, &["ratio", "web", "be9", "1"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("no node 'be9'; nodes: be1, be2"), "{out}");
+    let (code, out) = fepctl(&r, &["ratio", "nope", "be1", "1"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("no service 'nope'; services: web"), "{out}");
+    assert_eq!(fepctl(&r, &["frobnicate"]).0, 2);
+    assert_eq!(fepctl(&r, &["ratio", "web"]).0, 2);
+}
+
+/// Scrapes fep's metrics from inside the gateway.
+fn scrape(r: &Running) -> String {
+    r.lab
+        .gateway
+        .enter(|| {
+            let resp = http::get("127.0.0.1:9100".parse().unwrap(), "/metrics", TIMEOUT).unwrap();
+            String::from_utf8(resp.body).unwrap()
+        })
+        .unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`), or 0.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_move_with_traffic_and_pass_promtool() {
+    if skip_without_root("metrics_move_with_traffic_and_pass_promtool") {
+        return;
+    }
+    let mut r = start("fme");
+    // An agent on be1 (for its report age) and a pinned load on be2.
+    r.lab
+        .start_agent(0, &lab::workspace_bin("bep-agent").unwrap(), &[80], 200, "")
+        .unwrap();
+    wait_for(&r, "be1's agent reporting", Duration::from_secs(10), |r| {
+        !node(r, "be1")["report_age_ms"].is_null()
+    });
+    ok(&r, &["pin", "be2", "--load", "2.5"]);
+    let before = scrape(&r);
+    let names = http_names(&r, VIP_V4.into(), 30);
+    assert_eq!(tally(&names, 2), [15, 15]);
+    let after = scrape(&r);
+    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    let to_backend = delta(r#"fep_packets_total{direction="to_backend",service="web"}"#);
+    let to_client = delta(r#"fep_packets_total{direction="to_client",service="web"}"#);
+    // Each request: SYN, ACK, request, ACK, FIN, ACK at least toward the back end.
+    assert!(
+        to_backend >= 30.0 * 5.0,
+        "to_backend packets moved by {to_backend}\n{after}"
+    );
+    assert!(
+        to_client >= 30.0 * 4.0,
+        "to_client packets moved by {to_client}"
+    );
+    assert!(delta(r#"fep_bytes_total{direction="to_client",service="web"}"#) > to_client * 40.0);
+    for n in ["be1", "be2"] {
+        let assigned = delta(&format!(
+            r#"fep_route_assignments_total{{node="{n}",service="web"}}"#
+        ));
+        assert_eq!(assigned, 15.0, "route assignments of {n}");
+    }
+    assert_eq!(sample(&after, r#"fep_node_up{node="be1"}"#), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            r#"fep_backend_effective_ratio{node="be2",service="web"}"#
+        ),
+        1.0
+    );
+    assert!(after.contains("# TYPE fep_dropped_packets_total counter"));
+    // Every metric the shipped Grafana dashboard draws is exported.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    for name in dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("fep_"))
+    {
+        assert!(
+            after.contains(&format!("# TYPE {name} ")),
+            "the dashboard uses {name}, which fep does not export"
+        );
+    }
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    match promtool {
+        Err(_) => eprintln!("skipping the promtool check: promtool is not installed (Debian package prometheus; .ci/run installs it)"),
+        Ok(mut child) => {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(after.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused() {
+    if skip_without_root("a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused") {
+        return;
+    }
+    let mut r = start("frs");
+    ok(&r, &["ratio", "web", "be1", "3"]);
+    ok(&r, &["pin", "be2", "--load", "7"]);
+    assert!(r.fep.stop().unwrap().success());
+    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+    r.fep = r
+        .lab
+        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
+        .unwrap();
+    assert_eq!(
+        backend(&r, "web", "be1")["configured_ratio"],
+        3,
+        "the runtime ratio survived the restart"
+    );
+    assert_eq!(node(&r, "be2")["pin"]["load"], 7.0);
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 20), 2), [15, 5]);
+
+    // A broken file is refused with the reason; the running config keeps serving.
+    let path = r.lab.dir().join("fep.toml");
+    std::fs::write(
+        &path,
+        config.replace(
+            "ratio = 1 }, { node = \"be2\"",
+            "ratio = 1 }, { node = \"be9\"",
+        ),
+    )
+    .unwrap();
+    let (code, out) = fepctl(&r, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("reload refused") && out.contains("no node 'be9'"),
+        "{out}"
+    );
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 8), 2), [6, 2]);
+
+    // A good change to the file, by SIGHUP: what the file changed applies;
+    // the runtime ratio of be1 (which the file did not change) stays.
+    std::fs::write(
+        &path,
+        config.replace(
+            "{ node = \"be2\", ratio = 1 }",
+            "{ node = \"be2\", ratio = 2 }",
+        ),
+    )
+    .unwrap();
+    r.fep.signal(libc::SIGHUP);
+    wait_for(
+        &r,
+        "the reload to apply be2's new ratio",
+        Duration::from_secs(5),
+        |r| backend(r, "web", "be2")["configured_ratio"] == 2,
+    );
+    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 3);
+    assert!(r.fep.log().contains("reloaded"));
+}
+
+#[test]
+fn the_admin_api_refuses_tcp_requests_without_the_token_and_the_socket_is_private() {
+    if skip_without_root("the_admin_api_refuses_tcp_requests_without_the_token") {
+        return;
+    }
+    let r = start("ftk");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(r.lab.control_socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the admin socket is for root only");
+
+    let raw = |auth: &str| {
+        r.lab
+            .gateway
+            .enter(|| {
+                use std::io::{Read, Write};
+                let mut s = TcpStream::connect("127.0.0.1:9442").unwrap();
+                write!(
+                    s,
+                    "GET /v1/nodes HTTP/1.1\r\nHost: fep\r\nConnection: close\r\n{auth}\r\n"
+                )
+                .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .unwrap()
+    };
+    assert!(raw("").starts_with("HTTP/1.1 401"), "no token");
+    assert!(
+        raw("Authorization: Bearer wrong-token-wrong-token\r\n").starts_with("HTTP/1.1 401"),
+        "wrong token"
+    );
+    assert!(
+        raw("Authorization: Bearer 0123456789abcdef0123456789abcdef\r\n")
+            .starts_with("HTTP/1.1 200")
+    );
+
+    // fepctl over TCP, from inside the gateway.
+    let out = r
+        .lab
+        .gateway
+        .command(lab::workspace_bin("fepctl").unwrap())
+        .args(["--tcp", "127.0.0.1:9442", "--token-file"])
+        .arg(r.lab.dir().join("admin.token"))
+        .args(["--json", "nodes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"be1\""));
+}
