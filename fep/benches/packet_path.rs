@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use etherparse::PacketBuilder;
-use fep::counters::WorkerCounters;
+use fep::dispatcher::Worker;
 use fep::{Dispatcher, Verdict};
 use fep_shared::FepConfig;
 
@@ -49,10 +49,10 @@ fn hit(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for routes in [1_000u32, 1_000_000] {
         let d = dispatcher(routes as usize * 2);
-        let counters = WorkerCounters::default();
+        let mut worker = Worker::new(Default::default());
         for n in 0..routes {
             assert!(matches!(
-                d.process(&mut segment(n, true), 0, &counters),
+                d.process(&mut segment(n, true), 0, &mut worker),
                 Verdict::Forward(_)
             ));
         }
@@ -66,7 +66,7 @@ fn hit(c: &mut Criterion) {
             b.iter(|| {
                 buf.copy_from_slice(&templates[i & 1023]);
                 i += 1;
-                black_box(d.process(black_box(&mut buf), 1, &counters))
+                black_box(d.process(black_box(&mut buf), 1, &mut worker))
             })
         });
     }
@@ -83,12 +83,12 @@ fn insert(c: &mut Criterion) {
             let mut left = iters;
             while left > 0 {
                 let d = dispatcher(200_000);
-                let counters = WorkerCounters::default();
+                let mut worker = Worker::new(Default::default());
                 let n = left.min(packets.len() as u64) as usize;
                 let mut bufs: Vec<Vec<u8>> = packets[..n].to_vec();
                 let start = Instant::now();
                 for buf in &mut bufs {
-                    black_box(d.process(buf, 0, &counters));
+                    black_box(d.process(buf, 0, &mut worker));
                 }
                 total += start.elapsed();
                 left -= n as u64;

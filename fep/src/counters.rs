@@ -75,6 +75,10 @@ pub struct WorkerCounters {
     /// Indexed by service slot.
     traffic: Box<[Traffic]>,
     pub routes_created: AtomicU64,
+    /// Never-answered routes evicted to make room under a SYN flood.
+    pub embryonic_evicted: AtomicU64,
+    pub icmp_echo_replies: AtomicU64,
+    pub icmp_errors_translated: AtomicU64,
     pub tun_read_errors: AtomicU64,
     pub tun_write_errors: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -85,6 +89,9 @@ impl Default for WorkerCounters {
         WorkerCounters {
             traffic: (0..MAX_SERVICE_SLOTS).map(|_| Traffic::default()).collect(),
             routes_created: AtomicU64::new(0),
+            embryonic_evicted: AtomicU64::new(0),
+            icmp_echo_replies: AtomicU64::new(0),
+            icmp_errors_translated: AtomicU64::new(0),
             tun_read_errors: AtomicU64::new(0),
             tun_write_errors: AtomicU64::new(0),
             drops: Default::default(),
@@ -103,7 +110,7 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 
 impl WorkerCounters {
     #[inline]
-    pub fn drop(&self, reason: DropReason) {
+    pub fn dropped(&self, reason: DropReason) {
         bump(&self.drops[reason.index()], 1);
     }
 
@@ -166,6 +173,9 @@ pub struct Totals {
     /// By service slot.
     pub services: Vec<TrafficTotals>,
     pub routes_created: u64,
+    pub embryonic_evicted: u64,
+    pub icmp_echo_replies: u64,
+    pub icmp_errors_translated: u64,
     pub tun_read_errors: u64,
     pub tun_write_errors: u64,
     pub drops: [u64; DropReason::ALL.len()],
@@ -183,6 +193,9 @@ impl Totals {
                 total.add(traffic);
             }
             t.routes_created += get(&w.routes_created);
+            t.embryonic_evicted += get(&w.embryonic_evicted);
+            t.icmp_echo_replies += get(&w.icmp_echo_replies);
+            t.icmp_errors_translated += get(&w.icmp_errors_translated);
             t.tun_read_errors += get(&w.tun_read_errors);
             t.tun_write_errors += get(&w.tun_write_errors);
             for r in DropReason::ALL {
@@ -206,12 +219,15 @@ impl std::fmt::Display for Totals {
         let a = &self.all;
         write!(
             f,
-            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, tun_errors read={} write={}; drops:",
+            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, embryonic_evicted={}, icmp echo_replies={} errors_translated={}, tun_errors read={} write={}; drops:",
             a.to_backend_packets,
             a.to_backend_bytes,
             a.to_client_packets,
             a.to_client_bytes,
             self.routes_created,
+            self.embryonic_evicted,
+            self.icmp_echo_replies,
+            self.icmp_errors_translated,
             self.tun_read_errors,
             self.tun_write_errors,
         )?;

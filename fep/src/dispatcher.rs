@@ -5,6 +5,7 @@
 //! back. Time is passed in (milliseconds of a clock the caller owns), so unit
 //! tests replay ageing and closes without sleeping.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -16,11 +17,47 @@ use fep_shared::{Affinity, FepConfig};
 use crate::counters::{bump, DropReason, WorkerCounters};
 use crate::route_table::{state, ClientKey, FlowKey, ReplyKey, Route, RouteTable, Sticky};
 use crate::transfer_table::{Backend, BackendId, Service, ServiceId, TransferTable};
+use crate::wire::icmp::{IcmpKind, IcmpPacket};
 use crate::wire::{tcp_flags, FlowPacket, ParseError};
 
 /// How long a TCP route whose connection has closed (FIN both ways, or RST)
 /// stays, so that the last ACK and a retransmitted FIN still get through.
 pub const CLOSED_LINGER_MS: u32 = 4_000;
+/// How long a TCP route the back end never answered (embryonic: a SYN and
+/// its retransmissions) lives.
+pub const EMBRYONIC_TIMEOUT_MS: u32 = 5_000;
+/// Under a flood, embryonic routes younger than this are not evicted, so a
+/// real client's handshake in progress is not cut.
+pub const EMBRYONIC_MIN_AGE_MS: u32 = 200;
+/// Routes a worker remembers having opened, for eviction under a flood.
+const RECENT_ROUTES: usize = 65_536;
+/// Keys looked at per eviction before giving up.
+const EVICT_ATTEMPTS: usize = 32;
+
+/// What one data-path worker owns: its counters, and the TCP routes it
+/// opened most recently (oldest first), which make room for new clients when
+/// a SYN flood fills the table.
+#[derive(Debug)]
+pub struct Worker {
+    pub counters: Arc<WorkerCounters>,
+    recent: VecDeque<FlowKey>,
+}
+
+impl Worker {
+    pub fn new(counters: Arc<WorkerCounters>) -> Self {
+        Worker {
+            counters,
+            recent: VecDeque::with_capacity(RECENT_ROUTES),
+        }
+    }
+
+    fn opened(&mut self, key: FlowKey) {
+        if self.recent.len() == RECENT_ROUTES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(key);
+    }
+}
 
 /// What to do with a processed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +94,7 @@ impl From<ParseError> for DropReason {
         match e {
             ParseError::Malformed => DropReason::Malformed,
             ParseError::Fragment => DropReason::Fragment,
-            ParseError::UnsupportedProtocol => DropReason::UnsupportedProtocol,
+            ParseError::UnsupportedProtocol | ParseError::Icmp => DropReason::UnsupportedProtocol,
         }
     }
 }
@@ -103,22 +140,88 @@ impl Dispatcher {
 
     /// Handles one packet in place and counts what happened.
     #[inline]
-    pub fn process(&self, buf: &mut [u8], now: u32, counters: &WorkerCounters) -> Verdict {
+    pub fn process(&self, buf: &mut [u8], now: u32, worker: &mut Worker) -> Verdict {
         let verdict = match FlowPacket::new_checked(buf) {
             Ok(mut pkt) => {
                 let dst = pkt.dst_addr();
                 let table = self.table.load();
                 match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
-                    Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, counters),
-                    None => self.to_client(&table, &mut pkt, now, counters),
+                    Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
+                    None => self.to_client(&table, &mut pkt, now, &worker.counters),
                 }
             }
+            Err(ParseError::Icmp) => self.icmp(buf, &worker.counters),
             Err(e) => Verdict::Drop(e.into()),
         };
         if let Verdict::Drop(reason) = verdict {
-            counters.drop(reason);
+            worker.counters.dropped(reason);
         }
         verdict
+    }
+
+    /// ICMP: echo requests to a VIP are answered; errors about a tracked
+    /// flow are translated toward the side that sent the packet in error.
+    fn icmp(&self, buf: &mut [u8], counters: &WorkerCounters) -> Verdict {
+        let mut pkt = match IcmpPacket::new_checked(buf) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Drop(e.into()),
+        };
+        let table = self.table.load();
+        match pkt.kind() {
+            IcmpKind::EchoRequest if table.is_vip(&pkt.dst_addr()) => {
+                pkt.into_echo_reply();
+                bump(&counters.icmp_echo_replies, 1);
+                Verdict::Forward(pkt.len())
+            }
+            IcmpKind::Error { .. } => {
+                let Some(inner) = pkt.inner() else {
+                    return Verdict::Drop(DropReason::UnknownFlow);
+                };
+                // About a reply fep rewrote (VIP → client), sent to the VIP:
+                // to the back end, as about its own packet.
+                if table.is_vip(&pkt.dst_addr()) {
+                    let Some((id, svc)) = table.lookup(inner.protocol, &inner.src, inner.src_port)
+                    else {
+                        return Verdict::Drop(DropReason::UnknownFlow);
+                    };
+                    let key = FlowKey {
+                        service: id,
+                        client_port: inner.dst_port,
+                        client: inner.dst,
+                    };
+                    let Some(b) = self.routes.backend_of(&key) else {
+                        return Verdict::Drop(DropReason::UnknownFlow);
+                    };
+                    let be = &svc.backends[usize::from(b)];
+                    pkt.translate(None, Some(&be.addr), Some((&be.addr, be.port)), None);
+                } else {
+                    // From the back-end side about a client's packet: to the
+                    // client, as about its packet to the VIP.
+                    let reply = ReplyKey {
+                        protocol: inner.protocol,
+                        backend_port: inner.dst_port,
+                        client_port: inner.src_port,
+                        backend: inner.dst,
+                        client: inner.src,
+                    };
+                    let Some(key) = self.routes.reply_route(&reply) else {
+                        return Verdict::Drop(DropReason::UnknownFlow);
+                    };
+                    let svc = table.service(key.service);
+                    let from_backend = pkt.src_addr() == inner.dst;
+                    pkt.translate(
+                        from_backend.then_some(&svc.vip),
+                        None,
+                        None,
+                        Some((&svc.vip, svc.port)),
+                    );
+                }
+                bump(&counters.icmp_errors_translated, 1);
+                Verdict::Forward(pkt.len())
+            }
+            IcmpKind::EchoRequest => Verdict::Drop(DropReason::UnknownFlow),
+            IcmpKind::Other => Verdict::Drop(DropReason::UnsupportedProtocol),
+        }
     }
 
     /// Forward direction: client → VIP becomes client → back end.
@@ -128,7 +231,7 @@ impl Dispatcher {
         id: ServiceId,
         svc: &Service,
         now: u32,
-        counters: &WorkerCounters,
+        worker: &mut Worker,
     ) -> Verdict {
         let key = FlowKey {
             service: id,
@@ -145,9 +248,9 @@ impl Dispatcher {
         });
         let backend = match hit {
             Some(b) => b,
-            None => match self.assign(key, svc, flags, now) {
+            None => match self.assign(key, svc, flags, now, worker) {
                 Ok(b) => {
-                    bump(&counters.routes_created, 1);
+                    bump(&worker.counters.routes_created, 1);
                     b
                 }
                 Err(reason) => return Verdict::Drop(reason),
@@ -155,7 +258,7 @@ impl Dispatcher {
         };
         let be = &svc.backends[usize::from(backend)];
         pkt.set_destination(&be.addr, be.port);
-        counters.to_backend(id, pkt.len());
+        worker.counters.to_backend(id, pkt.len());
         Verdict::Forward(pkt.len())
     }
 
@@ -202,12 +305,19 @@ impl Dispatcher {
         svc: &Service,
         flags: u8,
         now: u32,
+        worker: &mut Worker,
     ) -> Result<BackendId, DropReason> {
         if svc.is_tcp() && !is_bare_syn(flags) {
             return Err(DropReason::NoRoute);
         }
-        if !self.routes.reserve(self.max_routes.load(Ordering::Relaxed)) {
+        let max = self.max_routes.load(Ordering::Relaxed);
+        if !self.routes.reserve(max)
+            && !(self.evict_embryonic(worker, now) && self.routes.reserve(max))
+        {
             return Err(DropReason::TableFull);
+        }
+        if svc.is_tcp() {
+            worker.opened(key);
         }
         match self.routes.forward.entry(key) {
             Entry::Vacant(e) => {
@@ -227,6 +337,32 @@ impl Dispatcher {
                 Ok(e.get().backend)
             }
         }
+    }
+
+    /// With the table full, removes the oldest route this worker opened that
+    /// never got an answer (a SYN flood's), so a new client can have its
+    /// place; routes younger than [`EMBRYONIC_MIN_AGE_MS`] are spared.
+    fn evict_embryonic(&self, worker: &mut Worker, now: u32) -> bool {
+        for _ in 0..EVICT_ATTEMPTS {
+            let Some(key) = worker.recent.pop_front() else {
+                return false;
+            };
+            let mut too_young = false;
+            let removed = self.remove_route(&key, |_, r| {
+                let embryonic = r.state() & state::REPLIED == 0;
+                too_young = embryonic && r.idle_ms(now) < EMBRYONIC_MIN_AGE_MS;
+                embryonic && !too_young
+            });
+            if removed {
+                bump(&worker.counters.embryonic_evicted, 1);
+                return true;
+            }
+            if too_young {
+                worker.recent.push_front(key);
+                return false;
+            }
+        }
+        false
     }
 
     fn choose(&self, key: &FlowKey, svc: &Service) -> Option<BackendId> {
@@ -264,14 +400,15 @@ impl Dispatcher {
         let high = max_routes - max_routes / 20;
         if self.routes.len() > high {
             let target = max_routes - max_routes / 10;
-            let mut by_idle: Vec<(u32, FlowKey)> = self
+            // Never-answered routes first, then the longest idle.
+            let mut by_idle: Vec<(bool, u32, FlowKey)> = self
                 .routes
                 .forward
                 .iter()
-                .map(|e| (e.idle_ms(now), *e.key()))
+                .map(|e| (e.state() & state::REPLIED != 0, e.idle_ms(now), *e.key()))
                 .collect();
-            by_idle.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-            for (_, key) in by_idle {
+            by_idle.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            for (_, _, key) in by_idle {
                 if self.routes.len() <= target {
                     break;
                 }
@@ -298,10 +435,15 @@ impl Dispatcher {
 
     fn is_expired(&self, table: &TransferTable, key: &FlowKey, route: &Route, now: u32) -> bool {
         let idle = route.idle_ms(now);
-        idle >= self.idle_timeout_ms.load(Ordering::Relaxed)
-            || (table.service(key.service).is_tcp()
-                && state::is_closed(route.state())
-                && idle >= CLOSED_LINGER_MS)
+        if idle >= self.idle_timeout_ms.load(Ordering::Relaxed) {
+            return true;
+        }
+        if !table.service(key.service).is_tcp() {
+            return false;
+        }
+        let st = route.state();
+        (state::is_closed(st) && idle >= CLOSED_LINGER_MS)
+            || (st & state::REPLIED == 0 && idle >= EMBRYONIC_TIMEOUT_MS)
     }
 
     /// Removes every route for which `pred` holds (checked again under the
@@ -431,13 +573,13 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
 
     struct Rig {
         d: Dispatcher,
-        c: WorkerCounters,
+        w: std::cell::RefCell<Worker>,
     }
 
     fn rig(text: &str) -> Rig {
         Rig {
             d: Dispatcher::new(&FepConfig::parse(text).unwrap()),
-            c: WorkerCounters::default(),
+            w: std::cell::RefCell::new(Worker::new(Arc::default())),
         }
     }
 
@@ -470,7 +612,7 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
 
     impl Rig {
         fn run(&self, mut pkt: Vec<u8>, now: u32) -> (Verdict, Vec<u8>) {
-            let v = self.d.process(&mut pkt, now, &self.c);
+            let v = self.d.process(&mut pkt, now, &mut self.w.borrow_mut());
             (v, pkt)
         }
 
@@ -526,6 +668,10 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
                 }
                 (Verdict::Drop(r), _) => Err(r),
             }
+        }
+
+        fn counters(&self) -> Arc<WorkerCounters> {
+            self.w.borrow().counters.clone()
         }
 
         fn routes(&self) -> usize {
@@ -609,7 +755,8 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             Err(DropReason::UnknownFlow)
         );
         assert_eq!(
-            r.c.traffic(0)
+            r.counters()
+                .traffic(0)
                 .to_client_packets
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
@@ -642,7 +789,7 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             DropReason::NoBackend,
             DropReason::Malformed,
         ] {
-            assert_eq!(r.c.drops(reason), 1, "{reason:?}");
+            assert_eq!(r.counters().drops(reason), 1, "{reason:?}");
         }
         assert_eq!(r.routes(), 0);
     }
@@ -690,6 +837,10 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         let r = rig(GOLDEN);
         r.send(client(1), 1000, 8080, SYN, 0).unwrap();
         r.send(client(2), 1000, 8080, SYN, 0).unwrap();
+        r.reply([10, 0, 2, 1], 8080, client(1), 1000, SYN | ACK, 0)
+            .unwrap();
+        r.reply([10, 0, 2, 2], 8080, client(2), 1000, SYN | ACK, 0)
+            .unwrap();
         r.send(client(2), 1000, 8080, ACK, 50_000).unwrap();
         assert_eq!(r.d.expire(60_000).expired, 1);
         assert_eq!(r.send(client(2), 1000, 8080, ACK, 60_001).unwrap(), "B");
@@ -703,7 +854,15 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
     fn the_table_never_exceeds_max_routes_and_pressure_evicts_the_longest_idle() {
         let r = rig(GOLDEN);
         for n in 0..100u16 {
-            r.send(client(1), 2000 + n, 8080, SYN, u32::from(n))
+            let be = r
+                .send(client(1), 2000 + n, 8080, SYN, u32::from(n))
+                .unwrap();
+            let be_ip = if be == "A" {
+                [10, 0, 2, 1]
+            } else {
+                [10, 0, 2, 2]
+            };
+            r.reply(be_ip, 8080, client(1), 2000 + n, SYN | ACK, u32::from(n))
                 .unwrap();
         }
         assert_eq!(
@@ -721,6 +880,121 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         );
         assert!(r.send(client(1), 2099, 8080, ACK, 301).is_ok());
         assert!(r.send(client(1), 3000, 8080, SYN, 302).is_ok());
+    }
+
+    #[test]
+    fn a_syn_flood_cannot_crowd_out_new_clients() {
+        let r = rig(GOLDEN);
+        // An answered connection, then a flood of never-answered SYNs fills the table.
+        r.send(client(200), 1, 8080, SYN, 0).unwrap();
+        r.reply([10, 0, 2, 1], 8080, client(200), 1, SYN | ACK, 0)
+            .unwrap();
+        for n in 0..99u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
+        }
+        assert_eq!(r.routes(), 100);
+        // A new client 300 ms later takes the oldest flood route's place …
+        assert!(r.send(client(2), 5000, 8080, SYN, 300).is_ok());
+        assert_eq!(r.routes(), 100);
+        assert_eq!(
+            r.counters()
+                .embryonic_evicted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            r.send(client(1), 2000, 8080, ACK, 301),
+            Err(DropReason::NoRoute)
+        );
+        // … the answered connection is never evicted …
+        for n in 0..200u16 {
+            let _ = r.send(client(3), 6000 + n, 8080, SYN, 400);
+        }
+        assert!(r.send(client(200), 1, 8080, ACK, 401).is_ok());
+        // … and a handshake younger than EMBRYONIC_MIN_AGE_MS is not cut.
+        let r = rig(GOLDEN);
+        for n in 0..100u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
+        }
+        assert_eq!(
+            r.send(client(2), 5000, 8080, SYN, EMBRYONIC_MIN_AGE_MS - 1),
+            Err(DropReason::TableFull)
+        );
+        // Never-answered routes expire after EMBRYONIC_TIMEOUT_MS.
+        assert_eq!(r.d.expire(EMBRYONIC_TIMEOUT_MS).expired, 100);
+    }
+
+    #[test]
+    fn icmp_echo_to_a_vip_is_answered_and_errors_about_routes_are_translated() {
+        use crate::wire::icmp::tests::{assert_icmp_checksums, error_v4};
+        let r = rig(GOLDEN);
+        let mut ping = Vec::new();
+        PacketBuilder::ipv4(client(9), VIP, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut ping, b"x")
+            .unwrap();
+        let (v, out) = r.run(ping.clone(), 0);
+        assert!(matches!(v, Verdict::Forward(_)));
+        assert_eq!((&out[12..16], &out[16..20]), (&VIP[..], &client(9)[..]));
+        ping[16..20].copy_from_slice(&[10, 9, 9, 9]);
+        assert_eq!(
+            r.run(ping, 0).0,
+            Verdict::Drop(DropReason::UnknownFlow),
+            "not a VIP"
+        );
+
+        // A route: client(1):40000 → 8080 → A (10.0.2.1).
+        r.send(client(1), 40000, 8080, SYN, 0).unwrap();
+        // The gateway cannot pass the reply VIP:8080 → client on: its
+        // error goes to the VIP, and fep hands it to A about A's own segment.
+        let (v, out) = r.run(
+            error_v4(
+                "10.0.1.1",
+                "10.0.0.100",
+                "10.0.0.100",
+                8080,
+                "192.0.2.1",
+                40000,
+            ),
+            1,
+        );
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[16..20], &[10, 0, 2, 1], "to the back end");
+        assert_eq!(
+            &out[28 + 12..28 + 16],
+            &[10, 0, 2, 1],
+            "about its own packet"
+        );
+        assert_icmp_checksums(&out);
+        // A itself reports a problem with the client's segment: to the
+        // client, from the VIP, about its segment to the VIP.
+        let (v, out) = r.run(
+            error_v4(
+                "10.0.2.1",
+                "192.0.2.1",
+                "192.0.2.1",
+                40000,
+                "10.0.2.1",
+                8080,
+            ),
+            1,
+        );
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!((&out[12..16], &out[28 + 16..28 + 20]), (&VIP[..], &VIP[..]));
+        assert_icmp_checksums(&out);
+        // About no known route: dropped.
+        let (v, _) = r.run(
+            error_v4(
+                "10.0.1.1",
+                "10.0.0.100",
+                "10.0.0.100",
+                8080,
+                "192.0.2.77",
+                1,
+            ),
+            1,
+        );
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownFlow));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::process::Command;
 
 use crate::transfer_table::TransferTable;
+use crate::wire::icmp::{ICMPV4, ICMPV6};
 use crate::wire::ip_from_addr;
 
 /// Priority of fep's policy rules: after `local` (0), before `main` (32766).
@@ -67,8 +68,9 @@ impl Family {
     }
 }
 
-/// A back end's (address, protocol, port): one return-path rule.
-type Endpoint = (IpAddr, &'static str, u16);
+/// A return-path rule: a back end's (address, IP protocol number, source
+/// port), the port absent for its ICMP errors.
+type Endpoint = (IpAddr, u8, Option<u16>);
 
 /// What fep changed on the host.
 #[derive(Debug)]
@@ -117,12 +119,13 @@ impl NetSetup {
                 continue;
             }
             vips.insert(ip_from_addr(&svc.vip));
-            let proto = if svc.is_tcp() { "tcp" } else { "udp" };
-            rules.extend(
-                backends
-                    .iter()
-                    .map(|b| (ip_from_addr(&b.addr), proto, b.port)),
-            );
+            for b in backends {
+                let addr = ip_from_addr(&b.addr);
+                rules.insert((addr, svc.protocol, Some(b.port)));
+                // Its ICMP errors about clients' packets, to be translated.
+                let icmp = if addr.is_ipv4() { ICMPV4 } else { ICMPV6 };
+                rules.insert((addr, icmp, None));
+            }
         }
         for fam in vips.iter().map(|v| Family::of(*v)).collect::<BTreeSet<_>>() {
             if !self.families.contains(&fam) {
@@ -185,27 +188,21 @@ impl NetSetup {
     }
 
     fn rule(&self, (addr, proto, port): Endpoint, op: &str) -> Result<(), NetError> {
-        let (prio, addr, port) = (
+        let (prio, from, proto) = (
             RULE_PRIORITY.to_string(),
             addr.to_string(),
-            port.to_string(),
+            proto.to_string(),
         );
-        let fam = Family::of(addr.parse().expect("formatted from an IpAddr"));
-        run_ip(&[
-            fam.flag(),
-            "rule",
-            op,
-            "priority",
-            &prio,
-            "from",
-            &addr,
-            "ipproto",
-            proto,
-            "sport",
-            &port,
-            "lookup",
-            &self.table,
-        ])
+        let port = port.map(|p| p.to_string());
+        let fam = Family::of(addr).flag();
+        let mut args = vec![
+            fam, "rule", op, "priority", &prio, "from", &from, "ipproto", &proto,
+        ];
+        if let Some(port) = &port {
+            args.extend(["sport", port.as_str()]);
+        }
+        args.extend(["lookup", self.table.as_str()]);
+        run_ip(&args)
     }
 
     fn sysctl(&mut self, path: &str, value: &str) -> Result<(), NetError> {

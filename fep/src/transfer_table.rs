@@ -4,7 +4,7 @@
 //! The data path only reads it; ratios are atomics so that the control plane
 //! can change them without stopping a worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -146,6 +146,8 @@ impl Service {
 pub struct TransferTable {
     services: Vec<Service>,
     by_endpoint: HashMap<(u8, Addr, u16), ServiceId, ahash::RandomState>,
+    /// Every configured VIP (echo requests to them are answered).
+    vips: HashSet<Addr, ahash::RandomState>,
     /// Node names by [`NodeId`].
     nodes: Vec<String>,
 }
@@ -243,9 +245,11 @@ impl TransferTable {
                 b.set_ratio(0);
             }
         }
+        let vips = by_endpoint.keys().map(|&(_, vip, _)| vip).collect();
         TransferTable {
             services,
             by_endpoint,
+            vips,
             nodes,
         }
     }
@@ -275,6 +279,11 @@ impl TransferTable {
     pub fn lookup(&self, protocol: u8, dst: &Addr, port: u16) -> Option<(ServiceId, &Service)> {
         let id = *self.by_endpoint.get(&(protocol, *dst, port))?;
         Some((id, &self.services[usize::from(id)]))
+    }
+
+    /// Whether `addr` is the VIP of a configured service.
+    pub fn is_vip(&self, addr: &Addr) -> bool {
+        self.vips.contains(addr)
     }
 
     pub fn service(&self, id: ServiceId) -> &Service {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::counters::{bump, WorkerCounters};
-use crate::dispatcher::{Dispatcher, Verdict};
+use crate::dispatcher::{Dispatcher, Verdict, Worker};
 
 /// Largest IP packet a TUN read can return.
 const MAX_PACKET: usize = 65_535;
@@ -78,7 +78,7 @@ impl Workers {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("fep-worker-{i}"))
-                    .spawn(move || run(queue, &d, &c, &s, clock))?,
+                    .spawn(move || run(queue, &d, Worker::new(c), &s, clock))?,
             );
         }
         Ok(Workers {
@@ -106,10 +106,11 @@ impl Workers {
 fn run(
     queue: SyncDevice,
     dispatcher: &Dispatcher,
-    counters: &WorkerCounters,
+    mut worker: Worker,
     stop: &AtomicBool,
     clock: Clock,
 ) {
+    let counters = worker.counters.clone();
     let mut buf = vec![0u8; MAX_PACKET];
     let mut logged_errors = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -126,7 +127,9 @@ fn run(
                 continue;
             }
         };
-        if let Verdict::Forward(len) = dispatcher.process(&mut buf[..n], clock.now_ms(), counters) {
+        if let Verdict::Forward(len) =
+            dispatcher.process(&mut buf[..n], clock.now_ms(), &mut worker)
+        {
             if let Err(e) = queue.send(&buf[..len]) {
                 bump(&counters.tun_write_errors, 1);
                 log_io_error(&mut logged_errors, "write", &e);

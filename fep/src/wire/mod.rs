@@ -7,6 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+pub mod icmp;
+
 use etherparse::{IpSlice, TcpSlice, UdpSlice};
 
 /// An IP address in the 16-byte form the tables key on; IPv4 is stored
@@ -24,7 +26,7 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-mod field {
+pub(crate) mod field {
     use std::ops::Range;
     pub const V4_CHECKSUM: Range<usize> = 10..12;
     pub const V4_SRC: Range<usize> = 12..16;
@@ -62,8 +64,10 @@ pub enum ParseError {
     Malformed,
     /// A fragment: the ports of non-first fragments are unknown.
     Fragment,
-    /// Neither TCP nor UDP.
+    /// Neither TCP nor UDP nor ICMP.
     UnsupportedProtocol,
+    /// ICMP or ICMPv6: see [`icmp::IcmpPacket`].
+    Icmp,
 }
 
 /// A validated IPv4/IPv6 packet carrying TCP or UDP, viewed in place.
@@ -95,6 +99,7 @@ impl<'a> FlowPacket<'a> {
                 UDP => {
                     UdpSlice::from_slice(payload.payload).map_err(|_| ParseError::Malformed)?;
                 }
+                icmp::ICMPV4 | icmp::ICMPV6 => return Err(ParseError::Icmp),
                 _ => return Err(ParseError::UnsupportedProtocol),
             }
             let l4 = payload.payload.as_ptr() as usize - buf.as_ptr() as usize;
@@ -192,7 +197,7 @@ impl<'a> FlowPacket<'a> {
         addr: &Addr,
         port: u16,
     ) {
-        let new_addr: &[u8] = if self.v4 { &addr[12..] } else { &addr[..] };
+        let new_addr = addr_bytes(addr, self.v4);
         let port_at = self.l4 + port_at;
         let new_port = port.to_be_bytes();
 
@@ -247,14 +252,44 @@ impl<'a> FlowPacket<'a> {
     }
 }
 
+/// An address field (4 or 16 bytes) in the tables' 16-byte form.
+pub(crate) fn read_addr(bytes: &[u8], v4: bool) -> Addr {
+    if v4 {
+        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+            .to_ipv6_mapped()
+            .octets()
+    } else {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&bytes[..16]);
+        a
+    }
+}
+
+/// The bytes an address takes in a packet of its family.
+pub(crate) fn addr_bytes(addr: &Addr, v4: bool) -> &[u8] {
+    if v4 {
+        &addr[12..]
+    } else {
+        &addr[..]
+    }
+}
+
+pub(crate) fn read_u16(buf: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([buf[at], buf[at + 1]])
+}
+
+pub(crate) fn write_u16(buf: &mut [u8], at: usize, v: u16) {
+    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
 /// The one's-complement difference between old and new 16-bit words, to be
 /// folded into an Internet checksum (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
 #[derive(Debug, Default, Clone, Copy)]
-struct ChecksumDelta(u32);
+pub(crate) struct ChecksumDelta(u32);
 
 impl ChecksumDelta {
     /// Records that the even-length `old` bytes become `new`.
-    fn replace(&mut self, old: &[u8], new: &[u8]) {
+    pub(crate) fn replace(&mut self, old: &[u8], new: &[u8]) {
         debug_assert_eq!(old.len(), new.len());
         for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
             self.0 += u32::from(!u16::from_be_bytes([o[0], o[1]]));
@@ -262,7 +297,12 @@ impl ChecksumDelta {
         }
     }
 
-    fn apply(self, checksum: u16) -> u16 {
+    /// Adds another delta's changes to this one.
+    pub(crate) fn merge(&mut self, other: ChecksumDelta) {
+        self.0 += other.0;
+    }
+
+    pub(crate) fn apply(self, checksum: u16) -> u16 {
         let mut sum = u32::from(!checksum) + self.0;
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
@@ -469,10 +509,15 @@ mod tests {
         );
         // ICMP.
         let mut b = good.clone();
-        b[9] = 1;
+        b[9] = 47;
         assert_eq!(
             FlowPacket::new_checked(&mut b).unwrap_err(),
             ParseError::UnsupportedProtocol
+        );
+        b[9] = 1;
+        assert_eq!(
+            FlowPacket::new_checked(&mut b).unwrap_err(),
+            ParseError::Icmp
         );
         // A fragment (more-fragments bit).
         let mut b = udp4(b"abcdefgh");

@@ -1,0 +1,525 @@
+//! ICMP and ICMPv6 views: echo requests to a VIP (answered by fep) and
+//! errors about a tracked flow (translated so that they reach the side that
+//! can act on them — path MTU discovery works through the dispatcher).
+//!
+//! An error carries the IP header and the first 8+ bytes of the packet that
+//! caused it. Translating rewrites the outer address and the embedded
+//! packet's address and port, keeping the outer IPv4 header checksum, the
+//! embedded IPv4 header and L4 checksums (where captured) and the ICMP
+//! checksum right, all incrementally.
+
+use etherparse::IpSlice;
+
+use super::{
+    addr_bytes, field, read_addr, read_u16, write_u16, Addr, ChecksumDelta, ParseError, TCP, UDP,
+};
+
+pub const ICMPV4: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+/// What an ICMP message is to the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpKind {
+    EchoRequest,
+    /// An error whose embedded TCP/UDP packet starts at `inner` (its IP header).
+    Error {
+        inner: usize,
+        inner_l4: usize,
+        inner_proto: u8,
+    },
+    /// Anything else (echo replies, router and neighbour messages …).
+    Other,
+}
+
+/// A validated ICMP/ICMPv6 packet in a buffer.
+#[derive(Debug)]
+pub struct IcmpPacket<'a> {
+    buf: &'a mut [u8],
+    v4: bool,
+    /// Offset of the ICMP header.
+    icmp: usize,
+    len: usize,
+    kind: IcmpKind,
+}
+
+/// The embedded packet of an error, as addresses and ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inner {
+    pub protocol: u8,
+    pub src: Addr,
+    pub src_port: u16,
+    pub dst: Addr,
+    pub dst_port: u16,
+}
+
+const ICMP_CHECKSUM: usize = 2;
+
+impl<'a> IcmpPacket<'a> {
+    pub fn new_checked(buf: &'a mut [u8]) -> Result<Self, ParseError> {
+        let (v4, icmp, len) = {
+            let ip = IpSlice::from_slice(buf).map_err(|_| ParseError::Malformed)?;
+            let p = ip.payload();
+            if p.fragmented {
+                return Err(ParseError::Fragment);
+            }
+            let v4 = matches!(ip, IpSlice::Ipv4(_));
+            if p.ip_number.0 != if v4 { ICMPV4 } else { ICMPV6 } {
+                return Err(ParseError::UnsupportedProtocol);
+            }
+            if p.payload.len() < 8 {
+                return Err(ParseError::Malformed);
+            }
+            let icmp = p.payload.as_ptr() as usize - buf.as_ptr() as usize;
+            (v4, icmp, icmp + p.payload.len())
+        };
+        let ty = buf[icmp];
+        let is_error = if v4 {
+            matches!(ty, 3 | 4 | 11 | 12)
+        } else {
+            matches!(ty, 1..=4)
+        };
+        let kind = if ty == if v4 { 8 } else { 128 } {
+            IcmpKind::EchoRequest
+        } else if is_error {
+            inner_of(&buf[..len], icmp + 8, v4).unwrap_or(IcmpKind::Other)
+        } else {
+            IcmpKind::Other
+        };
+        Ok(IcmpPacket {
+            buf,
+            v4,
+            icmp,
+            len,
+            kind,
+        })
+    }
+
+    pub fn kind(&self) -> IcmpKind {
+        self.kind
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.v4
+    }
+
+    pub fn src_addr(&self) -> Addr {
+        read_addr(&self.buf[self.src_range()], self.v4)
+    }
+
+    pub fn dst_addr(&self) -> Addr {
+        read_addr(&self.buf[self.dst_range()], self.v4)
+    }
+
+    fn src_range(&self) -> std::ops::Range<usize> {
+        if self.v4 {
+            field::V4_SRC
+        } else {
+            field::V6_SRC
+        }
+    }
+
+    fn dst_range(&self) -> std::ops::Range<usize> {
+        if self.v4 {
+            field::V4_DST
+        } else {
+            field::V6_DST
+        }
+    }
+
+    /// The embedded packet of an error.
+    pub fn inner(&self) -> Option<Inner> {
+        let IcmpKind::Error {
+            inner,
+            inner_l4,
+            inner_proto,
+        } = self.kind
+        else {
+            return None;
+        };
+        let (s, d) = if self.v4 {
+            (field::V4_SRC, field::V4_DST)
+        } else {
+            (field::V6_SRC, field::V6_DST)
+        };
+        Some(Inner {
+            protocol: inner_proto,
+            src: read_addr(&self.buf[inner + s.start..inner + s.end], self.v4),
+            src_port: read_u16(self.buf, inner_l4 + field::SRC_PORT),
+            dst: read_addr(&self.buf[inner + d.start..inner + d.end], self.v4),
+            dst_port: read_u16(self.buf, inner_l4 + field::DST_PORT),
+        })
+    }
+
+    /// Turns an echo request into its reply: addresses swapped, type set,
+    /// hop limit fresh, checksums adjusted.
+    pub fn into_echo_reply(&mut self) {
+        let (s, d) = (self.src_range(), self.dst_range());
+        let mut src = [0u8; 16];
+        let n = s.len();
+        src[..n].copy_from_slice(&self.buf[s.clone()]);
+        self.buf.copy_within(d.clone(), s.start);
+        self.buf[d].copy_from_slice(&src[..n]);
+        let mut delta = ChecksumDelta::default();
+        let old = [self.buf[self.icmp], self.buf[self.icmp + 1]];
+        let reply = [if self.v4 { 0 } else { 129 }, old[1]];
+        delta.replace(&old, &reply);
+        self.buf[self.icmp] = reply[0];
+        self.adjust_icmp_checksum(delta);
+        if self.v4 {
+            // TTL shares a 16-bit word with the protocol.
+            let old = [self.buf[8], self.buf[9]];
+            self.buf[8] = 64;
+            let mut d = ChecksumDelta::default();
+            d.replace(&old, &[64, old[1]]);
+            let at = field::V4_CHECKSUM.start;
+            let c = d.apply(read_u16(self.buf, at));
+            write_u16(self.buf, at, c);
+        } else {
+            self.buf[7] = 64;
+        }
+    }
+
+    /// Translates an error: the outer source and/or destination, the
+    /// embedded source and/or destination (address and port).
+    pub fn translate(
+        &mut self,
+        outer_src: Option<&Addr>,
+        outer_dst: Option<&Addr>,
+        inner_src: Option<(&Addr, u16)>,
+        inner_dst: Option<(&Addr, u16)>,
+    ) {
+        let IcmpKind::Error {
+            inner,
+            inner_l4,
+            inner_proto,
+        } = self.kind
+        else {
+            return;
+        };
+        let v4 = self.v4;
+        // Changes inside the ICMP message, for its checksum.
+        let mut icmp_delta = ChecksumDelta::default();
+        let (s, d) = if v4 {
+            (field::V4_SRC, field::V4_DST)
+        } else {
+            (field::V6_SRC, field::V6_DST)
+        };
+        for (new, range, port_at) in [
+            (inner_src, s.clone(), field::SRC_PORT),
+            (inner_dst, d.clone(), field::DST_PORT),
+        ] {
+            let Some((addr, port)) = new else { continue };
+            let range = inner + range.start..inner + range.end;
+            let port_at = inner_l4 + port_at;
+            let new_addr = addr_bytes(addr, v4);
+            let new_port = port.to_be_bytes();
+            let mut addr_delta = ChecksumDelta::default();
+            addr_delta.replace(&self.buf[range.clone()], new_addr);
+            let mut l4_delta = addr_delta;
+            l4_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
+            icmp_delta.replace(&self.buf[range.clone()], new_addr);
+            icmp_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
+            // The embedded L4 checksum, if the error captured it.
+            let csum_at = inner_l4
+                + if inner_proto == TCP {
+                    field::TCP_CHECKSUM
+                } else {
+                    field::UDP_CHECKSUM
+                };
+            if csum_at + 2 <= self.len {
+                let old = read_u16(self.buf, csum_at);
+                if !(inner_proto == UDP && v4 && old == 0) {
+                    let new = l4_delta.apply(old);
+                    icmp_delta.replace(&old.to_be_bytes(), &new.to_be_bytes());
+                    write_u16(self.buf, csum_at, new);
+                }
+            }
+            if v4 {
+                let at = inner + field::V4_CHECKSUM.start;
+                let old = read_u16(self.buf, at);
+                let new = addr_delta.apply(old);
+                icmp_delta.replace(&old.to_be_bytes(), &new.to_be_bytes());
+                write_u16(self.buf, at, new);
+            }
+            self.buf[range].copy_from_slice(new_addr);
+            self.buf[port_at..port_at + 2].copy_from_slice(&new_port);
+        }
+        // The outer addresses: the IPv4 header checksum, or (IPv6) the
+        // ICMPv6 checksum, whose pseudo-header holds them.
+        let mut outer_delta = ChecksumDelta::default();
+        for (new, range) in [(outer_src, s), (outer_dst, d)] {
+            let Some(addr) = new else { continue };
+            let new_addr = addr_bytes(addr, v4);
+            outer_delta.replace(&self.buf[range.clone()], new_addr);
+            self.buf[range].copy_from_slice(new_addr);
+        }
+        if v4 {
+            let at = field::V4_CHECKSUM.start;
+            let c = outer_delta.apply(read_u16(self.buf, at));
+            write_u16(self.buf, at, c);
+        } else {
+            icmp_delta.merge(outer_delta);
+        }
+        self.adjust_icmp_checksum(icmp_delta);
+    }
+
+    fn adjust_icmp_checksum(&mut self, delta: ChecksumDelta) {
+        let at = self.icmp + ICMP_CHECKSUM;
+        let c = delta.apply(read_u16(self.buf, at));
+        write_u16(self.buf, at, c);
+    }
+}
+
+/// The embedded packet at `at`, if it is TCP/UDP with its ports captured.
+fn inner_of(buf: &[u8], at: usize, v4: bool) -> Option<IcmpKind> {
+    let ip = buf.get(at..)?;
+    let (hlen, proto) = if v4 {
+        let first = *ip.first()?;
+        if first >> 4 != 4 || first & 0xf < 5 {
+            return None;
+        }
+        (usize::from(first & 0xf) * 4, *ip.get(9)?)
+    } else {
+        if ip.first()? >> 4 != 6 {
+            return None;
+        }
+        (40, *ip.get(6)?)
+    };
+    if !matches!(proto, TCP | UDP) || ip.len() < hlen + 8 {
+        return None;
+    }
+    Some(IcmpKind::Error {
+        inner: at,
+        inner_l4: at + hlen,
+        inner_proto: proto,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::IpAddr;
+
+    use etherparse::PacketBuilder;
+
+    use super::*;
+    use crate::wire::addr_from_ip;
+
+    /// The Internet checksum of `data` (plus an initial sum), computed from
+    /// scratch: 0 when a packet's checksum is right.
+    fn fold(mut sum: u32, data: &[u8]) -> u16 {
+        for c in data.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// Checks every checksum of an ICMP packet from scratch.
+    pub(crate) fn assert_icmp_checksums(b: &[u8]) {
+        if b[0] >> 4 == 4 {
+            let ihl = usize::from(b[0] & 0xf) * 4;
+            assert_eq!(fold(0, &b[..ihl]), 0, "outer IPv4 header checksum");
+            assert_eq!(fold(0, &b[ihl..]), 0, "ICMPv4 checksum");
+            let inner = ihl + 8;
+            if b.len() > inner + 20 && b[inner] >> 4 == 4 {
+                let ihl2 = usize::from(b[inner] & 0xf) * 4;
+                assert_eq!(
+                    fold(0, &b[inner..inner + ihl2]),
+                    0,
+                    "inner IPv4 header checksum"
+                );
+            }
+        } else {
+            let len = b.len() - 40;
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&b[8..40]);
+            pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(&b[40..]);
+            assert_eq!(fold(0, &pseudo), 0, "ICMPv6 checksum");
+        }
+    }
+
+    pub(crate) fn v4(s: &str) -> [u8; 4] {
+        s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+    }
+
+    pub(crate) fn v6(s: &str) -> [u8; 16] {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    /// An ICMP error from `from` to `to` about a TCP segment `isrc:isport →
+    /// idst:idport` (its IP header and first 28 bytes, so the checksum field
+    /// is captured).
+    pub(crate) fn error_v4(
+        from: &str,
+        to: &str,
+        isrc: &str,
+        isport: u16,
+        idst: &str,
+        idport: u16,
+    ) -> Vec<u8> {
+        let mut inner = Vec::new();
+        PacketBuilder::ipv4(v4(isrc), v4(idst), 63)
+            .tcp(isport, idport, 7, 100)
+            .ack(1)
+            .write(&mut inner, &[0u8; 1400])
+            .unwrap();
+        inner.truncate(20 + 28);
+        let mut out = Vec::new();
+        // Type 3 code 4: fragmentation needed, next-hop MTU 1280 in bytes 6–7.
+        PacketBuilder::ipv4(v4(from), v4(to), 64)
+            .icmpv4_raw(3, 4, [0, 0, 0x05, 0x00])
+            .write(&mut out, &inner)
+            .unwrap();
+        out
+    }
+
+    pub(crate) fn error_v6(
+        from: &str,
+        to: &str,
+        isrc: &str,
+        isport: u16,
+        idst: &str,
+        idport: u16,
+    ) -> Vec<u8> {
+        let mut inner = Vec::new();
+        PacketBuilder::ipv6(v6(isrc), v6(idst), 63)
+            .udp(isport, idport)
+            .write(&mut inner, &[0u8; 1400])
+            .unwrap();
+        inner.truncate(40 + 8);
+        let mut out = Vec::new();
+        // Type 2: packet too big, MTU 1280.
+        PacketBuilder::ipv6(v6(from), v6(to), 64)
+            .icmpv6_raw(2, 0, [0, 0, 0x05, 0x00])
+            .write(&mut out, &inner)
+            .unwrap();
+        out
+    }
+
+    fn a(s: &str) -> Addr {
+        addr_from_ip(s.parse::<IpAddr>().unwrap())
+    }
+
+    #[test]
+    fn echo_requests_become_replies_with_correct_checksums() {
+        let mut b = Vec::new();
+        PacketBuilder::ipv4(v4("10.0.1.2"), v4("10.0.0.100"), 3)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut b, b"ping!")
+            .unwrap();
+        let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+        assert_eq!(p.kind(), IcmpKind::EchoRequest);
+        p.into_echo_reply();
+        assert_eq!(
+            (p.src_addr(), p.dst_addr()),
+            (a("10.0.0.100"), a("10.0.1.2"))
+        );
+        assert_eq!((b[20], b[8]), (0, 64), "echo reply, fresh TTL");
+        assert_icmp_checksums(&b);
+
+        let mut b = Vec::new();
+        PacketBuilder::ipv6(v6("fd00:1::2"), v6("fd00::100"), 3)
+            .icmpv6_echo_request(7, 1)
+            .write(&mut b, b"ping6")
+            .unwrap();
+        let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+        p.into_echo_reply();
+        assert_eq!(p.src_addr(), a("fd00::100"));
+        assert_eq!(b[40], 129);
+        assert_icmp_checksums(&b);
+    }
+
+    #[test]
+    fn errors_are_translated_with_every_checksum_kept_right() {
+        let mut b = error_v4(
+            "10.0.1.1",
+            "10.0.0.100",
+            "10.0.0.100",
+            80,
+            "10.0.1.2",
+            40000,
+        );
+        assert_icmp_checksums(&b);
+        let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+        let inner = p.inner().unwrap();
+        assert_eq!(
+            (inner.src, inner.src_port, inner.dst_port, inner.protocol),
+            (a("10.0.0.100"), 80, 40000, TCP)
+        );
+        let be = a("10.0.2.11");
+        p.translate(None, Some(&be), Some((&be, 8080)), None);
+        let inner = p.inner().unwrap();
+        assert_eq!((p.dst_addr(), inner.src, inner.src_port), (be, be, 8080));
+        assert_icmp_checksums(&b);
+        // The embedded TCP checksum moved with its pseudo-header and port:
+        // recompute it over what the error carries of the segment, which
+        // here is the full header (28 bytes) of a 1400-byte segment.
+        let mut full = Vec::new();
+        PacketBuilder::ipv4(v4("10.0.2.11"), v4("10.0.1.2"), 63)
+            .tcp(8080, 40000, 7, 100)
+            .ack(1)
+            .write(&mut full, &[0u8; 1400])
+            .unwrap();
+        assert_eq!(
+            &b[28 + 20 + 16..28 + 20 + 18],
+            &full[20 + 16..20 + 18],
+            "embedded TCP checksum"
+        );
+
+        let mut b = error_v6(
+            "fd00:2::11",
+            "fd00:1::2",
+            "fd00:1::2",
+            5000,
+            "fd00:2::11",
+            53,
+        );
+        let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+        let vip = a("fd00::100");
+        p.translate(Some(&vip), None, None, Some((&vip, 5353)));
+        assert_eq!(p.src_addr(), vip);
+        assert_eq!(p.inner().unwrap().dst_port, 5353);
+        assert_icmp_checksums(&b);
+    }
+
+    #[test]
+    fn truncated_or_odd_errors_are_not_translated_and_never_panic() {
+        let good = error_v4(
+            "10.0.1.1",
+            "10.0.0.100",
+            "10.0.0.100",
+            80,
+            "10.0.1.2",
+            40000,
+        );
+        for cut in 0..good.len() {
+            let mut b = good[..cut].to_vec();
+            if let Ok(mut p) = IcmpPacket::new_checked(&mut b) {
+                let be = a("10.0.2.11");
+                p.translate(Some(&be), Some(&be), Some((&be, 1)), Some((&be, 2)));
+            }
+        }
+        for at in 0..good.len() {
+            for v in [0u8, 0x45, 0x60, 0xff] {
+                let mut b = good.clone();
+                b[at] = v;
+                if let Ok(mut p) = IcmpPacket::new_checked(&mut b) {
+                    let _ = p.inner();
+                    p.into_echo_reply();
+                }
+            }
+        }
+    }
+}
