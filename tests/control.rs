@@ -318,9 +318,23 @@ impl RawAgent {
         let _ = self.stream.write_all(frame);
     }
 
-    /// True once fep has closed the connection.
+    /// True once fep has closed the connection (frames it sends before,
+    /// such as its request for live connections, are read past); false if
+    /// it stays open for the read timeout.
     fn closed(&mut self) -> bool {
-        matches!(self.stream.read(&mut [0u8; 64]), Ok(0) | Err(_))
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        }
     }
 }
 

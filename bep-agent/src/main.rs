@@ -194,6 +194,13 @@ fn handle(
             id,
             live: live_of(&conns),
         }),
+        FepMsg::ListLive { ports } => Some(AgentMsg::LiveList {
+            conns: live_table()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| ports.contains(&c.port))
+                .collect(),
+        }),
         FepMsg::Start { port } | FepMsg::Stop { port } => {
             let start = matches!(msg, FepMsg::Start { .. });
             let command = cfg.service(port).and_then(|s| {
@@ -227,17 +234,22 @@ fn handle(
     }
 }
 
+/// Every live TCP connection in this host's socket table.
+fn live_table() -> std::io::Result<HashSet<ConnId>> {
+    Ok(sockdiag::tcp(sockdiag::live_tcp_states(), false)?
+        .into_iter()
+        .map(|s| ConnId {
+            client: s.remote,
+            client_port: s.remote_port,
+            port: s.local_port,
+        })
+        .collect())
+}
+
 /// Which of `conns` have a live TCP connection in this host's socket table.
 fn live_of(conns: &[ConnId]) -> Vec<ConnId> {
-    let table: HashSet<ConnId> = match sockdiag::tcp(sockdiag::live_tcp_states(), false) {
-        Ok(socks) => socks
-            .into_iter()
-            .map(|s| ConnId {
-                client: s.remote,
-                client_port: s.remote_port,
-                port: s.local_port,
-            })
-            .collect(),
+    let table = match live_table() {
+        Ok(t) => t,
         Err(e) => {
             // Unknown is not idle: answer that all are live.
             tracing::warn!("sock_diag failed ({e}); answering that every asked connection is live");

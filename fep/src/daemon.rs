@@ -14,6 +14,7 @@ use fep_shared::protocol::Key;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
+use crate::control::snapshot::{self, SNAPSHOT_EVERY};
 use crate::control::state::StateFile;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
@@ -54,6 +55,7 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
+    snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
     let workers =
         Workers::spawn(queues, dispatcher.clone(), clock).context("cannot start worker threads")?;
     tracing::info!(
@@ -100,6 +102,7 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
+        save_routes(&cp.dispatcher_arc(), &cfg.state_dir);
         cp.teardown_network();
         result
     });
@@ -111,6 +114,17 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         cfg.tun
     );
     result
+}
+
+/// Saves the route table for the next start; failures are logged.
+fn save_routes(dispatcher: &Dispatcher, state_dir: &Path) {
+    match snapshot::save(dispatcher, state_dir) {
+        Ok(n) => tracing::debug!("saved {n} route(s)"),
+        Err(e) => tracing::error!(
+            "cannot save the route table to {}: {e} (a restart would lose routes)",
+            snapshot::path(state_dir).display()
+        ),
+    }
 }
 
 /// A task that runs until the runtime stops.
@@ -132,6 +146,8 @@ async fn control_loop(
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    let mut snapshot_every =
+        tokio::time::interval_at(tokio::time::Instant::now() + SNAPSHOT_EVERY, SNAPSHOT_EVERY);
     let mut tick = tokio::time::interval(TICK_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
@@ -153,6 +169,10 @@ async fn control_loop(
                 };
             }
             _ = tick.tick() => cp.tick(),
+            _ = snapshot_every.tick() => {
+                let (d, dir) = (cp.dispatcher_arc(), cp.live_config().state_dir);
+                let _ = tokio::task::spawn_blocking(move || save_routes(&d, &dir)).await;
+            }
             _ = expire.tick() => {
                 let s = dispatcher.expire(clock.now_ms());
                 if s.evicted > 0 {

@@ -446,6 +446,45 @@ impl Dispatcher {
             || (st & state::REPLIED == 0 && idle >= EMBRYONIC_TIMEOUT_MS)
     }
 
+    /// Puts back a route known from a snapshot or a back end's connection
+    /// table (after a restart); false if the key has a route already, the
+    /// back end is not configured, or the table is full.
+    pub fn restore_route(&self, key: FlowKey, backend: BackendId, state: u8, now: u32) -> bool {
+        let table = self.table.load();
+        let svc = table.service(key.service);
+        let Some(be) = svc
+            .backends
+            .get(usize::from(backend))
+            .filter(|b| !b.removed && !svc.removed)
+        else {
+            return false;
+        };
+        if !self.routes.reserve(self.max_routes.load(Ordering::Relaxed)) {
+            return false;
+        }
+        let Entry::Vacant(e) = self.routes.forward.entry(key) else {
+            self.routes.release();
+            return false;
+        };
+        be.route_added();
+        self.routes.replies.insert(reply_key(&key, svc, be), key);
+        if svc.affinity == Affinity::Client {
+            let client = ClientKey {
+                service: key.service,
+                client: key.client,
+            };
+            self.routes
+                .clients
+                .entry(client)
+                .and_modify(|s| s.routes += 1)
+                .or_insert(Sticky { backend, routes: 1 });
+        }
+        let route = Route::new(backend, now);
+        route.touch(now, state);
+        e.insert(route);
+        true
+    }
+
     /// Removes every route for which `pred` holds (checked again under the
     /// route's lock, so a route touched meanwhile is judged afresh).
     pub fn remove_routes(&self, pred: impl Fn(&FlowKey, &Route) -> bool) -> usize {

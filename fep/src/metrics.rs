@@ -40,6 +40,8 @@ pub struct Metrics {
     pruned: IntCounter,
     tun_errors: IntCounterVec,
     rejects: IntCounterVec,
+    icmp: IntCounterVec,
+    embryonic_evicted: IntCounter,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -107,6 +109,15 @@ impl Metrics {
             pruned: counter("fep_routes_pruned_total", "Idle routes deleted by pruning."),
             tun_errors: counter_vec("fep_tun_errors_total", "TUN device read and write errors.", &["op"]),
             rejects: counter_vec("fep_agent_rejected_frames_total", "Agent frames and connections rejected, by reason.", &["reason"]),
+            icmp: counter_vec(
+                "fep_icmp_total",
+                "ICMP handled: echo replies sent for VIPs, errors translated for tracked flows.",
+                &["kind"],
+            ),
+            embryonic_evicted: counter(
+                "fep_embryonic_routes_evicted_total",
+                "Never-answered routes evicted to make room for new clients (SYN flood).",
+            ),
             registry,
         }
         .with_zero_series()
@@ -151,6 +162,15 @@ impl Metrics {
                 totals.drops(r),
             );
         }
+        sync(
+            &self.icmp.with_label_values(&["echo_reply"]),
+            totals.icmp_echo_replies,
+        );
+        sync(
+            &self.icmp.with_label_values(&["error_translated"]),
+            totals.icmp_errors_translated,
+        );
+        sync(&self.embryonic_evicted, totals.embryonic_evicted);
         sync(
             &self.tun_errors.with_label_values(&["read"]),
             totals.tun_read_errors,

@@ -161,15 +161,23 @@ impl NetSetup {
             }
             Family::V6 => self.sysctl("net/ipv6/conf/all/forwarding", "1")?,
         }
+        let (flag, table) = (fam.flag(), self.table.as_str());
         run_ip(&[
-            fam.flag(),
+            flag, "route", "replace", "default", "dev", &self.tun, "table", table,
+        ])?;
+        // If fep dies without its clean-up (the device goes, its rules stay),
+        // back ends' replies are dropped here rather than reaching clients
+        // directly, which would reset their connections before fep is back.
+        run_ip(&[
+            flag,
             "route",
             "replace",
+            "blackhole",
             "default",
-            "dev",
-            &self.tun,
+            "metric",
+            "4294967295",
             "table",
-            &self.table,
+            table,
         ])?;
         self.families.insert(fam);
         tracing::info!(

@@ -115,6 +115,10 @@ pub enum AgentMsg {
         id: u64,
         live: Vec<ConnId>,
     },
+    /// Answer to [`FepMsg::ListLive`]: every live connection on those ports.
+    LiveList {
+        conns: Vec<ConnId>,
+    },
     /// Result of [`FepMsg::Start`] / [`FepMsg::Stop`].
     Control {
         port: u16,
@@ -130,6 +134,9 @@ pub enum AgentMsg {
 pub enum FepMsg {
     /// Which of these connections still have a live connection here?
     Query { id: u64, conns: Vec<ConnId> },
+    /// Which connections are live on these ports? (After a restart without
+    /// a route snapshot, fep rebuilds its routes from the answers.)
+    ListLive { ports: Vec<u16> },
     /// Run the start command of the service on `port`.
     Start { port: u16 },
     /// Run the stop command of the service on `port`.

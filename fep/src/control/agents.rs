@@ -15,7 +15,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AgentLink, ControlPlane};
-use crate::transfer_table::NodeId;
+use crate::route_table::{state, FlowKey};
+use crate::transfer_table::{NodeId, ServiceId};
+use crate::wire::{addr_from_ip, Addr};
+
+/// Both IPv4 (v4-mapped) or both IPv6.
+fn family_matches(a: &Addr, b: &Addr) -> bool {
+    let v4 = |x: &Addr| x[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    v4(a) == v4(b)
+}
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -88,6 +96,8 @@ async fn connection(cp: &ControlPlane, mut stream: TcpStream, key: Key) -> Resul
         },
     );
 
+    cp.ask_for_live_connections(node);
+
     let result = loop {
         tokio::select! {
             frame = frames.recv() => match frame {
@@ -151,6 +161,7 @@ impl ControlPlane {
                     let _ = waiter.send(live);
                 }
             }
+            AgentMsg::LiveList { conns } => self.rebuild_routes(node, &conns),
             AgentMsg::Control {
                 port,
                 start,
@@ -169,6 +180,75 @@ impl ControlPlane {
                 }
                 self.tick();
             }
+        }
+    }
+
+    /// After a start, asks each node's agent once for its live connections,
+    /// so that routes the snapshot missed (or all of them, without one) are
+    /// rebuilt from the back ends' connection tables (document 001, var. 1).
+    fn ask_for_live_connections(&self, node: NodeId) {
+        if !self
+            .rebuilt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node)
+        {
+            return;
+        }
+        let table = self.dispatcher().table();
+        let mut ports: Vec<u16> = table
+            .services()
+            .iter()
+            .filter(|s| !s.removed && s.is_tcp())
+            .flat_map(|s| s.live_backends().map(|(_, b)| b))
+            .filter(|b| b.node_id == node)
+            .map(|b| b.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if !ports.is_empty() {
+            self.send(node, FepMsg::ListLive { ports });
+        }
+    }
+
+    /// Restores a route for every live connection a node reports that has
+    /// none, when exactly one service maps it to that node.
+    fn rebuild_routes(&self, node: NodeId, conns: &[ConnId]) {
+        let table = self.dispatcher().table();
+        let now = self.now();
+        let mut restored = 0;
+        for c in conns {
+            let client = addr_from_ip(c.client);
+            let mut matches = table
+                .services()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.removed && s.is_tcp() && family_matches(&s.vip, &client))
+                .flat_map(|(sid, s)| {
+                    s.live_backends()
+                        .filter(|(_, b)| b.node_id == node && b.port == c.port)
+                        .map(move |(bid, _)| (sid as ServiceId, bid))
+                });
+            let (Some((service, backend)), None) = (matches.next(), matches.next()) else {
+                continue;
+            };
+            let key = FlowKey {
+                service,
+                client_port: c.client_port,
+                client,
+            };
+            if self
+                .dispatcher()
+                .restore_route(key, backend, state::REPLIED, now)
+            {
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            let name = self.model().nodes[usize::from(node)].name.clone();
+            tracing::info!(
+                "rebuilt {restored} route(s) from the live connections of node '{name}'"
+            );
         }
     }
 

@@ -10,9 +10,10 @@ pub mod commands;
 pub mod health;
 pub mod model;
 pub mod prune;
+pub mod snapshot;
 pub mod state;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +54,8 @@ pub struct ControlPlane {
     /// Pruning rounds that had routes to look at, and routes they deleted.
     pub prune_cycles: AtomicU64,
     pub routes_pruned: AtomicU64,
+    /// Nodes whose live connections were asked for since the start.
+    rebuilt: Mutex<HashSet<NodeId>>,
 }
 
 impl ControlPlane {
@@ -86,6 +89,7 @@ impl ControlPlane {
             net: Mutex::new(net),
             prune_cycles: AtomicU64::new(0),
             routes_pruned: AtomicU64::new(0),
+            rebuilt: Mutex::new(HashSet::new()),
         };
         cp.save();
         cp.tick();
@@ -106,6 +110,10 @@ impl ControlPlane {
 
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
+    }
+
+    pub fn dispatcher_arc(&self) -> Arc<Dispatcher> {
+        self.dispatcher.clone()
     }
 
     pub fn now(&self) -> u32 {

@@ -1,0 +1,261 @@
+//! The assigned-route table saved to `state_dir/routes.bin` (at shutdown and
+//! every [`SNAPSHOT_EVERY`]) and restored at start, so that a restart of fep
+//! moves no connection. Written atomically; keyed by service and node names
+//! (slots are not stable across restarts).
+//!
+//! Format (big endian): `b"FEPR"`, version u8 = 1; u16 count then that many
+//! service names (u16 length + UTF-8); the same for node names; u32 count
+//! then records of service index u16, node index u16, client address 16
+//! bytes, client port u16, state u8.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::dispatcher::Dispatcher;
+use crate::route_table::FlowKey;
+
+/// How often the route table is saved while fep runs.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+const MAGIC: &[u8; 4] = b"FEPR";
+const VERSION: u8 = 1;
+const RECORD: usize = 2 + 2 + 16 + 2 + 1;
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("routes.bin")
+}
+
+/// Interns names, in first-seen order.
+#[derive(Default)]
+struct Names(Vec<String>, HashMap<String, u16>);
+
+impl Names {
+    fn index(&mut self, name: &str) -> u16 {
+        if let Some(&i) = self.1.get(name) {
+            return i;
+        }
+        let i = self.0.len() as u16;
+        self.0.push(name.to_string());
+        self.1.insert(name.to_string(), i);
+        i
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.0.len() as u16).to_be_bytes());
+        for n in &self.0 {
+            out.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            out.extend_from_slice(n.as_bytes());
+        }
+    }
+}
+
+/// The route table as bytes.
+pub fn encode(dispatcher: &Dispatcher) -> Vec<u8> {
+    let table = dispatcher.table();
+    let (mut services, mut nodes) = (Names::default(), Names::default());
+    let mut records = Vec::new();
+    for (key, backend, state, _) in dispatcher.routes().snapshot() {
+        let svc = table.service(key.service);
+        let Some(be) = svc.backends.get(usize::from(backend)) else {
+            continue;
+        };
+        records.extend_from_slice(&services.index(&svc.name).to_be_bytes());
+        records.extend_from_slice(&nodes.index(&be.node).to_be_bytes());
+        records.extend_from_slice(&key.client);
+        records.extend_from_slice(&key.client_port.to_be_bytes());
+        records.push(state);
+    }
+    let mut out = Vec::with_capacity(records.len() + 64);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    services.write(&mut out);
+    nodes.write(&mut out);
+    out.extend_from_slice(&((records.len() / RECORD) as u32).to_be_bytes());
+    out.extend_from_slice(&records);
+    out
+}
+
+/// Saves the route table atomically.
+pub fn save(dispatcher: &Dispatcher, state_dir: &Path) -> std::io::Result<usize> {
+    let bytes = encode(dispatcher);
+    super::state::write_atomically(state_dir, &path(state_dir), &bytes)?;
+    Ok((bytes.len().saturating_sub(5)) / RECORD)
+}
+
+/// A cursor that fails instead of panicking on short input.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn names(&mut self) -> Option<Vec<String>> {
+        let n = self.u16()?;
+        (0..n)
+            .map(|_| {
+                let len = usize::from(self.u16()?);
+                String::from_utf8(self.take(len)?.to_vec()).ok()
+            })
+            .collect()
+    }
+}
+
+/// Restores the routes in `bytes` whose service and node are still
+/// configured; returns how many, or `None` if the bytes are not a snapshot.
+pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Option<usize> {
+    let mut r = Reader(bytes);
+    if r.take(4)? != MAGIC || r.take(1)?[0] != VERSION {
+        return None;
+    }
+    let services = r.names()?;
+    let nodes = r.names()?;
+    let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
+    let table = dispatcher.table();
+    let mut restored = 0;
+    for _ in 0..count {
+        let rec = r.take(RECORD)?;
+        let (s, n) = (
+            u16::from_be_bytes([rec[0], rec[1]]),
+            u16::from_be_bytes([rec[2], rec[3]]),
+        );
+        let (Some(service), Some(node)) = (services.get(usize::from(s)), nodes.get(usize::from(n)))
+        else {
+            return None;
+        };
+        let Some(sid) = table.service_id(service) else {
+            continue;
+        };
+        let Some((bid, _)) = table
+            .service(sid)
+            .live_backends()
+            .find(|(_, b)| &b.node == node)
+        else {
+            continue;
+        };
+        let mut client = [0u8; 16];
+        client.copy_from_slice(&rec[4..20]);
+        let key = FlowKey {
+            service: sid,
+            client_port: u16::from_be_bytes([rec[20], rec[21]]),
+            client,
+        };
+        if dispatcher.restore_route(key, bid, rec[22], now) {
+            restored += 1;
+        }
+    }
+    Some(restored)
+}
+
+/// Restores the saved route table, if there is one.
+pub fn restore(dispatcher: &Dispatcher, state_dir: &Path, now: u32) -> usize {
+    let p = path(state_dir);
+    match std::fs::read(&p) {
+        Ok(bytes) => match decode_into(&bytes, dispatcher, now) {
+            Some(n) => {
+                tracing::info!("restored {n} route(s) from {}", p.display());
+                n
+            }
+            None => {
+                tracing::error!(
+                    "{} is not a route snapshot of this version; ignored",
+                    p.display()
+                );
+                0
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}; starting with no routes", p.display());
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::FepConfig;
+
+    use super::*;
+    use crate::dispatcher::Worker;
+    use crate::route_table::state;
+
+    const CFG: &str = r#"
+[[node]]
+name = "be1"
+address = "10.0.2.11"
+[[node]]
+name = "be2"
+address = "10.0.2.12"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+affinity = "client"
+backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
+"#;
+
+    #[test]
+    fn a_snapshot_restores_every_route_by_name() {
+        let cfg = FepConfig::parse(CFG).unwrap();
+        let d = Dispatcher::new(&cfg);
+        let mut w = Worker::new(Default::default());
+        for n in 0..50u8 {
+            let mut p = Vec::new();
+            etherparse::PacketBuilder::ipv4([192, 0, 2, n], [10, 0, 0, 100], 64)
+                .tcp(1000 + u16::from(n), 80, 1, 100)
+                .syn()
+                .write(&mut p, &[])
+                .unwrap();
+            d.process(&mut p, 0, &mut w);
+        }
+        let bytes = encode(&d);
+
+        // A new fep whose config lists the nodes in the other order.
+        let mut cfg2 = cfg.clone();
+        cfg2.services[0].backends.reverse();
+        let d2 = Dispatcher::new(&cfg2);
+        assert_eq!(decode_into(&bytes, &d2, 5), Some(50));
+        let before: Vec<_> = d
+            .routes()
+            .snapshot()
+            .into_iter()
+            .map(|(k, b, s, _)| {
+                (
+                    k,
+                    d.table().service(0).backends[usize::from(b)].node.clone(),
+                    s,
+                )
+            })
+            .collect();
+        for (key, node, st) in before {
+            let b = d2.routes().backend_of(&key).expect("restored");
+            assert_eq!(d2.table().service(0).backends[usize::from(b)].node, node);
+            assert_eq!(st & state::REPLIED, 0);
+        }
+        assert_eq!(
+            d2.table()
+                .service(0)
+                .backends
+                .iter()
+                .map(|b| b.routes())
+                .sum::<u32>(),
+            50
+        );
+        // Garbage and truncation are refused, not a panic.
+        assert_eq!(decode_into(b"nonsense", &d2, 0), None);
+        for cut in 0..bytes.len().min(200) {
+            let _ = decode_into(&bytes[..cut], &Dispatcher::new(&cfg), 0);
+        }
+    }
+}
