@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 /// How often the listening state of watched ports is checked between reports.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long a started service may take to listen.
 const START_LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -108,15 +109,11 @@ fn write_key(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// Connects, serves, and reconnects with backoff; never returns.
 async fn run(cfg: AgentConfig, key: Key) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = MIN_BACKOFF;
     loop {
-        let started = tokio::time::Instant::now();
-        match session(&cfg, key.clone()).await {
+        match session(&cfg, key.clone(), &mut backoff).await {
             Ok(()) => tracing::warn!("the fep at {} closed the connection", cfg.fep),
             Err(e) => tracing::warn!("fep at {}: {e:#}", cfg.fep),
-        }
-        if started.elapsed() > MAX_BACKOFF {
-            backoff = Duration::from_millis(250);
         }
         tracing::info!("reconnecting in {} ms", backoff.as_millis());
         tokio::time::sleep(backoff).await;
@@ -124,7 +121,9 @@ async fn run(cfg: AgentConfig, key: Key) {
     }
 }
 
-async fn session(cfg: &AgentConfig, key: Key) -> anyhow::Result<()> {
+/// One connection; `backoff` starts afresh once it is registered, so that a
+/// restarted fep is found again quickly.
+async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow::Result<()> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(cfg.fep))
         .await
         .context("connect timed out")?
@@ -140,6 +139,7 @@ async fn session(cfg: &AgentConfig, key: Key) -> anyhow::Result<()> {
     ))
     .await?;
     tracing::info!("connected to the fep at {} as node '{}'", cfg.fep, cfg.node);
+    *backoff = MIN_BACKOFF;
 
     let (frames_tx, mut frames) = mpsc::channel(64);
     let reader = tokio::spawn(io::read_frames(rd, frames_tx));

@@ -23,12 +23,12 @@ use crate::wire::{tcp_flags, FlowPacket, ParseError};
 /// How long a TCP route whose connection has closed (FIN both ways, or RST)
 /// stays, so that the last ACK and a retransmitted FIN still get through.
 pub const CLOSED_LINGER_MS: u32 = 4_000;
-/// How long a TCP route the back end never answered (embryonic: a SYN and
-/// its retransmissions) lives.
+/// How long a TCP route whose handshake never completed (embryonic: a SYN,
+/// its retransmissions, a SYN-ACK to a spoofed source) lives.
 pub const EMBRYONIC_TIMEOUT_MS: u32 = 5_000;
 /// Under a flood, embryonic routes younger than this are not evicted, so a
 /// real client's handshake in progress is not cut.
-pub const EMBRYONIC_MIN_AGE_MS: u32 = 200;
+pub const EMBRYONIC_MIN_AGE_MS: u32 = 500;
 /// Routes a worker remembers having opened, for eviction under a flood.
 const RECENT_ROUTES: usize = 65_536;
 /// Keys looked at per eviction before giving up.
@@ -178,7 +178,7 @@ impl Dispatcher {
                     return Verdict::Drop(DropReason::UnknownFlow);
                 };
                 // About a reply fep rewrote (VIP → client), sent to the VIP:
-                // to the back end, as about its own packet.
+                // to the back end, from the VIP, as about its own packet.
                 if table.is_vip(&pkt.dst_addr()) {
                     let Some((id, svc)) = table.lookup(inner.protocol, &inner.src, inner.src_port)
                     else {
@@ -193,7 +193,14 @@ impl Dispatcher {
                         return Verdict::Drop(DropReason::UnknownFlow);
                     };
                     let be = &svc.backends[usize::from(b)];
-                    pkt.translate(None, Some(&be.addr), Some((&be.addr, be.port)), None);
+                    // From the VIP: the original sender (often this very
+                    // gateway) would look like a spoofed local address.
+                    pkt.translate(
+                        Some(&svc.vip),
+                        Some(&be.addr),
+                        Some((&be.addr, be.port)),
+                        None,
+                    );
                 } else {
                     // From the back-end side about a client's packet: to the
                     // client, as about its packet to the VIP.
@@ -243,7 +250,10 @@ impl Dispatcher {
             if is_bare_syn(flags) && state::is_closed(route.state()) {
                 route.reopen(now);
             }
-            route.touch(now, close_bits(flags, state::FIN_FROM_CLIENT));
+            route.touch(
+                now,
+                close_bits(flags, state::FIN_FROM_CLIENT) | established(svc, flags),
+            );
             route.backend
         });
         let backend = match hit {
@@ -339,9 +349,10 @@ impl Dispatcher {
         }
     }
 
-    /// With the table full, removes the oldest route this worker opened that
-    /// never got an answer (a SYN flood's), so a new client can have its
-    /// place; routes younger than [`EMBRYONIC_MIN_AGE_MS`] are spared.
+    /// With the table full, removes the oldest route this worker opened whose
+    /// handshake never completed (a SYN flood's), so a new client can have
+    /// its place; routes with a packet in the last [`EMBRYONIC_MIN_AGE_MS`]
+    /// are spared.
     fn evict_embryonic(&self, worker: &mut Worker, now: u32) -> bool {
         for _ in 0..EVICT_ATTEMPTS {
             let Some(key) = worker.recent.pop_front() else {
@@ -349,7 +360,7 @@ impl Dispatcher {
             };
             let mut too_young = false;
             let removed = self.remove_route(&key, |_, r| {
-                let embryonic = r.state() & state::REPLIED == 0;
+                let embryonic = state::is_embryonic(r.state());
                 too_young = embryonic && r.idle_ms(now) < EMBRYONIC_MIN_AGE_MS;
                 embryonic && !too_young
             });
@@ -358,8 +369,9 @@ impl Dispatcher {
                 return true;
             }
             if too_young {
-                worker.recent.push_front(key);
-                return false;
+                // Seen lately (a retransmitted SYN-ACK, or a handshake in
+                // progress): look at it again later.
+                worker.recent.push_back(key);
             }
         }
         false
@@ -400,12 +412,12 @@ impl Dispatcher {
         let high = max_routes - max_routes / 20;
         if self.routes.len() > high {
             let target = max_routes - max_routes / 10;
-            // Never-answered routes first, then the longest idle.
+            // Embryonic routes first, then the longest idle.
             let mut by_idle: Vec<(bool, u32, FlowKey)> = self
                 .routes
                 .forward
                 .iter()
-                .map(|e| (e.state() & state::REPLIED != 0, e.idle_ms(now), *e.key()))
+                .map(|e| (!state::is_embryonic(e.state()), e.idle_ms(now), *e.key()))
                 .collect();
             by_idle.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             for (_, _, key) in by_idle {
@@ -443,7 +455,7 @@ impl Dispatcher {
         }
         let st = route.state();
         (state::is_closed(st) && idle >= CLOSED_LINGER_MS)
-            || (st & state::REPLIED == 0 && idle >= EMBRYONIC_TIMEOUT_MS)
+            || (state::is_embryonic(st) && idle >= EMBRYONIC_TIMEOUT_MS)
     }
 
     /// Puts back a route known from a snapshot or a back end's connection
@@ -546,6 +558,16 @@ fn is_bare_syn(flags: u8) -> bool {
 }
 
 /// The route state bits a segment's FIN/RST set; `fin` says whose FIN it is.
+/// The ESTABLISHED bit for a client packet: the handshake's last ACK (or
+/// any later segment), or any UDP datagram.
+fn established(svc: &Service, flags: u8) -> u8 {
+    if !svc.is_tcp() || flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK {
+        state::ESTABLISHED
+    } else {
+        0
+    }
+}
+
 fn close_bits(flags: u8, fin: u8) -> u8 {
     let mut bits = 0;
     if flags & tcp_flags::FIN != 0 {
@@ -924,16 +946,20 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
     #[test]
     fn a_syn_flood_cannot_crowd_out_new_clients() {
         let r = rig(GOLDEN);
-        // An answered connection, then a flood of never-answered SYNs fills the table.
+        // An established connection, then a flood of SYNs (answered by the
+        // back end, never completed) fills the table.
         r.send(client(200), 1, 8080, SYN, 0).unwrap();
         r.reply([10, 0, 2, 1], 8080, client(200), 1, SYN | ACK, 0)
             .unwrap();
+        r.send(client(200), 1, 8080, ACK, 0).unwrap();
         for n in 0..99u16 {
             r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
         }
         assert_eq!(r.routes(), 100);
-        // A new client 300 ms later takes the oldest flood route's place …
-        assert!(r.send(client(2), 5000, 8080, SYN, 300).is_ok());
+        // A new client a while later takes the oldest flood route's place …
+        assert!(r
+            .send(client(2), 5000, 8080, SYN, EMBRYONIC_MIN_AGE_MS)
+            .is_ok());
         assert_eq!(r.routes(), 100);
         assert_eq!(
             r.counters()
@@ -942,14 +968,21 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             1
         );
         assert_eq!(
-            r.send(client(1), 2000, 8080, ACK, 301),
+            r.send(client(1), 2000, 8080, ACK, EMBRYONIC_MIN_AGE_MS + 1),
             Err(DropReason::NoRoute)
         );
-        // … the answered connection is never evicted …
+        // … the established connection is never evicted …
+        let later = 2 * EMBRYONIC_MIN_AGE_MS;
         for n in 0..200u16 {
-            let _ = r.send(client(3), 6000 + n, 8080, SYN, 400);
+            let _ = r.send(client(3), 6000 + n, 8080, SYN, later);
         }
-        assert!(r.send(client(200), 1, 8080, ACK, 401).is_ok());
+        assert!(
+            r.counters()
+                .embryonic_evicted
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 99
+        );
+        assert!(r.send(client(200), 1, 8080, ACK, later).is_ok());
         // … and a handshake younger than EMBRYONIC_MIN_AGE_MS is not cut.
         let r = rig(GOLDEN);
         for n in 0..100u16 {

@@ -51,6 +51,12 @@ pub mod state {
     pub const RESET: u8 = 0x04;
     /// The back end has answered at least once.
     pub const REPLIED: u8 = 0x08;
+    /// The client completed the handshake (sent a segment without SYN).
+    /// A TCP route without it is embryonic: the first to go under a flood.
+    pub const ESTABLISHED: u8 = 0x10;
+    pub fn is_embryonic(s: u8) -> bool {
+        s & ESTABLISHED == 0
+    }
     /// The connection is over; the route lingers briefly for the last ACKs.
     pub fn is_closed(s: u8) -> bool {
         s & RESET != 0

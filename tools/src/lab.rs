@@ -365,6 +365,11 @@ pub struct FepProcess {
 }
 
 impl FepProcess {
+    /// fep's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Sends a signal to fep (e.g. `libc::SIGHUP` to reload).
     pub fn signal(&self, sig: libc::c_int) {
         if let Some(c) = &self.child {

@@ -3,6 +3,7 @@
 //! (`fep-demo`) and the integration tests.
 
 pub mod admin_client;
+pub mod craft;
 pub mod http;
 pub mod lab;
 pub mod netns;

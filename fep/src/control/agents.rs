@@ -237,10 +237,12 @@ impl ControlPlane {
                 client_port: c.client_port,
                 client,
             };
-            if self
-                .dispatcher()
-                .restore_route(key, backend, state::REPLIED, now)
-            {
+            if self.dispatcher().restore_route(
+                key,
+                backend,
+                state::REPLIED | state::ESTABLISHED,
+                now,
+            ) {
                 restored += 1;
             }
         }

@@ -1,0 +1,368 @@
+//! Hardening end to end: hostile packets, ICMP (echo, path MTU discovery),
+//! a SYN flood, restarts that keep a connection, and access control.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fep_tests::{
+    fepctl_json, http, http_names, pattern, skip_without_root, start_with_agents, tally, wait_for,
+    Running, TIMEOUT,
+};
+use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
+
+/// A lab with two back ends (HTTP on 80, UDP on 5353) and fep serving a
+/// v4 TCP service and a v6 UDP service, with `top` extra keys.
+fn start(tag: &str, top: &str) -> Running {
+    let mut lab = Lab::new(tag, 2).expect("building the lab");
+    lab.start_backend_servers(&lab::workspace_bin("fep-testsrv").unwrap(), &[80], &[5353])
+        .unwrap();
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n\n\
+         [[service]]\nname = \"web6\"\nvip = \"{VIP_V6}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1v6\", ratio = 1 }}]\n\n\
+         [[node]]\nname = \"be1v6\"\naddress = \"{}\"\n",
+        lab::backend_v6(0)
+    );
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, top, &services),
+        )
+        .unwrap();
+    Running { lab, fep }
+}
+
+fn counters(r: &Running) -> serde_json::Value {
+    fepctl_json(r, &["status"])["counters"].clone()
+}
+
+#[test]
+fn hostile_packets_are_dropped_and_counted_while_real_clients_are_served() {
+    if skip_without_root("hostile_packets_are_dropped_and_counted") {
+        return;
+    }
+    let mut r = start("fho", "");
+    let out = r
+        .lab
+        .client
+        .command(lab::workspace_bin("fep-packets").unwrap())
+        .args([
+            "hostile",
+            "--dst",
+            "10.0.0.100:80",
+            "--dst6",
+            "[fd00::100]:80",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("sent 2"), "{said}");
+    // fep keeps serving real clients and did not fall over.
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+    let c = counters(&r);
+    let drops = &c["drops"];
+    assert!(
+        drops["no_route"].as_u64().unwrap() >= 100,
+        "segments without SYN and no route: {drops}"
+    );
+    assert!(
+        drops["unsupported_protocol"].as_u64().unwrap() >= 5,
+        "unknown protocols: {drops}"
+    );
+    assert!(c["routes_created"].as_u64().unwrap() >= 10);
+    let status = r.fep.stop().unwrap();
+    assert!(status.success(), "fep must survive: {}", r.fep.log());
+    assert!(!r.fep.log().contains("panicked"));
+}
+
+#[test]
+fn echo_requests_to_a_vip_are_answered_by_fep() {
+    if skip_without_root("echo_requests_to_a_vip_are_answered_by_fep") {
+        return;
+    }
+    let r = start("fpi", "");
+    for (flag, vip) in [("-4", VIP_V4.to_string()), ("-6", VIP_V6.to_string())] {
+        let out = r
+            .lab
+            .client
+            .command("ping")
+            .args([flag, "-c", "2", "-W", "3", &vip])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ping {vip}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(counters(&r)["icmp_echo_replies"].as_u64().unwrap() >= 4);
+}
+
+#[test]
+fn path_mtu_discovery_works_through_fep() {
+    if skip_without_root("path_mtu_discovery_works_through_fep") {
+        return;
+    }
+    let r = start("fmt", "");
+    // The gateway's link to the client is narrower than the back ends': the
+    // back end learns that only from the gateway's "fragmentation needed",
+    // which goes to the VIP and must be translated by fep.
+    r.lab
+        .gateway
+        .ip(&["link", "set", "cl", "mtu", "1280"])
+        .unwrap();
+    const LEN: u64 = 400_000;
+    let body = r
+        .lab
+        .client
+        .enter(|| {
+            http::get(
+                SocketAddr::new(VIP_V4.into(), 80),
+                &format!("/bytes/{LEN}"),
+                TIMEOUT,
+            )
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download through a narrower link: {e:#}\n{}", r.fep.log()));
+    let mut want = vec![0u8; LEN as usize];
+    pattern::fill(0, &mut want);
+    assert!(body.body == want, "bytes differ");
+    assert!(counters(&r)["icmp_errors_translated"].as_u64().unwrap() >= 1);
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
+    if skip_without_root("a_syn_flood_keeps_the_table_bounded_and_real_clients_served") {
+        return;
+    }
+    const MAX_ROUTES: u64 = 50_000;
+    let mut lab = Lab::new("ffl", 2).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    for i in 0..2 {
+        let mut args = lab::testsrv_args(i, &[80], &[]);
+        args.extend(["--echo".into(), "7000".into()]);
+        lab.start_backend_server(i, &testsrv, &args).unwrap();
+    }
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n\n\
+         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
+    );
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &format!("max_routes = {MAX_ROUTES}\n"), &services),
+        )
+        .unwrap();
+    let r = Running { lab, fep };
+    let fep_pid = r.fep.pid().unwrap();
+    let rss_before = rss(fep_pid);
+
+    // An established connection before the flood.
+    let stream = r
+        .lab
+        .client
+        .enter(|| TcpStream::connect((VIP_V4, 7000)).unwrap())
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut conn = BufReader::new(stream);
+    let mut line = String::new();
+    conn.read_line(&mut line).unwrap();
+
+    let mut flood = r
+        .lab
+        .client
+        .command(lab::workspace_bin("fep-packets").unwrap())
+        .args([
+            "flood",
+            "--dst",
+            "10.0.0.100:80",
+            "--count",
+            "1000000",
+            "--seconds",
+            "120",
+            "--rate",
+            "50000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // During the flood: new real clients are served, the connection flows.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut peak_rss = 0;
+    let mut peak_routes = 0;
+    let (mut served, mut failed) = (0, 0);
+    let started = Instant::now();
+    while flood.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(120) {
+        let got = r
+            .lab
+            .client
+            .enter(|| {
+                http::get(SocketAddr::new(VIP_V4.into(), 80), "/", TIMEOUT).map(|r| r.body_text())
+            })
+            .unwrap();
+        match got {
+            Ok(_) => served += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "a real request failed during the flood: {e:#}; counters {}",
+                    counters(&r)
+                );
+            }
+        }
+        conn.get_mut().write_all(b"still here\n").unwrap();
+        line.clear();
+        conn.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "still here",
+            "the established connection broke during the flood"
+        );
+        peak_rss = peak_rss.max(rss(fep_pid));
+        peak_routes = peak_routes.max(fepctl_json(&r, &["status"])["routes"].as_u64().unwrap());
+    }
+    let mut report = String::new();
+    flood
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut report)
+        .unwrap();
+    assert!(flood.wait().unwrap().success());
+    let sent: u64 = report
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(sent >= 1_000_000, "{report}");
+    let c = counters(&r);
+    eprintln!(
+        "SYN flood: {report}; fep RSS {:.1} MB before, peak {:.1} MB; peak routes {peak_routes} (max_routes {MAX_ROUTES}); \
+         {served} real requests served during the flood ({failed} failed); embryonic evictions {}, table_full drops {}",
+        rss_before as f64 / 1e6,
+        peak_rss as f64 / 1e6,
+        c["embryonic_evicted"],
+        c["drops"]["table_full"]
+    );
+    assert!(
+        served >= 2 && failed * 10 <= served,
+        "real clients were served during the flood: {served} served, {failed} failed"
+    );
+    assert!(
+        peak_routes <= MAX_ROUTES,
+        "the route table stayed within max_routes"
+    );
+    assert!(
+        peak_rss < 200_000_000,
+        "fep's memory stayed under 200 MB: {peak_rss}"
+    );
+    // Afterwards the flood's routes go (embryonic timeout) and service is normal.
+    wait_for(
+        &r,
+        "the flood's routes to expire",
+        Duration::from_secs(20),
+        |r| fepctl_json(r, &["status"])["routes"].as_u64().unwrap() < 100,
+    );
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+}
+
+/// Echoes `block` over the long-lived connection and checks it comes back
+/// byte for byte.
+fn echo_exact(conn: &mut TcpStream, block: &[u8]) {
+    conn.write_all(block).unwrap();
+    let mut back = vec![0u8; block.len()];
+    conn.read_exact(&mut back)
+        .unwrap_or_else(|e| panic!("the connection broke: {e}"));
+    assert!(back == block, "echoed bytes differ");
+}
+
+#[test]
+fn a_long_connection_survives_a_restart_and_a_kill_9() {
+    if skip_without_root("a_long_connection_survives_a_restart_and_a_kill_9") {
+        return;
+    }
+    let services = format!(
+        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n"
+    );
+    let mut r = start_with_agents("frr", 2, "", &services);
+    let mut conn = r
+        .lab
+        .client
+        .enter(|| TcpStream::connect((VIP_V4, 7000)).unwrap())
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut hello = [0u8; 4];
+    conn.read_exact(&mut hello).unwrap();
+    let mut block = vec![0u8; 64 * 1024];
+    pattern::fill(7, &mut block);
+    echo_exact(&mut conn, &block);
+    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+    let fep_bin = lab::workspace_bin("fep").unwrap();
+
+    // SIGTERM: clean stop (the route table is saved), then a start.
+    assert!(r.fep.stop().unwrap().success());
+    r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
+    assert!(
+        r.fep.log().contains("restored 1 route(s)"),
+        "{}",
+        r.fep.log()
+    );
+    echo_exact(&mut conn, &block);
+
+    // kill -9, and no snapshot: the route comes back from the agents.
+    r.fep.signal(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(r.lab.dir().join("state/routes.bin")).unwrap();
+    r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
+    wait_for(
+        &r,
+        "the route rebuilt from the agents",
+        Duration::from_secs(10),
+        |r| r.fep.log().contains("rebuilt 1 route(s)"),
+    );
+    echo_exact(&mut conn, &block);
+}
+
+#[test]
+fn the_admin_socket_refuses_other_users() {
+    if skip_without_root("the_admin_socket_refuses_other_users") {
+        return;
+    }
+    let r = start("fac", "");
+    let out = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())
+        .arg("--socket")
+        .arg(r.lab.control_socket())
+        .arg("nodes")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ermission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
