@@ -18,6 +18,7 @@ pub mod dispatcher;
 pub mod metrics;
 pub mod netsetup;
 pub mod route_table;
+pub mod testing;
 pub mod transfer_table;
 pub mod tun_io;
 pub mod wire;

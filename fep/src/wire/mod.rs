@@ -314,7 +314,7 @@ impl ChecksumDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    use etherparse::PacketBuilder;
 
     const CLIENT4: [u8; 4] = [10, 0, 1, 2];
     const VIP4: [u8; 4] = [10, 0, 0, 100];
@@ -367,51 +367,8 @@ mod tests {
         )
     }
 
-    /// Recomputes every checksum of `bytes` from scratch with etherparse and
-    /// compares it with the one the packet carries.
     fn assert_checksums_valid(bytes: &[u8]) {
-        let p = SlicedPacket::from_ip(bytes).unwrap();
-        let payload = match &p.transport {
-            Some(TransportSlice::Tcp(t)) => t.payload(),
-            Some(TransportSlice::Udp(u)) => u.payload(),
-            other => panic!("no transport: {other:?}"),
-        };
-        match (&p.net, &p.transport) {
-            (Some(NetSlice::Ipv4(ip)), Some(t)) => {
-                let h = ip.header().to_header();
-                assert_eq!(
-                    h.calc_header_checksum(),
-                    h.header_checksum,
-                    "ipv4 header checksum"
-                );
-                match t {
-                    TransportSlice::Tcp(t) => {
-                        let want = t.to_header().calc_checksum_ipv4(&h, payload).unwrap();
-                        assert_eq!(want, t.checksum(), "tcp/ipv4 checksum");
-                    }
-                    TransportSlice::Udp(u) => {
-                        let want = u.to_header().calc_checksum_ipv4(&h, payload).unwrap();
-                        assert_eq!(want, u.checksum(), "udp/ipv4 checksum");
-                    }
-                    _ => unreachable!(),
-                }
-            }
-            (Some(NetSlice::Ipv6(ip)), Some(t)) => {
-                let h = ip.header().to_header();
-                match t {
-                    TransportSlice::Tcp(t) => {
-                        let want = t.to_header().calc_checksum_ipv6(&h, payload).unwrap();
-                        assert_eq!(want, t.checksum(), "tcp/ipv6 checksum");
-                    }
-                    TransportSlice::Udp(u) => {
-                        let want = u.to_header().calc_checksum_ipv6(&h, payload).unwrap();
-                        assert_eq!(want, u.checksum(), "udp/ipv6 checksum");
-                    }
-                    _ => unreachable!(),
-                }
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        crate::testing::checksums_ok(bytes).unwrap();
     }
 
     #[test]
