@@ -280,6 +280,12 @@ impl Lab {
         Ok(())
     }
 
+    /// Takes a process the caller started in one of the lab's namespaces,
+    /// to be killed with the lab (or with back end `owner`).
+    pub fn adopt(&mut self, owner: Option<usize>, child: Child) {
+        self.children.push((owner, child));
+    }
+
     /// Kills every process of back end `i` (server, agent): the node dies.
     pub fn kill_backend(&mut self, i: usize) {
         for (_, c) in self.children.iter_mut().filter(|(b, _)| *b == Some(i)) {

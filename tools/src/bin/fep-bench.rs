@@ -1,0 +1,464 @@
+//! `fep-bench`: fep against plain kernel forwarding, nftables DNAT and
+//! HAProxy, measured in the same run on the same namespace topology (a
+//! client, a gateway, two back ends running nginx, iperf3 and fep-testsrv).
+//!
+//! Scenarios, interleaved over `--runs` repetitions, each on a fresh
+//! topology (no TIME_WAIT left over from the one before):
+//! - `route`: the gateway forwards to back end 1 (the ceiling);
+//! - `nft`: nftables DNAT on the gateway (numgen round robin, as nftlb does);
+//! - `haproxy`: HAProxy `mode tcp`, roundrobin, on the gateway;
+//! - `fep`: this project.
+//!
+//! Figures: TCP bulk Gbit/s with 1 and 4 streams (iperf3), new connections
+//! per second with one request each (wrk, `Connection: close`, against
+//! nginx) with p50/p99 latency, UDP 64-byte packets per second received
+//! (iperf3), the whole system's CPU during the bulk test (all namespaces
+//! share the cores), and a byte-exact check of a 64 MB transfer. Medians, and
+//! fep's ratio to each peer, go to `BENCHMARKS.md` with the exact commands.
+//! `--smoke`: 2-second measurements, one run (CI checks the tool works).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use fep_tools::lab::{self, Lab, VIP_V4};
+use fep_tools::{http, netns, pattern};
+
+#[derive(Parser)]
+struct Args {
+    /// Short measurements, one run: checks that everything works.
+    #[arg(long)]
+    smoke: bool,
+    /// Repetitions of every scenario (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Where the report goes.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Do not apt-get install missing tools.
+    #[arg(long)]
+    no_install: bool,
+    /// Only these scenarios (route, nft, haproxy, fep).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Route,
+    Nft,
+    Haproxy,
+    Fep,
+}
+
+const SCENARIOS: [Scenario; 4] = [Scenario::Route, Scenario::Nft, Scenario::Haproxy, Scenario::Fep];
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Route => "route",
+            Scenario::Nft => "nft",
+            Scenario::Haproxy => "haproxy",
+            Scenario::Fep => "fep",
+        }
+    }
+}
+
+/// One scenario's figures from one run; `None` where it does not apply.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    bulk1_gbps: Option<f64>,
+    bulk4_gbps: Option<f64>,
+    conn_per_s: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    udp_pps: Option<f64>,
+    cpu_pct: Option<f64>,
+    bytes_exact: Option<bool>,
+}
+
+const BULK_BYTES: u64 = 64 << 20;
+const TOOLS: [(&str, &str); 5] =
+    [("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx-light"), ("haproxy", "haproxy"), ("nft", "nftables")];
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.runs = 1;
+        args.seconds = 2;
+    }
+    if !netns::is_root() {
+        eprintln!("fep-bench needs root: it builds network namespaces and runs fep.");
+        std::process::exit(2);
+    }
+    install(args.no_install)?;
+    let bins = Bins {
+        fep: lab::workspace_bin("fep")?,
+        testsrv: lab::workspace_bin("fep-testsrv")?,
+    };
+    if !args.smoke && bins.fep.to_string_lossy().contains("/debug/") {
+        eprintln!("note: {} is a debug build; for figures that mean something run `cargo build --release --workspace` and target/release/fep-bench", bins.fep.display());
+    }
+    let mut results: Vec<(Scenario, Vec<Figures>)> = SCENARIOS
+        .iter()
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name()))
+        .map(|&s| (s, Vec::new()))
+        .collect();
+    for run in 1..=args.runs {
+        for (s, figures) in results.iter_mut() {
+            eprintln!("== run {run}/{}: {}", args.runs, s.name());
+            let f = measure(*s, &bins, args.seconds).with_context(|| format!("scenario {}", s.name()))?;
+            eprintln!("   {f:?}");
+            figures.push(f);
+        }
+    }
+    let report = report(&results, &args, &bins);
+    std::fs::write(&args.out, &report).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{report}");
+    if results.iter().any(|(_, fs)| fs.iter().any(|f| f.bytes_exact == Some(false))) {
+        bail!("a bulk transfer arrived with different bytes");
+    }
+    Ok(())
+}
+
+struct Bins {
+    fep: PathBuf,
+    testsrv: PathBuf,
+}
+
+fn install(skip: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(bin, _)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success()))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if skip {
+        bail!("missing tools: install {} (or run without --no-install)", missing.join(" "));
+    }
+    eprintln!("installing {}", missing.join(" "));
+    netns::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    netns::run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Builds a fresh topology for `s`, measures, and tears it down.
+fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
+    let mut lab = Lab::new("fb", 2)?;
+    for i in 0..2 {
+        start_backend(&mut lab, i, bins)?;
+    }
+    let target: IpAddr = if s == Scenario::Route { lab::backend_v4(0).into() } else { VIP_V4.into() };
+    let _fep = match s {
+        Scenario::Route => {
+            sysctl_forward(&lab)?;
+            None
+        }
+        Scenario::Nft => {
+            sysctl_forward(&lab)?;
+            let rules = lab.dir().join("bench.nft");
+            std::fs::write(&rules, nft_rules())?;
+            netns::run(lab.gateway.command("nft").arg("-f").arg(&rules))?;
+            None
+        }
+        Scenario::Haproxy => {
+            lab.gateway.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            let cfg = lab.dir().join("haproxy.cfg");
+            std::fs::write(&cfg, haproxy_cfg())?;
+            let child = lab.gateway.command("haproxy").arg("-db").arg("-f").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+            lab.adopt(None, child);
+            None
+        }
+        Scenario::Fep => {
+            Some(lab.start_fep(&bins.fep, &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()))?)
+        }
+    };
+    for port in [80, 5201, 8000] {
+        wait_port(&lab, SocketAddr::new(target, port))?;
+    }
+    let mut f = Figures::default();
+    let cpu = Cpu::start();
+    f.bulk1_gbps = Some(iperf_tcp(&lab, target, secs, 1)?);
+    f.cpu_pct = Some(cpu.busy_percent());
+    f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
+    let (conn, p50, p99) = wrk(&lab, target, secs)?;
+    (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
+    if s != Scenario::Haproxy {
+        f.udp_pps = Some(iperf_udp(&lab, target, secs)?);
+    }
+    f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &_fep {
+        Some(fep) => e.context(format!("fep's log:\n{}", fep.log())),
+        None => e,
+    })?);
+    Ok(f)
+}
+
+fn start_backend(lab: &mut Lab, i: usize, bins: &Bins) -> anyhow::Result<()> {
+    let dir = lab.dir().join(format!("nginx-{i}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{ access_log off; keepalive_timeout 0; server {{ listen 80 reuseport backlog=4096; location / {{ return 200 \"be{1}\\n\"; }} }} }}\n",
+            dir.display(),
+            i + 1
+        ),
+    )?;
+    let ns = &lab.backends[i];
+    let nginx = ns.command("nginx").arg("-p").arg(&dir).arg("-c").arg(dir.join("nginx.conf")).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let iperf = ns.command("iperf3").args(["-s", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    lab.adopt(Some(i), nginx);
+    lab.adopt(Some(i), iperf);
+    lab.start_backend_server(i, &bins.testsrv, &lab::testsrv_args(i, &[8000], &[]))
+}
+
+fn sysctl_forward(lab: &Lab) -> anyhow::Result<()> {
+    netns::run(lab.gateway.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))
+}
+
+fn nft_rules() -> String {
+    let (b1, b2) = (lab::backend_v4(0), lab::backend_v4(1));
+    format!(
+        "table ip bench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
+         \x20   ip daddr {VIP_V4} tcp dport 80 dnat to numgen inc mod 2 map {{ 0 : {b1}, 1 : {b2} }}\n\
+         \x20   ip daddr {VIP_V4} tcp dport {{ 5201, 8000 }} dnat to {b1}\n\
+         \x20   ip daddr {VIP_V4} udp dport 5201 dnat to {b1}\n  }}\n}}\n"
+    )
+}
+
+fn haproxy_cfg() -> String {
+    let (b1, b2) = (lab::backend_v4(0), lab::backend_v4(1));
+    format!(
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend web\n  bind {VIP_V4}:80\n  default_backend web\nbackend web\n  balance roundrobin\n  server be1 {b1}:80\n  server be2 {b2}:80\n\
+         frontend iperf\n  bind {VIP_V4}:5201\n  default_backend iperf\nbackend iperf\n  server be1 {b1}:5201\n\
+         frontend bytes\n  bind {VIP_V4}:8000\n  default_backend bytes\nbackend bytes\n  server be1 {b1}:8000\n"
+    )
+}
+
+/// HTTP round robin over both back ends; iperf3 (TCP and UDP) and the bulk
+/// transfer to back end 1, as in the other scenarios.
+fn fep_services() -> String {
+    let svc = |name: &str, port: u16, proto: &str, backends: &str| {
+        format!("[[service]]\nname = \"{name}\"\nvip = \"{VIP_V4}\"\nport = {port}\nprotocol = \"{proto}\"\nbackend = [{backends}]\n\n")
+    };
+    let both = "{ node = \"be1\", ratio = 1 }, { node = \"be2\", ratio = 1 }";
+    let one = "{ node = \"be1\", ratio = 1 }";
+    svc("web", 80, "tcp", both) + &svc("iperf", 5201, "tcp", one) + &svc("iperf-udp", 5201, "udp", one) + &svc("bytes", 8000, "tcp", one)
+}
+
+fn wait_port(lab: &Lab, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = lab.client.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok())?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} does not answer from the client");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Output of a command run in the client namespace.
+fn client_output(lab: &Lab, program: &str, args: &[String]) -> anyhow::Result<String> {
+    netns::output(lab.client.command(program).args(args))
+}
+
+fn iperf_tcp(lab: &Lab, target: IpAddr, secs: u64, streams: u32) -> anyhow::Result<f64> {
+    let args = format!("-c {target} -p 5201 -t {secs} -P {streams} -J");
+    let out = client_output(lab, "iperf3", &split(&args))?;
+    let bps = json_number(&out, "sum_received", "bits_per_second").context("iperf3 gave no sum_received")?;
+    Ok(bps / 1e9)
+}
+
+fn iperf_udp(lab: &Lab, target: IpAddr, secs: u64) -> anyhow::Result<f64> {
+    let args = format!("-c {target} -p 5201 -u -l 64 -b 0 -t {secs} -J");
+    let out = client_output(lab, "iperf3", &split(&args))?;
+    // The server-side view of the whole run: packets that arrived.
+    let packets = json_number(&out, "\"sum\"", "packets").context("iperf3 gave no packets")?;
+    let lost = json_number(&out, "\"sum\"", "lost_packets").unwrap_or(0.0);
+    let seconds = json_number(&out, "\"sum\"", "seconds").unwrap_or(secs as f64);
+    Ok((packets - lost) / seconds.max(1e-3))
+}
+
+/// New connections per second, p50 and p99 latency in ms.
+fn wrk(lab: &Lab, target: IpAddr, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let mut args = split(&format!("-t 2 -c 32 -d {secs}s --latency -H"));
+    args.push("Connection: close".into());
+    args.push(format!("http://{target}/"));
+    let out = client_output(lab, "wrk", &args)?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("wrk gave no Requests/sec")?;
+    let pct = |p: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
+            .and_then(duration_ms)
+            .unwrap_or(f64::NAN)
+    };
+    Ok((rps, pct("50%"), pct("99%")))
+}
+
+/// "1.23ms" / "456.00us" / "1.02s" in milliseconds.
+fn duration_ms(v: &str) -> Option<f64> {
+    let (num, factor) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * factor)
+}
+
+/// A 64 MB download through the dispatcher, compared byte for byte.
+fn bulk_exact(lab: &Lab, target: IpAddr) -> anyhow::Result<bool> {
+    lab.client.enter(|| {
+        let mut offset = 0u64;
+        let mut same = true;
+        let mut want = vec![0u8; 64 * 1024];
+        http::get_with(SocketAddr::new(target, 8000), &format!("/bytes/{BULK_BYTES}"), Duration::from_secs(30), |chunk| {
+            pattern::fill(offset, &mut want[..chunk.len()]);
+            same &= chunk == &want[..chunk.len()];
+            offset += chunk.len() as u64;
+            Ok(())
+        })?;
+        Ok(same && offset == BULK_BYTES)
+    })?
+}
+
+fn split(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+/// The number after `"key":` inside the first object named `section`.
+fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
+    let start = json.rfind(section)?;
+    let rest = &json[start..];
+    let at = rest.find(&format!("\"{key}\""))?;
+    let value = rest[at + key.len() + 2..].trim_start_matches([':', ' ', '\t']);
+    let end = value.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-' || c == '+'))?;
+    value[..end].parse().ok()
+}
+
+/// The whole system's CPU use over an interval (every namespace shares the
+/// cores, so this is the cost of the scenario as a whole).
+struct Cpu {
+    start: (u64, u64),
+}
+
+impl Cpu {
+    fn start() -> Self {
+        Cpu { start: stat() }
+    }
+
+    fn busy_percent(&self) -> f64 {
+        let (busy, total) = stat();
+        100.0 * (busy - self.start.0) as f64 / (total - self.start.1).max(1) as f64
+    }
+}
+
+fn stat() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> String {
+    type Get = fn(&Figures) -> Option<f64>;
+    let metrics: [(&str, Get, &str); 7] = [
+        ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
+        ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
+        ("new connections/s (1 request each)", |f| f.conn_per_s, "higher"),
+        ("latency p50 (ms)", |f| f.p50_ms, "lower"),
+        ("latency p99 (ms)", |f| f.p99_ms, "lower"),
+        ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
+        ("system CPU during 1-stream bulk (%)", |f| f.cpu_pct, "lower"),
+    ];
+    let med = |s: Scenario, get: Get| {
+        results.iter().find(|(x, _)| *x == s).and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Generated by `fep-bench{}` on {} ({} cores, kernel {}), {} run(s) of {} s per measurement, medians; \
+         every scenario on a fresh namespace topology (client, gateway, two back ends on a bridge), interleaved.\n",
+        if args.smoke { " --smoke" } else { "" },
+        today(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        args.runs,
+        args.seconds
+    );
+    let _ = writeln!(out, "fep binary: `{}`\n", bins.fep.display());
+    let _ = writeln!(out, "| metric | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (name, get, _) in metrics {
+        let cell = |s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}"));
+        let ratio = |peer| match (med(Scenario::Fep, get), med(peer, get)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            cell(Scenario::Route),
+            cell(Scenario::Nft),
+            cell(Scenario::Haproxy),
+            cell(Scenario::Fep),
+            ratio(Scenario::Nft),
+            ratio(Scenario::Haproxy)
+        );
+    }
+    let exact = results.iter().all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
+    let _ = writeln!(
+        out,
+        "\nByte-exact 64 MB transfer through every scenario: {}.\n",
+        if exact { "yes" } else { "NO" }
+    );
+    let _ = writeln!(
+        out,
+        "Commands (from the client namespace, TARGET = the back end for `route`, the VIP otherwise):\n\n\
+         ```\niperf3 -c TARGET -p 5201 -t {s} -P 1 -J\niperf3 -c TARGET -p 5201 -t {s} -P 4 -J\n\
+         wrk -t 2 -c 32 -d {s}s --latency -H 'Connection: close' http://TARGET/\n\
+         iperf3 -c TARGET -p 5201 -u -l 64 -b 0 -t {s} -J\nGET http://TARGET:8000/bytes/{BULK_BYTES} (compared with the pattern)\n```\n\n\
+         nftables rules:\n\n```\n{}```\n\nHAProxy config:\n\n```\n{}```\n\nfep services:\n\n```toml\n{}```\n",
+        nft_rules(),
+        haproxy_cfg(),
+        fep_services(),
+        s = args.seconds
+    );
+    out
+}
+
+fn today() -> String {
+    netns::output(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC")).unwrap_or_default().trim().to_string()
+}
