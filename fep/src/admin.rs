@@ -20,6 +20,7 @@
 //!
 //! Errors answer 400/404 with `{"error": "..."}` naming what exists.
 
+use crate::route_table::idle_since;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -402,7 +403,7 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
                 pin: n.pin.clone(),
                 routes: services.iter().map(|s| s.routes).sum(),
                 agent_connected: connected.contains(&(id as u16)),
-                report_age_ms: n.report.as_ref().map(|(at, _)| now.wrapping_sub(*at)),
+                report_age_ms: n.report.as_ref().map(|(at, _)| idle_since(*at, now)),
                 cpu_percent: n.report.as_ref().map(|(_, r)| r.cpu_percent),
                 services,
             }
@@ -513,7 +514,7 @@ async fn routes(State(a): State<Admin>, Query(q): Query<RouteQuery>) -> impl Int
                     } else {
                         "open"
                     },
-                    idle_ms: now.wrapping_sub(last_seen),
+                    idle_ms: idle_since(last_seen, now),
                 })
             })
             .take(limit)

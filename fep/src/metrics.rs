@@ -2,6 +2,7 @@
 //! data path's counters and the control plane at scrape time, so that the
 //! packet path does no metrics work of its own.
 
+use crate::route_table::idle_since;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -237,7 +238,7 @@ impl Metrics {
             if let Some((at, _)) = &n.report {
                 self.report_age
                     .with_label_values(&[&n.name])
-                    .set(f64::from(now.wrapping_sub(*at)) / 1000.0);
+                    .set(f64::from(idle_since(*at, now)) / 1000.0);
             }
         }
         drop(m);

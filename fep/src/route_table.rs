@@ -90,8 +90,11 @@ impl Route {
     }
 
     /// Milliseconds since the last packet.
+    /// A `now` taken before a worker's latest touch (the control plane reads
+    /// the clock once per pass) sees a last-seen time in its future: that is
+    /// idle 0, not a wrapped-around eternity.
     pub fn idle_ms(&self, now: u32) -> u32 {
-        now.wrapping_sub(self.last_seen())
+        idle_since(self.last_seen(), now)
     }
 
     /// Records a packet: its time and the state bits it sets. Writes only
@@ -114,6 +117,17 @@ impl Route {
     }
 }
 
+/// Milliseconds from `then` to `now` on the wrapping u32 clock; a `then`
+/// after `now` counts as 0.
+pub fn idle_since(then: u32, now: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if d > u32::MAX / 2 {
+        0
+    } else {
+        d
+    }
+}
+
 /// A client's back end under `affinity = "client"`, held while it has routes.
 #[derive(Debug, Clone, Copy)]
 pub struct Sticky {
@@ -122,6 +136,26 @@ pub struct Sticky {
 }
 
 /// The assigned-route table with its reply index and client-affinity map.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_touch_after_the_readers_clock_is_not_an_eternity_of_idleness() {
+        let r = Route::new(0, 1_000);
+        r.touch(1_005, 0);
+        assert_eq!(
+            r.idle_ms(1_000),
+            0,
+            "the sweeper read the clock before the worker's touch"
+        );
+        assert_eq!(r.idle_ms(1_505), 500);
+        // Across the u32 wrap.
+        let r = Route::new(0, u32::MAX - 10);
+        assert_eq!(r.idle_ms(20), 31);
+    }
+}
+
 #[derive(Debug)]
 pub struct RouteTable {
     pub(crate) forward: Map<FlowKey, Route>,

@@ -5,6 +5,7 @@
 //! Pure: no I/O, time passed in, so the unit tests replay failures, load
 //! swings and drains step by step.
 
+use crate::route_table::idle_since;
 use std::net::IpAddr;
 
 use fep_shared::protocol::Report;
@@ -259,7 +260,7 @@ impl Model {
     /// The agent's last report, if it is recent enough to believe.
     pub fn live_report(&self, node: NodeId, now: u32) -> Option<&Report> {
         match &self.nodes[usize::from(node)].report {
-            Some((at, r)) if now.wrapping_sub(*at) < self.node_dead_after_ms => Some(r),
+            Some((at, r)) if idle_since(*at, now) < self.node_dead_after_ms => Some(r),
             _ => None,
         }
     }
@@ -438,7 +439,7 @@ impl Model {
             return None;
         }
         let since = *svc.overloaded_since.get_or_insert(now);
-        if now.wrapping_sub(since) < svc.scale_out_after_ms {
+        if idle_since(since, now) < svc.scale_out_after_ms {
             return None;
         }
         let starting = self

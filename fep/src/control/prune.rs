@@ -5,6 +5,7 @@
 //! reached the target. A route with a live connection is never deleted; nor
 //! is one whose node has no agent to ask.
 
+use crate::route_table::idle_since;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -106,7 +107,7 @@ pub fn plan(
 ) -> Plan {
     let mut plan = Plan::default();
     for (key, backend, _, last_seen) in routes {
-        let idle = now.wrapping_sub(last_seen);
+        let idle = idle_since(last_seen, now);
         let is_over = over
             .get(&key.service)
             .is_some_and(|o| o[usize::from(backend)]);

@@ -58,7 +58,12 @@ enum Scenario {
     Fep,
 }
 
-const SCENARIOS: [Scenario; 4] = [Scenario::Route, Scenario::Nft, Scenario::Haproxy, Scenario::Fep];
+const SCENARIOS: [Scenario; 4] = [
+    Scenario::Route,
+    Scenario::Nft,
+    Scenario::Haproxy,
+    Scenario::Fep,
+];
 
 impl Scenario {
     fn name(self) -> &'static str {
@@ -85,8 +90,13 @@ struct Figures {
 }
 
 const BULK_BYTES: u64 = 64 << 20;
-const TOOLS: [(&str, &str); 5] =
-    [("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx-light"), ("haproxy", "haproxy"), ("nft", "nftables")];
+const TOOLS: [(&str, &str); 5] = [
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+    ("haproxy", "haproxy"),
+    ("nft", "nftables"),
+];
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
@@ -114,15 +124,20 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=args.runs {
         for (s, figures) in results.iter_mut() {
             eprintln!("== run {run}/{}: {}", args.runs, s.name());
-            let f = measure(*s, &bins, args.seconds).with_context(|| format!("scenario {}", s.name()))?;
+            let f = measure(*s, &bins, args.seconds)
+                .with_context(|| format!("scenario {}", s.name()))?;
             eprintln!("   {f:?}");
             figures.push(f);
         }
     }
     let report = report(&results, &args, &bins);
-    std::fs::write(&args.out, &report).with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(&args.out, &report)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     println!("{report}");
-    if results.iter().any(|(_, fs)| fs.iter().any(|f| f.bytes_exact == Some(false))) {
+    if results
+        .iter()
+        .any(|(_, fs)| fs.iter().any(|f| f.bytes_exact == Some(false)))
+    {
         bail!("a bulk transfer arrived with different bytes");
     }
     Ok(())
@@ -136,18 +151,32 @@ struct Bins {
 fn install(skip: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = TOOLS
         .iter()
-        .filter(|(bin, _)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success()))
+        .filter(|(bin, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if skip {
-        bail!("missing tools: install {} (or run without --no-install)", missing.join(" "));
+        bail!(
+            "missing tools: install {} (or run without --no-install)",
+            missing.join(" ")
+        );
     }
     eprintln!("installing {}", missing.join(" "));
     netns::run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    netns::run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    netns::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// Builds a fresh topology for `s`, measures, and tears it down.
@@ -156,7 +185,11 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
     for i in 0..2 {
         start_backend(&mut lab, i, bins)?;
     }
-    let target: IpAddr = if s == Scenario::Route { lab::backend_v4(0).into() } else { VIP_V4.into() };
+    let target: IpAddr = if s == Scenario::Route {
+        lab::backend_v4(0).into()
+    } else {
+        VIP_V4.into()
+    };
     let _fep = match s {
         Scenario::Route => {
             sysctl_forward(&lab)?;
@@ -170,16 +203,26 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
             None
         }
         Scenario::Haproxy => {
-            lab.gateway.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            lab.gateway
+                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
             let cfg = lab.dir().join("haproxy.cfg");
             std::fs::write(&cfg, haproxy_cfg())?;
-            let child = lab.gateway.command("haproxy").arg("-db").arg("-f").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+            let child = lab
+                .gateway
+                .command("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
             lab.adopt(None, child);
             None
         }
-        Scenario::Fep => {
-            Some(lab.start_fep(&bins.fep, &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()))?)
-        }
+        Scenario::Fep => Some(lab.start_fep(
+            &bins.fep,
+            &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
+        )?),
     };
     for port in [80, 5201, 8000] {
         wait_port(&lab, SocketAddr::new(target, port))?;
@@ -195,7 +238,16 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
         f.udp_pps = Some(iperf_udp(&lab, target, secs)?);
     }
     f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &_fep {
-        Some(fep) => e.context(format!("fep's log:\n{}", fep.log())),
+        Some(fep) => {
+            let status =
+                fep_tools::admin_client::call(&lab.control_socket(), "GET", "/v1/status", None)
+                    .map(|v| v["counters"].to_string())
+                    .unwrap_or_default();
+            e.context(format!(
+                "fep's counters: {status}\nfep's log:\n{}",
+                fep.log()
+            ))
+        }
         None => e,
     })?);
     Ok(f)
@@ -215,15 +267,32 @@ fn start_backend(lab: &mut Lab, i: usize, bins: &Bins) -> anyhow::Result<()> {
         ),
     )?;
     let ns = &lab.backends[i];
-    let nginx = ns.command("nginx").arg("-p").arg(&dir).arg("-c").arg(dir.join("nginx.conf")).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-    let iperf = ns.command("iperf3").args(["-s", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let nginx = ns
+        .command("nginx")
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let iperf = ns
+        .command("iperf3")
+        .args(["-s", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     lab.adopt(Some(i), nginx);
     lab.adopt(Some(i), iperf);
     lab.start_backend_server(i, &bins.testsrv, &lab::testsrv_args(i, &[8000], &[]))
 }
 
 fn sysctl_forward(lab: &Lab) -> anyhow::Result<()> {
-    netns::run(lab.gateway.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))
+    netns::run(
+        lab.gateway
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]),
+    )
 }
 
 fn nft_rules() -> String {
@@ -254,13 +323,18 @@ fn fep_services() -> String {
     };
     let both = "{ node = \"be1\", ratio = 1 }, { node = \"be2\", ratio = 1 }";
     let one = "{ node = \"be1\", ratio = 1 }";
-    svc("web", 80, "tcp", both) + &svc("iperf", 5201, "tcp", one) + &svc("iperf-udp", 5201, "udp", one) + &svc("bytes", 8000, "tcp", one)
+    svc("web", 80, "tcp", both)
+        + &svc("iperf", 5201, "tcp", one)
+        + &svc("iperf-udp", 5201, "udp", one)
+        + &svc("bytes", 8000, "tcp", one)
 }
 
 fn wait_port(lab: &Lab, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let ok = lab.client.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok())?;
+        let ok = lab.client.enter(|| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        })?;
         if ok {
             return Ok(());
         }
@@ -279,7 +353,8 @@ fn client_output(lab: &Lab, program: &str, args: &[String]) -> anyhow::Result<St
 fn iperf_tcp(lab: &Lab, target: IpAddr, secs: u64, streams: u32) -> anyhow::Result<f64> {
     let args = format!("-c {target} -p 5201 -t {secs} -P {streams} -J");
     let out = client_output(lab, "iperf3", &split(&args))?;
-    let bps = json_number(&out, "sum_received", "bits_per_second").context("iperf3 gave no sum_received")?;
+    let bps = json_number(&out, "sum_received", "bits_per_second")
+        .context("iperf3 gave no sum_received")?;
     Ok(bps / 1e9)
 }
 
@@ -333,12 +408,17 @@ fn bulk_exact(lab: &Lab, target: IpAddr) -> anyhow::Result<bool> {
         let mut offset = 0u64;
         let mut same = true;
         let mut want = vec![0u8; 64 * 1024];
-        http::get_with(SocketAddr::new(target, 8000), &format!("/bytes/{BULK_BYTES}"), Duration::from_secs(30), |chunk| {
-            pattern::fill(offset, &mut want[..chunk.len()]);
-            same &= chunk == &want[..chunk.len()];
-            offset += chunk.len() as u64;
-            Ok(())
-        })?;
+        http::get_with(
+            SocketAddr::new(target, 8000),
+            &format!("/bytes/{BULK_BYTES}"),
+            Duration::from_secs(30),
+            |chunk| {
+                pattern::fill(offset, &mut want[..chunk.len()]);
+                same &= chunk == &want[..chunk.len()];
+                offset += chunk.len() as u64;
+                Ok(())
+            },
+        )?;
         Ok(same && offset == BULK_BYTES)
     })?
 }
@@ -353,7 +433,8 @@ fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
     let rest = &json[start..];
     let at = rest.find(&format!("\"{key}\""))?;
     let value = rest[at + key.len() + 2..].trim_start_matches([':', ' ', '\t']);
-    let end = value.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-' || c == '+'))?;
+    let end = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-' || c == '+'))?;
     value[..end].parse().ok()
 }
 
@@ -376,7 +457,14 @@ impl Cpu {
 
 fn stat() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total - idle, total)
@@ -396,14 +484,25 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
     let metrics: [(&str, Get, &str); 7] = [
         ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
         ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
-        ("new connections/s (1 request each)", |f| f.conn_per_s, "higher"),
+        (
+            "new connections/s (1 request each)",
+            |f| f.conn_per_s,
+            "higher",
+        ),
         ("latency p50 (ms)", |f| f.p50_ms, "lower"),
         ("latency p99 (ms)", |f| f.p99_ms, "lower"),
         ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
-        ("system CPU during 1-stream bulk (%)", |f| f.cpu_pct, "lower"),
+        (
+            "system CPU during 1-stream bulk (%)",
+            |f| f.cpu_pct,
+            "lower",
+        ),
     ];
     let med = |s: Scenario, get: Get| {
-        results.iter().find(|(x, _)| *x == s).and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
+        results
+            .iter()
+            .find(|(x, _)| *x == s)
+            .and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
     };
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
@@ -419,7 +518,10 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         args.seconds
     );
     let _ = writeln!(out, "fep binary: `{}`\n", bins.fep.display());
-    let _ = writeln!(out, "| metric | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |");
+    let _ = writeln!(
+        out,
+        "| metric | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for (name, get, _) in metrics {
         let cell = |s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}"));
@@ -438,7 +540,9 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
             ratio(Scenario::Haproxy)
         );
     }
-    let exact = results.iter().all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
+    let exact = results
+        .iter()
+        .all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
     let _ = writeln!(
         out,
         "\nByte-exact 64 MB transfer through every scenario: {}.\n",
@@ -460,5 +564,8 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
 }
 
 fn today() -> String {
-    netns::output(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC")).unwrap_or_default().trim().to_string()
+    netns::output(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
