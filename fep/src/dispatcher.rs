@@ -141,18 +141,33 @@ impl Dispatcher {
     /// Handles one packet in place and counts what happened.
     #[inline]
     pub fn process(&self, buf: &mut [u8], now: u32, worker: &mut Worker) -> Verdict {
-        let verdict = match FlowPacket::new_checked(buf) {
-            Ok(mut pkt) => {
-                let dst = pkt.dst_addr();
-                let table = self.table.load();
-                match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
-                    Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
-                    None => self.to_client(&table, &mut pkt, now, &worker.counters),
+        self.process_offloaded(buf, false, now, worker)
+    }
+
+    /// As [`Dispatcher::process`], for a packet read with checksum offload:
+    /// `partial_csum` says its L4 checksum is a pseudo-header sum the
+    /// device will finish (virtio-net `NEEDS_CSUM`).
+    #[inline]
+    pub fn process_offloaded(
+        &self,
+        buf: &mut [u8],
+        partial_csum: bool,
+        now: u32,
+        worker: &mut Worker,
+    ) -> Verdict {
+        let verdict =
+            match FlowPacket::new_checked(buf).map(|p| p.with_partial_checksum(partial_csum)) {
+                Ok(mut pkt) => {
+                    let dst = pkt.dst_addr();
+                    let table = self.table.load();
+                    match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
+                        Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
+                        None => self.to_client(&table, &mut pkt, now, &worker.counters),
+                    }
                 }
-            }
-            Err(ParseError::Icmp) => self.icmp(buf, &worker.counters),
-            Err(e) => Verdict::Drop(e.into()),
-        };
+                Err(ParseError::Icmp) => self.icmp(buf, &worker.counters),
+                Err(e) => Verdict::Drop(e.into()),
+            };
         if let Verdict::Drop(reason) = verdict {
             worker.counters.dropped(reason);
         }

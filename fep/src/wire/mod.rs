@@ -80,6 +80,9 @@ pub struct FlowPacket<'a> {
     l4: usize,
     /// Length of the IP packet (the buffer may carry trailing bytes).
     len: usize,
+    /// The L4 checksum field holds only the pseudo-header sum, to be
+    /// finished by the device (virtio-net `NEEDS_CSUM`).
+    partial: bool,
 }
 
 impl<'a> FlowPacket<'a> {
@@ -116,11 +119,19 @@ impl<'a> FlowPacket<'a> {
             proto,
             l4,
             len,
+            partial: false,
         })
     }
 
     pub fn is_ipv4(&self) -> bool {
         self.v4
+    }
+
+    /// Marks the L4 checksum as a partial (pseudo-header) sum, as a read
+    /// from a TUN device with checksum offload delivers it.
+    pub fn with_partial_checksum(mut self, partial: bool) -> Self {
+        self.partial = partial;
+        self
     }
 
     /// IP protocol number: [`TCP`] or [`UDP`].
@@ -213,8 +224,13 @@ impl<'a> FlowPacket<'a> {
                 field::UDP_CHECKSUM
             };
         let old = self.read_u16(csum_at);
-        // An IPv4 UDP checksum of 0 means "none"; it stays that way.
-        if !(self.proto == UDP && self.v4 && old == 0) {
+        if self.partial {
+            // Checksum offload: the field holds the pseudo-header sum the
+            // device finishes over the segment, ports included; only the
+            // addresses change it.
+            self.write_u16(csum_at, addr_delta.add_to(old));
+        } else if !(self.proto == UDP && self.v4 && old == 0) {
+            // An IPv4 UDP checksum of 0 means "none"; it stays that way.
             let mut new = l4_delta.apply(old);
             if self.proto == UDP && new == 0 {
                 new = 0xffff;
@@ -300,6 +316,16 @@ impl ChecksumDelta {
     /// Adds another delta's changes to this one.
     pub(crate) fn merge(&mut self, other: ChecksumDelta) {
         self.0 += other.0;
+    }
+
+    /// Adds the change to a plain (not inverted) one's-complement sum, such
+    /// as the pseudo-header sum of an offloaded checksum.
+    pub(crate) fn add_to(self, sum: u16) -> u16 {
+        let mut s = u32::from(sum) + self.0;
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
     }
 
     pub(crate) fn apply(self, checksum: u16) -> u16 {
@@ -395,6 +421,60 @@ mod tests {
                 assert_eq!(p.src_port(), 80);
                 assert_checksums_valid(&bytes);
             }
+        }
+    }
+
+    /// What a device does with an offloaded checksum: sum the L4 bytes
+    /// (the field holding the pseudo-header sum) and store the complement.
+    fn finish_offloaded(bytes: &mut [u8], l4: usize, at: usize) {
+        let mut sum = 0u32;
+        for c in bytes[l4..].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        bytes[at..at + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+
+    /// The pseudo-header sum an offloading sender leaves in the field.
+    fn make_partial(bytes: &mut [u8], v4: bool, l4: usize, at: usize, proto: u8) {
+        let mut sum = 0u32;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+            }
+        };
+        let len = (bytes.len() - l4) as u32;
+        if v4 {
+            add(&bytes[12..20]);
+            add(&[0, proto]);
+            add(&(len as u16).to_be_bytes());
+        } else {
+            add(&bytes[8..40]);
+            add(&len.to_be_bytes());
+            add(&[0, 0, 0, proto]);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        bytes[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+    }
+
+    #[test]
+    fn offloaded_partial_checksums_stay_right_after_a_rewrite() {
+        for (mut bytes, v4, l4, at, proto, be) in [
+            (tcp4(b"data!"), true, 20, 36, TCP, IpAddr::V4(BE4)),
+            (udp4(b"data!"), true, 20, 26, UDP, IpAddr::V4(BE4)),
+            (tcp6(b"data!"), false, 40, 56, TCP, IpAddr::V6(be6())),
+            (udp6(b"data!"), false, 40, 46, UDP, IpAddr::V6(be6())),
+        ] {
+            make_partial(&mut bytes, v4, l4, at, proto);
+            let p = FlowPacket::new_checked(&mut bytes).unwrap();
+            let mut p = p.with_partial_checksum(true);
+            p.set_destination(&addr_from_ip(be), 8080);
+            finish_offloaded(&mut bytes, l4, at);
+            assert_checksums_valid(&bytes);
         }
     }
 
