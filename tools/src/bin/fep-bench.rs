@@ -517,7 +517,11 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         args.runs,
         args.seconds
     );
-    let _ = writeln!(out, "fep binary: `{}`\n", bins.fep.display());
+    let _ = writeln!(
+        out,
+        "fep binary: `{}`. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
+        bins.fep.display()
+    );
     let _ = writeln!(
         out,
         "| metric | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |"
