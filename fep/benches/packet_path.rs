@@ -8,29 +8,13 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use etherparse::PacketBuilder;
 use fep::dispatcher::Worker;
+use fep::testing::CONFIG;
 use fep::{Dispatcher, Verdict};
 use fep_shared::FepConfig;
 
 fn dispatcher(max_routes: usize) -> Dispatcher {
-    let cfg = FepConfig::parse(&format!(
-        r#"
-max_routes = {max_routes}
-[[node]]
-name = "be1"
-address = "10.0.2.11"
-[[node]]
-name = "be2"
-address = "10.0.2.12"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-backend = [{{ node = "be1", ratio = 2 }}, {{ node = "be2", ratio = 1 }}]
-"#
-    ))
-    .unwrap();
-    Dispatcher::new(&cfg)
+    let services = &CONFIG[CONFIG.find("[[node]]").expect("nodes")..];
+    Dispatcher::new(&FepConfig::parse(&format!("max_routes = {max_routes}\n{services}")).unwrap())
 }
 
 /// A client segment: client `n` spread over 10.x.y.z and source ports.

@@ -4,6 +4,7 @@
 
 use etherparse::PacketBuilder;
 use fep::dispatcher::Worker;
+use fep::testing::CONFIG;
 use fep::{Dispatcher, Verdict};
 use fep_shared::FepConfig;
 
@@ -20,12 +21,8 @@ fn rss_bytes() -> u64 {
 fn main() {
     // `cargo bench` passes --bench; a filter argument selects nothing here.
     for routes in [1_000_000u32, 10_000_000] {
-        let cfg = FepConfig::parse(&format!(
-            "max_routes = {}\n{}",
-            routes,
-            &fep::testing::CONFIG[fep::testing::CONFIG.find("[[node]]").unwrap()..]
-        ))
-        .unwrap();
+        let services = &CONFIG[CONFIG.find("[[node]]").expect("nodes")..];
+        let cfg = FepConfig::parse(&format!("max_routes = {routes}\n{services}")).unwrap();
         let before = rss_bytes();
         let d = Dispatcher::new(&cfg);
         let mut w = Worker::new(Default::default());

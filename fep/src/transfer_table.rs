@@ -339,27 +339,6 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
 mod tests {
     use super::*;
 
-    const CFG: &str = r#"
-[[node]]
-name = "be1"
-address = "10.0.2.11"
-[[node]]
-name = "be2"
-address = "10.0.2.12"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 2 }]
-[[service]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-backend = [{ node = "be1", ratio = 1 }]
-"#;
-
     fn names(svc: &Service) -> Vec<(&str, bool)> {
         svc.backends
             .iter()
@@ -369,7 +348,8 @@ backend = [{ node = "be1", ratio = 1 }]
 
     #[test]
     fn a_rebuild_keeps_slots_and_counters_and_leaves_tombstones() {
-        let cfg = FepConfig::parse(CFG).unwrap();
+        // testing::CONFIG: web (be1, be2), dns, web6, dns6; nodes be1, be2, be1v6, be2v6.
+        let cfg = FepConfig::parse(crate::testing::CONFIG).unwrap();
         let t1 = TransferTable::from_config(&cfg);
         t1.service(0).backends[1].route_added();
 
@@ -387,7 +367,7 @@ backend = [{ node = "be1", ratio = 1 }]
             port: None,
         });
         cfg2.services.remove(1);
-        let mut extra = FepConfig::parse(CFG).unwrap().services.remove(1);
+        let mut extra = cfg.services[1].clone();
         extra.name = "dns2".into();
         extra.port = 54;
         cfg2.services.push(extra);
@@ -407,11 +387,15 @@ backend = [{ node = "be1", ratio = 1 }]
         assert_eq!(t2.service(0).backends[2].ratio(), 4);
         assert!(t2.service(1).removed, "dns keeps its slot as a tombstone");
         assert_eq!(t2.service_id("dns"), None);
-        assert_eq!(t2.service_id("dns2"), Some(2));
+        assert_eq!(
+            t2.service_id("dns2"),
+            Some(4),
+            "a new service gets a new slot"
+        );
         assert!(t2
             .lookup(17, &addr_from_ip("10.0.0.100".parse().unwrap()), 53)
             .is_none());
-        assert_eq!(t2.node_id("be3"), Some(2));
+        assert_eq!(t2.node_id("be3"), Some(4));
 
         // Back again: be1 gets its old slot.
         let t3 = TransferTable::build(&cfg, Some(&t2));
@@ -421,7 +405,7 @@ backend = [{ node = "be1", ratio = 1 }]
         );
         assert_eq!(
             t3.service_id("dns"),
-            Some(3),
+            Some(5),
             "a removed service comes back in a new slot"
         );
     }

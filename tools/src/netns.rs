@@ -20,17 +20,7 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// Runs a command to completion, failing with its stderr.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    output(cmd).map(drop)
 }
 
 /// Runs a command and returns its stdout.

@@ -166,28 +166,8 @@ mod tests {
     use fep_shared::FepConfig;
 
     use super::*;
+    use crate::testing::CONFIG;
     use crate::wire::addr_from_ip;
-
-    const CFG: &str = r#"
-[[node]]
-name = "be1"
-address = "10.0.2.11"
-[[node]]
-name = "be2"
-address = "10.0.2.12"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-backend = [{ node = "be1", ratio = 1, port = 8080 }, { node = "be2", ratio = 1 }]
-[[service]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
-"#;
 
     fn key(service: ServiceId, n: u8) -> FlowKey {
         FlowKey {
@@ -199,13 +179,14 @@ backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
 
     #[test]
     fn only_idle_routes_of_backends_above_target_are_candidates() {
-        let table = TransferTable::from_config(&FepConfig::parse(CFG).unwrap());
-        let over = HashMap::from([(0, vec![true, false]), (1, vec![true, false])]);
+        // testing::CONFIG: web = be1 (port 80), be2 (port 8080); dns is UDP.
+        let table = TransferTable::from_config(&FepConfig::parse(CONFIG).unwrap());
+        let over = HashMap::from([(0, vec![false, true]), (1, vec![true, false])]);
         let now = 10_000;
         let routes = vec![
-            (key(0, 1), 0, 0, now - 5_000),           // be1, idle: ask be1's agent
-            (key(0, 2), 0, 0, now - MIN_IDLE_MS + 1), // be1, too recent
-            (key(0, 3), 1, 0, now - 9_000),           // be2 is on target
+            (key(0, 1), 1, 0, now - 5_000),           // be2, idle: ask be2's agent
+            (key(0, 2), 1, 0, now - MIN_IDLE_MS + 1), // be2, too recent
+            (key(0, 3), 0, 0, now - 9_000),           // be1 is on target
             (key(1, 4), 0, 0, now - UDP_IDLE_MS),     // UDP, idle long enough
             (key(1, 5), 0, 0, now - 2_000),           // UDP, not idle long enough
         ];
@@ -218,7 +199,7 @@ backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
         };
         assert_eq!(
             p.ask,
-            HashMap::from([(0, vec![(conn, key(0, 1), now - 5_000)])])
+            HashMap::from([(1, vec![(conn, key(0, 1), now - 5_000)])])
         );
     }
 }

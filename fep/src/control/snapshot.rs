@@ -189,25 +189,9 @@ mod tests {
     use crate::dispatcher::Worker;
     use crate::route_table::state;
 
-    const CFG: &str = r#"
-[[node]]
-name = "be1"
-address = "10.0.2.11"
-[[node]]
-name = "be2"
-address = "10.0.2.12"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-affinity = "client"
-backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
-"#;
-
     #[test]
     fn a_snapshot_restores_every_route_by_name() {
-        let cfg = FepConfig::parse(CFG).unwrap();
+        let cfg = FepConfig::parse(crate::testing::CONFIG).unwrap();
         let d = Dispatcher::new(&cfg);
         let mut w = Worker::new(Default::default());
         for n in 0..50u8 {
