@@ -58,12 +58,6 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
     snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
     let workers =
         Workers::spawn(queues, dispatcher.clone(), clock).context("cannot start worker threads")?;
-    tracing::info!(
-        "serving {} service(s) on {} with {} worker(s)",
-        cfg.services.len(),
-        cfg.tun,
-        cfg.workers
-    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,6 +94,17 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         }
         let socket = cfg.control_socket.clone();
         tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
+        // Let every task bind its listener before saying so: "serving" means
+        // the data path, the admin socket and the agent port are all up.
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
+        tracing::info!(
+            "serving {} service(s) on {} with {} worker(s)",
+            cfg.services.len(),
+            cfg.tun,
+            cfg.workers
+        );
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
         save_routes(&cp.dispatcher_arc(), &cfg.state_dir);

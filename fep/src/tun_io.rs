@@ -2,11 +2,12 @@
 //! multi-queue TUN device. The kernel spreads flows over the queues by flow
 //! hash, so a flow stays on one worker.
 //!
-//! A worker reads a packet, hands it to [`Dispatcher::process`] and writes it
-//! back: one reusable buffer, no allocation and no lock of its own per packet.
+//! A worker reads a packet (a blocking read: one system call), hands it to
+//! [`Dispatcher::process`] and writes it back: one reusable buffer, no
+//! allocation and no lock of its own per packet.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,8 +21,9 @@ use crate::dispatcher::{Dispatcher, Verdict, Worker};
 /// Room for the largest read: a 64 KB offloaded segment, its headers and
 /// the virtio-net header.
 const MAX_READ: usize = 65_536 + 512;
-/// How often an idle worker looks at the stop flag.
-const STOP_POLL_MS: i32 = 200;
+/// The signal that interrupts a worker's blocking read at stop (its handler
+/// does nothing; it is installed without `SA_RESTART`).
+const WAKE_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Milliseconds since the daemon started: the core's notion of `now`.
 #[derive(Debug, Clone, Copy)]
@@ -50,8 +52,7 @@ const VNET_HDR: usize = 10;
 /// virtio-net header flag: the L4 checksum holds only the pseudo-header sum.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
-/// Creates the TUN device `name` with `queues` queues, up, in non-blocking
-/// mode, with TCP checksum and segmentation offload (a read or write moves
+/// Creates the TUN device `name` with `queues` queues, up, with TCP checksum and segmentation offload (a read or write moves
 /// up to 64 KB instead of one MTU-sized packet) if the kernel allows it.
 pub fn open_queues(name: &str, queues: usize) -> io::Result<Queues> {
     match open(name, queues, true) {
@@ -81,9 +82,6 @@ fn open(name: &str, queues: usize, offload: bool) -> io::Result<Vec<SyncDevice>>
         all.push(first.try_clone()?);
     }
     all.insert(0, first);
-    for q in &all {
-        q.set_nonblocking(true)?;
-    }
     Ok(all)
 }
 
@@ -97,6 +95,7 @@ pub struct Workers {
 impl Workers {
     /// Starts one worker per queue.
     pub fn spawn(queues: Queues, dispatcher: Arc<Dispatcher>, clock: Clock) -> io::Result<Self> {
+        install_wake_handler()?;
         let offload = queues.offload;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -126,6 +125,13 @@ impl Workers {
     pub fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
+            // Repeated: a signal that lands just before the read starts is
+            // not seen by it.
+            while !t.is_finished() {
+                // SAFETY: the thread is alive (not finished) and joinable.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), WAKE_SIGNAL) };
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             if t.join().is_err() {
                 tracing::error!("a worker thread panicked");
             }
@@ -146,12 +152,10 @@ fn run(
     let mut buf = vec![0u8; MAX_READ];
     let mut logged_errors = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        // A blocking read: one system call per packet. `Workers::stop`
+        // interrupts it with WAKE_SIGNAL.
         let n = match queue.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(&queue);
-                continue;
-            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 bump(&counters.tun_read_errors, 1);
@@ -178,15 +182,21 @@ fn run(
     }
 }
 
-/// Blocks until the queue is readable or [`STOP_POLL_MS`] passed.
-fn wait_readable(queue: &SyncDevice) {
-    let mut pfd = libc::pollfd {
-        fd: queue.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
+extern "C" fn wake(_: libc::c_int) {}
+
+/// Makes WAKE_SIGNAL interrupt blocking system calls instead of killing the
+/// process or restarting the call.
+fn install_wake_handler() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that does nothing is valid.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = wake as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(WAKE_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Logs the first few I/O errors of a worker, then only counts them.
