@@ -49,16 +49,33 @@ protocol = "udp"
 backend = [{ node = "be1v6", ratio = 1 }]
 "#;
 
-/// The one's-complement sum of `data` on top of `sum`, folded and inverted:
-/// 0 when the data includes a right checksum.
-fn fold(mut sum: u32, data: &[u8]) -> u16 {
+/// The folded one's-complement sum of `data` (big-endian 16-bit words, an
+/// odd last byte padded) on top of `init`: 0xffff over data that includes a
+/// right checksum.
+pub fn ones_sum(init: u16, data: &[u8]) -> u16 {
+    let mut sum = u32::from(init);
     for c in data.chunks(2) {
         sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
         if sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The pseudo-header sum of an IPv4/IPv6 packet whose L4 part (protocol
+/// `proto`) is `l4_len` bytes: what an offloading sender leaves in the L4
+/// checksum field, and where a full checksum starts.
+pub fn pseudo_header_sum(bytes: &[u8], v4: bool, l4_len: usize, proto: u8) -> u16 {
+    if v4 {
+        let s = ones_sum(0, &bytes[12..20]);
+        let s = ones_sum(s, &[0, proto]);
+        ones_sum(s, &(l4_len as u16).to_be_bytes())
+    } else {
+        let s = ones_sum(0, &bytes[8..40]);
+        let s = ones_sum(s, &(l4_len as u32).to_be_bytes());
+        ones_sum(s, &[0, 0, 0, proto])
+    }
 }
 
 /// Checks the IPv4 header checksum and the TCP, UDP, ICMP or ICMPv6
@@ -66,37 +83,18 @@ fn fold(mut sum: u32, data: &[u8]) -> u16 {
 pub fn checksums_ok(bytes: &[u8]) -> Result<(), String> {
     let ip = IpSlice::from_slice(bytes).map_err(|e| format!("not an IP packet: {e}"))?;
     let p = ip.payload();
-    let l4 = p.payload;
-    let proto = p.ip_number.0;
-    let mut pseudo = 0u32;
-    let mut add = |b: &[u8]| {
-        for c in b.chunks(2) {
-            pseudo += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-    };
-    match &ip {
-        IpSlice::Ipv4(v4) => {
-            let h = v4.header().slice();
-            if fold(0, h) != 0 {
-                return Err("IPv4 header checksum".into());
-            }
-            add(&bytes[12..20]);
-            add(&[0, proto]);
-            add(&(l4.len() as u16).to_be_bytes());
-        }
-        IpSlice::Ipv6(_) => {
-            add(&bytes[8..40]);
-            add(&(l4.len() as u32).to_be_bytes());
-            add(&[0, 0, 0, proto]);
+    let (l4, proto) = (p.payload, p.ip_number.0);
+    let v4 = matches!(ip, IpSlice::Ipv4(_));
+    if let IpSlice::Ipv4(v4) = &ip {
+        if ones_sum(0, v4.header().slice()) != 0xffff {
+            return Err("IPv4 header checksum".into());
         }
     }
+    let pseudo = pseudo_header_sum(bytes, v4, l4.len(), proto);
     let ok = match proto {
-        6 | 58 => fold(pseudo, l4) == 0,
-        17 => {
-            (matches!(ip, IpSlice::Ipv4(_)) && l4.get(6..8) == Some(&[0, 0]))
-                || fold(pseudo, l4) == 0
-        }
-        1 => fold(0, l4) == 0,
+        6 | 58 => ones_sum(pseudo, l4) == 0xffff,
+        17 => (v4 && l4.get(6..8) == Some(&[0, 0])) || ones_sum(pseudo, l4) == 0xffff,
+        1 => ones_sum(0, l4) == 0xffff,
         _ => return Ok(()),
     };
     if ok {
@@ -116,4 +114,25 @@ pub fn assert_forwardable(bytes: &[u8]) {
         flow.is_ok() || icmp.is_ok(),
         "fep forwarded a packet it cannot parse: {bytes:02x?}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checker_catches_a_wrong_checksum() {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 0, 1, 2], [10, 0, 0, 100], 64)
+            .tcp(40000, 80, 1, 1000)
+            .write(&mut p, b"abc")
+            .unwrap();
+        assert_eq!(checksums_ok(&p), Ok(()));
+        let last = p.len() - 1;
+        p[last] ^= 1;
+        assert_eq!(checksums_ok(&p), Err("protocol 6 checksum".into()));
+        p[last] ^= 1;
+        p[8] ^= 1; // TTL: the IPv4 header checksum
+        assert_eq!(checksums_ok(&p), Err("IPv4 header checksum".into()));
+    }
 }

@@ -427,38 +427,14 @@ mod tests {
     /// What a device does with an offloaded checksum: sum the L4 bytes
     /// (the field holding the pseudo-header sum) and store the complement.
     fn finish_offloaded(bytes: &mut [u8], l4: usize, at: usize) {
-        let mut sum = 0u32;
-        for c in bytes[l4..].chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        bytes[at..at + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let sum = crate::testing::ones_sum(0, &bytes[l4..]);
+        bytes[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
     }
 
     /// The pseudo-header sum an offloading sender leaves in the field.
     fn make_partial(bytes: &mut [u8], v4: bool, l4: usize, at: usize, proto: u8) {
-        let mut sum = 0u32;
-        let mut add = |b: &[u8]| {
-            for c in b.chunks(2) {
-                sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-            }
-        };
-        let len = (bytes.len() - l4) as u32;
-        if v4 {
-            add(&bytes[12..20]);
-            add(&[0, proto]);
-            add(&(len as u16).to_be_bytes());
-        } else {
-            add(&bytes[8..40]);
-            add(&len.to_be_bytes());
-            add(&[0, 0, 0, proto]);
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        bytes[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+        let sum = crate::testing::pseudo_header_sum(bytes, v4, bytes.len() - l4, proto);
+        bytes[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     }
 
     #[test]
