@@ -2,9 +2,9 @@
 //! back ends, each a network namespace with addresses only inside them.
 //!
 //! ```text
-//!  client 10.0.1.2 ── 10.0.1.1 gateway (fep, VIP 10.0.0.100 / fd00::100) 10.0.2.1 ── br0 ─┬─ be1 10.0.2.11
-//!         fd00:1::2    fd00:1::1                                          fd00:2::1       ├─ be2 10.0.2.12
-//!                                                                                           └─ be3 10.0.2.13
+//!  client 10.0.1.2 ── 10.0.1.1 gateway (fep, VIP 10.0.0.100 / fd00::100) 10.0.2.1 ─┬─ b1 ── be1 10.0.2.11
+//!         fd00:1::2    fd00:1::1                                          fd00:2::1  ├─ b2 ── be2 10.0.2.12
+//!                                                                                    └─ b3 ── be3 10.0.2.13
 //! ```
 //!
 //! The gateway gets no forwarding, routes or rules from the lab: fep sets up
@@ -102,20 +102,9 @@ impl Lab {
         cl.ip(&["route", "add", "default", "via", "10.0.1.1"])?;
         cl.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
 
-        gw.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        gw.ip(&["addr", "add", "10.0.2.1/24", "dev", "br0"])?;
-        gw.ip(&["addr", "add", "fd00:2::1/64", "dev", "br0", "nodad"])?;
-        gw.ip(&["link", "set", "br0", "up"])?;
+        // One veth per back end (no bridge): the gateway holds 10.0.2.1 /
+        // fd00:2::1 on each and a host route to each back end through its own
+        // link, as a gateway with a port per server would.
         for (i, be) in self.backends.iter().enumerate() {
             let port = format!("b{}", i + 1);
             gw.ip(&[
@@ -130,7 +119,18 @@ impl Lab {
                 "netns",
                 be.name(),
             ])?;
-            gw.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            gw.ip(&["addr", "add", "10.0.2.1/32", "dev", &port])?;
+            gw.ip(&["addr", "add", "fd00:2::1/128", "dev", &port, "nodad"])?;
+            gw.ip(&["link", "set", &port, "up"])?;
+            gw.ip(&["route", "add", &backend_v4(i).to_string(), "dev", &port])?;
+            gw.ip(&[
+                "-6",
+                "route",
+                "add",
+                &backend_v6(i).to_string(),
+                "dev",
+                &port,
+            ])?;
             be.ip(&[
                 "addr",
                 "add",
