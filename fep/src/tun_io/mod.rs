@@ -2,11 +2,16 @@
 //! multi-queue TUN device. The kernel spreads flows over the queues by flow
 //! hash, so a flow stays on one worker.
 //!
-//! A worker reads a packet (a blocking read: one system call), hands it to
-//! [`Dispatcher::process`] and writes it back: one reusable buffer, no
-//! allocation and no lock of its own per packet.
+//! A worker serves its queue with io_uring ([`uring`]: batched reads and
+//! writes) where the kernel allows it, else with a blocking read and a
+//! write per packet. Either way each packet goes through
+//! [`Dispatcher::process_offloaded`] in a reused buffer: no allocation and no
+//! lock of its own per packet.
+
+mod uring;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,7 +112,7 @@ impl Workers {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("fep-worker-{i}"))
-                    .spawn(move || run(queue, offload, &d, Worker::new(c), &s, clock))?,
+                    .spawn(move || serve(queue, offload, &d, Worker::new(c), &s, clock))?,
             );
         }
         Ok(Workers {
@@ -139,7 +144,8 @@ impl Workers {
     }
 }
 
-fn run(
+/// One worker: batched I/O if io_uring serves, else blocking I/O.
+fn serve(
     queue: SyncDevice,
     offload: bool,
     dispatcher: &Dispatcher,
@@ -147,8 +153,49 @@ fn run(
     stop: &AtomicBool,
     clock: Clock,
 ) {
-    let counters = worker.counters.clone();
     let hdr = if offload { VNET_HDR } else { 0 };
+    match uring::run(queue.as_raw_fd(), hdr, dispatcher, &mut worker, stop, clock) {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!("{e}; this worker reads and writes one packet per system call");
+            run_blocking(&queue, hdr, dispatcher, &mut worker, stop, clock);
+        }
+    }
+}
+
+/// The packet read into `buf[..n]`, processed in place: the length to write
+/// back from `buf`'s start, if it is forwarded.
+#[inline]
+fn handle(
+    buf: &mut [u8],
+    n: usize,
+    hdr: usize,
+    dispatcher: &Dispatcher,
+    worker: &mut Worker,
+    now: u32,
+) -> Option<usize> {
+    if n < hdr {
+        bump(&worker.counters.tun_read_errors, 1);
+        return None;
+    }
+    // The virtio-net header goes back out as it came: the kernel finishes
+    // the checksum and segments as it asked to.
+    let partial = hdr > 0 && buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+    match dispatcher.process_offloaded(&mut buf[hdr..n], partial, now, worker) {
+        Verdict::Forward(len) => Some(hdr + len),
+        Verdict::Drop(_) => None,
+    }
+}
+
+fn run_blocking(
+    queue: &SyncDevice,
+    hdr: usize,
+    dispatcher: &Dispatcher,
+    worker: &mut Worker,
+    stop: &AtomicBool,
+    clock: Clock,
+) {
+    let counters = worker.counters.clone();
     let mut buf = vec![0u8; MAX_READ];
     let mut logged_errors = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -163,18 +210,8 @@ fn run(
                 continue;
             }
         };
-        if n < hdr {
-            bump(&counters.tun_read_errors, 1);
-            continue;
-        }
-        // The virtio-net header goes back out as it came: the kernel
-        // finishes the checksum and segments as it asked to.
-        let partial = hdr > 0 && buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
-        let now = clock.now_ms();
-        if let Verdict::Forward(len) =
-            dispatcher.process_offloaded(&mut buf[hdr..n], partial, now, &mut worker)
-        {
-            if let Err(e) = queue.send(&buf[..hdr + len]) {
+        if let Some(len) = handle(&mut buf, n, hdr, dispatcher, worker, clock.now_ms()) {
+            if let Err(e) = queue.send(&buf[..len]) {
                 bump(&counters.tun_write_errors, 1);
                 log_io_error(&mut logged_errors, "write", &e);
             }

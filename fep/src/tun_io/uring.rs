@@ -1,0 +1,234 @@
+//! Batched TUN I/O with io_uring. One multishot read per queue fills
+//! buffers from a provided-buffer ring as packets arrive; every packet to
+//! forward goes back as a write submitted with the next wait. Under load one
+//! `io_uring_enter` carries many reads and writes instead of two system
+//! calls per packet, and a burst (a response and its FIN) leaves fep in one
+//! go rather than with a wake-up of the receiver between its packets.
+//!
+//! A queue's order is kept: one read request takes its packets in turn, and
+//! TUN writes complete inline, in submission order.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+
+use io_uring::types::{BufRingEntry, Fd};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+
+use super::{handle, log_io_error, Clock, MAX_READ};
+use crate::counters::bump;
+use crate::dispatcher::{Dispatcher, Worker};
+
+/// Buffers per queue (a power of two): the most packets one wake-up can
+/// hand over.
+const BUFFERS: u16 = 64;
+const GROUP: u16 = 0;
+/// `user_data` of the read; a write carries the id of its buffer.
+const READ: u64 = u64::MAX;
+/// Submission queue entries: room for a write per buffer and the read,
+/// twice over (a submission cut short by a signal leaves some queued).
+const QUEUE: u32 = BUFFERS as u32 * 4;
+
+/// The provided-buffer ring: packet buffers the kernel reads into, handed
+/// back once their packet is written or dropped.
+struct BufRing {
+    entries: *mut BufRingEntry,
+    data: *mut u8,
+    tail: u16,
+}
+
+impl BufRing {
+    const ENTRIES: Layout = match Layout::from_size_align(
+        BUFFERS as usize * std::mem::size_of::<BufRingEntry>(),
+        4096,
+    ) {
+        Ok(l) => l,
+        Err(_) => panic!("ring layout"),
+    };
+    const DATA: Layout = match Layout::from_size_align(BUFFERS as usize * MAX_READ, 64) {
+        Ok(l) => l,
+        Err(_) => panic!("buffer layout"),
+    };
+
+    /// Allocates the buffers and registers them with `ring`, all provided.
+    fn register(ring: &IoUring) -> io::Result<Self> {
+        // SAFETY: both layouts have a non-zero size.
+        let (entries, data) = unsafe {
+            (
+                alloc_zeroed(Self::ENTRIES).cast::<BufRingEntry>(),
+                alloc_zeroed(Self::DATA),
+            )
+        };
+        if entries.is_null() || data.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let mut bufs = BufRing {
+            entries,
+            data,
+            tail: 0,
+        };
+        // SAFETY: `entries` is page-aligned, zeroed, BUFFERS entries long and
+        // outlives the registration (the ring is dropped first).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, BUFFERS, GROUP, 0)?;
+        }
+        for bid in 0..BUFFERS {
+            bufs.give(bid);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// Queues buffer `bid` for the kernel (seen after [`BufRing::publish`]).
+    fn give(&mut self, bid: u16) {
+        // SAFETY: the index is masked into the ring and the buffer address
+        // is inside the data allocation.
+        unsafe {
+            let e = &mut *self.entries.add(usize::from(self.tail & (BUFFERS - 1)));
+            e.set_addr(self.data.add(usize::from(bid) * MAX_READ) as u64);
+            e.set_len(MAX_READ as u32);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field lives in entry 0; the kernel reads it with
+        // acquire semantics.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The buffer `bid`, which the kernel has handed over and not got back.
+    fn buf(&mut self, bid: u16) -> &mut [u8] {
+        // SAFETY: `bid` came from a completion and is not in the ring, so
+        // nothing else refers to it until `give`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.data.add(usize::from(bid) * MAX_READ), MAX_READ)
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `register` with these layouts.
+        unsafe {
+            dealloc(self.entries.cast(), Self::ENTRIES);
+            dealloc(self.data, Self::DATA);
+        }
+    }
+}
+
+/// Why the batched loop did not run: the caller falls back to blocking I/O.
+#[derive(Debug, thiserror::Error)]
+#[error("io_uring unavailable for TUN I/O: {0}")]
+pub struct Unsupported(io::Error);
+
+/// Serves one queue until `stop`; `Err` before the first packet if the
+/// kernel (or a seccomp policy) refuses io_uring or multishot reads.
+pub(super) fn run(
+    fd: RawFd,
+    hdr: usize,
+    dispatcher: &Dispatcher,
+    worker: &mut Worker,
+    stop: &AtomicBool,
+    clock: Clock,
+) -> Result<(), Unsupported> {
+    // Field order matters for drop: the ring goes before its buffers.
+    let mut ring: IoUring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(QUEUE)
+        .or_else(|_| IoUring::new(QUEUE))
+        .map_err(Unsupported)?;
+    let mut bufs = BufRing::register(&ring).map_err(Unsupported)?;
+    let counters = worker.counters.clone();
+    let read = opcode::ReadMulti::new(Fd(fd), 0, GROUP)
+        .build()
+        .user_data(READ);
+    let mut logged_errors = 0u32;
+    let mut served = false;
+    let mut arm = true;
+    let mut pending: Vec<squeue::Entry> = Vec::with_capacity(usize::from(BUFFERS) + 1);
+    while !stop.load(Ordering::Relaxed) {
+        if arm {
+            pending.push(read.clone());
+            arm = false;
+        }
+        bufs.publish();
+        {
+            let mut sq = ring.submission();
+            for e in pending.drain(..) {
+                // SAFETY: a write's buffer stays out of the ring until its
+                // completion; see QUEUE for why the queue has room.
+                if unsafe { sq.push(&e) }.is_err() {
+                    unreachable_full_queue();
+                }
+            }
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) if !served => return Err(Unsupported(e)),
+            Err(e) => {
+                log_io_error(&mut logged_errors, "io_uring_enter", &e);
+                continue;
+            }
+        }
+        let now = clock.now_ms();
+        for cqe in ring.completion() {
+            let res = cqe.result();
+            if cqe.user_data() != READ {
+                let bid = cqe.user_data() as u16;
+                if res < 0 {
+                    bump(&counters.tun_write_errors, 1);
+                    log_io_error(&mut logged_errors, "write", &io::Error::from_raw_os_error(-res));
+                }
+                bufs.give(bid);
+                continue;
+            }
+            if !cqueue::more(cqe.flags()) {
+                arm = true;
+            }
+            if res < 0 {
+                let e = io::Error::from_raw_os_error(-res);
+                match -res {
+                    // Every buffer is out: re-armed once writes give some back.
+                    libc::ENOBUFS => {}
+                    libc::EINVAL | libc::EOPNOTSUPP | libc::EBADFD if !served => {
+                        return Err(Unsupported(e));
+                    }
+                    _ => {
+                        bump(&counters.tun_read_errors, 1);
+                        log_io_error(&mut logged_errors, "read", &e);
+                    }
+                }
+                continue;
+            }
+            served = true;
+            let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+                continue;
+            };
+            let buf = bufs.buf(bid);
+            match handle(buf, res as usize, hdr, dispatcher, worker, now) {
+                Some(len) => pending.push(
+                    opcode::Write::new(Fd(fd), buf.as_ptr(), len as u32)
+                        .build()
+                        .user_data(u64::from(bid)),
+                ),
+                None => bufs.give(bid),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cold]
+fn unreachable_full_queue() {
+    tracing::error!("io_uring submission queue full; a packet was dropped");
+}
