@@ -38,13 +38,26 @@ pub fn start(
     udp: &[u16],
     services: &str,
 ) -> Running {
+    start_with_top(tag, backends, v6, tcp, udp, "", services)
+}
+
+/// As [`start`], with `top` adding or overriding top-level config keys.
+pub fn start_with_top(
+    tag: &str,
+    backends: usize,
+    v6: bool,
+    tcp: &[u16],
+    udp: &[u16],
+    top: &str,
+    services: &str,
+) -> Running {
     let mut lab = Lab::new(tag, backends).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     lab.start_backend_servers(&testsrv, tcp, udp)
         .expect("starting back-end servers");
     let fep_bin = lab::workspace_bin("fep").unwrap();
     let fep = lab
-        .start_fep(&fep_bin, &lab.config(v6, "", services))
+        .start_fep(&fep_bin, &lab.config(v6, top, services))
         .expect("starting fep");
     Running { lab, fep }
 }

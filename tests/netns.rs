@@ -4,7 +4,9 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use fep_tests::{http, pattern, skip_without_root, start, tally, TIMEOUT};
+use fep_tests::{
+    fepctl_json, http, pattern, skip_without_root, start, start_with_top, tally, TIMEOUT,
+};
 use fep_tools::lab::{VIP_V4, VIP_V6};
 
 const WEB_2_1_1: &str = r#"
@@ -97,13 +99,28 @@ fn a_20_mb_download_arrives_byte_exact() {
     if skip_without_root("a_20_mb_download_arrives_byte_exact") {
         return;
     }
+    download_byte_exact("fdl", "", ("batched", 2));
+}
+
+#[test]
+fn a_20_mb_download_arrives_byte_exact_without_batching() {
+    if skip_without_root("a_20_mb_download_arrives_byte_exact_without_batching") {
+        return;
+    }
+    download_byte_exact("fdb", "tun_batching = false", ("blocking", 2));
+}
+
+/// A 20 MB download through fep with the config keys `top`, whose workers
+/// run in the I/O mode `io` (as `fepctl status` reports it).
+fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
     const LEN: u64 = 20_000_000;
-    let mut r = start(
-        "fdl",
+    let mut r = start_with_top(
+        tag,
         3,
         false,
         &[80],
         &[],
+        top,
         &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
     );
     let (status, received, hash, mismatch) = r
@@ -139,6 +156,8 @@ fn a_20_mb_download_arrives_byte_exact() {
         "first differing chunk starts at this offset"
     );
     assert_eq!(hash, pattern::expected_hash(LEN));
+    let workers = &fepctl_json(&r, &["status"])["tun_workers"];
+    assert_eq!(workers[io.0], io.1, "fep's workers: {workers}");
     assert!(r.fep.stop().unwrap().success());
 }
 
@@ -208,7 +227,11 @@ fn unknown_ports_are_not_forwarded_and_fep_exits_clean() {
     );
     // Set up as promised while running.
     let gw = &r.lab.gateway;
-    assert!(gw.ip_output(&["link", "show", "fep0"]).is_ok());
+    let link = gw.ip_output(&["link", "show", "fep0"]).unwrap();
+    assert!(
+        link.contains("qlen 4096"),
+        "tun_queue_len's default: {link}"
+    );
     assert!(gw.ip_output(&["rule"]).unwrap().contains("lookup 100"));
     assert!(gw
         .ip_output(&["route", "show", "table", "100"])

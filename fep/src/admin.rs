@@ -459,6 +459,10 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
     let totals = Totals::sum(a.counters.iter().map(|c| &**c));
     Json(serde_json::json!({
         "routes": a.cp.dispatcher().routes().len(),
+        "tun_workers": {
+            "batched": totals.batched_workers,
+            "blocking": totals.workers - totals.batched_workers,
+        },
         "counters": CountersView::from(totals),
         "agent_rejects": a.cp.rejects(),
         "services": services(&a.cp),

@@ -4,7 +4,7 @@
 //! is a plain load and store (no locked instruction, no shared cache line);
 //! readers sum all workers' counters into a [`Totals`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Why a packet was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,6 +82,9 @@ pub struct WorkerCounters {
     pub tun_read_errors: AtomicU64,
     pub tun_write_errors: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// The worker batches its TUN I/O through io_uring (else one system call
+    /// per packet read or written).
+    pub batched: AtomicBool,
 }
 
 impl Default for WorkerCounters {
@@ -95,6 +98,7 @@ impl Default for WorkerCounters {
             tun_read_errors: AtomicU64::new(0),
             tun_write_errors: AtomicU64::new(0),
             drops: Default::default(),
+            batched: AtomicBool::new(false),
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct Totals {
     pub tun_read_errors: u64,
     pub tun_write_errors: u64,
     pub drops: [u64; DropReason::ALL.len()],
+    pub workers: u64,
+    /// Workers whose TUN I/O is batched.
+    pub batched_workers: u64,
 }
 
 impl Totals {
@@ -198,6 +205,8 @@ impl Totals {
             t.icmp_errors_translated += get(&w.icmp_errors_translated);
             t.tun_read_errors += get(&w.tun_read_errors);
             t.tun_write_errors += get(&w.tun_write_errors);
+            t.workers += 1;
+            t.batched_workers += u64::from(w.batched.load(Ordering::Relaxed));
             for r in DropReason::ALL {
                 t.drops[r.index()] += w.drops(r);
             }

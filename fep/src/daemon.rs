@@ -45,19 +45,20 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         None => None,
     };
     let dispatcher = Arc::new(Dispatcher::new(&cfg));
-    let queues = tun_io::open_queues(&cfg.tun, cfg.workers).with_context(|| {
-        format!(
-            "cannot create TUN device '{}' with {} queues: fep needs root (CAP_NET_ADMIN) and \
+    let queues =
+        tun_io::open_queues(&cfg.tun, cfg.workers, cfg.tun_queue_len).with_context(|| {
+            format!(
+                "cannot create TUN device '{}' with {} queues: fep needs root (CAP_NET_ADMIN) and \
              /dev/net/tun, and the name must not be taken by another device or a running fep",
-            cfg.tun, cfg.workers
-        )
-    })?;
+                cfg.tun, cfg.workers
+            )
+        })?;
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
     snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
-    let workers =
-        Workers::spawn(queues, dispatcher.clone(), clock).context("cannot start worker threads")?;
+    let workers = Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
+        .context("cannot start worker threads")?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

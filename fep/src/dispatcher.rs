@@ -16,7 +16,7 @@ use fep_shared::{Affinity, FepConfig};
 
 use crate::counters::{bump, DropReason, WorkerCounters};
 use crate::route_table::{state, ClientKey, FlowKey, ReplyKey, Route, RouteTable, Sticky};
-use crate::transfer_table::{Backend, BackendId, Service, ServiceId, TransferTable};
+use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::icmp::{IcmpKind, IcmpPacket};
 use crate::wire::{tcp_flags, FlowPacket, ParseError};
 
@@ -226,7 +226,7 @@ impl Dispatcher {
                         backend: inner.dst,
                         client: inner.src,
                     };
-                    let Some(key) = self.routes.reply_route(&reply) else {
+                    let Some((key, ())) = self.find_reply(&table, &reply, |_| ()) else {
                         return Verdict::Drop(DropReason::UnknownFlow);
                     };
                     let svc = table.service(key.service);
@@ -302,24 +302,46 @@ impl Dispatcher {
             backend: pkt.src_addr(),
             client: pkt.dst_addr(),
         };
-        let Some(key) = self.routes.reply_route(&reply) else {
+        let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
+        let Some((key, ())) = self.find_reply(table, &reply, |r| r.touch(now, set)) else {
             return Verdict::Drop(DropReason::UnknownFlow);
         };
-        let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
-        if self
-            .routes
-            .forward
-            .get(&key)
-            .map(|r| r.touch(now, set))
-            .is_none()
-        {
-            // Removed between the two lookups.
-            return Verdict::Drop(DropReason::UnknownFlow);
-        }
         let svc = table.service(key.service);
         pkt.set_source(&svc.vip, svc.port);
         counters.to_client(key.service, pkt.len());
         Verdict::Forward(pkt.len())
+    }
+
+    /// The route a back end's packet (or an ICMP error about one) belongs to:
+    /// in each service behind the back end's endpoint, the route of the
+    /// client's (IP, port), if that back end holds it. `f` sees the route
+    /// under its shard's lock.
+    #[inline]
+    fn find_reply<R>(
+        &self,
+        table: &TransferTable,
+        reply: &ReplyKey,
+        f: impl FnOnce(&Route) -> R,
+    ) -> Option<(FlowKey, R)> {
+        for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
+            let key = FlowKey {
+                service,
+                client_port: reply.client_port,
+                client: reply.client,
+            };
+            let Some(route) = self.routes.forward.get(&key) else {
+                continue;
+            };
+            let holds = table
+                .service(service)
+                .backends
+                .get(usize::from(route.backend))
+                .is_some_and(|b| b.addr == reply.backend && b.port == reply.backend_port);
+            if holds {
+                return Some((key, f(&route)));
+            }
+        }
+        None
     }
 
     /// A route miss: choose a back end and record the route. Only a SYN opens
@@ -347,9 +369,7 @@ impl Dispatcher {
         match self.routes.forward.entry(key) {
             Entry::Vacant(e) => {
                 if let Some(backend) = self.choose(&key, svc) {
-                    let be = &svc.backends[usize::from(backend)];
-                    be.route_added();
-                    self.routes.replies.insert(reply_key(&key, svc, be), key);
+                    svc.backends[usize::from(backend)].route_added();
                     e.insert(Route::new(backend, now));
                     return Ok(backend);
                 }
@@ -494,7 +514,6 @@ impl Dispatcher {
             return false;
         };
         be.route_added();
-        self.routes.replies.insert(reply_key(&key, svc, be), key);
         if svc.affinity == Affinity::Client {
             let client = ClientKey {
                 service: key.service,
@@ -536,11 +555,7 @@ impl Dispatcher {
         self.routes.release();
         let table = self.table.load();
         let svc = table.service(key.service);
-        let be = &svc.backends[usize::from(route.backend)];
-        be.route_removed();
-        self.routes
-            .replies
-            .remove_if(&reply_key(&key, svc, be), |_, k| *k == key);
+        svc.backends[usize::from(route.backend)].route_removed();
         if svc.affinity == Affinity::Client {
             let client = ClientKey {
                 service: key.service,
@@ -554,16 +569,6 @@ impl Dispatcher {
             }
         }
         true
-    }
-}
-
-fn reply_key(key: &FlowKey, svc: &Service, be: &Backend) -> ReplyKey {
-    ReplyKey {
-        protocol: svc.protocol,
-        backend_port: be.port,
-        client_port: key.client_port,
-        backend: be.addr,
-        client: key.client,
     }
 }
 
@@ -753,6 +758,44 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         fn routes(&self) -> usize {
             self.d.routes().len()
         }
+    }
+
+    #[test]
+    fn replies_find_their_route_when_one_back_end_serves_two_services() {
+        // A serves 8080 and, on the same port, a second VIP's 9090.
+        let r = rig(&GOLDEN.replace(
+            "[[service]]\nname = \"s8081\"",
+            "[[service]]\nname = \"other\"\nvip = \"10.0.0.101\"\nport = 9090\nprotocol = \"tcp\"\nbackend = [{ node = \"A\", ratio = 1, port = 8080 }]\n\n[[service]]\nname = \"s8081\"",
+        ));
+        let a = [10, 0, 2, 1];
+        let other_vip = [10, 0, 0, 101];
+        let mut pkt = tcp(client(1), 5000, other_vip, 9090, SYN);
+        assert!(matches!(r.run(pkt.clone(), 0).0, Verdict::Forward(_)));
+        // Same client, another port, to the first VIP: A or B.
+        let first = r.send(client(1), 5001, 8080, SYN, 0).unwrap();
+        assert_eq!(
+            r.reply(a, 8080, client(1), 5000, ACK, 1),
+            Ok((IpAddr::V4(other_vip.into()), 9090)),
+            "the reply carries the VIP the client used"
+        );
+        let first_ip = if first == "A" { a } else { [10, 0, 2, 2] };
+        assert_eq!(
+            r.reply(first_ip, 8080, client(1), 5001, ACK, 1),
+            Ok((IpAddr::V4(VIP.into()), 8080))
+        );
+        // A back end that does not hold a route cannot answer on it.
+        let not_first = if first == "A" { [10, 0, 2, 2] } else { a };
+        assert_eq!(
+            r.reply(not_first, 8080, client(1), 5001, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        // Nor can anyone answer for a client port without a route.
+        assert_eq!(
+            r.reply(a, 8080, client(1), 5002, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        pkt = tcp(client(1), 5000, other_vip, 9090, ACK);
+        assert!(matches!(r.run(pkt, 2).0, Verdict::Forward(_)));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub struct Metrics {
     prune_cycles: IntCounter,
     pruned: IntCounter,
     tun_errors: IntCounterVec,
+    tun_workers: IntGaugeVec,
     rejects: IntCounterVec,
     icmp: IntCounterVec,
     embryonic_evicted: IntCounter,
@@ -109,6 +110,11 @@ impl Metrics {
             prune_cycles: counter("fep_prune_cycles_total", "Pruning rounds that looked at routes."),
             pruned: counter("fep_routes_pruned_total", "Idle routes deleted by pruning."),
             tun_errors: counter_vec("fep_tun_errors_total", "TUN device read and write errors.", &["op"]),
+            tun_workers: gauge_vec(
+                "fep_tun_workers",
+                "Data-path workers by TUN I/O mode: batched (io_uring) or blocking (a system call per packet).",
+                &["io"],
+            ),
             rejects: counter_vec("fep_agent_rejected_frames_total", "Agent frames and connections rejected, by reason.", &["reason"]),
             icmp: counter_vec(
                 "fep_icmp_total",
@@ -180,6 +186,12 @@ impl Metrics {
             &self.tun_errors.with_label_values(&["write"]),
             totals.tun_write_errors,
         );
+        self.tun_workers
+            .with_label_values(&["batched"])
+            .set(totals.batched_workers as i64);
+        self.tun_workers
+            .with_label_values(&["blocking"])
+            .set((totals.workers - totals.batched_workers) as i64);
         let removed = cp.dispatcher().removed_totals();
         sync(&self.expired, removed.expired as u64);
         sync(&self.evicted, removed.evicted as u64);

@@ -1,10 +1,15 @@
 //! The assigned-route table (document 003, table 111): per (service, client
-//! IP, client port), the back end chosen for it, plus the reverse index that
-//! matches a back end's replies to their route.
+//! IP, client port), the back end chosen for it.
+//!
+//! One map serves both directions: a back end's reply names the client's
+//! (IP, port) as its destination, and the transfer table says which services
+//! the back end's endpoint serves, so the reply's route is found under the
+//! same key as the client's packets (no reverse index to keep in step, one
+//! entry per route).
 //!
 //! Sharded maps (dashmap, aHash with a random key against collision floods):
 //! a lookup takes one shard's read lock, never a global one. Lock order, where
-//! two are held: `forward` before `replies` and `clients`.
+//! both are held: `forward` before `clients`.
 
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
@@ -25,7 +30,7 @@ pub struct FlowKey {
 
 /// What a back end's reply carries: (protocol, back end address and port,
 /// client address and port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyKey {
     pub protocol: u8,
     pub backend_port: u16,
@@ -159,7 +164,6 @@ mod tests {
 #[derive(Debug)]
 pub struct RouteTable {
     pub(crate) forward: Map<FlowKey, Route>,
-    pub(crate) replies: Map<ReplyKey, FlowKey>,
     pub(crate) clients: Map<ClientKey, Sticky>,
     len: AtomicUsize,
 }
@@ -168,7 +172,6 @@ impl Default for RouteTable {
     fn default() -> Self {
         RouteTable {
             forward: Map::default(),
-            replies: Map::default(),
             clients: Map::default(),
             len: AtomicUsize::new(0),
         }
@@ -188,11 +191,6 @@ impl RouteTable {
     /// The back end of a route, if it exists.
     pub fn backend_of(&self, key: &FlowKey) -> Option<BackendId> {
         self.forward.get(key).map(|r| r.backend)
-    }
-
-    /// The route a reply belongs to.
-    pub fn reply_route(&self, key: &ReplyKey) -> Option<FlowKey> {
-        self.replies.get(key).map(|k| *k)
     }
 
     /// The back end a client is held to under client affinity.

@@ -146,6 +146,9 @@ impl Service {
 pub struct TransferTable {
     services: Vec<Service>,
     by_endpoint: HashMap<(u8, Addr, u16), ServiceId, ahash::RandomState>,
+    /// The services (removed ones included: their routes still carry
+    /// replies) each back-end endpoint (protocol, address, port) serves.
+    by_backend: HashMap<(u8, Addr, u16), Vec<ServiceId>, ahash::RandomState>,
     /// Every configured VIP (echo requests to them are answered).
     vips: HashSet<Addr, ahash::RandomState>,
     /// Node names by [`NodeId`].
@@ -246,9 +249,21 @@ impl TransferTable {
             }
         }
         let vips = by_endpoint.keys().map(|&(_, vip, _)| vip).collect();
+        let mut by_backend: HashMap<_, Vec<ServiceId>, _> = HashMap::default();
+        for (slot, svc) in services.iter().enumerate() {
+            for b in &svc.backends {
+                let ids = by_backend
+                    .entry((svc.protocol, b.addr, b.port))
+                    .or_default();
+                if !ids.contains(&(slot as ServiceId)) {
+                    ids.push(slot as ServiceId);
+                }
+            }
+        }
         TransferTable {
             services,
             by_endpoint,
+            by_backend,
             vips,
             nodes,
         }
@@ -279,6 +294,15 @@ impl TransferTable {
     pub fn lookup(&self, protocol: u8, dst: &Addr, port: u16) -> Option<(ServiceId, &Service)> {
         let id = *self.by_endpoint.get(&(protocol, *dst, port))?;
         Some((id, &self.services[usize::from(id)]))
+    }
+
+    /// The services whose back ends include the endpoint (protocol, `addr`,
+    /// `port`): where a packet from that endpoint may belong.
+    #[inline]
+    pub fn services_behind(&self, protocol: u8, addr: &Addr, port: u16) -> &[ServiceId] {
+        self.by_backend
+            .get(&(protocol, *addr, port))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Whether `addr` is the VIP of a configured service.

@@ -172,6 +172,14 @@ pub struct FepConfig {
     pub tun: String,
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Packets each TUN queue holds for its worker: room for the bursts that
+    /// arrive while a worker waits for a core.
+    #[serde(default = "default_tun_queue_len")]
+    pub tun_queue_len: u32,
+    /// Batch TUN reads and writes through io_uring (fep falls back to one
+    /// system call per packet by itself where io_uring is refused).
+    #[serde(default = "default_true")]
+    pub tun_batching: bool,
     #[serde(default = "default_idle_timeout")]
     pub route_idle_timeout_s: u64,
     #[serde(default = "default_max_routes")]
@@ -224,6 +232,12 @@ fn default_tun() -> String {
 }
 fn default_workers() -> usize {
     2
+}
+fn default_true() -> bool {
+    true
+}
+fn default_tun_queue_len() -> u32 {
+    4096
 }
 fn default_idle_timeout() -> u64 {
     300
@@ -318,6 +332,15 @@ impl FepConfig {
             return Err(ConfigError::invalid(
                 "workers",
                 format!("{} is out of range (1 to 64)", self.workers),
+            ));
+        }
+        if !(16..=65_536).contains(&self.tun_queue_len) {
+            return Err(ConfigError::invalid(
+                "tun_queue_len",
+                format!(
+                    "{} is out of range (16 to 65536 packets)",
+                    self.tun_queue_len
+                ),
             ));
         }
         if self.route_idle_timeout_s == 0 || self.route_idle_timeout_s > 7 * 24 * 3600 {
@@ -594,7 +617,7 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 12] = [
+        let keys: [(&'static str, bool); 14] = [
             ("admin_listen", self.admin_listen != new.admin_listen),
             (
                 "admin_token_file",
@@ -603,6 +626,8 @@ impl FepConfig {
             ("metrics_listen", self.metrics_listen != new.metrics_listen),
             ("tun", self.tun != new.tun),
             ("workers", self.workers != new.workers),
+            ("tun_queue_len", self.tun_queue_len != new.tun_queue_len),
+            ("tun_batching", self.tun_batching != new.tun_batching),
             ("policy_table", self.policy_table != new.policy_table),
             ("agent_listen", self.agent_listen != new.agent_listen),
             ("agent_key_file", self.agent_key_file != new.agent_key_file),

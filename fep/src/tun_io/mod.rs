@@ -59,8 +59,8 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
 /// Creates the TUN device `name` with `queues` queues, up, with TCP checksum and segmentation offload (a read or write moves
 /// up to 64 KB instead of one MTU-sized packet) if the kernel allows it.
-pub fn open_queues(name: &str, queues: usize) -> io::Result<Queues> {
-    match open(name, queues, true) {
+pub fn open_queues(name: &str, queues: usize, queue_len: u32) -> io::Result<Queues> {
+    match open(name, queues, queue_len, true) {
         Ok(devices) => Ok(Queues {
             devices,
             offload: true,
@@ -68,17 +68,18 @@ pub fn open_queues(name: &str, queues: usize) -> io::Result<Queues> {
         Err(e) => {
             tracing::warn!("TUN offload unavailable ({e}); one packet per read and write");
             Ok(Queues {
-                devices: open(name, queues, false)?,
+                devices: open(name, queues, queue_len, false)?,
                 offload: false,
             })
         }
     }
 }
 
-fn open(name: &str, queues: usize, offload: bool) -> io::Result<Vec<SyncDevice>> {
+fn open(name: &str, queues: usize, queue_len: u32, offload: bool) -> io::Result<Vec<SyncDevice>> {
     let first = DeviceBuilder::new()
         .name(name)
         .multi_queue(true)
+        .tx_queue_len(queue_len)
         .offload(offload)
         .enable(true)
         .build_sync()?;
@@ -98,8 +99,13 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one worker per queue.
-    pub fn spawn(queues: Queues, dispatcher: Arc<Dispatcher>, clock: Clock) -> io::Result<Self> {
+    /// Starts one worker per queue, batching its I/O if `batching`.
+    pub fn spawn(
+        queues: Queues,
+        dispatcher: Arc<Dispatcher>,
+        clock: Clock,
+        batching: bool,
+    ) -> io::Result<Self> {
         install_wake_handler()?;
         let offload = queues.offload;
         let stop = Arc::new(AtomicBool::new(false));
@@ -112,7 +118,9 @@ impl Workers {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("fep-worker-{i}"))
-                    .spawn(move || serve(queue, offload, &d, Worker::new(c), &s, clock))?,
+                    .spawn(move || {
+                        serve(queue, offload, batching, &d, Worker::new(c), &s, clock)
+                    })?,
             );
         }
         Ok(Workers {
@@ -144,23 +152,30 @@ impl Workers {
     }
 }
 
-/// One worker: batched I/O if io_uring serves, else blocking I/O.
+/// One worker: batched I/O if asked for and io_uring serves, else blocking
+/// I/O.
 fn serve(
     queue: SyncDevice,
     offload: bool,
+    batching: bool,
     dispatcher: &Dispatcher,
     mut worker: Worker,
     stop: &AtomicBool,
     clock: Clock,
 ) {
     let hdr = if offload { VNET_HDR } else { 0 };
-    match uring::run(queue.as_raw_fd(), hdr, dispatcher, &mut worker, stop, clock) {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!("{e}; this worker reads and writes one packet per system call");
-            run_blocking(&queue, hdr, dispatcher, &mut worker, stop, clock);
+    if batching {
+        match uring::run(queue.as_raw_fd(), hdr, dispatcher, &mut worker, stop, clock) {
+            Ok(()) => return,
+            Err(e) => {
+                worker.counters.batched.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    "{e}; this worker reads and writes one packet per system call (set tun_batching = false to say so up front)"
+                );
+            }
         }
     }
+    run_blocking(&queue, hdr, dispatcher, &mut worker, stop, clock);
 }
 
 /// The packet read into `buf[..n]`, processed in place: the length to write

@@ -39,13 +39,12 @@ struct BufRing {
 }
 
 impl BufRing {
-    const ENTRIES: Layout = match Layout::from_size_align(
-        BUFFERS as usize * std::mem::size_of::<BufRingEntry>(),
-        4096,
-    ) {
-        Ok(l) => l,
-        Err(_) => panic!("ring layout"),
-    };
+    const ENTRIES: Layout =
+        match Layout::from_size_align(BUFFERS as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+        {
+            Ok(l) => l,
+            Err(_) => panic!("ring layout"),
+        };
     const DATA: Layout = match Layout::from_size_align(BUFFERS as usize * MAX_READ, 64) {
         Ok(l) => l,
         Err(_) => panic!("buffer layout"),
@@ -147,6 +146,7 @@ pub(super) fn run(
         .map_err(Unsupported)?;
     let mut bufs = BufRing::register(&ring).map_err(Unsupported)?;
     let counters = worker.counters.clone();
+    counters.batched.store(true, Ordering::Relaxed);
     let read = opcode::ReadMulti::new(Fd(fd), 0, GROUP)
         .build()
         .user_data(READ);
@@ -187,7 +187,11 @@ pub(super) fn run(
                 let bid = cqe.user_data() as u16;
                 if res < 0 {
                     bump(&counters.tun_write_errors, 1);
-                    log_io_error(&mut logged_errors, "write", &io::Error::from_raw_os_error(-res));
+                    log_io_error(
+                        &mut logged_errors,
+                        "write",
+                        &io::Error::from_raw_os_error(-res),
+                    );
                 }
                 bufs.give(bid);
                 continue;

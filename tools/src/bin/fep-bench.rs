@@ -259,7 +259,11 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
 /// connection the client closed first, and each one more port that
 /// `connect` has to search past.
 fn time_wait(lab: &Lab) -> anyhow::Result<usize> {
-    let out = netns::output(lab.client.command("ss").args(["-Htan", "state", "time-wait"]))?;
+    let out = netns::output(
+        lab.client
+            .command("ss")
+            .args(["-Htan", "state", "time-wait"]),
+    )?;
     Ok(out.lines().count())
 }
 
@@ -501,7 +505,11 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         ),
         ("latency p50 (ms)", |f| f.p50_ms, "lower"),
         ("latency p99 (ms)", |f| f.p99_ms, "lower"),
-        ("client TIME_WAIT sockets after it", |f| f.client_time_wait, "lower"),
+        (
+            "client TIME_WAIT sockets after it",
+            |f| f.client_time_wait,
+            "lower",
+        ),
         ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
         (
             "system CPU during 1-stream bulk (%)",

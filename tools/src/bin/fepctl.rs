@@ -479,6 +479,15 @@ fn status_text(v: &Value) -> String {
             drops.join(" ")
         }
     );
+    let io = &v["tun_workers"];
+    if io["blocking"].as_u64().unwrap_or(0) > 0 {
+        // Worth a line only when it is not the norm: a worker that could not
+        // batch pays a system call per packet.
+        out += &format!(
+            "TUN workers: {} batched, {} blocking (one system call per packet; see fep's log)\n",
+            io["batched"], io["blocking"]
+        );
+    }
     let rejects: Vec<String> = v["agent_rejects"]
         .as_object()
         .into_iter()
