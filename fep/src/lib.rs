@@ -15,6 +15,7 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod dispatcher;
+pub(crate) mod endpoint_map;
 pub mod metrics;
 pub mod netsetup;
 pub mod route_table;

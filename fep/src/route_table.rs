@@ -11,6 +11,7 @@
 //! a lookup takes one shard's read lock, never a global one. Lock order, where
 //! both are held: `forward` before `clients`.
 
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
@@ -21,11 +22,21 @@ use crate::wire::Addr;
 type Map<K, V> = DashMap<K, V, ahash::RandomState>;
 
 /// Key of a route: the service and the client's (IP, port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     pub service: ServiceId,
     pub client_port: u16,
     pub client: Addr,
+}
+
+impl Hash for FlowKey {
+    /// Two words instead of field by field (and the address as a
+    /// length-prefixed slice): this hash runs for every packet.
+    #[inline]
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u128(u128::from_ne_bytes(self.client));
+        h.write_u32(u32::from(self.service) << 16 | u32::from(self.client_port));
+    }
 }
 
 /// What a back end's reply carries: (protocol, back end address and port,

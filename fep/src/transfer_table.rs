@@ -4,13 +4,14 @@
 //! The data path only reads it; ratios are atomics so that the control plane
 //! can change them without stopping a worker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fep_shared::{Affinity, FepConfig, Scheduler};
 
 use crate::chooser::Chooser;
+use crate::endpoint_map::{Endpoint, EndpointMap};
 use crate::wire::{addr_from_ip, Addr};
 
 /// Slot of a service (see [`TransferTable`]); part of every route key.
@@ -145,10 +146,10 @@ impl Service {
 #[derive(Debug)]
 pub struct TransferTable {
     services: Vec<Service>,
-    by_endpoint: HashMap<(u8, Addr, u16), ServiceId, ahash::RandomState>,
+    by_endpoint: EndpointMap<ServiceId>,
     /// The services (removed ones included: their routes still carry
     /// replies) each back-end endpoint (protocol, address, port) serves.
-    by_backend: HashMap<(u8, Addr, u16), Vec<ServiceId>, ahash::RandomState>,
+    by_backend: EndpointMap<Vec<ServiceId>>,
     /// Every configured VIP (echo requests to them are answered).
     vips: HashSet<Addr, ahash::RandomState>,
     /// Node names by [`NodeId`].
@@ -180,7 +181,7 @@ impl TransferTable {
         // Each configured service takes the slot of the same service (name
         // and endpoint) or a new one; the others become tombstones.
         let mut services: Vec<Service> = previous.iter().map(tombstone).collect();
-        let mut by_endpoint = HashMap::default();
+        let mut by_endpoint = EndpointMap::with_room(cfg.services.len());
         for s in &cfg.services {
             let vip = addr_from_ip(s.vip);
             let protocol = s.protocol.ip_number();
@@ -231,7 +232,7 @@ impl TransferTable {
             for b in backends.iter().filter(|b| b.removed) {
                 b.set_ratio(0);
             }
-            by_endpoint.insert((protocol, vip, s.port), slot as ServiceId);
+            by_endpoint.insert(Endpoint::new(protocol, vip, s.port), slot as ServiceId);
             services[slot] = Service {
                 name: s.name.clone(),
                 vip,
@@ -248,13 +249,12 @@ impl TransferTable {
                 b.set_ratio(0);
             }
         }
-        let vips = by_endpoint.keys().map(|&(_, vip, _)| vip).collect();
-        let mut by_backend: HashMap<_, Vec<ServiceId>, _> = HashMap::default();
+        let vips = by_endpoint.keys().map(|e| e.addr).collect();
+        let mut by_backend = EndpointMap::default();
         for (slot, svc) in services.iter().enumerate() {
             for b in &svc.backends {
-                let ids = by_backend
-                    .entry((svc.protocol, b.addr, b.port))
-                    .or_default();
+                let ids: &mut Vec<ServiceId> = by_backend
+                    .get_or_insert_with(Endpoint::new(svc.protocol, b.addr, b.port), Vec::new);
                 if !ids.contains(&(slot as ServiceId)) {
                     ids.push(slot as ServiceId);
                 }
@@ -291,8 +291,9 @@ impl TransferTable {
     }
 
     /// The service a client packet to (`dst`, `port`) over `protocol` is for.
+    #[inline]
     pub fn lookup(&self, protocol: u8, dst: &Addr, port: u16) -> Option<(ServiceId, &Service)> {
-        let id = *self.by_endpoint.get(&(protocol, *dst, port))?;
+        let id = *self.by_endpoint.get(&Endpoint::new(protocol, *dst, port))?;
         Some((id, &self.services[usize::from(id)]))
     }
 
@@ -301,7 +302,7 @@ impl TransferTable {
     #[inline]
     pub fn services_behind(&self, protocol: u8, addr: &Addr, port: u16) -> &[ServiceId] {
         self.by_backend
-            .get(&(protocol, *addr, port))
+            .get(&Endpoint::new(protocol, *addr, port))
             .map_or(&[], Vec::as_slice)
     }
 

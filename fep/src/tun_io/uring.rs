@@ -22,7 +22,7 @@ use crate::dispatcher::{Dispatcher, Worker};
 
 /// Buffers per queue (a power of two): the most packets one wake-up can
 /// hand over.
-const BUFFERS: u16 = 64;
+const BUFFERS: u16 = 16;
 const GROUP: u16 = 0;
 /// `user_data` of the read; a write carries the id of its buffer.
 const READ: u64 = u64::MAX;

@@ -85,6 +85,8 @@ struct Figures {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     udp_pps: Option<f64>,
+    udp_lost_pct: Option<f64>,
+    udp_rcvbuf_pct: Option<f64>,
     cpu_pct: Option<f64>,
     client_time_wait: Option<f64>,
     bytes_exact: Option<bool>,
@@ -237,7 +239,14 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
     (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
     f.client_time_wait = Some(time_wait(&lab)? as f64);
     if s != Scenario::Haproxy {
-        f.udp_pps = Some(iperf_udp(&lab, target, secs)?);
+        let udp = iperf_udp(&lab, target, secs)?;
+        f.udp_pps = Some(udp.received / udp.seconds);
+        f.udp_lost_pct = Some(100.0 * udp.lost / udp.sent.max(1.0));
+        let mut overflowed = 0.0;
+        for be in &lab.backends {
+            overflowed += rcvbuf_errors(be)?;
+        }
+        f.udp_rcvbuf_pct = Some(100.0 * overflowed / udp.sent.max(1.0));
     }
     f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &_fep {
         Some(fep) => {
@@ -372,14 +381,39 @@ fn iperf_tcp(lab: &Lab, target: IpAddr, secs: u64, streams: u32) -> anyhow::Resu
     Ok(bps / 1e9)
 }
 
-fn iperf_udp(lab: &Lab, target: IpAddr, secs: u64) -> anyhow::Result<f64> {
+/// An iperf3 UDP run as the receiving server saw it.
+struct Udp {
+    sent: f64,
+    lost: f64,
+    received: f64,
+    seconds: f64,
+}
+
+fn iperf_udp(lab: &Lab, target: IpAddr, secs: u64) -> anyhow::Result<Udp> {
     let args = format!("-c {target} -p 5201 -u -l 64 -b 0 -t {secs} -J");
     let out = client_output(lab, "iperf3", &split(&args))?;
-    // The server-side view of the whole run: packets that arrived.
-    let packets = json_number(&out, "\"sum\"", "packets").context("iperf3 gave no packets")?;
+    // The server-side view of the whole run: packets sent, and lost on the
+    // way (missing sequence numbers).
+    let sent = json_number(&out, "\"sum\"", "packets").context("iperf3 gave no packets")?;
     let lost = json_number(&out, "\"sum\"", "lost_packets").unwrap_or(0.0);
     let seconds = json_number(&out, "\"sum\"", "seconds").unwrap_or(secs as f64);
-    Ok((packets - lost) / seconds.max(1e-3))
+    Ok(Udp {
+        sent,
+        lost,
+        received: sent - lost,
+        seconds: seconds.max(1e-3),
+    })
+}
+
+/// Datagrams a back end dropped because the receiving socket's buffer was
+/// full (the receiver did not get the CPU in time).
+fn rcvbuf_errors(ns: &netns::Netns) -> anyhow::Result<f64> {
+    let out = netns::output(ns.command("nstat").args(["-az", "UdpRcvbufErrors"]))?;
+    Ok(out
+        .lines()
+        .find_map(|l| l.strip_prefix("UdpRcvbufErrors"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// New connections per second, p50 and p99 latency in ms.
@@ -495,7 +529,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 
 fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> String {
     type Get = fn(&Figures) -> Option<f64>;
-    let metrics: [(&str, Get, &str); 8] = [
+    let metrics: [(&str, Get, &str); 10] = [
         ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
         ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
         (
@@ -511,6 +545,12 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
             "lower",
         ),
         ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
+        ("UDP datagrams lost (%)", |f| f.udp_lost_pct, "lower"),
+        (
+            "… dropped by the back end's full socket buffer (%)",
+            |f| f.udp_rcvbuf_pct,
+            "lower",
+        ),
         (
             "system CPU during 1-stream bulk (%)",
             |f| f.cpu_pct,
