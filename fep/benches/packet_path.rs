@@ -1,5 +1,5 @@
 //! The per-packet core on one core: parse → route lookup → rewrite →
-//! checksum, on a hit with 1 k and 1 M routes; and new-route insertion
+//! checksum, on a hit with 1 k, 1 M and 10 M routes; and new-route insertion
 //! (miss → choose → insert). `cargo bench -p fep`.
 
 use std::hint::black_box;
@@ -31,7 +31,7 @@ fn segment(n: u32, syn: bool) -> Vec<u8> {
 fn hit(c: &mut Criterion) {
     let mut group = c.benchmark_group("hit");
     group.throughput(Throughput::Elements(1));
-    for routes in [1_000u32, 1_000_000] {
+    for routes in [1_000u32, 1_000_000, 10_000_000] {
         let d = dispatcher(routes as usize * 2);
         let mut worker = Worker::new(Default::default());
         for n in 0..routes {

@@ -41,6 +41,9 @@ const EVICT_ATTEMPTS: usize = 32;
 pub struct Worker {
     pub counters: Arc<WorkerCounters>,
     recent: VecDeque<FlowKey>,
+    /// The transfer table this worker last used, with its version: checking
+    /// one shared counter per packet is cheaper than loading the `ArcSwap`.
+    table: Option<(u64, Arc<TransferTable>)>,
 }
 
 impl Worker {
@@ -48,6 +51,7 @@ impl Worker {
         Worker {
             counters,
             recent: VecDeque::with_capacity(RECENT_ROUTES),
+            table: None,
         }
     }
 
@@ -81,6 +85,8 @@ pub struct Dispatcher {
     /// Swapped whole when the config changes; a worker loads it once per
     /// packet without a lock.
     table: ArcSwap<TransferTable>,
+    /// Bumped after every new table, so workers know to load it.
+    table_version: AtomicU64,
     routes: RouteTable,
     idle_timeout_ms: AtomicU32,
     max_routes: AtomicUsize,
@@ -103,6 +109,7 @@ impl Dispatcher {
     pub fn new(cfg: &FepConfig) -> Self {
         let d = Dispatcher {
             table: ArcSwap::from_pointee(TransferTable::from_config(cfg)),
+            table_version: AtomicU64::new(0),
             routes: RouteTable::default(),
             idle_timeout_ms: AtomicU32::new(0),
             max_routes: AtomicUsize::new(0),
@@ -122,6 +129,7 @@ impl Dispatcher {
     /// from the current one, so that route slots keep their meaning).
     pub fn set_table(&self, table: TransferTable) {
         self.table.store(Arc::new(table));
+        self.table_version.fetch_add(1, Ordering::Release);
     }
 
     /// Applies `route_idle_timeout_s` and `max_routes`.
@@ -155,33 +163,45 @@ impl Dispatcher {
         now: u32,
         worker: &mut Worker,
     ) -> Verdict {
+        let (version, table) = self.worker_table(worker);
         let verdict =
             match FlowPacket::new_checked(buf).map(|p| p.with_partial_checksum(partial_csum)) {
                 Ok(mut pkt) => {
                     let dst = pkt.dst_addr();
-                    let table = self.table.load();
                     match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
                         Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
                         None => self.to_client(&table, &mut pkt, now, &worker.counters),
                     }
                 }
-                Err(ParseError::Icmp) => self.icmp(buf, &worker.counters),
+                Err(ParseError::Icmp) => self.icmp(&table, buf, &worker.counters),
                 Err(e) => Verdict::Drop(e.into()),
             };
+        worker.table = Some((version, table));
         if let Verdict::Drop(reason) = verdict {
             worker.counters.dropped(reason);
         }
         verdict
     }
 
+    /// The current transfer table, moved out of `worker` (no reference
+    /// count touched) unless a newer one was published; the caller puts it
+    /// back.
+    #[inline]
+    fn worker_table(&self, worker: &mut Worker) -> (u64, Arc<TransferTable>) {
+        let version = self.table_version.load(Ordering::Acquire);
+        match worker.table.take() {
+            Some((v, table)) if v == version => (v, table),
+            _ => (version, self.table.load_full()),
+        }
+    }
+
     /// ICMP: echo requests to a VIP are answered; errors about a tracked
     /// flow are translated toward the side that sent the packet in error.
-    fn icmp(&self, buf: &mut [u8], counters: &WorkerCounters) -> Verdict {
+    fn icmp(&self, table: &TransferTable, buf: &mut [u8], counters: &WorkerCounters) -> Verdict {
         let mut pkt = match IcmpPacket::new_checked(buf) {
             Ok(p) => p,
             Err(e) => return Verdict::Drop(e.into()),
         };
-        let table = self.table.load();
         match pkt.kind() {
             IcmpKind::EchoRequest if table.is_vip(&pkt.dst_addr()) => {
                 pkt.into_echo_reply();
@@ -226,7 +246,7 @@ impl Dispatcher {
                         backend: inner.dst,
                         client: inner.src,
                     };
-                    let Some((key, ())) = self.find_reply(&table, &reply, |_| ()) else {
+                    let Some((key, ())) = self.find_reply(table, &reply, |_| ()) else {
                         return Verdict::Drop(DropReason::UnknownFlow);
                     };
                     let svc = table.service(key.service);
@@ -758,6 +778,24 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         fn routes(&self) -> usize {
             self.d.routes().len()
         }
+    }
+
+    #[test]
+    fn a_worker_uses_a_new_transfer_table_from_its_next_packet() {
+        let r = rig(GOLDEN);
+        assert_eq!(
+            r.send(client(1), 5000, 9000, SYN, 0),
+            Err(DropReason::UnknownFlow),
+            "no service on 9000 yet"
+        );
+        let added = format!(
+            "{GOLDEN}\n[[service]]\nname = \"s9000\"\nvip = \"10.0.0.100\"\nport = 9000\nprotocol = \"tcp\"\nbackend = [{{ node = \"F\", ratio = 1 }}]\n"
+        );
+        let cfg = FepConfig::parse(&added).unwrap();
+        r.d.set_table(TransferTable::build(&cfg, Some(&r.d.table())));
+        assert_eq!(r.send(client(1), 5000, 9000, SYN, 1).as_deref(), Ok("F"));
+        // Routes made under the old table keep working.
+        assert!(r.send(client(2), 5000, 8080, SYN, 2).is_ok());
     }
 
     #[test]
