@@ -138,6 +138,49 @@ fn path_mtu_discovery_works_through_fep() {
     assert!(counters(&r)["icmp_errors_translated"].as_u64().unwrap() >= 1);
 }
 
+#[test]
+fn a_tun_device_deleted_under_fep_is_logged_and_does_not_spin() {
+    if skip_without_root("a_tun_device_deleted_under_fep_is_logged_and_does_not_spin") {
+        return;
+    }
+    let mut r = start("fdd", "");
+    // Traffic first: the workers are in their serving loops.
+    assert_eq!(http_names(&r, VIP_V4.into(), 4).len(), 4);
+    let pid = r.fep.pid().expect("fep runs");
+    r.lab.gateway.ip(&["link", "del", "fep0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // Two workers spinning on the error would take ~400 ticks in 2 s.
+    assert!(
+        used < 60,
+        "fep used {used} CPU ticks in 2 s with its device gone:\n{}",
+        r.fep.log()
+    );
+    assert!(
+        counters(&r)["tun_read_errors"].as_u64().unwrap() > 0,
+        "the errors are counted"
+    );
+    r.fep.stop().expect("fep stops");
+    assert!(r.fep.log().contains("TUN read failed"), "{}", r.fep.log());
+}
+
+/// User and system CPU a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th of the whole line.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -16,7 +16,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
@@ -210,9 +210,8 @@ fn run_blocking(
     stop: &AtomicBool,
     clock: Clock,
 ) {
-    let counters = worker.counters.clone();
+    let mut errors = IoErrors::new(worker.counters.clone());
     let mut buf = vec![0u8; MAX_READ];
-    let mut logged_errors = 0u32;
     while !stop.load(Ordering::Relaxed) {
         // A blocking read: one system call per packet. `Workers::stop`
         // interrupts it with WAKE_SIGNAL.
@@ -220,15 +219,14 @@ fn run_blocking(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                bump(&counters.tun_read_errors, 1);
-                log_io_error(&mut logged_errors, "read", &e);
+                errors.read_failed(&e);
                 continue;
             }
         };
+        errors.read_ok();
         if let Some(len) = handle(&mut buf, n, hdr, dispatcher, worker, clock.now_ms()) {
             if let Err(e) = queue.send(&buf[..len]) {
-                bump(&counters.tun_write_errors, 1);
-                log_io_error(&mut logged_errors, "write", &e);
+                errors.write_failed(&e);
             }
         }
     }
@@ -251,10 +249,52 @@ fn install_wake_handler() -> io::Result<()> {
     Ok(())
 }
 
-/// Logs the first few I/O errors of a worker, then only counts them.
-fn log_io_error(logged: &mut u32, op: &str, e: &io::Error) {
-    if *logged < 10 {
-        *logged += 1;
-        tracing::warn!("TUN {op} failed: {e} (counted; only the first 10 per worker are logged)");
+/// A worker's TUN I/O errors: counted, the first few logged, and errors
+/// that do not go away (the device deleted under fep) paced so that the
+/// worker sleeps instead of spinning a core.
+struct IoErrors {
+    counters: Arc<WorkerCounters>,
+    logged: u32,
+    reads_in_a_row: u32,
+}
+
+impl IoErrors {
+    fn new(counters: Arc<WorkerCounters>) -> Self {
+        IoErrors {
+            counters,
+            logged: 0,
+            reads_in_a_row: 0,
+        }
+    }
+
+    fn read_failed(&mut self, e: &io::Error) {
+        bump(&self.counters.tun_read_errors, 1);
+        self.log("read", e);
+        self.reads_in_a_row += 1;
+        if self.reads_in_a_row > 3 {
+            std::thread::sleep(Duration::from_millis(u64::from(
+                self.reads_in_a_row.min(100),
+            )));
+        }
+    }
+
+    #[inline]
+    fn read_ok(&mut self) {
+        self.reads_in_a_row = 0;
+    }
+
+    fn write_failed(&mut self, e: &io::Error) {
+        bump(&self.counters.tun_write_errors, 1);
+        self.log("write", e);
+    }
+
+    /// Logs the first few errors, then only counts them.
+    fn log(&mut self, op: &str, e: &io::Error) {
+        if self.logged < 10 {
+            self.logged += 1;
+            tracing::warn!(
+                "TUN {op} failed: {e} (counted; only the first 10 per worker are logged)"
+            );
+        }
     }
 }

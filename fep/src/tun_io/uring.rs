@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use io_uring::types::{BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::{handle, log_io_error, Clock, MAX_READ};
-use crate::counters::bump;
+use super::{handle, Clock, IoErrors, MAX_READ};
 use crate::dispatcher::{Dispatcher, Worker};
 
 /// Buffers per queue (a power of two): the most packets one wake-up can
@@ -52,14 +51,15 @@ impl BufRing {
 
     /// Allocates the buffers and registers them with `ring`, all provided.
     fn register(ring: &IoUring) -> io::Result<Self> {
-        // SAFETY: both layouts have a non-zero size.
-        let (entries, data) = unsafe {
-            (
-                alloc_zeroed(Self::ENTRIES).cast::<BufRingEntry>(),
-                alloc_zeroed(Self::DATA),
-            )
-        };
-        if entries.is_null() || data.is_null() {
+        // SAFETY: both layouts have a non-zero size; what was allocated is
+        // freed on failure.
+        let entries = unsafe { alloc_zeroed(Self::ENTRIES) }.cast::<BufRingEntry>();
+        if entries.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let data = unsafe { alloc_zeroed(Self::DATA) };
+        if data.is_null() {
+            unsafe { dealloc(entries.cast(), Self::ENTRIES) };
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
         let mut bufs = BufRing {
@@ -68,7 +68,7 @@ impl BufRing {
             tail: 0,
         };
         // SAFETY: `entries` is page-aligned, zeroed, BUFFERS entries long and
-        // outlives the registration (the ring is dropped first).
+        // outlives the registration (see `Uring`).
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(entries as u64, BUFFERS, GROUP, 0)?;
@@ -122,6 +122,13 @@ impl Drop for BufRing {
     }
 }
 
+/// The ring and the buffers the kernel reads into. Fields drop in order:
+/// the ring, and any read still armed on it, goes before the buffers.
+struct Uring {
+    ring: IoUring,
+    bufs: BufRing,
+}
+
 /// Why the batched loop did not run: the caller falls back to blocking I/O.
 #[derive(Debug, thiserror::Error)]
 #[error("io_uring unavailable for TUN I/O: {0}")]
@@ -137,20 +144,20 @@ pub(super) fn run(
     stop: &AtomicBool,
     clock: Clock,
 ) -> Result<(), Unsupported> {
-    // Field order matters for drop: the ring goes before its buffers.
-    let mut ring: IoUring = IoUring::builder()
+    let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build(QUEUE)
         .or_else(|_| IoUring::new(QUEUE))
         .map_err(Unsupported)?;
-    let mut bufs = BufRing::register(&ring).map_err(Unsupported)?;
-    let counters = worker.counters.clone();
-    counters.batched.store(true, Ordering::Relaxed);
+    let bufs = BufRing::register(&ring).map_err(Unsupported)?;
+    let mut io = Uring { ring, bufs };
+    let Uring { ring, bufs } = &mut io;
+    worker.counters.batched.store(true, Ordering::Relaxed);
+    let mut errors = IoErrors::new(worker.counters.clone());
     let read = opcode::ReadMulti::new(Fd(fd), 0, GROUP)
         .build()
         .user_data(READ);
-    let mut logged_errors = 0u32;
     let mut served = false;
     let mut arm = true;
     let mut pending: Vec<squeue::Entry> = Vec::with_capacity(usize::from(BUFFERS) + 1);
@@ -176,7 +183,7 @@ pub(super) fn run(
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) if !served => return Err(Unsupported(e)),
             Err(e) => {
-                log_io_error(&mut logged_errors, "io_uring_enter", &e);
+                errors.log("io_uring_enter", &e);
                 continue;
             }
         }
@@ -186,12 +193,7 @@ pub(super) fn run(
             if cqe.user_data() != READ {
                 let bid = cqe.user_data() as u16;
                 if res < 0 {
-                    bump(&counters.tun_write_errors, 1);
-                    log_io_error(
-                        &mut logged_errors,
-                        "write",
-                        &io::Error::from_raw_os_error(-res),
-                    );
+                    errors.write_failed(&io::Error::from_raw_os_error(-res));
                 }
                 bufs.give(bid);
                 continue;
@@ -208,13 +210,13 @@ pub(super) fn run(
                         return Err(Unsupported(e));
                     }
                     _ => {
-                        bump(&counters.tun_read_errors, 1);
-                        log_io_error(&mut logged_errors, "read", &e);
+                        errors.read_failed(&e);
                     }
                 }
                 continue;
             }
             served = true;
+            errors.read_ok();
             let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
                 continue;
             };
