@@ -48,6 +48,11 @@ struct Args {
     /// Only these scenarios (route, nft, haproxy, fep).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Record a system-wide `perf` profile (with call graphs) of every fep
+    /// measurement into this directory: `fep-<run>-<test>.data`, for
+    /// `perf report -i`.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +132,12 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=args.runs {
         for (s, figures) in results.iter_mut() {
             eprintln!("== run {run}/{}: {}", args.runs, s.name());
-            let f = measure(*s, &bins, args.seconds)
+            let profile = args
+                .profile
+                .as_deref()
+                .filter(|_| *s == Scenario::Fep)
+                .map(|dir| dir.join(format!("fep-{run}")));
+            let f = measure(*s, &bins, args.seconds, profile.as_deref())
                 .with_context(|| format!("scenario {}", s.name()))?;
             eprintln!("   {f:?}");
             figures.push(f);
@@ -183,7 +193,12 @@ fn install(skip: bool) -> anyhow::Result<()> {
 }
 
 /// Builds a fresh topology for `s`, measures, and tears it down.
-fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
+fn measure(
+    s: Scenario,
+    bins: &Bins,
+    secs: u64,
+    profile: Option<&std::path::Path>,
+) -> anyhow::Result<Figures> {
     let mut lab = Lab::new("fb", 2)?;
     for i in 0..2 {
         start_backend(&mut lab, i, bins)?;
@@ -231,15 +246,24 @@ fn measure(s: Scenario, bins: &Bins, secs: u64) -> anyhow::Result<Figures> {
         wait_port(&lab, SocketAddr::new(target, port))?;
     }
     let mut f = Figures::default();
+    let perf = |test: &str| Perf::record(profile, test);
     let cpu = Cpu::start();
+    let p = perf("bulk1")?;
     f.bulk1_gbps = Some(iperf_tcp(&lab, target, secs, 1)?);
+    drop(p);
     f.cpu_pct = Some(cpu.busy_percent());
+    let p = perf("bulk4")?;
     f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
+    drop(p);
+    let p = perf("conn")?;
     let (conn, p50, p99) = wrk(&lab, target, secs)?;
+    drop(p);
     (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
     f.client_time_wait = Some(time_wait(&lab)? as f64);
     if s != Scenario::Haproxy {
+        let p = perf("udp")?;
         let udp = iperf_udp(&lab, target, secs)?;
+        drop(p);
         f.udp_pps = Some(udp.received / udp.seconds);
         f.udp_lost_pct = Some(100.0 * udp.lost / udp.sent.max(1.0));
         let mut overflowed = 0.0;
@@ -379,6 +403,41 @@ fn iperf_tcp(lab: &Lab, target: IpAddr, secs: u64, streams: u32) -> anyhow::Resu
     let bps = json_number(&out, "sum_received", "bits_per_second")
         .context("iperf3 gave no sum_received")?;
     Ok(bps / 1e9)
+}
+
+/// A system-wide `perf record` for the length of one test.
+struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    /// Starts recording to `<prefix>-<test>.data`; nothing without a prefix.
+    fn record(prefix: Option<&std::path::Path>, test: &str) -> anyhow::Result<Perf> {
+        let Some(prefix) = prefix else {
+            return Ok(Perf(None));
+        };
+        if let Some(dir) = prefix.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let out = format!("{}-{test}.data", prefix.display());
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-q", "-o", &out])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf (install linux-perf, or run without --profile)")?;
+        // perf needs a moment before it samples.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Perf(Some(child)))
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
 }
 
 /// An iperf3 UDP run as the receiving server saw it.
