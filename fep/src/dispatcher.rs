@@ -15,6 +15,7 @@ use dashmap::mapref::entry::Entry;
 use fep_shared::{Affinity, FepConfig};
 
 use crate::counters::{bump, DropReason, WorkerCounters};
+use crate::route_map::{Inserted, RouteRef};
 use crate::route_table::{state, ClientKey, FlowKey, ReplyKey, Route, RouteTable, Sticky};
 use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::icmp::{IcmpKind, IcmpPacket};
@@ -110,7 +111,7 @@ impl Dispatcher {
         let d = Dispatcher {
             table: ArcSwap::from_pointee(TransferTable::from_config(cfg)),
             table_version: AtomicU64::new(0),
-            routes: RouteTable::default(),
+            routes: RouteTable::with_room(cfg.max_routes),
             idle_timeout_ms: AtomicU32::new(0),
             max_routes: AtomicUsize::new(0),
             expired: AtomicU64::new(0),
@@ -132,14 +133,24 @@ impl Dispatcher {
         self.table_version.fetch_add(1, Ordering::Release);
     }
 
-    /// Applies `route_idle_timeout_s` and `max_routes`.
+    /// Applies `route_idle_timeout_s` and `max_routes` (up to the room the
+    /// route table was given at the start).
     pub fn set_limits(&self, cfg: &FepConfig) {
         let idle = cfg
             .route_idle_timeout_s
             .saturating_mul(1000)
             .min(u64::from(u32::MAX / 2));
         self.idle_timeout_ms.store(idle as u32, Ordering::Relaxed);
-        self.max_routes.store(cfg.max_routes, Ordering::Relaxed);
+        let room = self.routes.room();
+        if cfg.max_routes > room {
+            tracing::warn!(
+                "max_routes = {} is more than the route table was sized for at the start; \
+                 it holds {room} until fep restarts",
+                cfg.max_routes
+            );
+        }
+        self.max_routes
+            .store(cfg.max_routes.min(room), Ordering::Relaxed);
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -246,7 +257,7 @@ impl Dispatcher {
                         backend: inner.dst,
                         client: inner.src,
                     };
-                    let Some((key, ())) = self.find_reply(table, &reply, |_| ()) else {
+                    let Some(key) = self.find_reply(table, &reply, |_| true) else {
                         return Verdict::Drop(DropReason::UnknownFlow);
                     };
                     let svc = table.service(key.service);
@@ -281,15 +292,10 @@ impl Dispatcher {
             client: pkt.src_addr(),
         };
         let flags = pkt.tcp_flags();
-        let hit = self.routes.forward.get(&key).map(|route| {
-            if is_bare_syn(flags) && state::is_closed(route.state()) {
-                route.reopen(now);
-            }
-            route.touch(
-                now,
-                close_bits(flags, state::FIN_FROM_CLIENT) | established(svc, flags),
-            );
-            route.backend
+        let set = close_bits(flags, state::FIN_FROM_CLIENT) | established(svc, flags);
+        let hit = self.routes.map.get_and(&key, |route| {
+            let fresh = !(is_bare_syn(flags) && state::is_closed(route.state()));
+            (fresh || route.reopen(now)) && route.touch(now, set)
         });
         let backend = match hit {
             Some(b) => b,
@@ -323,7 +329,7 @@ impl Dispatcher {
             client: pkt.dst_addr(),
         };
         let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
-        let Some((key, ())) = self.find_reply(table, &reply, |r| r.touch(now, set)) else {
+        let Some(key) = self.find_reply(table, &reply, |r| r.touch(now, set)) else {
             return Verdict::Drop(DropReason::UnknownFlow);
         };
         let svc = table.service(key.service);
@@ -334,31 +340,34 @@ impl Dispatcher {
 
     /// The route a back end's packet (or an ICMP error about one) belongs to:
     /// in each service behind the back end's endpoint, the route of the
-    /// client's (IP, port), if that back end holds it. `f` sees the route
-    /// under its shard's lock.
+    /// client's (IP, port), if that back end holds it. `touch` updates the
+    /// route found (false: it moved, look again).
     #[inline]
-    fn find_reply<R>(
+    fn find_reply(
         &self,
         table: &TransferTable,
         reply: &ReplyKey,
-        f: impl FnOnce(&Route) -> R,
-    ) -> Option<(FlowKey, R)> {
+        touch: impl Fn(&RouteRef<'_>) -> bool,
+    ) -> Option<FlowKey> {
         for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
             let key = FlowKey {
                 service,
                 client_port: reply.client_port,
                 client: reply.client,
             };
-            let Some(route) = self.routes.forward.get(&key) else {
-                continue;
+            let holds = |b: BackendId| {
+                table
+                    .service(service)
+                    .backends
+                    .get(usize::from(b))
+                    .is_some_and(|be| be.addr == reply.backend && be.port == reply.backend_port)
             };
-            let holds = table
-                .service(service)
-                .backends
-                .get(usize::from(route.backend))
-                .is_some_and(|b| b.addr == reply.backend && b.port == reply.backend_port);
-            if holds {
-                return Some((key, f(&route)));
+            let found = self
+                .routes
+                .map
+                .get_and(&key, |r| !holds(r.backend()) || touch(r));
+            if found.is_some_and(holds) {
+                return Some(key);
             }
         }
         None
@@ -386,20 +395,23 @@ impl Dispatcher {
         if svc.is_tcp() {
             worker.opened(key);
         }
-        match self.routes.forward.entry(key) {
-            Entry::Vacant(e) => {
-                if let Some(backend) = self.choose(&key, svc) {
-                    svc.backends[usize::from(backend)].route_added();
-                    e.insert(Route::new(backend, now));
-                    return Ok(backend);
-                }
-                self.routes.release();
-                Err(DropReason::NoBackend)
+        match self
+            .routes
+            .map
+            .insert_with(&key, now, 0, || self.choose(&key, svc))
+        {
+            Inserted::New(backend) => {
+                svc.backends[usize::from(backend)].route_added();
+                Ok(backend)
             }
             // Another worker recorded it meanwhile.
-            Entry::Occupied(e) => {
+            Inserted::Existing(backend) => {
                 self.routes.release();
-                Ok(e.get().backend)
+                Ok(backend)
+            }
+            Inserted::Refused => {
+                self.routes.release();
+                Err(DropReason::NoBackend)
             }
         }
     }
@@ -455,8 +467,8 @@ impl Dispatcher {
 
     /// Removes routes whose connection is over or that have been idle past
     /// the timeout; near `max_routes`, also evicts the longest-idle routes.
-    /// Runs on the control plane; collects under read locks, then removes one
-    /// route at a time so that workers are never blocked for long.
+    /// Runs on the control plane; reads the routes without a lock, then
+    /// removes one at a time so that new routes never wait long.
     pub fn expire(&self, now: u32) -> ExpireStats {
         let table = self.table.load();
         let mut stats = ExpireStats {
@@ -470,9 +482,10 @@ impl Dispatcher {
             // Embryonic routes first, then the longest idle.
             let mut by_idle: Vec<(bool, u32, FlowKey)> = self
                 .routes
-                .forward
-                .iter()
-                .map(|e| (!state::is_embryonic(e.state()), e.idle_ms(now), *e.key()))
+                .map
+                .entries()
+                .into_iter()
+                .map(|(k, r)| (!state::is_embryonic(r.state()), r.idle_ms(now), k))
                 .collect();
             by_idle.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             for (_, _, key) in by_idle {
@@ -529,47 +542,48 @@ impl Dispatcher {
         if !self.routes.reserve(self.max_routes.load(Ordering::Relaxed)) {
             return false;
         }
-        let Entry::Vacant(e) = self.routes.forward.entry(key) else {
+        let inserted = self.routes.map.insert_with(&key, now, state, || {
+            if svc.affinity == Affinity::Client {
+                let client = ClientKey {
+                    service: key.service,
+                    client: key.client,
+                };
+                self.routes
+                    .clients
+                    .entry(client)
+                    .and_modify(|s| s.routes += 1)
+                    .or_insert(Sticky { backend, routes: 1 });
+            }
+            Some(backend)
+        });
+        if inserted != Inserted::New(backend) {
             self.routes.release();
             return false;
-        };
-        be.route_added();
-        if svc.affinity == Affinity::Client {
-            let client = ClientKey {
-                service: key.service,
-                client: key.client,
-            };
-            self.routes
-                .clients
-                .entry(client)
-                .and_modify(|s| s.routes += 1)
-                .or_insert(Sticky { backend, routes: 1 });
         }
-        let route = Route::new(backend, now);
-        route.touch(now, state);
-        e.insert(route);
+        be.route_added();
         true
     }
 
-    /// Removes every route for which `pred` holds (checked again under the
-    /// route's lock, so a route touched meanwhile is judged afresh).
+    /// Removes every route for which `pred` holds (checked again at the
+    /// removal, so a route touched meanwhile is judged afresh).
     pub fn remove_routes(&self, pred: impl Fn(&FlowKey, &Route) -> bool) -> usize {
         let keys: Vec<FlowKey> = self
             .routes
-            .forward
-            .iter()
-            .filter(|e| pred(e.key(), e.value()))
-            .map(|e| *e.key())
+            .map
+            .entries()
+            .into_iter()
+            .filter(|(k, r)| pred(k, r))
+            .map(|(k, _)| k)
             .collect();
         keys.iter()
             .filter(|k| self.remove_route(k, |k, r| pred(k, r)))
             .count()
     }
 
-    /// Removes one route (if `cond` still holds) with its reply index and its
-    /// share of the client-affinity and per-back-end counts.
+    /// Removes one route (if `cond` still holds) with its share of the
+    /// client-affinity and per-back-end counts.
     pub fn remove_route(&self, key: &FlowKey, cond: impl FnOnce(&FlowKey, &Route) -> bool) -> bool {
-        let Some((key, route)) = self.routes.forward.remove_if(key, cond) else {
+        let Some(route) = self.routes.map.remove_if(key, |r| cond(key, r)) else {
             return false;
         };
         self.routes.release();

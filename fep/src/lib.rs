@@ -18,6 +18,7 @@ pub mod dispatcher;
 pub(crate) mod endpoint_map;
 pub mod metrics;
 pub mod netsetup;
+pub mod route_map;
 pub mod route_table;
 pub mod testing;
 pub mod transfer_table;

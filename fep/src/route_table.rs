@@ -7,15 +7,17 @@
 //! same key as the client's packets (no reverse index to keep in step, one
 //! entry per route).
 //!
-//! Sharded maps (dashmap, aHash with a random key against collision floods):
-//! a lookup takes one shard's read lock, never a global one. Lock order, where
-//! both are held: `forward` before `clients`.
+//! Routes live in a [`RouteMap`] (lock-free lookups, one writer lock for
+//! inserts and removals); client affinity in a sharded map (dashmap). Both
+//! hash with aHash under a random key, against collision floods. Lock
+//! order, where both are held: the route map's writer lock before `clients`.
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
+use crate::route_map::RouteMap;
 use crate::transfer_table::{BackendId, ServiceId};
 use crate::wire::Addr;
 
@@ -80,29 +82,30 @@ pub mod state {
     }
 }
 
-/// One assigned route. Times are milliseconds of the dispatcher's clock.
-#[derive(Debug)]
+/// What a route holds, as read at one moment (the live route sits in the
+/// [`RouteMap`]). Times are milliseconds of the dispatcher's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     pub backend: BackendId,
-    state: AtomicU8,
-    last_seen: AtomicU32,
+    state: u8,
+    last_seen: u32,
 }
 
 impl Route {
-    pub fn new(backend: BackendId, now: u32) -> Self {
+    pub fn from_parts(backend: BackendId, state: u8, last_seen: u32) -> Self {
         Route {
             backend,
-            state: AtomicU8::new(0),
-            last_seen: AtomicU32::new(now),
+            state,
+            last_seen,
         }
     }
 
     pub fn state(&self) -> u8 {
-        self.state.load(Ordering::Relaxed)
+        self.state
     }
 
     pub fn last_seen(&self) -> u32 {
-        self.last_seen.load(Ordering::Relaxed)
+        self.last_seen
     }
 
     /// Milliseconds since the last packet.
@@ -110,26 +113,7 @@ impl Route {
     /// the clock once per pass) sees a last-seen time in its future: that is
     /// idle 0, not a wrapped-around eternity.
     pub fn idle_ms(&self, now: u32) -> u32 {
-        idle_since(self.last_seen(), now)
-    }
-
-    /// Records a packet: its time and the state bits it sets. Writes only
-    /// what changed, so a busy flow does not keep dirtying the cache line.
-    #[inline]
-    pub fn touch(&self, now: u32, set: u8) {
-        if self.last_seen.load(Ordering::Relaxed) != now {
-            self.last_seen.store(now, Ordering::Relaxed);
-        }
-        if set != 0 && self.state() & set != set {
-            self.state.fetch_or(set, Ordering::Relaxed);
-        }
-    }
-
-    /// A new connection on a client port whose previous connection ended:
-    /// the route stays (same back end) with a fresh state.
-    pub fn reopen(&self, now: u32) {
-        self.state.store(0, Ordering::Relaxed);
-        self.last_seen.store(now, Ordering::Relaxed);
+        idle_since(self.last_seen, now)
     }
 }
 
@@ -158,8 +142,7 @@ mod tests {
 
     #[test]
     fn a_touch_after_the_readers_clock_is_not_an_eternity_of_idleness() {
-        let r = Route::new(0, 1_000);
-        r.touch(1_005, 0);
+        let r = Route::from_parts(0, 0, 1_005);
         assert_eq!(
             r.idle_ms(1_000),
             0,
@@ -167,29 +150,33 @@ mod tests {
         );
         assert_eq!(r.idle_ms(1_505), 500);
         // Across the u32 wrap.
-        let r = Route::new(0, u32::MAX - 10);
+        let r = Route::from_parts(0, 0, u32::MAX - 10);
         assert_eq!(r.idle_ms(20), 31);
     }
 }
 
 #[derive(Debug)]
 pub struct RouteTable {
-    pub(crate) forward: Map<FlowKey, Route>,
+    pub(crate) map: RouteMap,
     pub(crate) clients: Map<ClientKey, Sticky>,
     len: AtomicUsize,
 }
 
-impl Default for RouteTable {
-    fn default() -> Self {
+impl RouteTable {
+    /// A table with room for `routes` routes (its slots are sized once).
+    pub fn with_room(routes: usize) -> Self {
         RouteTable {
-            forward: Map::default(),
+            map: RouteMap::with_room(routes),
             clients: Map::default(),
             len: AtomicUsize::new(0),
         }
     }
-}
 
-impl RouteTable {
+    /// The most routes the table can hold.
+    pub fn room(&self) -> usize {
+        self.map.room()
+    }
+
     /// Number of routes.
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
@@ -201,7 +188,7 @@ impl RouteTable {
 
     /// The back end of a route, if it exists.
     pub fn backend_of(&self, key: &FlowKey) -> Option<BackendId> {
-        self.forward.get(key).map(|r| r.backend)
+        self.map.get(key).map(|r| r.backend())
     }
 
     /// The back end a client is held to under client affinity.
@@ -211,9 +198,10 @@ impl RouteTable {
 
     /// Every route's key, back end and state (a snapshot for the control plane).
     pub fn snapshot(&self) -> Vec<(FlowKey, BackendId, u8, u32)> {
-        self.forward
-            .iter()
-            .map(|e| (*e.key(), e.backend, e.state(), e.last_seen()))
+        self.map
+            .entries()
+            .into_iter()
+            .map(|(k, r)| (k, r.backend, r.state(), r.last_seen()))
             .collect()
     }
 }

@@ -16,6 +16,10 @@ pub const MAX_RATIO: u32 = 1_000_000;
 /// Most services (and service slots over a run of fep, removed ones included).
 pub const MAX_SERVICES: usize = 1024;
 
+/// The largest `max_routes`: the route table reserves its slots at the
+/// start (about 4 GB of address space at this bound, resident as used).
+pub const MAX_ROUTES: usize = 100_000_000;
+
 /// A configuration that could not be read or does not describe a servable cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -349,8 +353,14 @@ impl FepConfig {
                 "must be between 1 and 604800 seconds",
             ));
         }
-        if self.max_routes == 0 {
-            return Err(ConfigError::invalid("max_routes", "must be at least 1"));
+        if !(1..=MAX_ROUTES).contains(&self.max_routes) {
+            return Err(ConfigError::invalid(
+                "max_routes",
+                format!(
+                    "{} is out of range (1 to {MAX_ROUTES}; the route table's memory, about 54 bytes a route, is reserved at the start)",
+                    self.max_routes
+                ),
+            ));
         }
         if matches!(self.policy_table, 0 | 253..=255) {
             return Err(ConfigError::invalid(

@@ -87,6 +87,7 @@ pub struct FlowPacket<'a> {
 
 impl<'a> FlowPacket<'a> {
     /// Validates the IP header, extension headers, lengths and the L4 header.
+    #[inline]
     pub fn new_checked(buf: &'a mut [u8]) -> Result<Self, ParseError> {
         let (v4, proto, l4, len) = {
             let ip = IpSlice::from_slice(buf).map_err(|_| ParseError::Malformed)?;
@@ -129,17 +130,20 @@ impl<'a> FlowPacket<'a> {
 
     /// Marks the L4 checksum as a partial (pseudo-header) sum, as a read
     /// from a TUN device with checksum offload delivers it.
+    #[inline]
     pub fn with_partial_checksum(mut self, partial: bool) -> Self {
         self.partial = partial;
         self
     }
 
     /// IP protocol number: [`TCP`] or [`UDP`].
+    #[inline]
     pub fn protocol(&self) -> u8 {
         self.proto
     }
 
     /// Length of the IP packet, which is what gets written back.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -148,6 +152,7 @@ impl<'a> FlowPacket<'a> {
         self.len == 0
     }
 
+    #[inline]
     pub fn src_addr(&self) -> Addr {
         self.addr(if self.v4 {
             field::V4_SRC
@@ -156,6 +161,7 @@ impl<'a> FlowPacket<'a> {
         })
     }
 
+    #[inline]
     pub fn dst_addr(&self) -> Addr {
         self.addr(if self.v4 {
             field::V4_DST
@@ -164,15 +170,18 @@ impl<'a> FlowPacket<'a> {
         })
     }
 
+    #[inline]
     pub fn src_port(&self) -> u16 {
         self.read_u16(self.l4 + field::SRC_PORT)
     }
 
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         self.read_u16(self.l4 + field::DST_PORT)
     }
 
     /// TCP flags, or 0 for UDP.
+    #[inline]
     pub fn tcp_flags(&self) -> u8 {
         if self.proto == TCP {
             self.buf[self.l4 + field::TCP_FLAGS]
@@ -182,6 +191,7 @@ impl<'a> FlowPacket<'a> {
     }
 
     /// Rewrites the destination (forward direction: VIP → back end).
+    #[inline]
     pub fn set_destination(&mut self, addr: &Addr, port: u16) {
         let range = if self.v4 {
             field::V4_DST
@@ -192,6 +202,7 @@ impl<'a> FlowPacket<'a> {
     }
 
     /// Rewrites the source (reverse direction: back end → VIP).
+    #[inline]
     pub fn set_source(&mut self, addr: &Addr, port: u16) {
         let range = if self.v4 {
             field::V4_SRC
@@ -201,6 +212,7 @@ impl<'a> FlowPacket<'a> {
         self.rewrite(range, field::SRC_PORT, addr, port);
     }
 
+    #[inline]
     fn rewrite(
         &mut self,
         addr_range: std::ops::Range<usize>,
@@ -251,10 +263,12 @@ impl<'a> FlowPacket<'a> {
         read_addr(&self.buf[range], self.v4)
     }
 
+    #[inline]
     fn read_u16(&self, at: usize) -> u16 {
         u16::from_be_bytes([self.buf[at], self.buf[at + 1]])
     }
 
+    #[inline]
     fn write_u16(&mut self, at: usize, v: u16) {
         self.buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
     }
