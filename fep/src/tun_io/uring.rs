@@ -169,13 +169,18 @@ pub(super) fn run(
         bufs.publish();
         {
             let mut sq = ring.submission();
-            for e in pending.drain(..) {
+            let mut pushed = 0;
+            for e in &pending {
                 // SAFETY: a write's buffer stays out of the ring until its
-                // completion; see QUEUE for why the queue has room.
-                if unsafe { sq.push(&e) }.is_err() {
-                    unreachable_full_queue();
+                // completion.
+                if unsafe { sq.push(e) }.is_err() {
+                    // Full (see QUEUE: it should not be): the rest waits
+                    // for the next round, in order.
+                    break;
                 }
+                pushed += 1;
             }
+            pending.drain(..pushed);
         }
         match ring.submit_and_wait(1) {
             Ok(_) => {}
@@ -183,7 +188,8 @@ pub(super) fn run(
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) if !served => return Err(Unsupported(e)),
             Err(e) => {
-                errors.log("io_uring_enter", &e);
+                // The worker cannot read: counted and paced as a read error.
+                errors.read_failed(&e);
                 continue;
             }
         }
@@ -232,9 +238,4 @@ pub(super) fn run(
         }
     }
     Ok(())
-}
-
-#[cold]
-fn unreachable_full_queue() {
-    tracing::error!("io_uring submission queue full; a packet was dropped");
 }
