@@ -83,8 +83,8 @@ pub struct ExpireStats {
 
 #[derive(Debug)]
 pub struct Dispatcher {
-    /// Swapped whole when the config changes; a worker loads it once per
-    /// packet without a lock.
+    /// Swapped whole when the config changes; each worker keeps the one it
+    /// last loaded until `table_version` moves.
     table: ArcSwap<TransferTable>,
     /// Bumped after every new table, so workers know to load it.
     table_version: AtomicU64,
