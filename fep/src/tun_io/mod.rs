@@ -26,8 +26,9 @@ use crate::dispatcher::{Dispatcher, Verdict, Worker};
 /// Room for the largest read: a 64 KB offloaded segment, its headers and
 /// the virtio-net header.
 const MAX_READ: usize = 65_536 + 512;
-/// The signal that interrupts a worker's blocking read at stop (its handler
-/// does nothing; it is installed without `SA_RESTART`).
+/// The signal that interrupts a worker's wait at stop, a blocking read or
+/// `io_uring_enter` (its handler does nothing; it is installed without
+/// `SA_RESTART`).
 const WAKE_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Milliseconds since the daemon started: the core's notion of `now`.
