@@ -387,9 +387,10 @@ impl Dispatcher {
             return Err(DropReason::NoRoute);
         }
         let max = self.max_routes.load(Ordering::Relaxed);
-        if !self.routes.reserve(max)
-            && !(self.evict_embryonic(worker, now) && self.routes.reserve(max))
-        {
+        // Room, or room made by evicting a flood's embryonic route.
+        let room = self.routes.reserve(max)
+            || (self.evict_embryonic(worker, now) && self.routes.reserve(max));
+        if !room {
             return Err(DropReason::TableFull);
         }
         if svc.is_tcp() {
@@ -567,14 +568,12 @@ impl Dispatcher {
     /// Removes every route for which `pred` holds (checked again at the
     /// removal, so a route touched meanwhile is judged afresh).
     pub fn remove_routes(&self, pred: impl Fn(&FlowKey, &Route) -> bool) -> usize {
-        let keys: Vec<FlowKey> = self
-            .routes
-            .map
-            .entries()
-            .into_iter()
-            .filter(|(k, r)| pred(k, r))
-            .map(|(k, _)| k)
-            .collect();
+        let mut keys = Vec::new();
+        self.routes.map.for_each(|k, r| {
+            if pred(&k, &r) {
+                keys.push(k);
+            }
+        });
         keys.iter()
             .filter(|k| self.remove_route(k, |k, r| pred(k, r)))
             .count()

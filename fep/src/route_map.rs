@@ -245,10 +245,11 @@ impl RouteMap {
     pub fn get(&self, key: &FlowKey) -> Option<RouteRef<'_>> {
         let w = Words::of(key);
         let home = self.home(key);
+        let mut waits = 0u32;
         loop {
             let seq = self.moves.load(Ordering::Acquire);
             if seq & 1 == 1 {
-                std::hint::spin_loop();
+                wait_for_writer(&mut waits);
                 continue;
             }
             let found = self.probe(home, &w);
@@ -388,11 +389,21 @@ impl RouteMap {
     /// for the control plane, not one instant).
     pub fn entries(&self) -> Vec<(FlowKey, Route)> {
         let mut out = Vec::new();
+        self.for_each(|k, r| out.push((k, r)));
+        out
+    }
+
+    /// Calls `f` with every route's key and what it holds, read slot by
+    /// slot without a lock: a route that a concurrent removal shifts across
+    /// the scan can be missed or seen twice (the control plane's passes
+    /// repeat).
+    pub fn for_each(&self, mut f: impl FnMut(FlowKey, Route)) {
         let mut i = 0;
+        let mut waits = 0u32;
         while i <= self.mask {
             let seq = self.moves.load(Ordering::Acquire);
             if seq & 1 == 1 {
-                std::hint::spin_loop();
+                wait_for_writer(&mut waits);
                 continue;
             }
             let s = self.slot(i);
@@ -411,10 +422,24 @@ impl RouteMap {
             if self.moves.load(Ordering::Relaxed) != seq {
                 continue;
             }
-            out.extend(read);
+            if let Some((k, r)) = read {
+                f(k, r);
+            }
             i += 1;
         }
-        out
+    }
+}
+
+/// A reader's wait while a removal shifts entries (a few hundred
+/// nanoseconds): spins, then yields the core in case the writer was
+/// preempted and needs it.
+#[cold]
+fn wait_for_writer(waits: &mut u32) {
+    *waits += 1;
+    if waits.is_multiple_of(64) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
     }
 }
 

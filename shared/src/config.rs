@@ -739,8 +739,10 @@ fn merge_keyed<T: Clone + PartialEq, K: PartialEq>(
 }
 
 fn is_unicast(addr: IpAddr) -> bool {
-    !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
-        && !matches!(addr, IpAddr::V4(v4) if v4.is_broadcast())
+    !(addr.is_unspecified()
+        || addr.is_multicast()
+        || addr.is_loopback()
+        || matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()))
 }
 
 #[cfg(test)]
