@@ -66,11 +66,18 @@ pub fn request(
         }
     };
     let body = body.unwrap_or("");
-    write!(
-        s,
+    // One write: the server may answer (and close) as soon as it has the
+    // head, and a body sent in a second write would then meet a closed
+    // socket. If it does anyway, its answer is still there to read.
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: fep\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("sending the request to the admin API");
+        }
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
         .context("reading the admin API's answer")?;

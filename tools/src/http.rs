@@ -52,9 +52,9 @@ pub fn get_with(
         TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    // One write, one segment: not a request trickled out piece by piece.
+    s.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();
