@@ -62,6 +62,16 @@ pub fn start_with_top(
     Running { lab, fep }
 }
 
+/// The TUN I/O mode fep's workers should run in here: batched, unless the
+/// kernel has io_uring turned off (`kernel.io_uring_disabled`), when fep
+/// falls back to blocking I/O.
+pub fn expected_io() -> &'static str {
+    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        Ok(v) if v.trim() != "0" => "blocking",
+        _ => "batched",
+    }
+}
+
 /// Counts how many of `names` are each back end's name, in back-end order.
 pub fn tally(names: &[String], backends: usize) -> Vec<usize> {
     (0..backends)

@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use fep_tests::{
-    fepctl_json, http, pattern, skip_without_root, start, start_with_top, tally, TIMEOUT,
+    expected_io, fepctl_json, http, pattern, skip_without_root, start, start_with_top, tally,
+    TIMEOUT,
 };
 use fep_tools::lab::{VIP_V4, VIP_V6};
 
@@ -99,7 +100,7 @@ fn a_20_mb_download_arrives_byte_exact() {
     if skip_without_root("a_20_mb_download_arrives_byte_exact") {
         return;
     }
-    download_byte_exact("fdl", "", ("batched", 2));
+    download_byte_exact("fdl", "", (expected_io(), 2));
 }
 
 #[test]

@@ -288,6 +288,12 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         1.0
     );
     assert!(after.contains("# TYPE fep_dropped_packets_total counter"));
+    // Both workers run in the I/O mode this kernel allows.
+    let io = fep_tests::expected_io();
+    assert_eq!(
+        sample(&after, &format!("fep_tun_workers{{io=\"{io}\"}}")),
+        2.0
+    );
     // Every metric the shipped Grafana dashboard draws is exported.
     let dashboard = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
