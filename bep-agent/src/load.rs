@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use fep_shared::protocol::{Report, ServiceLoad};
 
+use fep_shared::cpu::CpuTimes;
+
 use crate::sockdiag;
 
 /// Remembers the previous sample so that rates can be computed.
 #[derive(Default)]
 pub struct Sampler {
-    cpu: Option<(u64, u64)>,
+    cpu: Option<CpuTimes>,
     /// Per TCP socket (inode): segments received at the last sample.
     segs: HashMap<u32, u32>,
     udp_in: Option<u64>,
@@ -89,16 +91,11 @@ impl Sampler {
 
     /// Busy share of all CPUs since the last call, from /proc/stat.
     fn cpu_percent(&mut self) -> f64 {
-        let Some((busy, total)) = read_cpu() else {
+        let Some(now) = CpuTimes::read() else {
             return 0.0;
         };
-        let pct = match self.cpu {
-            Some((b0, t0)) if total > t0 => {
-                100.0 * (busy - b0.min(busy)) as f64 / (total - t0) as f64
-            }
-            _ => 0.0,
-        };
-        self.cpu = Some((busy, total));
+        let pct = self.cpu.map_or(0.0, |then| now.busy_percent_since(&then));
+        self.cpu = Some(now);
         pct
     }
 }
@@ -121,19 +118,6 @@ pub fn listening(ports: &[u16]) -> Vec<bool> {
         .iter()
         .map(|p| tcp.contains(p) || udp.contains(p))
         .collect()
-}
-
-fn read_cpu() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
 }
 
 fn load_avg() -> [f64; 3] {

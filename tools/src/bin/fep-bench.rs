@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use fep_shared::cpu::CpuTimes;
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::{http, netns, pattern};
 
@@ -251,7 +252,7 @@ fn measure(
     let p = perf("bulk1")?;
     f.bulk1_gbps = Some(iperf_tcp(&lab, target, secs, 1)?);
     drop(p);
-    f.cpu_pct = Some(cpu.busy_percent());
+    f.cpu_pct = cpu.busy_percent();
     let p = perf("bulk4")?;
     f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
     drop(p);
@@ -548,33 +549,19 @@ fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
 /// The whole system's CPU use over an interval (every namespace shares the
 /// cores, so this is the cost of the scenario as a whole).
 struct Cpu {
-    start: (u64, u64),
+    start: Option<CpuTimes>,
 }
 
 impl Cpu {
     fn start() -> Self {
-        Cpu { start: stat() }
+        Cpu {
+            start: CpuTimes::read(),
+        }
     }
 
-    fn busy_percent(&self) -> f64 {
-        let (busy, total) = stat();
-        100.0 * (busy - self.start.0) as f64 / (total - self.start.1).max(1) as f64
+    fn busy_percent(&self) -> Option<f64> {
+        Some(CpuTimes::read()?.busy_percent_since(self.start.as_ref()?))
     }
-}
-
-fn stat() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = text
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
