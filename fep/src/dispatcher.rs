@@ -481,13 +481,10 @@ impl Dispatcher {
         if self.routes.len() > high {
             let target = max_routes - max_routes / 10;
             // Embryonic routes first, then the longest idle.
-            let mut by_idle: Vec<(bool, u32, FlowKey)> = self
-                .routes
-                .map
-                .entries()
-                .into_iter()
-                .map(|(k, r)| (!state::is_embryonic(r.state()), r.idle_ms(now), k))
-                .collect();
+            let mut by_idle: Vec<(bool, u32, FlowKey)> = Vec::with_capacity(self.routes.len());
+            self.routes.map.for_each(|k, r| {
+                by_idle.push((!state::is_embryonic(r.state()), r.idle_ms(now), k))
+            });
             by_idle.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             for (_, _, key) in by_idle {
                 if self.routes.len() <= target {

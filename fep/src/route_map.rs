@@ -252,7 +252,7 @@ impl RouteMap {
                 wait_for_writer(&mut waits);
                 continue;
             }
-            let found = self.probe(home, &w);
+            let found = self.probe(home, &w).ok();
             fence(Ordering::Acquire);
             if self.moves.load(Ordering::Relaxed) == seq {
                 return found.map(|(i, c)| RouteRef {
@@ -278,21 +278,21 @@ impl RouteMap {
         self.get(key).map(|r| r.backend())
     }
 
-    /// Index and control word of `w`'s slot, walking from `home` to the
-    /// first empty slot.
+    /// Walks from `home` to `w`'s slot (its index and control word), or to
+    /// the first empty slot (`Err` with its index; `None` if there is none).
     #[inline]
-    fn probe(&self, home: usize, w: &Words) -> Option<(usize, u64)> {
+    fn probe(&self, home: usize, w: &Words) -> Result<(usize, u64), Option<usize>> {
         for i in home..=home + self.mask {
             let s = self.slot(i);
             let c = s.ctrl.load(Ordering::Acquire);
             if c & USED == 0 {
-                return None;
+                return Err(Some(i & self.mask));
             }
             if s.words() == *w {
-                return Some((i & self.mask, c));
+                return Ok((i & self.mask, c));
             }
         }
-        None
+        Err(None)
     }
 
     /// Records a route for `key` with the back end `make` chooses, unless
@@ -308,25 +308,21 @@ impl RouteMap {
         let w = Words::of(key);
         let home = self.home(key);
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        for i in home..=home + self.mask {
-            let s = self.slot(i);
-            let c = s.ctrl.load(Ordering::Relaxed);
-            if c & USED != 0 {
-                if s.words() == w {
-                    return Inserted::Existing(ctrl_backend(c));
-                }
-                continue;
-            }
-            let Some(backend) = make() else {
-                return Inserted::Refused;
-            };
-            s.set_words(w);
-            s.last_seen.store(now, Ordering::Relaxed);
-            s.ctrl
-                .store(ctrl(c + GEN_ONE, state, backend), Ordering::Release);
-            return Inserted::New(backend);
-        }
-        Inserted::Refused
+        let empty = match self.probe(home, &w) {
+            Ok((_, c)) => return Inserted::Existing(ctrl_backend(c)),
+            Err(None) => return Inserted::Refused,
+            Err(Some(i)) => i,
+        };
+        let Some(backend) = make() else {
+            return Inserted::Refused;
+        };
+        let s = self.slot(empty);
+        let c = s.ctrl.load(Ordering::Relaxed);
+        s.set_words(w);
+        s.last_seen.store(now, Ordering::Relaxed);
+        s.ctrl
+            .store(ctrl(c + GEN_ONE, state, backend), Ordering::Release);
+        Inserted::New(backend)
     }
 
     /// Removes `key`'s route if `cond` holds for it; returns what it was.
@@ -334,7 +330,7 @@ impl RouteMap {
         let w = Words::of(key);
         let home = self.home(key);
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut hole, c) = self.probe(home, &w)?;
+        let (mut hole, c) = self.probe(home, &w).ok()?;
         let s = self.slot(hole);
         let route = Route::from_parts(
             ctrl_backend(c),
@@ -383,14 +379,6 @@ impl RouteMap {
             .store((hc + GEN_ONE) & !(GEN_ONE - 1), Ordering::Relaxed);
         self.moves.store(seq + 2, Ordering::Release);
         Some(route)
-    }
-
-    /// Every route's key and what it holds, read slot by slot (a snapshot
-    /// for the control plane, not one instant).
-    pub fn entries(&self) -> Vec<(FlowKey, Route)> {
-        let mut out = Vec::new();
-        self.for_each(|k, r| out.push((k, r)));
-        out
     }
 
     /// Calls `f` with every route's key and what it holds, read slot by
@@ -523,12 +511,18 @@ mod tests {
                 let got = m.get(&key(k)).map(|r| (r.backend(), r.state()));
                 prop_assert_eq!(got, model.get(&k).copied());
             }
-            let mut seen: Vec<FlowKey> = m.entries().into_iter().map(|(k, _)| k).collect();
+            let mut seen: Vec<FlowKey> = entries(&m).into_iter().map(|(k, _)| k).collect();
             let mut want: Vec<FlowKey> = model.keys().map(|&k| key(k)).collect();
             seen.sort_by_key(|k| (k.service, k.client_port, k.client));
             want.sort_by_key(|k| (k.service, k.client_port, k.client));
             prop_assert_eq!(seen, want);
         }
+    }
+
+    fn entries(m: &RouteMap) -> Vec<(FlowKey, Route)> {
+        let mut out = Vec::new();
+        m.for_each(|k, r| out.push((k, r)));
+        out
     }
 
     #[test]
@@ -606,6 +600,6 @@ mod tests {
                 "key {k} lost a touch"
             );
         }
-        assert_eq!(m.entries().len(), stable.len());
+        assert_eq!(entries(&m).len(), stable.len());
     }
 }

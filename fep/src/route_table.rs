@@ -198,11 +198,10 @@ impl RouteTable {
 
     /// Every route's key, back end and state (a snapshot for the control plane).
     pub fn snapshot(&self) -> Vec<(FlowKey, BackendId, u8, u32)> {
+        let mut out = Vec::with_capacity(self.len());
         self.map
-            .entries()
-            .into_iter()
-            .map(|(k, r)| (k, r.backend, r.state(), r.last_seen()))
-            .collect()
+            .for_each(|k, r| out.push((k, r.backend, r.state(), r.last_seen())));
+        out
     }
 }
 
