@@ -3,7 +3,7 @@
 //! answer liveness queries. Rejected frames are counted and logged, and end
 //! the connection; they never change state.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,12 +212,17 @@ impl ControlPlane {
     }
 
     /// Restores a route for every live connection a node reports that has
-    /// none, when exactly one service maps it to that node.
+    /// none, when exactly one service maps it to that node. Connections from
+    /// this host (fep's own health checks) are not clients' and get none.
     fn rebuild_routes(&self, node: NodeId, conns: &[ConnId]) {
         let table = self.dispatcher().table();
         let now = self.now();
         let mut restored = 0;
+        let mut local: std::collections::HashMap<IpAddr, bool> = Default::default();
         for c in conns {
+            if *local.entry(c.client).or_insert_with(|| is_local(c.client)) {
+                continue;
+            }
             let client = addr_from_ip(c.client);
             let mut matches = table
                 .services()
@@ -276,5 +281,22 @@ impl ControlPlane {
             }
         }
         answer
+    }
+}
+
+/// Whether `ip` is an address of this host: only those can be bound.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_hosts_addresses_count_as_local() {
+        assert!(is_local(IpAddr::from([127, 0, 0, 1])));
+        // TEST-NET-1: never an address of this host (binding sends nothing).
+        assert!(!is_local(IpAddr::from([192, 0, 2, 1])));
     }
 }
