@@ -305,7 +305,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
          {served} real requests served during the flood ({failed} failed); embryonic evictions {}, table_full drops {}",
         rss_before as f64 / 1e6,
         peak_rss as f64 / 1e6,
-        c["embryonic_evicted"],
+        c["unconfirmed_evicted"],
         c["drops"]["table_full"]
     );
     // Two shared cores run the flood, the gateway, fep (a debug build) and

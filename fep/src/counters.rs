@@ -76,7 +76,7 @@ pub struct WorkerCounters {
     traffic: Box<[Traffic]>,
     pub routes_created: AtomicU64,
     /// Never-answered routes evicted to make room under a SYN flood.
-    pub embryonic_evicted: AtomicU64,
+    pub unconfirmed_evicted: AtomicU64,
     pub icmp_echo_replies: AtomicU64,
     pub icmp_errors_translated: AtomicU64,
     pub tun_read_errors: AtomicU64,
@@ -92,7 +92,7 @@ impl Default for WorkerCounters {
         WorkerCounters {
             traffic: (0..MAX_SERVICE_SLOTS).map(|_| Traffic::default()).collect(),
             routes_created: AtomicU64::new(0),
-            embryonic_evicted: AtomicU64::new(0),
+            unconfirmed_evicted: AtomicU64::new(0),
             icmp_echo_replies: AtomicU64::new(0),
             icmp_errors_translated: AtomicU64::new(0),
             tun_read_errors: AtomicU64::new(0),
@@ -177,7 +177,7 @@ pub struct Totals {
     /// By service slot.
     pub services: Vec<TrafficTotals>,
     pub routes_created: u64,
-    pub embryonic_evicted: u64,
+    pub unconfirmed_evicted: u64,
     pub icmp_echo_replies: u64,
     pub icmp_errors_translated: u64,
     pub tun_read_errors: u64,
@@ -200,7 +200,7 @@ impl Totals {
                 total.add(traffic);
             }
             t.routes_created += get(&w.routes_created);
-            t.embryonic_evicted += get(&w.embryonic_evicted);
+            t.unconfirmed_evicted += get(&w.unconfirmed_evicted);
             t.icmp_echo_replies += get(&w.icmp_echo_replies);
             t.icmp_errors_translated += get(&w.icmp_errors_translated);
             t.tun_read_errors += get(&w.tun_read_errors);
@@ -228,13 +228,13 @@ impl std::fmt::Display for Totals {
         let a = &self.all;
         write!(
             f,
-            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, embryonic_evicted={}, icmp echo_replies={} errors_translated={}, tun_errors read={} write={}; drops:",
+            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, unconfirmed_evicted={}, icmp echo_replies={} errors_translated={}, tun_errors read={} write={}; drops:",
             a.to_backend_packets,
             a.to_backend_bytes,
             a.to_client_packets,
             a.to_client_bytes,
             self.routes_created,
-            self.embryonic_evicted,
+            self.unconfirmed_evicted,
             self.icmp_echo_replies,
             self.icmp_errors_translated,
             self.tun_read_errors,

@@ -32,8 +32,10 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Serves the config file at `config_path` (already loaded as `file`),
 /// with the runtime changes saved in its state directory, until SIGINT or
-/// SIGTERM; then removes everything it set up.
+/// SIGTERM; then saves the route table and leaves the network set-up in
+/// place for the next start (see [`crate::netsetup`]).
 pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&file.state_dir)?;
     let saved = StateFile::new(&file.state_dir).load();
     let cfg = saved.live_config(&file);
     let agent_key = match &cfg.agent_key_file {
@@ -53,7 +55,7 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
                 cfg.tun, cfg.workers
             )
         })?;
-    let mut net = NetSetup::new(&cfg.tun, cfg.policy_table);
+    let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
     snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
@@ -109,17 +111,48 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
         save_routes(&cp.dispatcher_arc(), &cfg.state_dir);
-        cp.teardown_network();
         result
     });
 
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
     workers.stop();
     tracing::info!(
-        "stopped; removed routes, rules and device {}; totals: {totals}",
+        "stopped; device {} and the return path stay, dropping packets until fep starts \
+         again (`fep --cleanup` removes them); totals: {totals}",
         cfg.tun
     );
     result
+}
+
+/// Holds `state_dir/fep.lock` while fep runs (the kernel releases it however
+/// fep ends): two feps on one state directory would share its TUN device.
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let path = state_dir.join("fep.lock");
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another fep runs with the state directory {} ({} is locked): stop it first",
+            state_dir.display(),
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// `fep --cleanup`: removes the TUN device, VIP routes, return-path rules and
+/// table and puts back the sysctls fep changed; refused while fep runs.
+pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    Ok(crate::netsetup::cleanup(
+        &cfg.tun,
+        cfg.policy_table,
+        &cfg.state_dir,
+    ))
 }
 
 /// Saves the route table for the next start; failures are logged.

@@ -5,11 +5,14 @@
 //! back. Time is passed in (milliseconds of a clock the caller owns), so unit
 //! tests replay ageing and closes without sleeping.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
 use dashmap::mapref::entry::Entry;
 
 use fep_shared::{Affinity, FepConfig};
@@ -27,17 +30,27 @@ pub const CLOSED_LINGER_MS: u32 = 4_000;
 /// How long a TCP route whose handshake never completed (embryonic: a SYN,
 /// its retransmissions, a SYN-ACK to a spoofed source) lives.
 pub const EMBRYONIC_TIMEOUT_MS: u32 = 5_000;
-/// Under a flood, embryonic routes younger than this are not evicted, so a
-/// real client's handshake in progress is not cut.
-pub const EMBRYONIC_MIN_AGE_MS: u32 = 500;
+/// Under a flood, unconfirmed routes younger than this are not evicted by
+/// the data path, so a real client's handshake or first answer in progress
+/// is not cut.
+pub const UNCONFIRMED_MIN_AGE_MS: u32 = 500;
 /// Routes a worker remembers having opened, for eviction under a flood.
 const RECENT_ROUTES: usize = 65_536;
 /// Keys looked at per eviction before giving up.
 const EVICT_ATTEMPTS: usize = 32;
+/// Slots one expiry pass looks at (32 MB of the table): the work per pass
+/// is bounded however large `max_routes` is; a larger table is swept over
+/// several passes.
+pub const SWEEP_SLOTS: usize = 1 << 20;
+/// Routes one expiry pass evicts at most when the table nears `max_routes`.
+const EVICT_PER_PASS: usize = 65_536;
+/// Confirmed routes the journal has not taken yet; beyond this they wait
+/// for the next route snapshot (counted as `journal_overflow`).
+const JOURNAL_QUEUE: usize = 65_536;
 
-/// What one data-path worker owns: its counters, and the TCP routes it
-/// opened most recently (oldest first), which make room for new clients when
-/// a SYN flood fills the table.
+/// What one data-path worker owns: its counters, and the routes it opened
+/// most recently (oldest first), which make room for new clients when a
+/// flood (spoofed SYNs or datagrams) fills the table.
 #[derive(Debug)]
 pub struct Worker {
     pub counters: Arc<WorkerCounters>,
@@ -72,6 +85,24 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// A route that just became confirmed, for the journal that lets a restart
+/// after a crash restore it (see `control::journal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    pub key: FlowKey,
+    pub backend: BackendId,
+}
+
+/// Where the expiry passes are in the table, and their reused buffers.
+#[derive(Debug, Default)]
+struct Sweep {
+    cursor: usize,
+    expired: Vec<FlowKey>,
+    /// The most evictable routes of the window, least evictable on top:
+    /// (score, key, last seen).
+    evict: BinaryHeap<Reverse<(u64, FlowKey, u32)>>,
+}
+
 /// What expiry removed (one pass, or the totals since the start).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ExpireStats {
@@ -94,6 +125,9 @@ pub struct Dispatcher {
     /// Routes removed by expiry and eviction since the start.
     expired: AtomicU64,
     evicted: AtomicU64,
+    sweep: Mutex<Sweep>,
+    confirmed: ArrayQueue<Confirmed>,
+    journal_overflow: AtomicU64,
 }
 
 impl From<ParseError> for DropReason {
@@ -116,6 +150,9 @@ impl Dispatcher {
             max_routes: AtomicUsize::new(0),
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            sweep: Mutex::default(),
+            confirmed: ArrayQueue::new(JOURNAL_QUEUE),
+            journal_overflow: AtomicU64::new(0),
         };
         d.set_limits(cfg);
         d
@@ -292,13 +329,22 @@ impl Dispatcher {
             client: pkt.src_addr(),
         };
         let flags = pkt.tcp_flags();
-        let set = close_bits(flags, state::FIN_FROM_CLIENT) | established(svc, flags);
+        let closing = close_bits(flags, state::FIN_FROM_CLIENT);
+        let confirms = Cell::new(false);
         let hit = self.routes.map.get_and(&key, |route| {
-            let fresh = !(is_bare_syn(flags) && state::is_closed(route.state()));
+            let st = route.state();
+            let set = closing | confirm_bit(svc, flags, st);
+            confirms.set(set & !st & state::ESTABLISHED != 0);
+            let fresh = !(is_bare_syn(flags) && state::is_closed(st));
             (fresh || route.reopen(now)) && route.touch(now, set)
         });
         let backend = match hit {
-            Some(b) => b,
+            Some(b) => {
+                if confirms.get() {
+                    self.journal(key, b);
+                }
+                b
+            }
             None => match self.assign(key, svc, flags, now, worker) {
                 Ok(b) => {
                     bump(&worker.counters.routes_created, 1);
@@ -387,15 +433,13 @@ impl Dispatcher {
             return Err(DropReason::NoRoute);
         }
         let max = self.max_routes.load(Ordering::Relaxed);
-        // Room, or room made by evicting a flood's embryonic route.
+        // Room, or room made by evicting a flood's unconfirmed route.
         let room = self.routes.reserve(max)
-            || (self.evict_embryonic(worker, now) && self.routes.reserve(max));
+            || (self.evict_unconfirmed(worker, now) && self.routes.reserve(max));
         if !room {
             return Err(DropReason::TableFull);
         }
-        if svc.is_tcp() {
-            worker.opened(key);
-        }
+        worker.opened(key);
         match self
             .routes
             .map
@@ -417,23 +461,45 @@ impl Dispatcher {
         }
     }
 
-    /// With the table full, removes the oldest route this worker opened whose
-    /// handshake never completed (a SYN flood's), so a new client can have
-    /// its place; routes with a packet in the last [`EMBRYONIC_MIN_AGE_MS`]
-    /// are spared.
-    fn evict_embryonic(&self, worker: &mut Worker, now: u32) -> bool {
+    /// Records that a route became confirmed, for the journal; when the
+    /// journal falls behind, the route waits for the next snapshot.
+    #[inline]
+    fn journal(&self, key: FlowKey, backend: BackendId) {
+        if self.confirmed.push(Confirmed { key, backend }).is_err() {
+            self.journal_overflow.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Routes confirmed since the last call, oldest first (for the journal).
+    pub fn take_confirmed(&self, mut f: impl FnMut(Confirmed)) {
+        while let Some(c) = self.confirmed.pop() {
+            f(c);
+        }
+    }
+
+    /// Confirmed routes the journal had no room for since the start.
+    pub fn journal_overflow(&self) -> u64 {
+        self.journal_overflow.load(Ordering::Relaxed)
+    }
+
+    /// With the table full, removes the oldest route this worker opened that
+    /// is still unconfirmed (a flood's: a SYN never completed, a datagram
+    /// never answered and followed up), so a new client can have its place;
+    /// routes with a packet in the last [`UNCONFIRMED_MIN_AGE_MS`] are spared.
+    /// A confirmed route is never evicted here.
+    fn evict_unconfirmed(&self, worker: &mut Worker, now: u32) -> bool {
         for _ in 0..EVICT_ATTEMPTS {
             let Some(key) = worker.recent.pop_front() else {
                 return false;
             };
             let mut too_young = false;
             let removed = self.remove_route(&key, |_, r| {
-                let embryonic = state::is_embryonic(r.state());
-                too_young = embryonic && r.idle_ms(now) < EMBRYONIC_MIN_AGE_MS;
-                embryonic && !too_young
+                let unconfirmed = state::is_unconfirmed(r.state());
+                too_young = unconfirmed && r.idle_ms(now) < UNCONFIRMED_MIN_AGE_MS;
+                unconfirmed && !too_young
             });
             if removed {
-                bump(&worker.counters.embryonic_evicted, 1);
+                bump(&worker.counters.unconfirmed_evicted, 1);
                 return true;
             }
             if too_young {
@@ -466,33 +532,60 @@ impl Dispatcher {
         }
     }
 
-    /// Removes routes whose connection is over or that have been idle past
-    /// the timeout; near `max_routes`, also evicts the longest-idle routes.
-    /// Runs on the control plane; reads the routes without a lock, then
-    /// removes one at a time so that new routes never wait long.
+    /// One expiry pass over the next [`SWEEP_SLOTS`] slots of the table
+    /// (all of it when smaller): removes routes whose connection is over or
+    /// that have been idle past the timeout; above 95 % of `max_routes`, also
+    /// evicts toward 90 % — unconfirmed routes first, then confirmed ones
+    /// only when the window holds no unconfirmed route left, longest idle
+    /// first within each kind. Runs on the control plane; reads the routes
+    /// without a lock, then removes one at a time (each checked again) so
+    /// that new routes never wait long. Its memory is bounded by the window
+    /// and [`EVICT_PER_PASS`], reused from pass to pass.
     pub fn expire(&self, now: u32) -> ExpireStats {
         let table = self.table.load();
-        let mut stats = ExpireStats {
-            expired: self.remove_routes(|k, r| self.is_expired(&table, k, r, now)),
-            evicted: 0,
-        };
+        let mut sweep = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let Sweep {
+            cursor,
+            expired,
+            evict,
+        } = &mut *sweep;
+        let slots = self.routes.map.slots();
+        let window = slots.min(SWEEP_SLOTS);
         let max_routes = self.max_routes.load(Ordering::Relaxed);
-        let high = max_routes - max_routes / 20;
-        if self.routes.len() > high {
-            let target = max_routes - max_routes / 10;
-            // Embryonic routes first, then the longest idle.
-            let mut by_idle: Vec<(bool, u32, FlowKey)> = Vec::with_capacity(self.routes.len());
-            self.routes.map.for_each(|k, r| {
-                by_idle.push((!state::is_embryonic(r.state()), r.idle_ms(now), k))
-            });
-            by_idle.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            for (_, _, key) in by_idle {
-                if self.routes.len() <= target {
-                    break;
+        let len = self.routes.len();
+        // This window's share of the excess over the low-water mark.
+        let quota = if len > max_routes - max_routes / 20 {
+            let excess = len - (max_routes - max_routes / 10);
+            (excess * window).div_ceil(slots).min(EVICT_PER_PASS)
+        } else {
+            0
+        };
+        expired.clear();
+        evict.clear();
+        *cursor = self.routes.map.scan(*cursor, window, |k, r| {
+            if self.is_expired(&table, &k, &r, now) {
+                expired.push(k);
+            } else if quota > 0 {
+                let unconfirmed = u64::from(state::is_unconfirmed(r.state()));
+                let score = unconfirmed << 32 | u64::from(r.idle_ms(now));
+                if evict.len() < quota {
+                    evict.push(Reverse((score, k, r.last_seen())));
+                } else if evict.peek().is_some_and(|Reverse(top)| score > top.0) {
+                    evict.pop();
+                    evict.push(Reverse((score, k, r.last_seen())));
                 }
-                if self.remove_route(&key, |_, _| true) {
-                    stats.evicted += 1;
-                }
+            }
+        });
+        let mut stats = ExpireStats::default();
+        for key in expired.iter() {
+            if self.remove_route(key, |k, r| self.is_expired(&table, k, r, now)) {
+                stats.expired += 1;
+            }
+        }
+        for Reverse((_, key, seen)) in evict.drain() {
+            // Not if a packet came meanwhile.
+            if self.remove_route(&key, |_, r| r.last_seen() == seen) {
+                stats.evicted += 1;
             }
         }
         self.expired
@@ -521,7 +614,7 @@ impl Dispatcher {
         }
         let st = route.state();
         (state::is_closed(st) && idle >= CLOSED_LINGER_MS)
-            || (state::is_embryonic(st) && idle >= EMBRYONIC_TIMEOUT_MS)
+            || (state::is_unconfirmed(st) && idle >= EMBRYONIC_TIMEOUT_MS)
     }
 
     /// Puts back a route known from a snapshot or a back end's connection
@@ -607,17 +700,24 @@ fn is_bare_syn(flags: u8) -> bool {
     flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
 }
 
-/// The route state bits a segment's FIN/RST set; `fin` says whose FIN it is.
-/// The ESTABLISHED bit for a client packet: the handshake's last ACK (or
-/// any later segment), or any UDP datagram.
-fn established(svc: &Service, flags: u8) -> u8 {
-    if !svc.is_tcp() || flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK {
+/// The confirming bit a client packet sets on a route in state `st`: for
+/// TCP, the handshake's last ACK (or any later segment); for UDP, a datagram
+/// after the back end has replied.
+#[inline]
+fn confirm_bit(svc: &Service, flags: u8, st: u8) -> u8 {
+    let confirms = if svc.is_tcp() {
+        flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK
+    } else {
+        st & state::REPLIED != 0
+    };
+    if confirms {
         state::ESTABLISHED
     } else {
         0
     }
 }
 
+/// The route state bits a segment's FIN/RST set; `fin` says whose FIN it is.
 fn close_bits(flags: u8, fin: u8) -> u8 {
     let mut bits = 0;
     if flags & tcp_flags::FIN != 0 {
@@ -1064,38 +1164,38 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         assert_eq!(r.routes(), 100);
         // A new client a while later takes the oldest flood route's place …
         assert!(r
-            .send(client(2), 5000, 8080, SYN, EMBRYONIC_MIN_AGE_MS)
+            .send(client(2), 5000, 8080, SYN, UNCONFIRMED_MIN_AGE_MS)
             .is_ok());
         assert_eq!(r.routes(), 100);
         assert_eq!(
             r.counters()
-                .embryonic_evicted
+                .unconfirmed_evicted
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
         assert_eq!(
-            r.send(client(1), 2000, 8080, ACK, EMBRYONIC_MIN_AGE_MS + 1),
+            r.send(client(1), 2000, 8080, ACK, UNCONFIRMED_MIN_AGE_MS + 1),
             Err(DropReason::NoRoute)
         );
         // … the established connection is never evicted …
-        let later = 2 * EMBRYONIC_MIN_AGE_MS;
+        let later = 2 * UNCONFIRMED_MIN_AGE_MS;
         for n in 0..200u16 {
             let _ = r.send(client(3), 6000 + n, 8080, SYN, later);
         }
         assert!(
             r.counters()
-                .embryonic_evicted
+                .unconfirmed_evicted
                 .load(std::sync::atomic::Ordering::Relaxed)
                 >= 99
         );
         assert!(r.send(client(200), 1, 8080, ACK, later).is_ok());
-        // … and a handshake younger than EMBRYONIC_MIN_AGE_MS is not cut.
+        // … and a handshake younger than UNCONFIRMED_MIN_AGE_MS is not cut.
         let r = rig(GOLDEN);
         for n in 0..100u16 {
             r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
         }
         assert_eq!(
-            r.send(client(2), 5000, 8080, SYN, EMBRYONIC_MIN_AGE_MS - 1),
+            r.send(client(2), 5000, 8080, SYN, UNCONFIRMED_MIN_AGE_MS - 1),
             Err(DropReason::TableFull)
         );
         // Never-answered routes expire after EMBRYONIC_TIMEOUT_MS.
@@ -1231,5 +1331,153 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
         for t in 1..10 {
             assert_eq!(udp(5000, t), 0x11);
         }
+    }
+
+    /// GOLDEN with a UDP service on port 53 over A and B.
+    fn with_udp() -> Rig {
+        rig(&format!(
+            "{GOLDEN}\n[[service]]\nname = \"s53\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
+             backend = [{{ node = \"A\", ratio = 1 }}, {{ node = \"B\", ratio = 1 }}]\n"
+        ))
+    }
+
+    fn udp_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut out, b"q")
+            .unwrap();
+        out
+    }
+
+    impl Rig {
+        /// A client datagram to VIP:53; the back end's address it went to.
+        fn udp(&self, client: [u8; 4], sport: u16, now: u32) -> Result<[u8; 4], DropReason> {
+            match self.run(udp_v4(client, sport, VIP, 53), now) {
+                (Verdict::Forward(_), out) => Ok(out[16..20].try_into().unwrap()),
+                (Verdict::Drop(r), _) => Err(r),
+            }
+        }
+
+        fn udp_reply(&self, be: [u8; 4], client: [u8; 4], cport: u16, now: u32) {
+            let (v, _) = self.run(udp_v4(be, 53, client, cport), now);
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        }
+
+        fn confirmed(&self) -> Vec<Confirmed> {
+            let mut all = Vec::new();
+            self.d.take_confirmed(|c| all.push(c));
+            all
+        }
+
+        /// A TCP connection through its handshake: confirmed.
+        fn connect(&self, client: [u8; 4], sport: u16, now: u32) {
+            let be = self.send(client, sport, 8080, SYN, now).unwrap();
+            let be_ip = if be == "A" {
+                [10, 0, 2, 1]
+            } else {
+                [10, 0, 2, 2]
+            };
+            self.reply(be_ip, 8080, client, sport, SYN | ACK, now)
+                .unwrap();
+            self.send(client, sport, 8080, ACK, now).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_route_is_confirmed_by_the_handshake_or_a_datagram_after_a_reply_and_journaled_once() {
+        let r = with_udp();
+        let be = r.udp(client(1), 1000, 0).unwrap();
+        r.udp(client(1), 1000, 1).unwrap();
+        assert!(r.confirmed().is_empty(), "no reply yet: unconfirmed");
+        r.udp_reply(be, client(1), 1000, 2);
+        assert!(r.confirmed().is_empty(), "a reply alone does not confirm");
+        r.udp(client(1), 1000, 3).unwrap();
+        r.udp(client(1), 1000, 4).unwrap();
+        let udp_key = FlowKey {
+            service: 3,
+            client_port: 1000,
+            client: addr_from_ip(IpAddr::from(client(1))),
+        };
+        assert_eq!(
+            r.confirmed(),
+            [Confirmed {
+                key: udp_key,
+                backend: r.d.routes().backend_of(&udp_key).unwrap()
+            }]
+        );
+        r.send(client(2), 7, 8080, SYN, 5).unwrap();
+        assert!(r.confirmed().is_empty(), "embryonic");
+        r.connect(client(3), 8, 6);
+        r.send(client(3), 8, 8080, ACK, 7).unwrap();
+        let c = r.confirmed();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].key.client, addr_from_ip(IpAddr::from(client(3))));
+        assert_eq!(r.d.journal_overflow(), 0);
+    }
+
+    #[test]
+    fn a_datagram_flood_evicts_its_own_routes_never_confirmed_connections() {
+        let r = with_udp();
+        // Ten confirmed connections, idle since 0 (the longest idle) …
+        for n in 0..10u16 {
+            r.connect(client(100), 100 + n, 0);
+        }
+        // … then spoofed flows fill the table, answered but never followed up.
+        for n in 0..90u16 {
+            let be = r.udp(client(1), 2000 + n, 1_000).unwrap();
+            r.udp_reply(be, client(1), 2000 + n, 1_000);
+        }
+        assert_eq!(r.routes(), 100);
+        // The data path makes room from the flood's routes, once they are old enough.
+        assert_eq!(r.udp(client(2), 1, 1_001), Err(DropReason::TableFull));
+        assert!(r.udp(client(2), 1, 1_000 + UNCONFIRMED_MIN_AGE_MS).is_ok());
+        // The expiry pass evicts toward 90 %: only the flood's routes.
+        let s = r.d.expire(2_000);
+        assert_eq!(s.evicted, 10);
+        for n in 0..10u16 {
+            assert!(
+                r.send(client(100), 100 + n, 8080, ACK, 2_001).is_ok(),
+                "confirmed connection {n} was evicted"
+            );
+        }
+        // Once nothing unconfirmed is left, confirmed routes go, longest idle first.
+        let r = with_udp();
+        for n in 0..95u16 {
+            r.connect(client(100), 100 + n, u32::from(n));
+        }
+        for n in 0..5u16 {
+            r.send(client(5), 100 + n, 8080, SYN, 1_000).unwrap();
+        }
+        assert_eq!(r.d.expire(1_001).evicted, 10);
+        for n in 0..5u16 {
+            assert_eq!(
+                r.send(client(5), 100 + n, 8080, ACK, 1_002),
+                Err(DropReason::NoRoute),
+                "the unconfirmed go first"
+            );
+            assert_eq!(
+                r.send(client(100), 100 + n, 8080, ACK, 1_002),
+                Err(DropReason::NoRoute),
+                "then the longest idle"
+            );
+        }
+        assert!(r.send(client(100), 105, 8080, ACK, 1_002).is_ok());
+    }
+
+    #[test]
+    fn an_expiry_pass_looks_at_a_bounded_window_of_a_large_table() {
+        let r = rig(&GOLDEN.replace("max_routes = 100", "max_routes = 1000000"));
+        assert!(r.d.routes().room() >= 1_000_000);
+        for n in 0..200u16 {
+            r.send(client(1), 1000 + n, 8080, SYN, 0).unwrap();
+        }
+        let first = r.d.expire(EMBRYONIC_TIMEOUT_MS).expired;
+        assert!(
+            first > 0 && first < 200,
+            "the first pass sees one window of two: {first}"
+        );
+        assert_eq!(first + r.d.expire(EMBRYONIC_TIMEOUT_MS).expired, 200);
+        assert_eq!(r.routes(), 0);
     }
 }

@@ -10,6 +10,7 @@
 //!   [`netsetup`] (forwarding, routes and policy rules) and [`daemon`].
 
 pub mod admin;
+pub mod atomic_file;
 pub(crate) mod chooser;
 pub mod control;
 pub mod counters;

@@ -43,7 +43,7 @@ pub struct Metrics {
     tun_workers: IntGaugeVec,
     rejects: IntCounterVec,
     icmp: IntCounterVec,
-    embryonic_evicted: IntCounter,
+    unconfirmed_evicted: IntCounter,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -121,9 +121,9 @@ impl Metrics {
                 "ICMP handled: echo replies sent for VIPs, errors translated for tracked flows.",
                 &["kind"],
             ),
-            embryonic_evicted: counter(
-                "fep_embryonic_routes_evicted_total",
-                "Never-answered routes evicted to make room for new clients (SYN flood).",
+            unconfirmed_evicted: counter(
+                "fep_unconfirmed_routes_evicted_total",
+                "Unconfirmed routes (a SYN never completed, a datagram never followed up after a reply) evicted to make room for new clients under a flood.",
             ),
             registry,
         }
@@ -177,7 +177,7 @@ impl Metrics {
             &self.icmp.with_label_values(&["error_translated"]),
             totals.icmp_errors_translated,
         );
-        sync(&self.embryonic_evicted, totals.embryonic_evicted);
+        sync(&self.unconfirmed_evicted, totals.unconfirmed_evicted);
         sync(
             &self.tun_errors.with_label_values(&["read"]),
             totals.tun_read_errors,

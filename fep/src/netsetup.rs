@@ -1,21 +1,33 @@
-//! The gateway's network set-up that fep does itself, and undoes on exit:
+//! The gateway's network set-up that fep does itself:
 //!
 //! - IPv4/IPv6 forwarding on; loose reverse-path filtering on the TUN device
 //!   (rewritten client packets enter it with the client's source address);
 //! - a route for each VIP into the TUN device;
 //! - policy routing for the return path: a rule per back-end endpoint
 //!   (`from ADDR ipproto P sport PORT`) sends back ends' replies to
-//!   `policy_table`, whose default route is the TUN device.
+//!   `policy_table`, whose default route is the TUN device, with a blackhole
+//!   behind it.
 //!
-//! [`NetSetup::reconcile`] brings the host to what a transfer table needs —
-//! adding and removing VIP routes and rules as services and back ends come
-//! and go — and keeps them for removed ones while they still carry routes.
-//! Uses the `ip` command of iproute2: each call reported with the exact
-//! command on failure. Rules a killed fep left behind are removed at start.
+//! A stop leaves all of it in place (the TUN device is persistent): while no
+//! fep reads the device, clients' packets to a VIP and back ends' replies are
+//! dropped there, so a restart costs retransmissions, not connections; a
+//! back end's reply that went straight to the client would be answered with
+//! a reset. [`cleanup`] removes everything (`fep --cleanup`).
+//!
+//! [`NetSetup::reconcile`] brings the host to what a transfer table needs,
+//! and keeps VIP routes and rules of removed services and back ends while
+//! they still carry routes. What fep installed, and the sysctl values it
+//! found, are kept in `state_dir/network.json`, so a start removes only what
+//! is no longer needed (no gap in the return path) and a clean-up can put
+//! the sysctls back. Uses the `ip` command of iproute2: each call reported
+//! with the exact command on failure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use serde::{Deserialize, Serialize};
 
 use crate::transfer_table::TransferTable;
 use crate::wire::icmp::{ICMPV4, ICMPV6};
@@ -72,33 +84,105 @@ impl Family {
 /// port), the port absent for its ICMP errors.
 type Endpoint = (IpAddr, u8, Option<u16>);
 
+/// What fep has installed on the host, as `state_dir/network.json` holds it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Installed {
+    tun: String,
+    policy_table: u32,
+    vips: BTreeSet<IpAddr>,
+    rules: BTreeSet<Endpoint>,
+    /// Sysctls fep changed, with the values it found before its first start.
+    sysctls: BTreeMap<String, String>,
+}
+
+fn record_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("network.json")
+}
+
+impl Installed {
+    /// The record of an earlier fep, if there is one (a damaged one is
+    /// reported and treated as absent: the start then removes every rule to
+    /// the policy table before adding its own).
+    fn load(state_dir: &Path) -> Option<Installed> {
+        let path = record_path(state_dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::error!("cannot read {}: {e}", path.display());
+                return None;
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(
+                    "{} is damaged ({e}); it is rebuilt, and sysctls fep changed before \
+                     are no longer known to `fep --cleanup`",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+}
+
 /// What fep changed on the host.
 #[derive(Debug)]
 pub struct NetSetup {
+    state_dir: PathBuf,
     tun: String,
     table: String,
+    /// Families whose forwarding and return-path table are set up.
     families: BTreeSet<Family>,
-    vips: BTreeSet<IpAddr>,
-    rules: BTreeSet<Endpoint>,
-    /// Sysctls to put back, in the order they were changed.
-    sysctls: Vec<(String, String)>,
+    /// Installed by an earlier fep and not (yet) known to be needed: removed
+    /// at the first reconcile unless the transfer table wants them.
+    stale_vips: BTreeSet<IpAddr>,
+    stale_rules: BTreeSet<Endpoint>,
+    record: Installed,
 }
 
 impl NetSetup {
-    /// Set-up around the TUN device `tun`; removes rules to `policy_table`
-    /// that an fep killed without its clean-up left behind.
-    pub fn new(tun: &str, policy_table: u32) -> Self {
+    /// Set-up around the TUN device `tun`, taking over what an earlier fep
+    /// with the same state directory installed.
+    pub fn new(tun: &str, policy_table: u32, state_dir: &Path) -> Self {
         let table = policy_table.to_string();
-        for fam in [Family::V4, Family::V6] {
-            remove_stale(fam, &table);
+        let mut record = Installed {
+            tun: tun.to_string(),
+            policy_table,
+            ..Installed::default()
+        };
+        let (mut stale_vips, mut stale_rules) = (BTreeSet::new(), BTreeSet::new());
+        match Installed::load(state_dir) {
+            Some(old) if old.tun == tun && old.policy_table == policy_table => {
+                stale_vips = old.vips;
+                stale_rules = old.rules;
+                record.sysctls = old.sysctls;
+            }
+            Some(old) => {
+                tracing::warn!(
+                    "the earlier fep used device {} and table {}: removing its set-up",
+                    old.tun,
+                    old.policy_table
+                );
+                remove_device_and_table(&old.tun, &old.policy_table.to_string());
+                record.sysctls = old.sysctls;
+            }
+            // No record: rules to the table are an old fep's, or nobody's.
+            None => {
+                for fam in [Family::V4, Family::V6] {
+                    remove_rules(fam, &table);
+                }
+            }
         }
         NetSetup {
+            state_dir: state_dir.to_path_buf(),
             tun: tun.to_string(),
             table,
             families: BTreeSet::new(),
-            vips: BTreeSet::new(),
-            rules: BTreeSet::new(),
-            sysctls: Vec::new(),
+            stale_vips,
+            stale_rules,
+            record,
         }
     }
 
@@ -127,26 +211,46 @@ impl NetSetup {
                 rules.insert((addr, icmp, None));
             }
         }
+        let before = (self.record.vips.clone(), self.record.rules.clone());
         for fam in vips.iter().map(|v| Family::of(*v)).collect::<BTreeSet<_>>() {
             if !self.families.contains(&fam) {
                 self.enable(fam)?;
             }
         }
-        for vip in vips.difference(&self.vips.clone()) {
+        // Additions first, so that a rule replaced by another never leaves a
+        // gap; an earlier fep's rule that is still wanted is taken over.
+        for vip in vips.difference(&self.record.vips.clone()) {
             self.vip(*vip, "replace")?;
-            self.vips.insert(*vip);
+            self.record.vips.insert(*vip);
         }
-        for rule in rules.difference(&self.rules.clone()) {
+        for rule in rules.difference(&self.record.rules.clone()) {
             self.rule(*rule, "add")?;
-            self.rules.insert(*rule);
+            self.record.rules.insert(*rule);
         }
-        for rule in self.rules.difference(&rules).copied().collect::<Vec<_>>() {
+        let unwanted_rules: Vec<_> = self
+            .record
+            .rules
+            .union(&std::mem::take(&mut self.stale_rules))
+            .filter(|r| !rules.contains(r))
+            .copied()
+            .collect();
+        for rule in unwanted_rules {
             self.rule(rule, "del")?;
-            self.rules.remove(&rule);
+            self.record.rules.remove(&rule);
         }
-        for vip in self.vips.difference(&vips).copied().collect::<Vec<_>>() {
+        let unwanted_vips: Vec<_> = self
+            .record
+            .vips
+            .union(&std::mem::take(&mut self.stale_vips))
+            .filter(|v| !vips.contains(v))
+            .copied()
+            .collect();
+        for vip in unwanted_vips {
             self.vip(vip, "del")?;
-            self.vips.remove(&vip);
+            self.record.vips.remove(&vip);
+        }
+        if (&self.record.vips, &self.record.rules) != (&before.0, &before.1) {
+            self.save();
         }
         Ok(())
     }
@@ -165,9 +269,9 @@ impl NetSetup {
         run_ip(&[
             flag, "route", "replace", "default", "dev", &self.tun, "table", table,
         ])?;
-        // If fep dies without its clean-up (the device goes, its rules stay),
-        // back ends' replies are dropped here rather than reaching clients
-        // directly, which would reset their connections before fep is back.
+        // While no fep reads the device (a restart, or one killed), back
+        // ends' replies are dropped rather than reaching clients directly,
+        // which would reset their connections before fep is back.
         run_ip(&[
             flag,
             "route",
@@ -192,7 +296,7 @@ impl NetSetup {
     fn vip(&self, vip: IpAddr, op: &str) -> Result<(), NetError> {
         let fam = Family::of(vip);
         let dst = format!("{vip}/{}", fam.host_prefix());
-        run_ip(&[fam.flag(), "route", op, &dst, "dev", &self.tun])
+        run_ip(&[fam.flag(), "route", op, &dst, "dev", &self.tun]).or_else(absent_is_done(op))
     }
 
     fn rule(&self, (addr, proto, port): Endpoint, op: &str) -> Result<(), NetError> {
@@ -210,9 +314,10 @@ impl NetSetup {
             args.extend(["sport", port.as_str()]);
         }
         args.extend(["lookup", self.table.as_str()]);
-        run_ip(&args)
+        run_ip(&args).or_else(absent_is_done(op))
     }
 
+    /// Sets a sysctl, remembering the value found before fep's first start.
     fn sysctl(&mut self, path: &str, value: &str) -> Result<(), NetError> {
         let full = format!("/proc/sys/{path}");
         let err = |source| NetError::Sysctl {
@@ -225,62 +330,112 @@ impl NetSetup {
             .to_string();
         if old != value {
             std::fs::write(&full, value).map_err(err)?;
-            self.sysctls.push((full, old));
+            self.record.sysctls.entry(full).or_insert(old);
+            self.save();
         }
         Ok(())
     }
 
-    /// Removes every rule, route and sysctl change, newest first; failures
-    /// are logged, not fatal.
-    pub fn teardown(&mut self) {
-        let warn = |r: Result<(), NetError>| {
-            if let Err(e) = r {
-                tracing::warn!("clean-up: {e}");
-            }
-        };
-        for rule in std::mem::take(&mut self.rules) {
-            warn(self.rule(rule, "del"));
-        }
-        for vip in std::mem::take(&mut self.vips) {
-            warn(self.vip(vip, "del"));
-        }
-        for fam in std::mem::take(&mut self.families) {
-            warn(run_ip(&[
-                fam.flag(),
-                "route",
-                "flush",
-                "table",
-                &self.table,
-            ]));
-        }
-        while let Some((path, old)) = self.sysctls.pop() {
-            if let Err(e) = std::fs::write(&path, &old) {
-                tracing::warn!("clean-up: cannot restore {path} to {old}: {e}");
-            }
+    fn save(&self) {
+        let path = record_path(&self.state_dir);
+        let bytes = serde_json::to_vec_pretty(&self.record).expect("the record serialises");
+        if let Err(e) = crate::atomic_file::write(&self.state_dir, &path, &bytes) {
+            tracing::error!(
+                "cannot save {}: {e} (`fep --cleanup` will not know what to put back)",
+                path.display()
+            );
         }
     }
 }
 
-impl Drop for NetSetup {
-    fn drop(&mut self) {
-        self.teardown();
+/// Removes everything fep sets up for `tun` and `policy_table`: the device
+/// (and its VIP routes with it), every rule to the table and the table's
+/// routes, and puts back the sysctls fep changed. Idempotent. The caller
+/// makes sure no fep runs. Returns what it removed, a line each.
+pub fn cleanup(tun: &str, policy_table: u32, state_dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let record = Installed::load(state_dir);
+    let mut devices = vec![tun.to_string()];
+    let mut tables = vec![policy_table.to_string()];
+    if let Some(r) = &record {
+        devices.push(r.tun.clone());
+        tables.push(r.policy_table.to_string());
+    }
+    devices.dedup();
+    tables.dedup();
+    for dev in &devices {
+        if run_ip(&["link", "del", "dev", dev]).is_ok() {
+            removed.push(format!("TUN device {dev} and its VIP routes"));
+        }
+    }
+    for table in &tables {
+        for fam in [Family::V4, Family::V6] {
+            let n = remove_rules(fam, table);
+            if n > 0 {
+                removed.push(format!("{n} {} rule(s) to table {table}", fam.flag()));
+            }
+            let _ = run_ip(&[fam.flag(), "route", "flush", "table", table]);
+        }
+    }
+    if let Some(r) = record {
+        // VIP routes outlive a device only if someone re-added them elsewhere.
+        for vip in &r.vips {
+            let fam = Family::of(*vip);
+            let dst = format!("{vip}/{}", fam.host_prefix());
+            let _ = run_ip(&[fam.flag(), "route", "del", &dst, "dev", &r.tun]);
+        }
+        for (path, old) in &r.sysctls {
+            match std::fs::write(path, old) {
+                Ok(()) => removed.push(format!("{path} back to {old}")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("cannot put {path} back to {old}: {e}"),
+            }
+        }
+        let path = record_path(state_dir);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+    removed
+}
+
+/// Removes an earlier fep's device and the rules and routes of its table.
+fn remove_device_and_table(tun: &str, table: &str) {
+    let _ = run_ip(&["link", "del", "dev", tun]);
+    for fam in [Family::V4, Family::V6] {
+        remove_rules(fam, table);
+        let _ = run_ip(&[fam.flag(), "route", "flush", "table", table]);
     }
 }
 
-/// Removes the rules and routes of `table` that an fep killed without its
-/// clean-up left behind (bounded: at most 10000 rules).
-fn remove_stale(fam: Family, table: &str) {
+/// Removes every rule to `table` (bounded: at most 10000); how many.
+fn remove_rules(fam: Family, table: &str) -> usize {
     let mut removed = 0;
     while removed < 10_000 && run_ip(&[fam.flag(), "rule", "del", "lookup", table]).is_ok() {
         removed += 1;
     }
     if removed > 0 {
-        tracing::warn!(
-            "removed {removed} stale {} rules to table {table} left by an earlier fep",
+        tracing::info!(
+            "removed {removed} {} rule(s) to table {table} left by an earlier fep",
             fam.flag()
         );
     }
-    let _ = run_ip(&[fam.flag(), "route", "flush", "table", table]);
+    removed
+}
+
+/// For `add`, a rule or route that exists already is done (an earlier fep's,
+/// taken over); for `del`, one that is gone.
+fn absent_is_done(op: &str) -> impl FnOnce(NetError) -> Result<(), NetError> + '_ {
+    move |e| match &e {
+        NetError::Command { detail, .. }
+            if (op == "add" && detail.contains("File exists"))
+                || (op == "del"
+                    && (detail.contains("No such") || detail.contains("Cannot find"))) =>
+        {
+            Ok(())
+        }
+        _ => Err(e),
+    }
 }
 
 fn run_ip(args: &[&str]) -> Result<(), NetError> {

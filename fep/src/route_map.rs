@@ -385,10 +385,22 @@ impl RouteMap {
     /// slot without a lock: a route that a concurrent removal shifts across
     /// the scan can be missed or seen twice (the control plane's passes
     /// repeat).
-    pub fn for_each(&self, mut f: impl FnMut(FlowKey, Route)) {
-        let mut i = 0;
+    pub fn for_each(&self, f: impl FnMut(FlowKey, Route)) {
+        self.scan(0, self.slots(), f);
+    }
+
+    /// Number of slots (a power of two).
+    pub fn slots(&self) -> usize {
+        self.mask + 1
+    }
+
+    /// As [`RouteMap::for_each`], over `count` slots from slot `from`
+    /// (wrapping around the end); returns the slot after the last one read.
+    pub fn scan(&self, from: usize, count: usize, mut f: impl FnMut(FlowKey, Route)) -> usize {
+        let end = from + count.min(self.slots());
+        let mut i = from;
         let mut waits = 0u32;
-        while i <= self.mask {
+        while i < end {
             let seq = self.moves.load(Ordering::Acquire);
             if seq & 1 == 1 {
                 wait_for_writer(&mut waits);
@@ -415,6 +427,7 @@ impl RouteMap {
             }
             i += 1;
         }
+        end & self.mask
     }
 }
 

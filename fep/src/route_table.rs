@@ -24,7 +24,7 @@ use crate::wire::Addr;
 type Map<K, V> = DashMap<K, V, ahash::RandomState>;
 
 /// Key of a route: the service and the client's (IP, port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowKey {
     pub service: ServiceId,
     pub client_port: u16,
@@ -69,10 +69,12 @@ pub mod state {
     pub const RESET: u8 = 0x04;
     /// The back end has answered at least once.
     pub const REPLIED: u8 = 0x08;
-    /// The client completed the handshake (sent a segment without SYN).
-    /// A TCP route without it is embryonic: the first to go under a flood.
+    /// The route is confirmed (as conntrack's ASSURED): for TCP, the client
+    /// completed the handshake (sent a segment without SYN); for UDP, the
+    /// client sent again after a reply. Routes without it are the first to
+    /// go when the table is full, and an unconfirmed TCP route is embryonic.
     pub const ESTABLISHED: u8 = 0x10;
-    pub fn is_embryonic(s: u8) -> bool {
+    pub fn is_unconfirmed(s: u8) -> bool {
         s & ESTABLISHED == 0
     }
     /// The connection is over; the route lingers briefly for the last ACKs.

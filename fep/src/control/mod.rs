@@ -96,14 +96,6 @@ impl ControlPlane {
         cp
     }
 
-    /// Removes every route, rule and sysctl change fep made.
-    pub fn teardown_network(&self) {
-        self.net
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .teardown();
-    }
-
     pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
         self.model.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -78,7 +78,7 @@ pub fn encode(dispatcher: &Dispatcher) -> Vec<u8> {
 /// Saves the route table atomically.
 pub fn save(dispatcher: &Dispatcher, state_dir: &Path) -> std::io::Result<usize> {
     let bytes = encode(dispatcher);
-    super::state::write_atomically(state_dir, &path(state_dir), &bytes)?;
+    crate::atomic_file::write(state_dir, &path(state_dir), &bytes)?;
     Ok((bytes.len().saturating_sub(5)) / RECORD)
 }
 

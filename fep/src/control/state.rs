@@ -1,11 +1,9 @@
 //! Runtime changes kept in `state_dir/state.json`, so that a restart of fep
 //! does not undo what an operator did: the config in force (the file plus
 //! ratios, nodes, back ends and services changed at runtime), the file it
-//! was based on, and pins and drains. Written atomically: a temporary file,
-//! fsync, rename, fsync of the directory.
+//! was based on, and pins and drains. Written atomically.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fep_shared::FepConfig;
@@ -133,24 +131,11 @@ impl StateFile {
             }
         }
         let text = serde_json::to_vec_pretty(&saved).expect("state serialises");
-        write_atomically(&self.dir, &self.path(), &text).map_err(|e| {
+        crate::atomic_file::write(&self.dir, &self.path(), &text).map_err(|e| {
             format!(
                 "cannot save runtime state to {}: {e} (changes hold until fep stops)",
                 self.path().display()
             )
         })
     }
-}
-
-/// Writes a file so that a crash leaves the old or the new one, never half.
-pub(crate) fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }

@@ -58,8 +58,12 @@ const VNET_HDR: usize = 10;
 /// virtio-net header flag: the L4 checksum holds only the pseudo-header sum.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
-/// Creates the TUN device `name` with `queues` queues, up, with TCP checksum and segmentation offload (a read or write moves
-/// up to 64 KB instead of one MTU-sized packet) if the kernel allows it.
+/// Creates the TUN device `name` with `queues` queues, up, with TCP checksum
+/// and segmentation offload (a read or write moves up to 64 KB instead of
+/// one MTU-sized packet) if the kernel allows it; or attaches to it if an
+/// earlier fep left it. The device is persistent: it outlives fep, with its
+/// routes, so that packets are dropped there (not misrouted) until the next
+/// start (`fep --cleanup` deletes it).
 pub fn open_queues(name: &str, queues: usize, queue_len: u32) -> io::Result<Queues> {
     match open(name, queues, queue_len, true) {
         Ok(devices) => Ok(Queues {
@@ -84,6 +88,7 @@ fn open(name: &str, queues: usize, queue_len: u32, offload: bool) -> io::Result<
         .offload(offload)
         .enable(true)
         .build_sync()?;
+    first.persist()?;
     let mut all = Vec::with_capacity(queues);
     for _ in 1..queues {
         all.push(first.try_clone()?);
