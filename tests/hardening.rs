@@ -376,10 +376,11 @@ fn a_long_connection_survives_a_restart_and_a_kill_9() {
     );
     echo_exact(&mut conn, &block);
 
-    // kill -9, and no snapshot: the route comes back from the agents.
+    // kill -9, and no snapshot or journal: the route comes back from the agents.
     r.fep.signal(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(r.lab.dir().join("state/routes.bin")).unwrap();
+    let _ = std::fs::remove_file(r.lab.dir().join("state/routes.journal"));
     r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
     wait_for(
         &r,

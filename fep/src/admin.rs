@@ -457,8 +457,12 @@ impl From<Totals> for CountersView {
 
 async fn status(State(a): State<Admin>) -> impl IntoResponse {
     let totals = Totals::sum(a.counters.iter().map(|c| &**c));
+    let removed = a.cp.dispatcher().removed_totals();
     Json(serde_json::json!({
         "routes": a.cp.dispatcher().routes().len(),
+        "routes_expired": removed.expired,
+        "routes_evicted": removed.evicted,
+        "journal_overflow": a.cp.dispatcher().journal_overflow(),
         "tun_workers": {
             "batched": totals.batched_workers,
             "blocking": totals.workers - totals.batched_workers,

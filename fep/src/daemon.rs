@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use fep_shared::protocol::Key;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
-use crate::control::snapshot::{self, SNAPSHOT_EVERY};
+use crate::control::journal::{self, Journal};
+use crate::control::snapshot;
 use crate::control::state::StateFile;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
@@ -58,7 +60,14 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
+    // The journal is newer than the snapshot: its routes first.
+    let (_, journalled) = journal::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
     snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
+    let journal = Journal::open(dispatcher.clone(), &cfg.state_dir, journalled);
+    let journal_stop = Arc::new(AtomicBool::new(false));
+    let journal = journal
+        .spawn(journal_stop.clone())
+        .context("cannot start the journal thread")?;
     let workers = Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
         .context("cannot start worker threads")?;
 
@@ -110,12 +119,17 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
         );
         let result = control_loop(&cp, &workers, clock, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
-        save_routes(&cp.dispatcher_arc(), &cfg.state_dir);
         result
     });
 
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
     workers.stop();
+    // With no worker left, the last snapshot holds every route.
+    journal_stop.store(true, Ordering::Relaxed);
+    match journal.join() {
+        Ok(j) => j.finish(),
+        Err(_) => tracing::error!("the journal thread panicked; the route table was not saved"),
+    }
     tracing::info!(
         "stopped; device {} and the return path stay, dropping packets until fep starts \
          again (`fep --cleanup` removes them); totals: {totals}",
@@ -155,17 +169,6 @@ pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
     ))
 }
 
-/// Saves the route table for the next start; failures are logged.
-fn save_routes(dispatcher: &Dispatcher, state_dir: &Path) {
-    match snapshot::save(dispatcher, state_dir) {
-        Ok(n) => tracing::debug!("saved {n} route(s)"),
-        Err(e) => tracing::error!(
-            "cannot save the route table to {}: {e} (a restart would lose routes)",
-            snapshot::path(state_dir).display()
-        ),
-    }
-}
-
 /// A task that runs until the runtime stops.
 async fn forever(f: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     f.await;
@@ -185,8 +188,6 @@ async fn control_loop(
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
-    let mut snapshot_every =
-        tokio::time::interval_at(tokio::time::Instant::now() + SNAPSHOT_EVERY, SNAPSHOT_EVERY);
     let mut tick = tokio::time::interval(TICK_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
@@ -208,10 +209,6 @@ async fn control_loop(
                 };
             }
             _ = tick.tick() => cp.tick(),
-            _ = snapshot_every.tick() => {
-                let (d, dir) = (cp.dispatcher_arc(), cp.live_config().state_dir);
-                let _ = tokio::task::spawn_blocking(move || save_routes(&d, &dir)).await;
-            }
             _ = expire.tick() => {
                 let s = dispatcher.expire(clock.now_ms());
                 if s.evicted > 0 {

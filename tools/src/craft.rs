@@ -199,6 +199,35 @@ fn padded(bytes: &[u8], len: usize) -> Vec<u8> {
     v
 }
 
+/// An IPv4 UDP datagram.
+pub fn udp4(src: Ipv4Addr, sport: u16, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let IpAddr::V4(dst_ip) = dst.ip() else {
+        panic!("udp4 to an IPv6 address")
+    };
+    let udp_len = 8 + payload.len();
+    let mut buf = vec![0u8; 20 + udp_len];
+    {
+        let mut ip = MutableIpv4Packet::new(&mut buf).expect("sized above");
+        ip.set_version(4);
+        ip.set_header_length(5);
+        ip.set_total_length((20 + udp_len) as u16);
+        ip.set_ttl(64);
+        ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
+        ip.set_source(src);
+        ip.set_destination(dst_ip);
+        let c = ipv4::checksum(&ip.to_immutable());
+        ip.set_checksum(c);
+    }
+    let mut u = MutableUdpPacket::new(&mut buf[20..]).expect("sized above");
+    u.set_source(sport);
+    u.set_destination(dst.port());
+    u.set_length(udp_len as u16);
+    u.set_payload(payload);
+    let c = udp::ipv4_checksum(&u.to_immutable(), &src, &dst_ip);
+    u.set_checksum(c);
+    buf
+}
+
 /// An IPv6 UDP datagram, optionally behind a destination-options extension
 /// header, with the given hop limit.
 pub fn udp6(

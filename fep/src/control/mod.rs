@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod commands;
 pub mod health;
+pub mod journal;
 pub mod model;
 pub mod prune;
 pub mod snapshot;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::dispatcher::Dispatcher;
 use crate::route_table::FlowKey;
+use crate::wire::Addr;
 
 /// How often the route table is saved while fep runs.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
@@ -43,10 +44,15 @@ impl Names {
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&(self.0.len() as u16).to_be_bytes());
         for n in &self.0 {
-            out.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            out.extend_from_slice(n.as_bytes());
+            put_name(out, n);
         }
     }
+}
+
+/// Writes a name as [`Reader::name`] reads it.
+pub(super) fn put_name(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
 }
 
 /// The route table as bytes.
@@ -83,10 +89,10 @@ pub fn save(dispatcher: &Dispatcher, state_dir: &Path) -> std::io::Result<usize>
 }
 
 /// A cursor that fails instead of panicking on short input.
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -95,18 +101,19 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn u16(&mut self) -> Option<u16> {
+    pub(super) fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A name: u16 length, then UTF-8.
+    pub(super) fn name(&mut self) -> Option<String> {
+        let len = usize::from(self.u16()?);
+        String::from_utf8(self.take(len)?.to_vec()).ok()
     }
 
     fn names(&mut self) -> Option<Vec<String>> {
         let n = self.u16()?;
-        (0..n)
-            .map(|_| {
-                let len = usize::from(self.u16()?);
-                String::from_utf8(self.take(len)?.to_vec()).ok()
-            })
-            .collect()
+        (0..n).map(|_| self.name()).collect()
     }
 }
 
@@ -120,7 +127,6 @@ pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Option<us
     let services = r.names()?;
     let nodes = r.names()?;
     let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
-    let table = dispatcher.table();
     let mut restored = 0;
     for _ in 0..count {
         let rec = r.take(RECORD)?;
@@ -132,28 +138,44 @@ pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Option<us
         else {
             return None;
         };
-        let Some(sid) = table.service_id(service) else {
-            continue;
-        };
-        let Some((bid, _)) = table
-            .service(sid)
-            .live_backends()
-            .find(|(_, b)| &b.node == node)
-        else {
-            continue;
-        };
         let mut client = [0u8; 16];
         client.copy_from_slice(&rec[4..20]);
-        let key = FlowKey {
-            service: sid,
-            client_port: u16::from_be_bytes([rec[20], rec[21]]),
-            client,
-        };
-        if dispatcher.restore_route(key, bid, rec[22], now) {
+        let port = u16::from_be_bytes([rec[20], rec[21]]);
+        if restore_named(dispatcher, service, node, client, port, rec[22], now) {
             restored += 1;
         }
     }
     Some(restored)
+}
+
+/// Puts back one route saved by names (service, node), if both are still
+/// configured and the client has no route yet.
+pub(super) fn restore_named(
+    dispatcher: &Dispatcher,
+    service: &str,
+    node: &str,
+    client: Addr,
+    client_port: u16,
+    state: u8,
+    now: u32,
+) -> bool {
+    let table = dispatcher.table();
+    let Some(sid) = table.service_id(service) else {
+        return false;
+    };
+    let Some((bid, _)) = table
+        .service(sid)
+        .live_backends()
+        .find(|(_, b)| b.node == node)
+    else {
+        return false;
+    };
+    let key = FlowKey {
+        service: sid,
+        client_port,
+        client,
+    };
+    dispatcher.restore_route(key, bid, state, now)
 }
 
 /// Restores the saved route table, if there is one.

@@ -3,7 +3,7 @@
 //!
 //! - `fep-packets flood --dst VIP:PORT --count N --seconds S`: SYNs from
 //!   random spoofed sources in `--src-net` (random ports), bounded in count
-//!   and time.
+//!   and time; with `--udp K`, UDP flows of K datagrams each instead.
 //! - `fep-packets hostile --dst VIP:PORT`: every hostile or unusual packet
 //!   class (all 256 TCP flag combinations, bad data offsets, bad checksums,
 //!   IPv4 options, TTL 1, unknown protocols, short headers …) once.
@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// A SYN flood from spoofed sources.
+    /// A SYN flood (or UDP flows) from spoofed sources.
     Flood {
         #[arg(long)]
         dst: SocketAddr,
@@ -42,6 +42,9 @@ enum Cmd {
         /// Packets per second at most (0: as fast as the host sends).
         #[arg(long, default_value_t = 0)]
         rate: u64,
+        /// UDP flows of this many datagrams each (back to back), not SYNs.
+        #[arg(long)]
+        udp: Option<u64>,
     },
     /// Every hostile packet class once.
     Hostile {
@@ -66,7 +69,8 @@ fn main() -> anyhow::Result<()> {
             count,
             seconds,
             rate,
-        } => flood(dst, src_net, count, Duration::from_secs(seconds), rate),
+            udp,
+        } => flood(dst, src_net, count, Duration::from_secs(seconds), rate, udp),
         Cmd::Hostile {
             dst,
             src,
@@ -94,6 +98,7 @@ fn flood(
     count: u64,
     limit: Duration,
     rate: u64,
+    udp: Option<u64>,
 ) -> anyhow::Result<()> {
     let IpAddr::V4(_) = dst.ip() else {
         bail!("flood: an IPv4 --dst")
@@ -114,16 +119,22 @@ fn flood(
         let r = rng.next();
         let src = Ipv4Addr::from(base | (10 + (r % 241) as u32));
         let sport = 1024 + ((r >> 16) % 64_000) as u16;
-        let pkt = Tcp4::syn(src, sport, dst).build();
-        match sender.send(&pkt, dst.ip()) {
-            Ok(()) => sent += 1,
-            // A full socket buffer: the flood outruns the host; count and go on.
-            Err(_) => failed += 1,
+        let (pkt, copies) = match udp {
+            Some(k) => (craft::udp4(src, sport, dst, b"flood"), k),
+            None => (Tcp4::syn(src, sport, dst).build(), 1),
+        };
+        for _ in 0..copies {
+            match sender.send(&pkt, dst.ip()) {
+                Ok(()) => sent += 1,
+                // A full socket buffer: the flood outruns the host; count and go on.
+                Err(_) => failed += 1,
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let what = if udp.is_some() { "datagrams" } else { "SYNs" };
     println!(
-        "sent {sent} SYNs ({failed} refused by the local stack) in {secs:.1} s, {:.0}/s",
+        "sent {sent} {what} ({failed} refused by the local stack) in {secs:.1} s, {:.0}/s",
         sent as f64 / secs
     );
     Ok(())

@@ -3,8 +3,10 @@
 //! with its node name and `GET /bytes/N` with N bytes of the deterministic
 //! pattern; over UDP it answers every datagram with its node name; on an echo
 //! port it sends its name and a newline, then echoes every byte until the
-//! client closes (a long-lived connection). Listens on `[::]` (IPv4 and
-//! IPv6); prints `ready` once every port is bound.
+//! client closes (a long-lived connection); on a stream port it sends
+//! `NAME N\n` with N = 0, 1, 2 … every 200 ms until the client closes (data
+//! that flows server to client only). Listens on `[::]` (IPv4 and IPv6);
+//! prints `ready` once every port is bound.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -27,6 +29,9 @@ struct Args {
     /// TCP port of the long-lived echo service (repeatable).
     #[arg(long)]
     echo: Vec<u16>,
+    /// TCP port of the line-every-200-ms stream (repeatable).
+    #[arg(long)]
+    stream: Vec<u16>,
 }
 
 /// What serves one accepted TCP connection.
@@ -37,7 +42,8 @@ fn main() -> anyhow::Result<()> {
     let mut threads = Vec::new();
     let http = args.tcp.iter().map(|&p| (p, serve_http as Handler));
     let echo = args.echo.iter().map(|&p| (p, serve_echo as Handler));
-    for (port, serve) in http.chain(echo) {
+    let stream = args.stream.iter().map(|&p| (p, serve_stream as Handler));
+    for (port, serve) in http.chain(echo).chain(stream) {
         let listener =
             TcpListener::bind(("::", port)).with_context(|| format!("bind tcp {port}"))?;
         let name = args.name.clone();
@@ -117,4 +123,12 @@ fn serve_echo(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
         }
         conn.write_all(&buf[..n])?;
     }
+}
+
+fn serve_stream(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
+    for n in 0u64.. {
+        conn.write_all(format!("{name} {n}\n").as_bytes())?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
 }
