@@ -9,6 +9,7 @@ use fep_tests::{
     backend, fepctl, fepctl_json, http, http_names, node, skip_without_root, tally, wait_for,
     Running, TIMEOUT,
 };
+use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
 
 const WEB_1_1: &str = r#"
@@ -310,26 +311,28 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         );
     }
 
-    let promtool = std::process::Command::new("promtool")
+    host::ensure(&[host::PROMTOOL]).expect("promtool, which checks the metrics format");
+    let mut promtool = std::process::Command::new(host::PROMTOOL.program)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn();
-    match promtool {
-        Err(_) => eprintln!("skipping the promtool check: promtool is not installed (Debian package prometheus; .ci/run installs it)"),
-        Ok(mut child) => {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(after.as_bytes()).unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+        .spawn()
+        .expect("running promtool");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(after.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

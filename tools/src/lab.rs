@@ -54,9 +54,11 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the namespaces and links; `tag` goes into the names
+    /// Builds the namespaces and links (first installing `ip` and creating
+    /// the TUN device node where missing); `tag` goes into the names
     /// (`<tag><pid>x<n>-…`) so that parallel tests and runs never collide.
     pub fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
+        crate::host::prepare_lab()?;
         let prefix = format!(
             "{tag}{}x{}",
             std::process::id(),
