@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
 use crate::control::snapshot::{self, SNAPSHOT_EVERY};
-use crate::control::state::StateFile;
+use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
 use crate::dispatcher::Dispatcher;
@@ -31,11 +31,10 @@ const TICK_EVERY: Duration = Duration::from_millis(200);
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Serves the config file at `config_path` (already loaded as `file`),
-/// with the runtime changes saved in its state directory, until SIGINT or
-/// SIGTERM; then removes everything it set up.
-pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
-    let saved = StateFile::new(&file.state_dir).load();
-    let cfg = saved.live_config(&file);
+/// with the runtime changes saved in its state directory (`start`), until
+/// SIGINT or SIGTERM; then removes everything it set up.
+pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<()> {
+    let Start { saved, live: cfg } = start;
     let agent_key = match &cfg.agent_key_file {
         Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
         None => None,

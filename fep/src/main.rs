@@ -1,4 +1,4 @@
-//! `fep --config PATH [--check]`: the front-end dispatcher daemon.
+//! `fep --config PATH [--check] [--discard-state]`: the front-end dispatcher daemon.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,12 @@ struct Args {
     /// Validate the config, print what would be served, and exit.
     #[arg(long)]
     check: bool,
+    /// Start even if a file in the state directory cannot be used (damaged,
+    /// unreadable, of a newer version, or runtime changes that no longer fit
+    /// the config file): move it aside to FILE.discarded-SECONDS and start
+    /// without it. Without this flag fep refuses to start (exit status 2).
+    #[arg(long)]
+    discard_state: bool,
 }
 
 fn main() -> ExitCode {
@@ -33,7 +39,14 @@ fn main() -> ExitCode {
         print!("{}", fep::daemon::describe(&cfg));
         return ExitCode::SUCCESS;
     }
-    match fep::daemon::run(&args.config, cfg) {
+    let start = match fep::control::startup::prepare(&cfg, args.discard_state) {
+        Ok(start) => start,
+        Err(e) => {
+            eprintln!("fep: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match fep::daemon::run(&args.config, cfg, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

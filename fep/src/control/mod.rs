@@ -11,6 +11,7 @@ pub mod health;
 pub mod model;
 pub mod prune;
 pub mod snapshot;
+pub mod startup;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
