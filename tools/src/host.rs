@@ -82,23 +82,20 @@ pub fn ensure(tools: &[Tool]) -> anyhow::Result<()> {
             done.insert(t.package, result.clone());
         }
     }
-    let failed: Vec<String> = missing
-        .iter()
-        .filter_map(|t| match &done[t.package] {
-            Err(e) => Some(e.clone()),
-            Ok(()) if find(t.program).is_none() => Some(format!(
-                "package {} is installed but `{}` is not on PATH ({})",
-                t.package,
-                t.program,
-                std::env::var("PATH").unwrap_or_default()
-            )),
-            Ok(()) => None,
-        })
-        .collect();
-    if let Some(e) = failed.first() {
-        bail!("{e}");
+    let failure = missing.iter().find_map(|t| match &done[t.package] {
+        Err(e) => Some(e.clone()),
+        Ok(()) if find(t.program).is_none() => Some(format!(
+            "package {} is installed but `{}` is not on PATH ({})",
+            t.package,
+            t.program,
+            std::env::var("PATH").unwrap_or_default()
+        )),
+        Ok(()) => None,
+    });
+    match failure {
+        Some(e) => bail!("{e}"),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Installs `tools` under the cross-process lock (re-checking first: another
