@@ -2,7 +2,7 @@
 //! a SYN flood, restarts that keep a connection, and access control.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use fep_tests::{
     Running, TIMEOUT,
 };
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
+use fep_tools::ping;
 
 /// A lab with two back ends (HTTP on 80, UDP on 5353) and fep serving a
 /// v4 TCP service and a v6 UDP service, with `top` extra keys.
@@ -88,20 +89,16 @@ fn echo_requests_to_a_vip_are_answered_by_fep() {
         return;
     }
     let r = start("fpi", "");
-    for (flag, vip) in [("-4", VIP_V4.to_string()), ("-6", VIP_V6.to_string())] {
-        let out = r
-            .lab
-            .client
-            .command("ping")
-            .args([flag, "-c", "2", "-W", "3", &vip])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ping {vip}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
+        for seq in 1..=2 {
+            r.lab
+                .client
+                .enter(|| ping::echo(vip, seq, Duration::from_secs(3)))
+                .unwrap()
+                .unwrap_or_else(|e| {
+                    panic!("echo {seq} to {vip}: {e:#}\nfep log:\n{}", r.fep.log())
+                });
+        }
     }
     assert!(counters(&r)["icmp_echo_replies"].as_u64().unwrap() >= 4);
 }

@@ -120,6 +120,19 @@ pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) 
     r
 }
 
+/// Runs `fep --config <lab's> --cleanup` in the gateway (what an operator
+/// runs to decommission it): removes what a stopped fep leaves in place.
+pub fn cleanup(r: &Running) -> std::process::Output {
+    r.lab
+        .gateway
+        .command(lab::workspace_bin("fep").unwrap())
+        .arg("--config")
+        .arg(r.lab.dir().join("fep.toml"))
+        .arg("--cleanup")
+        .output()
+        .expect("running fep --cleanup")
+}
+
 /// Runs `fepctl --socket <lab's> ARGS`; returns the exit code and stdout.
 pub fn fepctl(r: &Running, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())

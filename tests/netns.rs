@@ -285,14 +285,8 @@ fn unknown_ports_are_not_forwarded_and_fep_exits_clean() {
     // tests/reliability.rs); `fep --cleanup` removes everything: device,
     // VIP route, return-path table and rules.
     assert!(gw.ip_output(&["link", "show", "fep0"]).is_ok());
-    let cleanup = gw
-        .command(fep_tools::lab::workspace_bin("fep").unwrap())
-        .arg("--config")
-        .arg(r.lab.dir().join("fep.toml"))
-        .arg("--cleanup")
-        .output()
-        .unwrap();
-    assert!(cleanup.status.success(), "{cleanup:?}");
+    let out = fep_tests::cleanup(&r);
+    assert!(out.status.success(), "{out:?}");
     assert!(
         gw.ip_output(&["link", "show", "fep0"]).is_err(),
         "TUN device left behind"

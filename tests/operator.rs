@@ -1,6 +1,7 @@
 //! The operator surface end to end: every fepctl command against a running
 //! fep with real traffic, the TCP admin API, Prometheus metrics, a restart
-//! that keeps runtime changes, and reloads good and bad.
+//! that keeps runtime changes, damaged state that stops fep, and reloads
+//! good and bad.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use fep_tests::{
     backend, fepctl, fepctl_json, http, http_names, node, skip_without_root, tally, wait_for,
     Running, TIMEOUT,
 };
+use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
 
 const WEB_1_1: &str = r#"
@@ -310,26 +312,28 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         );
     }
 
-    let promtool = std::process::Command::new("promtool")
+    host::ensure(&[host::PROMTOOL]).expect("promtool, which checks the metrics format");
+    let mut promtool = std::process::Command::new(host::PROMTOOL.program)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn();
-    match promtool {
-        Err(_) => eprintln!("skipping the promtool check: promtool is not installed (Debian package prometheus; .ci/run installs it)"),
-        Ok(mut child) => {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(after.as_bytes()).unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+        .spawn()
+        .expect("running promtool");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(after.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -391,6 +395,105 @@ fn a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused() {
     );
     assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 3);
     assert!(r.fep.log().contains("reloaded"));
+}
+
+/// The mode bits of a file.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The files in `dir` whose name starts with `prefix`, with their bytes.
+fn files_named(dir: &std::path::Path, prefix: &str) -> Vec<Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect()
+}
+
+/// Starts fep, which must refuse: exit status 2 before setting anything up,
+/// with a message naming `file` and `--discard-state`; returns the message.
+fn refused_start(r: &Running, config: &str, file: &std::path::Path) -> String {
+    let mut fep = r
+        .lab
+        .spawn_fep(&lab::workspace_bin("fep").unwrap(), config, &[])
+        .unwrap();
+    let status = fep.wait(Duration::from_secs(15)).unwrap();
+    let log = fep.log();
+    assert_eq!(status.code(), Some(2), "fep must refuse to start:\n{log}");
+    assert!(
+        log.contains(&file.display().to_string()) && log.contains("--discard-state"),
+        "the message names the file and what to do:\n{log}"
+    );
+    assert!(
+        r.lab.gateway.ip(&["link", "show", "fep0"]).is_err(),
+        "a refused start sets nothing up"
+    );
+    log
+}
+
+#[test]
+fn damaged_state_stops_fep_until_the_operator_discards_it() {
+    if skip_without_root("damaged_state_stops_fep_until_the_operator_discards_it") {
+        return;
+    }
+    let mut r = start("fds");
+    let state_dir = r.lab.dir().join("state");
+    let (state, routes) = (state_dir.join("state.json"), state_dir.join("routes.bin"));
+    ok(&r, &["ratio", "web", "be1", "0"]);
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 4), 2), [0, 4]);
+    assert!(r.fep.stop().unwrap().success());
+    // What the stop left for a restart goes, so a refused start shows it
+    // sets nothing up.
+    assert!(fep_tests::cleanup(&r).status.success());
+    // They hold client addresses: root only.
+    assert_eq!(mode(&state), 0o600, "state.json");
+    assert_eq!(mode(&routes), 0o600, "routes.bin");
+
+    // state.json cut in half: fep refuses to start and leaves it alone.
+    let text = std::fs::read(&state).unwrap();
+    let half = text[..text.len() / 2].to_vec();
+    std::fs::write(&state, &half).unwrap();
+    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+    let log = refused_start(&r, &config, &state);
+    assert!(log.contains("is damaged"), "{log}");
+    assert_eq!(std::fs::read(&state).unwrap(), half, "not overwritten");
+
+    // The operator gives up the saved changes: fep starts from the file
+    // (be1 back in rotation) and keeps the damaged file aside.
+    r.fep = r
+        .lab
+        .start_fep_with(
+            &lab::workspace_bin("fep").unwrap(),
+            &config,
+            &["--discard-state"],
+        )
+        .unwrap();
+    assert!(r.fep.log().contains("moved it to"), "{}", r.fep.log());
+    assert_eq!(files_named(&state_dir, "state.json.discarded-"), [half]);
+    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 1);
+    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+    assert_eq!(mode(&state), 0o600, "the new state.json");
+
+    // A longer name than fep can keep in its snapshot is refused at runtime too.
+    let (code, out) = fepctl(&r, &["node", "add", &"n".repeat(256), "10.0.2.13"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("names are at most 255 bytes"), "{out}");
+
+    // A route snapshot from a newer fep is not overwritten either.
+    assert!(r.fep.stop().unwrap().success());
+    let mut newer = std::fs::read(&routes).unwrap();
+    newer[4] = 9;
+    std::fs::write(&routes, &newer).unwrap();
+    let log = refused_start(&r, &config, &routes);
+    assert!(log.contains("written by a newer fep"), "{log}");
+    assert_eq!(std::fs::read(&routes).unwrap(), newer);
 }
 
 #[test]

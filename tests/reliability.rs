@@ -272,28 +272,22 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
     let services = format!(
         "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
     );
-    let fep_bin = lab::workspace_bin("fep").unwrap();
-    let mut fep = lab
-        .start_fep(&fep_bin, &lab.config(false, "", &services))
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, "", &services),
+        )
         .unwrap();
-    let gw = &lab.gateway;
+    let mut r = Running { lab, fep };
+    let gw = &r.lab.gateway;
     assert_eq!(sysctl(gw, "net/ipv4/ip_forward"), "1");
-    let config = lab.dir().join("fep.toml");
-    let cleanup = || {
-        gw.command(&fep_bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("--cleanup")
-            .output()
-            .unwrap()
-    };
-    let out = cleanup();
+    let out = fep_tests::cleanup(&r);
     assert_eq!(out.status.code(), Some(1), "refused while fep runs");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("stop it first"),
         "{out:?}"
     );
-    assert!(fep.stop().unwrap().success());
+    assert!(r.fep.stop().unwrap().success());
     // The stop leaves the hold: device, VIP route, rules, table, forwarding.
     assert!(gw.ip_output(&["link", "show", "fep0"]).is_ok());
     assert!(gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
@@ -302,7 +296,7 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
         .ip_output(&["route", "show", "table", "100"])
         .unwrap()
         .contains("blackhole"));
-    let out = cleanup();
+    let out = fep_tests::cleanup(&r);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(said.contains("removed TUN device fep0"), "{said}");
@@ -316,7 +310,7 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
         .is_empty());
     assert!(!gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
     assert_eq!(sysctl(gw, "net/ipv4/ip_forward"), "0");
-    let out = cleanup();
+    let out = fep_tests::cleanup(&r);
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("nothing to remove"),

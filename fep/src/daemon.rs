@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Admin};
 use crate::control::journal::{self, Journal};
 use crate::control::snapshot;
-use crate::control::state::StateFile;
+use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane};
 use crate::counters::Totals;
 use crate::dispatcher::Dispatcher;
@@ -33,13 +33,12 @@ const TICK_EVERY: Duration = Duration::from_millis(200);
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Serves the config file at `config_path` (already loaded as `file`),
-/// with the runtime changes saved in its state directory, until SIGINT or
-/// SIGTERM; then saves the route table and leaves the network set-up in
-/// place for the next start (see [`crate::netsetup`]).
-pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
-    let _lock = lock_state_dir(&file.state_dir)?;
-    let saved = StateFile::new(&file.state_dir).load();
-    let cfg = saved.live_config(&file);
+/// with the runtime changes saved in its state directory (`start`, checked
+/// under the state directory's [`lock_state_dir`]), until SIGINT or SIGTERM;
+/// then saves the route table and leaves the network set-up in place for
+/// the next start (see [`crate::netsetup`]).
+pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<()> {
+    let Start { saved, live: cfg } = start;
     let agent_key = match &cfg.agent_key_file {
         Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
         None => None,
@@ -139,8 +138,9 @@ pub fn run(config_path: &Path, file: FepConfig) -> anyhow::Result<()> {
 }
 
 /// Holds `state_dir/fep.lock` while fep runs (the kernel releases it however
-/// fep ends): two feps on one state directory would share its TUN device.
-fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+/// fep ends): two feps on one state directory would share its TUN device and
+/// overwrite each other's state. Taken before the state is read.
+pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;

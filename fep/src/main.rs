@@ -1,4 +1,5 @@
-//! `fep --config PATH [--check | --cleanup]`: the front-end dispatcher daemon.
+//! `fep --config PATH [--check | --cleanup | --discard-state]`: the front-end
+//! dispatcher daemon.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,12 @@ struct Args {
     /// restart breaks no connection. Refused while fep runs.
     #[arg(long, conflicts_with = "check")]
     cleanup: bool,
+    /// Start even if a file in the state directory cannot be used (damaged,
+    /// unreadable, of a newer version, or runtime changes that no longer fit
+    /// the config file): move it aside to FILE.discarded-SECONDS and start
+    /// without it. Without this flag fep refuses to start (exit status 2).
+    #[arg(long, conflicts_with_all = ["check", "cleanup"])]
+    discard_state: bool,
 }
 
 fn main() -> ExitCode {
@@ -57,7 +64,21 @@ fn main() -> ExitCode {
             }
         };
     }
-    match fep::daemon::run(&args.config, cfg) {
+    let _lock = match fep::daemon::lock_state_dir(&cfg.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("fep: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let start = match fep::control::startup::prepare(&cfg, args.discard_state) {
+        Ok(start) => start,
+        Err(e) => {
+            eprintln!("fep: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match fep::daemon::run(&args.config, cfg, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -48,24 +48,34 @@ fn check_prints_what_would_be_served() {
     assert!(stdout.contains("66.7% of new routes"), "{stdout}");
 }
 
-#[test]
-fn an_invalid_config_names_the_key_and_exits_2() {
-    let path = write_config(
-        "bad.toml",
-        &GOOD.replace("node = \"be2\", ratio", "node = \"be9\", ratio"),
-    );
+/// fep with the config at `path`, with and without `--check`: exit status 2
+/// and every one of `wants` in the message.
+fn refused_with_and_without_check(path: &std::path::Path, wants: &[&str]) {
     for extra in [&["--check"][..], &[]] {
         let mut args = vec!["--config", path.to_str().unwrap()];
         args.extend_from_slice(extra);
         let out = fep(&args);
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("service[0].backend[1].node")
-                && stderr.contains("no node 'be9' (nodes: be1, be2)"),
-            "{stderr}"
-        );
+        for want in wants {
+            assert!(stderr.contains(want), "{want:?} in {stderr}");
+        }
     }
+}
+
+#[test]
+fn an_invalid_config_names_the_key_and_exits_2() {
+    let path = write_config(
+        "bad.toml",
+        &GOOD.replace("node = \"be2\", ratio", "node = \"be9\", ratio"),
+    );
+    refused_with_and_without_check(
+        &path,
+        &[
+            "service[0].backend[1].node",
+            "no node 'be9' (nodes: be1, be2)",
+        ],
+    );
 }
 
 #[test]
@@ -79,4 +89,53 @@ fn a_missing_or_garbled_file_exits_2_with_the_reason() {
     let out = fep(&["--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not valid TOML"));
+}
+
+#[test]
+fn a_name_longer_than_a_route_snapshot_holds_is_refused() {
+    let long = "b".repeat(256);
+    let path = write_config(
+        "long-name.toml",
+        &GOOD.replace("\"be2\"", &format!("\"{long}\"")),
+    );
+    refused_with_and_without_check(
+        &path,
+        &["config key `node[1].name`: is 256 bytes long; names are at most 255 bytes"],
+    );
+    let ok = write_config(
+        "longest-name.toml",
+        &GOOD.replace("\"be2\"", &format!("\"{}\"", &long[1..])),
+    );
+    assert!(fep(&["--config", ok.to_str().unwrap(), "--check"])
+        .status
+        .success());
+}
+
+#[test]
+fn a_damaged_state_file_stops_fep_before_it_sets_anything_up() {
+    let dir = std::env::temp_dir().join(format!("fep-cli-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.json");
+    std::fs::write(&state, "{\"version\": 1, \"live\": {").unwrap();
+    let path = write_config(
+        "state.toml",
+        &format!("state_dir = \"{}\"\n{GOOD}", dir.display()),
+    );
+    let out = fep(&["--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{} is damaged", state.display()))
+            && stderr.contains(
+                "restore it from a backup (state.json), or start fep with --discard-state"
+            ),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        "{\"version\": 1, \"live\": {",
+        "left as it was"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

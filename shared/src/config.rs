@@ -16,6 +16,10 @@ pub const MAX_RATIO: u32 = 1_000_000;
 /// Most services (and service slots over a run of fep, removed ones included).
 pub const MAX_SERVICES: usize = 1024;
 
+/// Longest node or service name, in bytes: names go into route snapshots
+/// (with a 16-bit length), metrics labels and log lines.
+pub const MAX_NAME_LEN: usize = 255;
+
 /// The largest `max_routes`: the route table reserves its slots at the
 /// start (about 4 GB of address space at this bound, resident as used).
 pub const MAX_ROUTES: usize = 100_000_000;
@@ -416,12 +420,7 @@ impl FepConfig {
         let mut addrs = HashMap::new();
         for (i, node) in self.nodes.iter().enumerate() {
             let key = format!("node[{i}]");
-            if node.name.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.name"),
-                    "must not be empty",
-                ));
-            }
+            check_name(&key, &node.name)?;
             if !names.insert(node.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
@@ -455,12 +454,7 @@ impl FepConfig {
         let mut endpoints = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
             let key = format!("service[{i}]");
-            if svc.name.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.name"),
-                    "must not be empty",
-                ));
-            }
+            check_name(&key, &svc.name)?;
             if !names.insert(svc.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
@@ -738,6 +732,26 @@ fn merge_keyed<T: Clone + PartialEq, K: PartialEq>(
         .collect()
 }
 
+/// The `name` of item `key`: not empty, at most [`MAX_NAME_LEN`] bytes.
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(ConfigError::invalid(
+            format!("{key}.name"),
+            "must not be empty",
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ConfigError::invalid(
+            format!("{key}.name"),
+            format!(
+                "is {} bytes long; names are at most {MAX_NAME_LEN} bytes",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn is_unicast(addr: IpAddr) -> bool {
     !(addr.is_unspecified()
         || addr.is_multicast()
@@ -817,6 +831,24 @@ port = 8080
         );
         assert!(problem(&EXAMPLE.replace("workers = 2", "workers = 0"))
             .starts_with("config key `workers`"));
+    }
+
+    #[test]
+    fn names_longer_than_a_snapshot_holds_are_rejected() {
+        let longest = "n".repeat(MAX_NAME_LEN);
+        let ok = EXAMPLE.replace("\"be2\"", &format!("\"{longest}\""));
+        assert_eq!(FepConfig::parse(&ok).unwrap().nodes[1].name, longest);
+        let node = EXAMPLE.replace("\"be2\"", &format!("\"{longest}x\""));
+        assert_eq!(
+            problem(&node),
+            "config key `node[1].name`: is 256 bytes long; names are at most 255 bytes"
+        );
+        // Counted in bytes: 128 two-byte characters are 256 bytes.
+        let service = EXAMPLE.replace("name = \"web\"", &format!("name = \"{}\"", "é".repeat(128)));
+        assert_eq!(
+            problem(&service),
+            "config key `service[0].name`: is 256 bytes long; names are at most 255 bytes"
+        );
     }
 
     #[test]

@@ -37,24 +37,29 @@ impl RawSender {
     /// Sends one packet to `dst`; errors (e.g. EPERM for a packet the
     /// kernel refuses) are returned, not fatal.
     pub fn send(&self, packet: &[u8], dst: IpAddr) -> std::io::Result<()> {
-        let addr = SocketAddr::new(dst, 0);
-        let (storage, len) = sockaddr(&addr);
-        // SAFETY: a valid buffer and sockaddr for the call's duration.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&storage as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        send_to(&self.fd, packet, dst)
+    }
+}
+
+/// Sends one datagram on a raw socket to `dst`.
+pub(crate) fn send_to(fd: &OwnedFd, packet: &[u8], dst: IpAddr) -> std::io::Result<()> {
+    let addr = SocketAddr::new(dst, 0);
+    let (storage, len) = sockaddr(&addr);
+    // SAFETY: a valid buffer and sockaddr for the call's duration.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

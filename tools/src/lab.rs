@@ -54,9 +54,11 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the namespaces and links; `tag` goes into the names
+    /// Builds the namespaces and links (first installing `ip` and creating
+    /// the TUN device node where missing); `tag` goes into the names
     /// (`<tag><pid>x<n>-…`) so that parallel tests and runs never collide.
     pub fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
+        crate::host::prepare_lab()?;
         let prefix = format!(
             "{tag}{}x{}",
             std::process::id(),
@@ -319,25 +321,17 @@ impl Lab {
 
     /// Starts fep in the gateway with `config` and waits until it serves.
     pub fn start_fep(&self, fep: &Path, config: &str) -> anyhow::Result<FepProcess> {
-        let config_path = self.dir.join("fep.toml");
-        std::fs::write(&config_path, config)?;
-        let log_path = self.dir.join("fep.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = self
-            .gateway
-            .command(fep)
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", fep.display()))?;
-        let mut p = FepProcess {
-            child: Some(child),
-            log_path,
-        };
+        self.start_fep_with(fep, config, &[])
+    }
+
+    /// As [`Lab::start_fep`], with extra command-line arguments.
+    pub fn start_fep_with(
+        &self,
+        fep: &Path,
+        config: &str,
+        args: &[&str],
+    ) -> anyhow::Result<FepProcess> {
+        let mut p = self.spawn_fep(fep, config, args)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         while !p.log().contains("serving") {
             if let Some(status) = p.child.as_mut().expect("running").try_wait()? {
@@ -349,6 +343,31 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(p)
+    }
+
+    /// Starts fep in the gateway with `config` (written to `fep.toml` in the
+    /// lab) and `args`, logging to `fep.log`, without waiting for it.
+    pub fn spawn_fep(&self, fep: &Path, config: &str, args: &[&str]) -> anyhow::Result<FepProcess> {
+        let config_path = self.dir.join("fep.toml");
+        std::fs::write(&config_path, config)?;
+        let log_path = self.dir.join("fep.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = self
+            .gateway
+            .command(fep)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", fep.display()))?;
+        Ok(FepProcess {
+            child: Some(child),
+            log_path,
+        })
     }
 }
 
@@ -391,10 +410,14 @@ impl FepProcess {
 
     /// Sends SIGTERM and waits up to 15 s for fep to exit.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(15)).context("after SIGTERM")
+    }
+
+    /// Waits up to `limit` for fep to exit; kills it (an error) after that.
+    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("fep already stopped")?;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait()? {
                 return Ok(status);
@@ -402,7 +425,7 @@ impl FepProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("fep did not exit within 15 s of SIGTERM:\n{}", self.log());
+                bail!("fep did not exit within {limit:?}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

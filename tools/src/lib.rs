@@ -4,8 +4,10 @@
 
 pub mod admin_client;
 pub mod craft;
+pub mod host;
 pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod pattern;
+pub mod ping;
 pub mod top;

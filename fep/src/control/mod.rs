@@ -12,6 +12,7 @@ pub mod journal;
 pub mod model;
 pub mod prune;
 pub mod snapshot;
+pub mod startup;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

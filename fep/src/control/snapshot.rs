@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::state::Unusable;
 use crate::dispatcher::Dispatcher;
 use crate::route_table::FlowKey;
 use crate::wire::Addr;
@@ -21,6 +22,8 @@ pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 const MAGIC: &[u8; 4] = b"FEPR";
 const VERSION: u8 = 1;
 const RECORD: usize = 2 + 2 + 16 + 2 + 1;
+// Name lengths are stored as u16: the config check keeps names within that.
+const _: () = assert!(fep_shared::config::MAX_NAME_LEN <= u16::MAX as usize);
 
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("routes.bin")
@@ -117,27 +120,86 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Restores the routes in `bytes` whose service and node are still
-/// configured; returns how many, or `None` if the bytes are not a snapshot.
-pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Option<usize> {
+/// A snapshot whose structure has been checked: every record is whole and
+/// names a service and a node of the snapshot's lists.
+struct Parsed<'a> {
+    services: Vec<String>,
+    nodes: Vec<String>,
+    records: &'a [u8],
+}
+
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, Unusable> {
+    let damaged = |what: &str| Unusable::Damaged(what.to_string());
     let mut r = Reader(bytes);
-    if r.take(4)? != MAGIC || r.take(1)?[0] != VERSION {
-        return None;
+    if r.take(4) != Some(&MAGIC[..]) {
+        return Err(damaged("not a route snapshot (no FEPR header)"));
     }
-    let services = r.names()?;
-    let nodes = r.names()?;
-    let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
-    let mut restored = 0;
-    for _ in 0..count {
-        let rec = r.take(RECORD)?;
+    let version = r.take(1).ok_or_else(|| damaged("no version"))?[0];
+    if version > VERSION {
+        return Err(Unusable::Newer {
+            found: version.into(),
+            supported: VERSION.into(),
+        });
+    }
+    if version != VERSION {
+        return Err(damaged(&format!("unknown format version {version}")));
+    }
+    let services = r
+        .names()
+        .ok_or_else(|| damaged("cut short in the service names"))?;
+    let nodes = r
+        .names()
+        .ok_or_else(|| damaged("cut short in the node names"))?;
+    let count = r
+        .take(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| damaged("cut short before the route count"))?;
+    let records = r
+        .take(count.saturating_mul(RECORD))
+        .ok_or_else(|| damaged(&format!("cut short: {count} routes announced")))?;
+    if !r.0.is_empty() {
+        return Err(damaged(&format!(
+            "{} bytes after the last route",
+            r.0.len()
+        )));
+    }
+    for (i, rec) in records.chunks_exact(RECORD).enumerate() {
         let (s, n) = (
             u16::from_be_bytes([rec[0], rec[1]]),
             u16::from_be_bytes([rec[2], rec[3]]),
         );
-        let (Some(service), Some(node)) = (services.get(usize::from(s)), nodes.get(usize::from(n)))
-        else {
-            return None;
-        };
+        if usize::from(s) >= services.len() || usize::from(n) >= nodes.len() {
+            return Err(damaged(&format!(
+                "route {i} names service {s} and node {n} of {} and {}",
+                services.len(),
+                nodes.len()
+            )));
+        }
+    }
+    Ok(Parsed {
+        services,
+        nodes,
+        records,
+    })
+}
+
+/// Checks that `bytes` is a whole snapshot this fep can read.
+pub fn check(bytes: &[u8]) -> Result<(), Unusable> {
+    parse(bytes).map(drop)
+}
+
+/// Restores the routes in `bytes` whose service and node are still
+/// configured; returns how many, or why the bytes are no snapshot.
+pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Result<usize, Unusable> {
+    let Parsed {
+        services,
+        nodes,
+        records,
+    } = parse(bytes)?;
+    let mut restored = 0;
+    for rec in records.chunks_exact(RECORD) {
+        let service = &services[usize::from(u16::from_be_bytes([rec[0], rec[1]]))];
+        let node = &nodes[usize::from(u16::from_be_bytes([rec[2], rec[3]]))];
         let mut client = [0u8; 16];
         client.copy_from_slice(&rec[4..20]);
         let port = u16::from_be_bytes([rec[20], rec[21]]);
@@ -145,7 +207,7 @@ pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Option<us
             restored += 1;
         }
     }
-    Some(restored)
+    Ok(restored)
 }
 
 /// Puts back one route saved by names (service, node), if both are still
@@ -178,20 +240,18 @@ pub(super) fn restore_named(
     dispatcher.restore_route(key, bid, state, now)
 }
 
-/// Restores the saved route table, if there is one.
+/// Restores the saved route table, if there is one (fep checked it at the
+/// start, see [`super::startup`]).
 pub fn restore(dispatcher: &Dispatcher, state_dir: &Path, now: u32) -> usize {
     let p = path(state_dir);
     match std::fs::read(&p) {
         Ok(bytes) => match decode_into(&bytes, dispatcher, now) {
-            Some(n) => {
+            Ok(n) => {
                 tracing::info!("restored {n} route(s) from {}", p.display());
                 n
             }
-            None => {
-                tracing::error!(
-                    "{} is not a route snapshot of this version; ignored",
-                    p.display()
-                );
+            Err(e) => {
+                tracing::error!("{} {e}; starting with no routes", p.display());
                 0
             }
         },
@@ -231,7 +291,7 @@ mod tests {
         let mut cfg2 = cfg.clone();
         cfg2.services[0].backends.reverse();
         let d2 = Dispatcher::new(&cfg2);
-        assert_eq!(decode_into(&bytes, &d2, 5), Some(50));
+        assert_eq!(decode_into(&bytes, &d2, 5).unwrap(), 50);
         let before: Vec<_> = d
             .routes()
             .snapshot()
@@ -258,10 +318,24 @@ mod tests {
                 .sum::<u32>(),
             50
         );
-        // Garbage and truncation are refused, not a panic.
-        assert_eq!(decode_into(b"nonsense", &d2, 0), None);
-        for cut in 0..bytes.len().min(200) {
-            let _ = decode_into(&bytes[..cut], &Dispatcher::new(&cfg), 0);
+        // Garbage, truncation, extra bytes and a newer version are refused
+        // with the reason, not a panic.
+        assert!(matches!(
+            decode_into(b"nonsense", &d2, 0),
+            Err(Unusable::Damaged(_))
+        ));
+        for cut in 0..bytes.len() {
+            assert!(check(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(check(&longer).is_err());
+        let mut newer = bytes.clone();
+        newer[4] = VERSION + 1;
+        assert_eq!(
+            check(&newer).unwrap_err().to_string(),
+            "was written by a newer fep (format version 2; this fep reads up to 1)"
+        );
+        check(&bytes).unwrap();
     }
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use fep_shared::cpu::CpuTimes;
+use fep_tools::host::{self, Tool};
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::{http, netns, pattern};
 
@@ -99,13 +100,19 @@ struct Figures {
 }
 
 const BULK_BYTES: u64 = 64 << 20;
-const TOOLS: [(&str, &str); 5] = [
-    ("iperf3", "iperf3"),
-    ("wrk", "wrk"),
-    ("nginx", "nginx-light"),
-    ("haproxy", "haproxy"),
-    ("nft", "nftables"),
+const TOOLS: [Tool; 7] = [
+    tool("iperf3", "iperf3"),
+    tool("wrk", "wrk"),
+    tool("nginx", "nginx-light"),
+    tool("haproxy", "haproxy"),
+    tool("nft", "nftables"),
+    tool("sysctl", "procps"),
+    host::IP,
 ];
+
+const fn tool(program: &'static str, package: &'static str) -> Tool {
+    Tool { program, package }
+}
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
@@ -163,34 +170,15 @@ struct Bins {
 }
 
 fn install(skip: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(bin, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if skip {
+    let missing = host::missing(&TOOLS);
+    if skip && !missing.is_empty() {
+        let packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
         bail!(
             "missing tools: install {} (or run without --no-install)",
-            missing.join(" ")
+            packages.join(" ")
         );
     }
-    eprintln!("installing {}", missing.join(" "));
-    netns::run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    netns::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    host::ensure(&TOOLS)
 }
 
 /// Builds a fresh topology for `s`, measures, and tears it down.
