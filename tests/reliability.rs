@@ -161,7 +161,9 @@ fn a_stream_and_an_echo_connection_survive_a_sigterm_and_start() {
     echo.round();
     // Segments sent while no fep runs (the stream's, every 200 ms) must not
     // reach the client past the return path: it would reset the connection.
+    let down = Instant::now();
     assert!(r.fep.stop().unwrap().success());
+    let stopping = down.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let (gw, cfg) = (&r.lab.gateway, config_of(&r));
     assert!(
@@ -172,7 +174,14 @@ fn a_stream_and_an_echo_connection_survive_a_sigterm_and_start() {
         .lab
         .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
         .unwrap();
-    stream.follow(10);
+    let serving = down.elapsed();
+    stream.follow(1);
+    eprintln!(
+        "stop took {stopping:?}, serving again {serving:?} after SIGTERM, the stream's next \
+         line {:?} after it",
+        down.elapsed()
+    );
+    stream.follow(9);
     echo.round();
     let log = r.fep.log();
     assert!(log.contains("restored 2 route(s)"), "{log}");

@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::snapshot::{self, put_name, Reader, SNAPSHOT_EVERY};
+use super::state::Unusable;
 use crate::dispatcher::{Confirmed, Dispatcher};
 use crate::route_table::state;
 use crate::wire::Addr;
@@ -44,6 +45,24 @@ fn old(dir: &Path) -> PathBuf {
     dir.join("routes.journal.old")
 }
 
+/// The journal files a start reads, older first.
+pub fn paths(dir: &Path) -> [PathBuf; 2] {
+    [old(dir), current(dir)]
+}
+
+/// Checks that `bytes` start as a journal this fep can read (the records
+/// are read as far as they go: a crash may cut the last one short).
+pub fn check(bytes: &[u8]) -> Result<(), Unusable> {
+    match (bytes.get(..4), bytes.get(4)) {
+        (Some(magic), Some(&v)) if magic == MAGIC && v == VERSION => Ok(()),
+        (Some(magic), Some(&v)) if magic == MAGIC && v > VERSION => Err(Unusable::Newer {
+            found: v.into(),
+            supported: VERSION.into(),
+        }),
+        _ => Err(Unusable::Damaged("not a route journal".into())),
+    }
+}
+
 /// A journalled route: (service, client, client port) → node.
 type Entries = HashMap<(String, Addr, u16), String>;
 
@@ -51,13 +70,8 @@ type Entries = HashMap<(String, Addr, u16), String>;
 /// how many records it held.
 fn read_into(path: &Path, entries: &mut Entries) -> std::io::Result<usize> {
     let bytes = std::fs::read(path)?;
-    let mut r = Reader(&bytes);
-    if r.take(4) != Some(MAGIC.as_slice()) || r.take(1) != Some([VERSION].as_slice()) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a route journal of this version",
-        ));
-    }
+    check(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut r = Reader(&bytes[MAGIC.len() + 1..]);
     let mut n = 0;
     while !r.0.is_empty() {
         let record = (|| {
@@ -87,7 +101,7 @@ fn read_into(path: &Path, entries: &mut Entries) -> std::io::Result<usize> {
 pub fn restore(dispatcher: &Dispatcher, dir: &Path, now: u32) -> (usize, bool) {
     let mut entries = Entries::new();
     let mut found = false;
-    for path in [old(dir), current(dir)] {
+    for path in paths(dir) {
         match read_into(&path, &mut entries) {
             Ok(_) => found = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -322,6 +336,12 @@ mod tests {
         let bytes = std::fs::read(current(&dir)).unwrap();
         std::fs::write(current(&dir), &bytes[..bytes.len() - 3]).unwrap();
         assert_eq!(restore(&Dispatcher::new(&cfg), &dir, 0).0, 2);
+        // A file that is no journal, or a newer one's, is refused at the start.
+        assert!(matches!(check(b"nonsense"), Err(Unusable::Damaged(_))));
+        assert!(matches!(
+            check(b"FEPJ\x02"),
+            Err(Unusable::Newer { found: 2, .. })
+        ));
         // A clean stop leaves the snapshot and no journal.
         let j = Journal::open(Arc::new(d2), &dir, true);
         j.finish();

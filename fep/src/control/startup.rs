@@ -1,5 +1,5 @@
-//! The state directory at start. fep saves `state.json` and `routes.bin`
-//! within seconds of starting, so starting without a file it cannot use
+//! The state directory at start. fep saves `state.json`, `routes.bin` and the
+//! route journal within seconds of starting, so starting without a file it cannot use
 //! (unreadable, damaged, of a newer version, or runtime changes that no
 //! longer fit the config file) would replace it silently: fep refuses to
 //! start instead, unless the operator asks for such files to be set aside
@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use fep_shared::FepConfig;
 
-use super::snapshot;
 use super::state::{Saved, StateFile, Unusable};
+use super::{journal, snapshot};
 
 /// What fep starts from.
 #[derive(Debug)]
@@ -82,15 +82,22 @@ pub fn prepare(file: &FepConfig, discard: bool) -> Result<Start, StartError> {
             }
         }
     };
-    let routes = snapshot::path(dir);
-    match std::fs::read(&routes) {
-        Ok(bytes) => {
-            if let Err(why) = snapshot::check(&bytes) {
-                unusable.push((routes, why));
+    let [old_journal, journal] = journal::paths(dir);
+    let routes: [(PathBuf, fn(&[u8]) -> Result<(), Unusable>); 3] = [
+        (snapshot::path(dir), snapshot::check),
+        (old_journal, journal::check),
+        (journal, journal::check),
+    ];
+    for (path, check) in routes {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                if let Err(why) = check(&bytes) {
+                    unusable.push((path, why));
+                }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => unusable.push((path, Unusable::Unreadable(e))),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => unusable.push((routes, Unusable::Unreadable(e))),
     }
     if unusable.is_empty() {
         return Ok(start);
