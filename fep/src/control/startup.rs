@@ -63,6 +63,9 @@ fn file_name(path: &Path) -> String {
     )
 }
 
+/// Whether a file's bytes are usable.
+type Check = fn(&[u8]) -> Result<(), Unusable>;
+
 /// Reads and checks the state in `file`'s state directory; with `discard`,
 /// sets unusable files aside instead of refusing.
 pub fn prepare(file: &FepConfig, discard: bool) -> Result<Start, StartError> {
@@ -83,7 +86,7 @@ pub fn prepare(file: &FepConfig, discard: bool) -> Result<Start, StartError> {
         }
     };
     let [old_journal, journal] = journal::paths(dir);
-    let routes: [(PathBuf, fn(&[u8]) -> Result<(), Unusable>); 3] = [
+    let routes: [(PathBuf, Check); 3] = [
         (snapshot::path(dir), snapshot::check),
         (old_journal, journal::check),
         (journal, journal::check),
