@@ -488,6 +488,7 @@ fn damaged_state_stops_fep_until_the_operator_discards_it() {
 
     // A route snapshot from a newer fep is not overwritten either.
     assert!(r.fep.stop().unwrap().success());
+    assert!(fep_tests::cleanup(&r).status.success());
     let mut newer = std::fs::read(&routes).unwrap();
     newer[4] = 9;
     std::fs::write(&routes, &newer).unwrap();
