@@ -15,6 +15,7 @@
 //!   removal cannot set state bits on the route that moved into its slot.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ops::ControlFlow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -386,6 +387,15 @@ impl RouteMap {
     /// the scan can be missed or seen twice (the control plane's passes
     /// repeat).
     pub fn for_each(&self, mut f: impl FnMut(FlowKey, Route)) {
+        self.scan(|k, r| {
+            f(k, r);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// As [`RouteMap::for_each`], until `f` breaks: a pass that stops
+    /// after what it needs costs only that much.
+    pub fn scan(&self, mut f: impl FnMut(FlowKey, Route) -> ControlFlow<()>) {
         let mut i = 0;
         let mut waits = 0u32;
         while i <= self.mask {
@@ -411,7 +421,9 @@ impl RouteMap {
                 continue;
             }
             if let Some((k, r)) = read {
-                f(k, r);
+                if f(k, r).is_break() {
+                    return;
+                }
             }
             i += 1;
         }
@@ -523,6 +535,27 @@ mod tests {
         let mut out = Vec::new();
         m.for_each(|k, r| out.push((k, r)));
         out
+    }
+
+    #[test]
+    fn a_scan_stops_where_its_callback_breaks() {
+        let m = RouteMap::with_room(100);
+        for k in 0..50 {
+            m.insert_with(&key(k), 0, 0, || Some(1));
+        }
+        let mut seen = 0;
+        m.scan(|_, _| {
+            seen += 1;
+            if seen == 10 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(seen, 10);
+        let mut all = 0;
+        m.for_each(|_, _| all += 1);
+        assert_eq!(all, 50);
     }
 
     #[test]
