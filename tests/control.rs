@@ -552,6 +552,10 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         "an agent's report waited {worst} ms while routes were listed (agents report every 200 ms)\nfep log:\n{log}"
     );
     assert!(!log.contains(" is down"), "no back end went down:\n{log}");
+    assert!(
+        !log.contains("health check of"),
+        "no health check failed:\n{log}"
+    );
     for (what, n, wrong) in &listed {
         assert!(*n > 0, "{what} was never answered");
         assert!(wrong.is_none(), "{what} answered wrongly: {wrong:?}");

@@ -349,7 +349,8 @@ impl Lab {
             .command(fep)
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            // Failed health checks too, which fep logs at debug.
+            .env("RUST_LOG", "info,fep::control::health=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
