@@ -616,3 +616,72 @@ impl futures_core::Stream for Chunks {
         self.0.poll_recv(cx).map(|chunk| chunk.map(Ok))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::FepConfig;
+
+    use super::*;
+    use crate::route_table::FlowKey;
+    use crate::wire::addr_from_ip;
+
+    /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
+    /// 192.0.2.x:port, alternating be1 (port 80) and be2 (port 8080).
+    fn with_routes(n: u16) -> Dispatcher {
+        let d = Dispatcher::new(&FepConfig::parse(crate::testing::CONFIG).unwrap());
+        for i in 0..n {
+            let key = FlowKey {
+                service: 0,
+                client_port: 1000 + i,
+                client: addr_from_ip([192, 0, 2, (i % 200) as u8].into()),
+            };
+            assert!(d.restore_route(key, i % 2, state::ESTABLISHED, 0));
+        }
+        d
+    }
+
+    /// The listing's chunks, how many there were, and the array they make.
+    fn listing(d: &Dispatcher, query: &str) -> (usize, Vec<serde_json::Value>) {
+        let q: RouteQuery = serde_json::from_str(query).unwrap();
+        let mut chunks = Vec::new();
+        list_routes(d, &q, 10, |c| {
+            chunks.push(c);
+            true
+        });
+        let json: Vec<u8> = chunks.concat();
+        (chunks.len(), serde_json::from_slice(&json).unwrap())
+    }
+
+    #[test]
+    fn a_listing_stops_at_its_limit_and_filters_while_it_scans() {
+        let d = with_routes(3000);
+        let (chunks, all) = listing(&d, r#"{"limit": 2500}"#);
+        assert_eq!(all.len(), 2500);
+        assert!(chunks > 1, "more than one chunk of 64 KB");
+        assert_eq!(listing(&d, "{}").1.len(), 1000, "the default limit");
+        let (_, be2) = listing(&d, r#"{"node": "be2", "limit": 10}"#);
+        assert_eq!(be2.len(), 10);
+        assert!(be2
+            .iter()
+            .all(|r| r["node"] == "be2" && r["backend_port"] == 8080 && r["service"] == "web"));
+        let (_, one) = listing(&d, r#"{"client": "192.0.2.7", "service": "web"}"#);
+        assert_eq!(one.len(), 15, "ports 1007, 1207, … 2807");
+        assert!(one
+            .iter()
+            .all(|r| r["client"] == "192.0.2.7" && r["state"] == "open"));
+        assert!(listing(&d, r#"{"service": "dns"}"#).1.is_empty());
+        assert!(listing(&d, r#"{"limit": 0}"#).1.is_empty());
+    }
+
+    #[test]
+    fn a_listing_whose_reader_is_gone_stops() {
+        let d = with_routes(3000);
+        let q: RouteQuery = serde_json::from_str(r#"{"limit": 3000}"#).unwrap();
+        let mut sent = 0;
+        list_routes(&d, &q, 10, |_| {
+            sent += 1;
+            false
+        });
+        assert_eq!(sent, 1, "nothing after the first refused chunk");
+    }
+}
