@@ -5,7 +5,7 @@
 //! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
 //! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
 //! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
-//! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | assigned routes |
+//! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | the first `limit` (1000) matching routes, streamed |
 //! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
 //! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
 //! | POST | `/v1/pin` | `{"node","state"?,"load"?,"ratio"?}` | pin values |
