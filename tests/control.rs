@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fep_shared::protocol::{self, AgentMsg, Key, Report, ServiceLoad, Session};
 use fep_tests::{
-    backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents, tally,
-    wait_for,
+    backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents,
+    start_with_agents_and, tally, wait_for,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -429,4 +429,166 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
 /// A key nobody holds: a replayer has only recorded frames.
 fn wrong_key_never_used() -> Key {
     Key::from_hex(&Key::generate_hex()).unwrap()
+}
+
+/// `state_dir/routes.bin` (format in fep's `control/snapshot.rs`) with
+/// `n` established routes of service `web`, alternating between be1 and be2,
+/// from clients in 198.18.0.0/15 (which send nothing: the routes stay until
+/// the idle timeout).
+fn write_route_snapshot(state_dir: &std::path::Path, n: u32) {
+    let mut out = b"FEPR\x01".to_vec();
+    for names in [&["web"][..], &["be1", "be2"]] {
+        out.extend_from_slice(&(names.len() as u16).to_be_bytes());
+        for name in names {
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+    }
+    out.extend_from_slice(&n.to_be_bytes());
+    let established = 0x08 | 0x10; // REPLIED | ESTABLISHED
+    for i in 0..n {
+        let client = std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i / 50_000,
+        );
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&((i % 2) as u16).to_be_bytes());
+        out.extend_from_slice(&client.to_ipv6_mapped().octets());
+        out.extend_from_slice(&(10_000 + (i % 50_000) as u16).to_be_bytes());
+        out.push(established);
+    }
+    std::fs::create_dir_all(state_dir).unwrap();
+    std::fs::write(state_dir.join("routes.bin"), out).unwrap();
+}
+
+#[test]
+fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
+    if skip_without_root("agents_and_health_checks_are_served_while_a_million_routes_are_listed") {
+        return;
+    }
+    const ROUTES: usize = 1_000_000;
+    // Room above the 95 % mark where eviction starts; no idle expiry meanwhile.
+    let top = "max_routes = 1200000\nroute_idle_timeout_s = 3600\n";
+    let r = start_with_agents_and(
+        "frl",
+        2,
+        top,
+        &services(&[("be1", 1), ("be2", 1)], ""),
+        |lab| write_route_snapshot(&lab.state_dir(), ROUTES as u32),
+    );
+    assert_eq!(
+        fepctl_json(&r, &["status"])["routes"],
+        ROUTES,
+        "the snapshot was restored"
+    );
+    let socket = r.lab.control_socket();
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let (samples, listed) = std::thread::scope(|s| {
+        // Listers, each asking again as soon as it is answered; each returns
+        // how many answers it got and the first that was wrong.
+        let lister = |what: &'static str, expect: fn(&str) -> bool| {
+            let socket = &socket;
+            s.spawn(move || {
+                let (mut n, mut wrong) = (0, None);
+                while std::time::Instant::now() < until {
+                    let out = list(socket, what);
+                    if !expect(&out) && wrong.is_none() {
+                        wrong = Some(out.chars().take(300).collect::<String>());
+                    }
+                    n += 1;
+                }
+                (what, n, wrong)
+            })
+        };
+        let listers = [
+            // A header, the rows and what the table holds.
+            lister("fepctl routes", |out| {
+                out.lines().count() == 102
+                    && out.ends_with("1000000 route(s) in the table (--limit K for more)\n")
+            }),
+            lister("fepctl routes --limit 10", |out| out.lines().count() == 12),
+            lister("fepctl routes --node be2 --limit 50", |out| {
+                out.lines().filter(|l| l.contains(" be2:80 ")).count() == 50
+            }),
+            // A filter no route matches: the whole table is looked through.
+            lister("fepctl routes --client 192.0.2.1", |out| {
+                out.lines().count() == 1
+            }),
+            // The API's default limit.
+            lister("/v1/routes", |body| {
+                body.matches("\"client_port\"").count() == 1000
+            }),
+            // The whole table, as JSON (about 150 MB).
+            lister("/v1/routes?limit=2000000", |body| {
+                body.starts_with('[') && body.matches("\"client_port\"").count() == ROUTES
+            }),
+        ];
+        // Meanwhile: the age of every agent's last report, and node states.
+        let mut samples = Vec::new();
+        while std::time::Instant::now() < until {
+            for n in fepctl_json(&r, &["nodes"]).as_array().unwrap() {
+                let age = n["report_age_ms"].as_u64().expect("a report");
+                samples.push((age, n["name"].to_string(), n["state"].to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let listed: Vec<_> = listers.into_iter().map(|l| l.join().unwrap()).collect();
+        (samples, listed)
+    });
+    let worst = samples.iter().map(|s| s.0).max().unwrap_or(0);
+    let answers: Vec<_> = listed.iter().map(|(what, n, _)| (*what, *n)).collect();
+    let peak = std::fs::read_to_string(format!("/proc/{}/status", r.fep.pid().unwrap()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string());
+    eprintln!(
+        "answers: {answers:?}; {} samples, worst report age {worst} ms; fep's peak resident memory {peak:?} kB",
+        samples.len()
+    );
+    let log = r.fep.log();
+    let not_up: Vec<_> = samples.iter().filter(|s| s.2 != "\"up\"").collect();
+    assert!(
+        not_up.is_empty(),
+        "every node stays up: {not_up:?}\nfep log:\n{log}"
+    );
+    assert!(
+        worst < 2000,
+        "an agent's report waited {worst} ms while routes were listed (agents report every 200 ms)\nfep log:\n{log}"
+    );
+    assert!(!log.contains(" is down"), "no back end went down:\n{log}");
+    assert!(
+        !log.contains("health check of"),
+        "no health check failed:\n{log}"
+    );
+    for (what, n, wrong) in &listed {
+        assert!(*n > 0, "{what} was never answered");
+        assert!(wrong.is_none(), "{what} answered wrongly: {wrong:?}");
+    }
+    assert_eq!(
+        fepctl_json(&r, &["status"])["routes"],
+        ROUTES,
+        "no route was deleted"
+    );
+}
+
+/// One listing: `fepctl ARGS` (its table) or a GET of an API path (the body).
+fn list(socket: &std::path::Path, what: &str) -> String {
+    if let Some(args) = what.strip_prefix("fepctl ") {
+        let out = std::process::Command::new(fep_tools::lab::workspace_bin("fepctl").unwrap())
+            .arg("--socket")
+            .arg(socket)
+            .args(args.split(' '))
+            .output()
+            .expect("running fepctl");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return String::from_utf8(out.stdout).unwrap();
+    }
+    let (status, body) = fep_tools::admin_client::request(&socket.into(), "GET", what, None)
+        .unwrap_or_else(|e| panic!("GET {what}: {e:#}"));
+    assert_eq!(status, 200, "GET {what}: {body}");
+    body
 }

@@ -83,6 +83,18 @@ pub fn tally(names: &[String], backends: usize) -> Vec<usize> {
 /// `bep-agent`, and fep with the agent server and fast control-loop timings
 /// (`top` adds or overrides top-level keys).
 pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) -> Running {
+    start_with_agents_and(tag, backends, top, services, |_| {})
+}
+
+/// As [`start_with_agents`], with `prepare` run on the lab before fep
+/// starts (e.g. to put a route snapshot into its state directory).
+pub fn start_with_agents_and(
+    tag: &str,
+    backends: usize,
+    top: &str,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+) -> Running {
     let mut lab = Lab::new(tag, backends).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     let agent = lab::workspace_bin("bep-agent").unwrap();
@@ -98,6 +110,7 @@ pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) 
          health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
         key.display()
     );
+    prepare(&lab);
     let fep = lab
         .start_fep(
             &lab::workspace_bin("fep").unwrap(),

@@ -5,7 +5,7 @@
 //! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
 //! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
 //! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
-//! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | assigned routes |
+//! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | the first `limit` (1000) matching routes, streamed |
 //! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
 //! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
 //! | POST | `/v1/pin` | `{"node","state"?,"load"?,"ratio"?}` | pin values |
@@ -21,6 +21,7 @@
 //! Errors answer 400/404 with `{"error": "..."}` naming what exists.
 
 use crate::route_table::idle_since;
+use std::ops::ControlFlow;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use std::net::SocketAddr;
 
+use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -41,6 +43,7 @@ use fep_shared::ServiceConfig;
 
 use crate::control::{CommandError, ControlPlane};
 use crate::counters::{DropReason, Totals, WorkerCounters};
+use crate::dispatcher::Dispatcher;
 use crate::route_table::state;
 use crate::wire::ip_from_addr;
 
@@ -140,7 +143,7 @@ fn router(admin: Admin) -> Router {
             "/v1/drain",
             post(
                 |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
-                    reply(a.cp.drain(&n.node))
+                    command(a, move |cp| cp.drain(&n.node)).await
                 },
             ),
         )
@@ -148,7 +151,7 @@ fn router(admin: Admin) -> Router {
             "/v1/undrain",
             post(
                 |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
-                    reply(a.cp.undrain(&n.node))
+                    command(a, move |cp| cp.undrain(&n.node)).await
                 },
             ),
         )
@@ -157,7 +160,7 @@ fn router(admin: Admin) -> Router {
             "/v1/unpin",
             post(
                 |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
-                    reply(a.cp.unpin(&n.node))
+                    command(a, move |cp| cp.unpin(&n.node)).await
                 },
             ),
         )
@@ -169,7 +172,7 @@ fn router(admin: Admin) -> Router {
         .route("/v1/service/remove", post(service_remove))
         .route(
             "/v1/reload",
-            post(|State(a): State<Admin>| async move { reply(a.cp.reload()) }),
+            post(|State(a): State<Admin>| async move { command(a, |cp| cp.reload()).await }),
         )
         .with_state(admin)
 }
@@ -191,6 +194,26 @@ struct PinArg {
     node: String,
     #[serde(flatten)]
     pin: Pin,
+}
+
+/// Runs an operator command on the blocking pool (a change can pass over
+/// the whole route table), then waits until the host's network set-up and
+/// the state file have caught up: a success is in force and saved.
+async fn command(
+    a: Admin,
+    f: impl FnOnce(&ControlPlane) -> Result<(), CommandError> + Send + 'static,
+) -> Response {
+    let cp = a.cp.clone();
+    let result = tokio::task::spawn_blocking(move || f(&cp)).await;
+    a.cp.settled().await;
+    match result {
+        Ok(r) => reply(r),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": format!("the command failed: {e}")})),
+        )
+            .into_response(),
+    }
 }
 
 fn reply(result: Result<(), CommandError>) -> Response {
@@ -238,35 +261,38 @@ struct BackendRemoveArg {
 }
 
 async fn node_add(State(a): State<Admin>, Json(n): Json<NodeAddArg>) -> Response {
-    reply(a.cp.node_add(&n.name, n.address))
+    command(a, move |cp| cp.node_add(&n.name, n.address)).await
 }
 
 async fn node_remove(State(a): State<Admin>, Json(n): Json<RemoveArg>) -> Response {
-    reply(a.cp.node_remove(&n.name, n.force))
+    command(a, move |cp| cp.node_remove(&n.name, n.force)).await
 }
 
 async fn backend_add(State(a): State<Admin>, Json(b): Json<BackendAddArg>) -> Response {
-    reply(a.cp.backend_add(&b.service, &b.node, b.ratio, b.port))
+    command(a, move |cp| {
+        cp.backend_add(&b.service, &b.node, b.ratio, b.port)
+    })
+    .await
 }
 
 async fn backend_remove(State(a): State<Admin>, Json(b): Json<BackendRemoveArg>) -> Response {
-    reply(a.cp.backend_remove(&b.service, &b.node, b.force))
+    command(a, move |cp| cp.backend_remove(&b.service, &b.node, b.force)).await
 }
 
 async fn service_add(State(a): State<Admin>, Json(s): Json<ServiceConfig>) -> Response {
-    reply(a.cp.service_add(s))
+    command(a, move |cp| cp.service_add(s)).await
 }
 
 async fn service_remove(State(a): State<Admin>, Json(s): Json<RemoveArg>) -> Response {
-    reply(a.cp.service_remove(&s.name, s.force))
+    command(a, move |cp| cp.service_remove(&s.name, s.force)).await
 }
 
 async fn ratio(State(a): State<Admin>, Json(r): Json<RatioArg>) -> Response {
-    reply(a.cp.set_ratio(&r.service, &r.node, r.ratio))
+    command(a, move |cp| cp.set_ratio(&r.service, &r.node, r.ratio)).await
 }
 
 async fn pin(State(a): State<Admin>, Json(p): Json<PinArg>) -> Response {
-    reply(a.cp.pin(&p.node, p.pin))
+    command(a, move |cp| cp.pin(&p.node, p.pin)).await
 }
 
 /// One back end of a service, as operators see it.
@@ -483,49 +509,183 @@ struct RouteQuery {
 }
 
 #[derive(Serialize)]
-struct RouteView {
-    service: String,
-    client: String,
+struct RouteView<'a> {
+    service: &'a str,
+    client: std::net::IpAddr,
     client_port: u16,
-    node: String,
+    node: &'a str,
     backend_port: u16,
     state: &'static str,
     idle_ms: u32,
 }
 
-async fn routes(State(a): State<Admin>, Query(q): Query<RouteQuery>) -> impl IntoResponse {
-    let now = a.cp.now();
-    let table = a.cp.dispatcher().table();
+/// Bytes of JSON handed to the response at a time, and chunks buffered
+/// between the pass and the client: a listing holds at most their product,
+/// whatever its limit.
+const CHUNK: usize = 64 * 1024;
+const CHUNKS_BUFFERED: usize = 4;
+
+/// `/v1/routes`: the first `limit` (default 1000) routes matching the
+/// filters, as a JSON array streamed from a pass on the blocking pool that
+/// stops there — so a listing costs what it shows, not the table (only a
+/// filter few routes match looks through it all), and never holds up the
+/// control-plane thread.
+async fn routes(State(a): State<Admin>, Query(q): Query<RouteQuery>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_BUFFERED);
+    let (dispatcher, now) = (a.cp.dispatcher_arc(), a.cp.now());
+    tokio::task::spawn_blocking(move || {
+        list_routes(&dispatcher, &q, now, |chunk| {
+            tx.blocking_send(chunk).is_ok()
+        })
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(Chunks(rx)),
+    )
+        .into_response()
+}
+
+/// Writes the routes matching `q` as a JSON array, in chunks of about
+/// [`CHUNK`] bytes given to `send`; stops after the limit, or once `send`
+/// says the reader is gone.
+fn list_routes(
+    dispatcher: &Dispatcher,
+    q: &RouteQuery,
+    now: u32,
+    mut send: impl FnMut(Vec<u8>) -> bool,
+) {
+    let table = dispatcher.table();
     let limit = q.limit.unwrap_or(1000);
-    let list: Vec<RouteView> =
-        a.cp.dispatcher()
-            .routes()
-            .snapshot()
-            .into_iter()
-            .filter_map(|(key, backend, st, last_seen)| {
-                let svc = table.service(key.service);
-                let be = &svc.backends[usize::from(backend)];
-                let client = ip_from_addr(&key.client);
-                let keep = q.service.as_ref().is_none_or(|s| *s == svc.name)
-                    && q.node.as_ref().is_none_or(|n| *n == be.node)
-                    && q.client.is_none_or(|c| c == client);
-                keep.then(|| RouteView {
-                    service: svc.name.clone(),
-                    client: client.to_string(),
-                    client_port: key.client_port,
-                    node: be.node.clone(),
-                    backend_port: be.port,
-                    state: if state::is_closed(st) {
-                        "closed"
-                    } else if st & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
-                        "closing"
-                    } else {
-                        "open"
-                    },
-                    idle_ms: idle_since(last_seen, now),
-                })
-            })
-            .take(limit)
-            .collect();
-    Json(list)
+    let (mut out, mut listed, mut gone) = (vec![b'['], 0, false);
+    if limit > 0 {
+        dispatcher.routes().scan(|key, route| {
+            let svc = table.service(key.service);
+            let be = &svc.backends[usize::from(route.backend)];
+            let client = ip_from_addr(&key.client);
+            let keep = q.service.as_ref().is_none_or(|s| *s == svc.name)
+                && q.node.as_ref().is_none_or(|n| *n == be.node)
+                && q.client.is_none_or(|c| c == client);
+            if !keep {
+                return ControlFlow::Continue(());
+            }
+            let st = route.state();
+            let view = RouteView {
+                service: &svc.name,
+                client,
+                client_port: key.client_port,
+                node: &be.node,
+                backend_port: be.port,
+                state: if state::is_closed(st) {
+                    "closed"
+                } else if st & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
+                    "closing"
+                } else {
+                    "open"
+                },
+                idle_ms: route.idle_ms(now),
+            };
+            if listed > 0 {
+                out.push(b',');
+            }
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, &view);
+            listed += 1;
+            if out.len() >= CHUNK && !send(std::mem::replace(&mut out, Vec::with_capacity(CHUNK))) {
+                gone = true;
+                return ControlFlow::Break(());
+            }
+            if listed < limit {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        });
+    }
+    if !gone {
+        out.push(b']');
+        send(out);
+    }
+}
+
+/// A response body from the chunks a pass on the blocking pool sends.
+struct Chunks(tokio::sync::mpsc::Receiver<Vec<u8>>);
+
+impl futures_core::Stream for Chunks {
+    type Item = Result<Vec<u8>, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(Ok))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::FepConfig;
+
+    use super::*;
+    use crate::route_table::FlowKey;
+    use crate::wire::addr_from_ip;
+
+    /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
+    /// 192.0.2.x:port, alternating be1 (port 80) and be2 (port 8080).
+    fn with_routes(n: u16) -> Dispatcher {
+        let d = Dispatcher::new(&FepConfig::parse(crate::testing::CONFIG).unwrap());
+        for i in 0..n {
+            let key = FlowKey {
+                service: 0,
+                client_port: 1000 + i,
+                client: addr_from_ip([192, 0, 2, (i % 200) as u8].into()),
+            };
+            assert!(d.restore_route(key, i % 2, state::ESTABLISHED, 0));
+        }
+        d
+    }
+
+    /// The listing's chunks, how many there were, and the array they make.
+    fn listing(d: &Dispatcher, query: &str) -> (usize, Vec<serde_json::Value>) {
+        let q: RouteQuery = serde_json::from_str(query).unwrap();
+        let mut chunks = Vec::new();
+        list_routes(d, &q, 10, |c| {
+            chunks.push(c);
+            true
+        });
+        let json: Vec<u8> = chunks.concat();
+        (chunks.len(), serde_json::from_slice(&json).unwrap())
+    }
+
+    #[test]
+    fn a_listing_stops_at_its_limit_and_filters_while_it_scans() {
+        let d = with_routes(3000);
+        let (chunks, all) = listing(&d, r#"{"limit": 2500}"#);
+        assert_eq!(all.len(), 2500);
+        assert!(chunks > 1, "more than one chunk of 64 KB");
+        assert_eq!(listing(&d, "{}").1.len(), 1000, "the default limit");
+        let (_, be2) = listing(&d, r#"{"node": "be2", "limit": 10}"#);
+        assert_eq!(be2.len(), 10);
+        assert!(be2
+            .iter()
+            .all(|r| r["node"] == "be2" && r["backend_port"] == 8080 && r["service"] == "web"));
+        let (_, one) = listing(&d, r#"{"client": "192.0.2.7", "service": "web"}"#);
+        assert_eq!(one.len(), 15, "ports 1007, 1207, … 2807");
+        assert!(one
+            .iter()
+            .all(|r| r["client"] == "192.0.2.7" && r["state"] == "open"));
+        assert!(listing(&d, r#"{"service": "dns"}"#).1.is_empty());
+        assert!(listing(&d, r#"{"limit": 0}"#).1.is_empty());
+    }
+
+    #[test]
+    fn a_listing_whose_reader_is_gone_stops() {
+        let d = with_routes(3000);
+        let q: RouteQuery = serde_json::from_str(r#"{"limit": 3000}"#).unwrap();
+        let mut sent = 0;
+        list_routes(&d, &q, 10, |_| {
+            sent += 1;
+            false
+        });
+        assert_eq!(sent, 1, "nothing after the first refused chunk");
+    }
 }

@@ -75,15 +75,18 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         .build()
         .context("cannot start the control-plane runtime")?;
     let result = rt.block_on(async {
-        let cp = Arc::new(ControlPlane::new(
-            config_path,
-            file,
-            cfg.clone(),
-            &saved,
-            dispatcher.clone(),
-            net,
-            clock,
-        ));
+        let cp = Arc::new(
+            ControlPlane::new(
+                config_path,
+                file,
+                cfg.clone(),
+                &saved,
+                dispatcher.clone(),
+                net,
+                clock,
+            )
+            .context("cannot start the control plane's threads")?,
+        );
         let mut tasks = JoinSet::new();
         if let (Some(listen), Some(key)) = (cfg.agent_listen, agent_key) {
             tasks.spawn(agents::serve(cp.clone(), listen, key));
@@ -93,6 +96,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             tasks.spawn(forever(health::run(cp.clone(), every, timeout)));
         }
         tasks.spawn(forever(prune::run(cp.clone())));
+        tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
         let admin = Admin {
             cp: cp.clone(),
             counters: workers.counters().to_vec(),
@@ -116,8 +120,9 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             cfg.tun,
             cfg.workers
         );
-        let result = control_loop(&cp, &workers, clock, &mut tasks).await;
+        let result = control_loop(&cp, &workers, &mut tasks).await;
         let _ = std::fs::remove_file(&cfg.control_socket);
+        cp.stop();
         result
     });
 
@@ -169,6 +174,25 @@ pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
     ))
 }
 
+/// Expires routes every [`EXPIRE_EVERY`], one pass at a time on the
+/// blocking pool: a pass looks at the whole route table.
+async fn expire_routes(dispatcher: Arc<Dispatcher>, clock: Clock) {
+    let mut every = tokio::time::interval(EXPIRE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let d = dispatcher.clone();
+        match tokio::task::spawn_blocking(move || d.expire(clock.now_ms())).await {
+            Ok(s) if s.evicted > 0 => tracing::warn!(
+                "route table near max_routes: evicted {} longest-idle route(s)",
+                s.evicted
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!("expiring routes failed: {e}"),
+        }
+    }
+}
+
 /// A task that runs until the runtime stops.
 async fn forever(f: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     f.await;
@@ -176,9 +200,8 @@ async fn forever(f: impl std::future::Future<Output = ()>) -> anyhow::Result<()>
 }
 
 async fn control_loop(
-    cp: &ControlPlane,
+    cp: &Arc<ControlPlane>,
     workers: &Workers,
-    clock: Clock,
     tasks: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let dispatcher = cp.dispatcher();
@@ -187,7 +210,6 @@ async fn control_loop(
     let mut sigint =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let mut expire = tokio::time::interval(EXPIRE_EVERY);
     let mut tick = tokio::time::interval(TICK_EVERY);
     let mut log = tokio::time::interval_at(tokio::time::Instant::now() + LOG_EVERY, LOG_EVERY);
     let mut logged = Totals::default();
@@ -197,8 +219,12 @@ async fn control_loop(
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file");
-                if let Err(e) = cp.reload() {
-                    tracing::error!("{e}");
+                // It may scan the route table (a removal): on the blocking pool.
+                let cp = cp.clone();
+                match tokio::task::spawn_blocking(move || cp.reload()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("{e}"),
+                    Err(e) => tracing::error!("the reload failed: {e}"),
                 }
             }
             Some(done) = tasks.join_next() => {
@@ -209,12 +235,6 @@ async fn control_loop(
                 };
             }
             _ = tick.tick() => cp.tick(),
-            _ = expire.tick() => {
-                let s = dispatcher.expire(clock.now_ms());
-                if s.evicted > 0 {
-                    tracing::warn!("route table near max_routes: evicted {} longest-idle route(s)", s.evicted);
-                }
-            }
             _ = log.tick() => {
                 let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
                 if totals != logged {

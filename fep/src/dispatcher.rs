@@ -8,6 +8,7 @@
 use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -575,6 +576,7 @@ impl Dispatcher {
                     evict.push(Reverse((score, k, r.last_seen())));
                 }
             }
+            ControlFlow::Continue(())
         });
         let mut stats = ExpireStats::default();
         for key in expired.iter() {

@@ -15,6 +15,7 @@
 //!   removal cannot set state bits on the route that moved into its slot.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ops::ControlFlow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -385,8 +386,11 @@ impl RouteMap {
     /// slot without a lock: a route that a concurrent removal shifts across
     /// the scan can be missed or seen twice (the control plane's passes
     /// repeat).
-    pub fn for_each(&self, f: impl FnMut(FlowKey, Route)) {
-        self.scan(0, self.slots(), f);
+    pub fn for_each(&self, mut f: impl FnMut(FlowKey, Route)) {
+        self.scan(0, self.slots(), |k, r| {
+            f(k, r);
+            ControlFlow::Continue(())
+        });
     }
 
     /// Number of slots (a power of two).
@@ -395,8 +399,15 @@ impl RouteMap {
     }
 
     /// As [`RouteMap::for_each`], over `count` slots from slot `from`
-    /// (wrapping around the end); returns the slot after the last one read.
-    pub fn scan(&self, from: usize, count: usize, mut f: impl FnMut(FlowKey, Route)) -> usize {
+    /// (wrapping around the end) or until `f` breaks: a pass that stops
+    /// after what it needs costs only that much. Returns the slot after the
+    /// last one read.
+    pub fn scan(
+        &self,
+        from: usize,
+        count: usize,
+        mut f: impl FnMut(FlowKey, Route) -> ControlFlow<()>,
+    ) -> usize {
         let end = from + count.min(self.slots());
         let mut i = from;
         let mut waits = 0u32;
@@ -422,12 +433,14 @@ impl RouteMap {
             if self.moves.load(Ordering::Relaxed) != seq {
                 continue;
             }
-            if let Some((k, r)) = read {
-                f(k, r);
-            }
             i += 1;
+            if let Some((k, r)) = read {
+                if f(k, r).is_break() {
+                    break;
+                }
+            }
         }
-        end & self.mask
+        i & self.mask
     }
 }
 
@@ -536,6 +549,27 @@ mod tests {
         let mut out = Vec::new();
         m.for_each(|k, r| out.push((k, r)));
         out
+    }
+
+    #[test]
+    fn a_scan_stops_where_its_callback_breaks() {
+        let m = RouteMap::with_room(100);
+        for k in 0..50 {
+            m.insert_with(&key(k), 0, 0, || Some(1));
+        }
+        let mut seen = 0;
+        m.scan(0, m.slots(), |_, _| {
+            seen += 1;
+            if seen == 10 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(seen, 10);
+        let mut all = 0;
+        m.for_each(|_, _| all += 1);
+        assert_eq!(all, 50);
     }
 
     #[test]

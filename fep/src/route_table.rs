@@ -13,6 +13,7 @@
 //! order, where both are held: the route map's writer lock before `clients`.
 
 use std::hash::{Hash, Hasher};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
@@ -196,6 +197,11 @@ impl RouteTable {
     /// The back end a client is held to under client affinity.
     pub fn sticky(&self, key: &ClientKey) -> Option<Sticky> {
         self.clients.get(key).map(|s| *s)
+    }
+
+    /// Calls `f` with routes until it breaks (see [`RouteMap::scan`]).
+    pub fn scan(&self, f: impl FnMut(FlowKey, Route) -> ControlFlow<()>) {
+        self.map.scan(0, self.map.slots(), f);
     }
 
     /// Every route's key, back end and state (a snapshot for the control plane).

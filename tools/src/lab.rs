@@ -208,20 +208,41 @@ impl Lab {
         self.dir.join("fep.sock")
     }
 
+    /// fep's `state_dir` in this lab.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// A config for this lab: one node per back end (IPv6 addresses when
     /// `v6`), the admin socket and state directory inside the lab, and the
-    /// given services and extra top-level keys (TOML, written by the caller).
+    /// given services and extra top-level keys (TOML, written by the caller;
+    /// a key of the lab's defaults given there replaces the default).
     pub fn config(&self, v6: bool, top: &str, services: &str) -> String {
         self.config_with_nodes(self.backends.len(), v6, top, services)
     }
 
     /// As [`Lab::config`], with only the first `nodes` back ends as nodes.
     pub fn config_with_nodes(&self, nodes: usize, v6: bool, top: &str, services: &str) -> String {
-        let mut s = format!(
-            "tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 30\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n{top}\n",
-            self.control_socket().display(),
-            self.dir.join("state").display()
-        );
+        let defaults = [
+            ("tun", "\"fep0\"".to_string()),
+            ("workers", "2".to_string()),
+            ("route_idle_timeout_s", "30".to_string()),
+            (
+                "control_socket",
+                format!("\"{}\"", self.control_socket().display()),
+            ),
+            ("state_dir", format!("\"{}\"", self.state_dir().display())),
+        ];
+        let given = |key: &str| {
+            top.lines()
+                .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+        };
+        let mut s = String::new();
+        for (key, value) in defaults.iter().filter(|(k, _)| !given(k)) {
+            s.push_str(&format!("{key} = {value}\n"));
+        }
+        s.push_str(top);
+        s.push('\n');
         for i in 0..nodes {
             let addr: IpAddr = if v6 {
                 backend_v6(i).into()
@@ -358,7 +379,8 @@ impl Lab {
             .arg("--config")
             .arg(&config_path)
             .args(args)
-            .env("RUST_LOG", "info")
+            // Failed health checks too, which fep logs at debug.
+            .env("RUST_LOG", "info,fep::control::health=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -98,11 +98,14 @@ fn service_mut<'a>(
 }
 
 impl ControlPlane {
+    /// Has the configs and the model's pins and drains saved (on the
+    /// saver's thread). The copy is taken and handed over under the configs
+    /// lock, so saves reach the file in the order they were made.
     pub(crate) fn save(&self) {
         let configs = self.configs();
-        if let Err(e) = self.state.save(&configs.file, &configs.live, &self.model()) {
-            tracing::error!("{e}");
-        }
+        let m = self.model().clone();
+        self.saver
+            .request((configs.file.clone(), configs.live.clone(), m));
     }
 
     fn configs(&self) -> std::sync::MutexGuard<'_, Configs> {
@@ -114,18 +117,11 @@ impl ControlPlane {
         self.configs().live.clone()
     }
 
-    /// Brings VIP routes and rules to the current table (removed back ends
-    /// drop out once their last route is gone).
+    /// Has VIP routes and rules brought to the current table (removed back
+    /// ends drop out once their last route is gone), on the reconciler's
+    /// thread.
     pub(crate) fn reconcile_network(&self) {
-        let table = self.dispatcher.table();
-        if let Err(e) = self
-            .net
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reconcile(&table)
-        {
-            tracing::error!("{e}");
-        }
+        self.reconciler.request(());
     }
 
     /// Moves the running system to `new`. With `force`, routes of removed
@@ -144,6 +140,15 @@ impl ControlPlane {
         self.dispatcher.set_table(table);
         self.dispatcher.set_limits(&new);
         let table = self.dispatcher.table();
+        {
+            let mut m = self.model();
+            let rebuilt = Model::new(&new, &table, Some(&m));
+            *m = rebuilt;
+        }
+        configs.live = new;
+        drop(configs);
+        // A pass over the whole table, outside the configs lock (a save
+        // from the control-plane thread takes it).
         if force {
             let n = self.dispatcher.remove_routes(|k, r| {
                 let svc = table.service(k.service);
@@ -153,13 +158,6 @@ impl ControlPlane {
                 tracing::warn!("forced: deleted {n} route(s) of removed back ends and services");
             }
         }
-        {
-            let mut m = self.model();
-            let rebuilt = Model::new(&new, &table, Some(&m));
-            *m = rebuilt;
-        }
-        configs.live = new;
-        drop(configs);
         self.reconcile_network();
         self.save();
         self.tick();

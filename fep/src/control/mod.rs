@@ -9,6 +9,7 @@ pub mod agents;
 pub mod commands;
 pub mod health;
 pub mod journal;
+pub mod latest;
 pub mod model;
 pub mod prune;
 pub mod snapshot;
@@ -30,6 +31,7 @@ use crate::dispatcher::Dispatcher;
 use crate::netsetup::NetSetup;
 use crate::transfer_table::{NodeId, ServiceId};
 use crate::tun_io::Clock;
+use latest::Latest;
 use model::{Event, Model};
 
 /// A connected agent: where to send it messages, and its pending queries.
@@ -41,6 +43,10 @@ pub(crate) struct AgentLink {
     pub(crate) pending: HashMap<u64, oneshot::Sender<Vec<ConnId>>>,
 }
 
+/// The control plane runs on one thread (a current-thread runtime) that
+/// serves agents, health checks and the admin API; blocking work goes
+/// elsewhere: `ip` calls and state-file fsyncs to their own [`Latest`]
+/// threads, passes over the route table to the blocking pool.
 pub struct ControlPlane {
     model: Mutex<Model>,
     dispatcher: Arc<Dispatcher>,
@@ -48,10 +54,14 @@ pub struct ControlPlane {
     pub(crate) agents: Mutex<HashMap<NodeId, AgentLink>>,
     /// Rejected agent frames and connections, by reason.
     rejects: Mutex<BTreeMap<&'static str, u64>>,
-    state: state::StateFile,
+    /// Writes `state_dir/state.json`: the file, the config in force, the
+    /// model's pins and drains.
+    saver: Latest<(FepConfig, FepConfig, Model)>,
     /// The config file as last loaded, and the config in force.
     configs: Mutex<commands::Configs>,
-    net: Mutex<NetSetup>,
+    /// Brings the host's VIP routes and rules to the transfer table in
+    /// force when it runs (so never to an older one).
+    reconciler: Latest<()>,
     pub(crate) prune_interval_ms: u64,
     /// Pruning rounds that had routes to look at, and routes they deleted.
     pub prune_cycles: AtomicU64,
@@ -63,7 +73,7 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// The control plane for `live` (the config in force: `file`, read from
     /// `config_path`, plus saved runtime changes), with the host's network
-    /// set up by `net`.
+    /// set up by `net`. Fails only if its threads cannot be started.
     pub fn new(
         config_path: &Path,
         file: FepConfig,
@@ -72,30 +82,61 @@ impl ControlPlane {
         dispatcher: Arc<Dispatcher>,
         net: NetSetup,
         clock: Clock,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let mut model = Model::new(&live, &dispatcher.table(), None);
         saved.restore_nodes(&mut model);
+        let file_state = state::StateFile::new(&live.state_dir);
+        let saver = Latest::spawn("fep-state", move |(base, live, m): (_, _, Model)| {
+            if let Err(e) = file_state.save(&base, &live, &m) {
+                tracing::error!("{e}");
+            }
+        });
+        let (mut net, current) = (net, dispatcher.clone());
+        let reconciler = Latest::spawn("fep-netsetup", move |()| {
+            if let Err(e) = net.reconcile(&current.table()) {
+                tracing::error!("{e}");
+            }
+        });
+        let (saver, reconciler) = match (saver, reconciler) {
+            (Ok(s), Ok(r)) => (s, r),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
         let cp = ControlPlane {
             model: Mutex::new(model),
             dispatcher,
             clock,
             agents: Mutex::new(HashMap::new()),
             rejects: Mutex::new(BTreeMap::new()),
-            state: state::StateFile::new(&live.state_dir),
+            saver,
+            reconciler,
             prune_interval_ms: live.prune_interval_ms,
             configs: Mutex::new(commands::Configs {
                 path: config_path.to_path_buf(),
                 file,
                 live,
             }),
-            net: Mutex::new(net),
             prune_cycles: AtomicU64::new(0),
             routes_pruned: AtomicU64::new(0),
             rebuilt: Mutex::new(HashSet::new()),
         };
         cp.save();
         cp.tick();
-        cp
+        Ok(cp)
+    }
+
+    /// At exit: finishes the state saves and network changes asked for (the
+    /// network set-up itself stays for the next start, see
+    /// [`crate::netsetup`]).
+    pub fn stop(&self) {
+        self.saver.stop();
+        self.reconciler.stop();
+    }
+
+    /// Waits (without blocking the thread) until the state file and the
+    /// host's network set-up reflect every change made so far.
+    pub async fn settled(&self) {
+        self.reconciler.settled().await;
+        self.saver.settled().await;
     }
 
     pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
@@ -191,15 +232,26 @@ impl ControlPlane {
         let table = self.dispatcher.table();
         match event {
             Event::BackendDown { service, backend } => {
-                let be = &table.service(service).backends[usize::from(backend)];
-                let n = self
-                    .dispatcher
-                    .remove_routes(|k, r| k.service == service && r.backend == backend);
-                tracing::warn!(
-                    "node '{}' is down for service '{}': no new routes, {n} route(s) deleted",
-                    be.node,
-                    table.service(service).name
-                );
+                // A pass over the whole table: on the blocking pool. While
+                // its effective ratio stays 0 no new route goes to it, so
+                // every route the pass finds is from before it went down.
+                let dispatcher = self.dispatcher.clone();
+                tokio::task::spawn_blocking(move || {
+                    let svc = table.service(service);
+                    let be = &svc.backends[usize::from(backend)];
+                    let n = dispatcher.remove_routes(|k, r| {
+                        k.service == service
+                            && r.backend == backend
+                            && dispatcher.table().service(service).backends[usize::from(backend)]
+                                .ratio()
+                                == 0
+                    });
+                    tracing::warn!(
+                        "node '{}' is down for service '{}': no new routes, {n} route(s) deleted",
+                        be.node,
+                        svc.name
+                    );
+                });
             }
             Event::BackendUp { service, backend } => {
                 let be = &table.service(service).backends[usize::from(backend)];

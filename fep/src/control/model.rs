@@ -49,7 +49,7 @@ pub enum NodeState {
     Drained,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Node {
     pub name: String,
     pub address: IpAddr,
@@ -78,7 +78,7 @@ pub enum Spare {
 }
 
 /// The control plane's view of one transfer-table entry.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub service: ServiceId,
     pub index: BackendId,
@@ -95,7 +95,7 @@ pub struct Backend {
     pub down: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
     pub port: u16,
@@ -131,7 +131,7 @@ pub enum Event {
     NodeDrained { node: NodeId },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model {
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,

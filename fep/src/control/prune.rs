@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use super::model::over_target;
 use super::ControlPlane;
+use crate::dispatcher::Dispatcher;
 use crate::route_table::FlowKey;
 use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
 use crate::wire::ip_from_addr;
@@ -45,20 +46,25 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
         return 0;
     }
     let now = cp.now();
-    let dispatcher = cp.dispatcher();
-    let plan = plan(
-        &dispatcher.table(),
-        dispatcher.routes().snapshot(),
-        &over,
-        now,
-    );
-    let mut deleted = plan
-        .idle_udp
-        .iter()
-        .filter(|(key, last_seen)| dispatcher.remove_route(key, |_, r| r.last_seen() == *last_seen))
-        .count();
+    // Passes over the route table run on the blocking pool: planning (the
+    // whole table) and the deletions (possibly many).
+    let dispatcher = cp.dispatcher_arc();
+    let Ok((ask, mut deleted)) = tokio::task::spawn_blocking(move || {
+        let plan = plan(
+            &dispatcher.table(),
+            dispatcher.routes().snapshot(),
+            &over,
+            now,
+        );
+        let deleted = delete(&dispatcher, plan.idle_udp.iter().copied());
+        (plan.ask, deleted)
+    })
+    .await
+    else {
+        return 0;
+    };
     let mut queries = JoinSet::new();
-    for (node, candidates) in plan.ask {
+    for (node, candidates) in ask {
         let cp = cp.clone();
         queries.spawn(async move {
             let conns = candidates.iter().map(|c| c.0).collect();
@@ -70,13 +76,16 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
         // No answer: the connections may be live, so nothing is deleted.
         let Some(live) = live else { continue };
         let live: HashSet<ConnId> = live.into_iter().collect();
-        for (conn, key, last_seen) in candidates {
-            if !live.contains(&conn)
-                && dispatcher.remove_route(&key, |_, r| r.last_seen() == last_seen)
-            {
-                deleted += 1;
-            }
-        }
+        let dispatcher = cp.dispatcher_arc();
+        deleted += tokio::task::spawn_blocking(move || {
+            let idle = candidates
+                .into_iter()
+                .filter(|(conn, _, _)| !live.contains(conn))
+                .map(|(_, key, last_seen)| (key, last_seen));
+            delete(&dispatcher, idle)
+        })
+        .await
+        .unwrap_or(0);
     }
     cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
     cp.routes_pruned
@@ -86,6 +95,14 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     }
     cp.tick();
     deleted
+}
+
+/// Deletes each route that has had no packet since the round began (its
+/// last-seen time unchanged); how many it deleted.
+fn delete(dispatcher: &Dispatcher, routes: impl Iterator<Item = (FlowKey, u32)>) -> usize {
+    routes
+        .filter(|(key, last_seen)| dispatcher.remove_route(key, |_, r| r.last_seen() == *last_seen))
+        .count()
 }
 
 /// What one round does before asking anyone.

@@ -257,7 +257,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
             let v = get(&q)?;
-            let text = routes_text(&v);
+            let mut text = routes_text(&v);
+            if !cli.json && v.as_array().is_some_and(|a| a.len() == *limit) {
+                // The table's size is a counter: no second listing.
+                let total = &get("/v1/status")?["routes"];
+                text += &format!("the first {limit} shown; {total} route(s) in the table (--limit K for more)\n");
+            }
             (v, text)
         }
         Cmd::Ratio { service, node, ratio } => (
