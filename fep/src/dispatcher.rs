@@ -569,11 +569,15 @@ impl Dispatcher {
             } else if quota > 0 {
                 let unconfirmed = u64::from(state::is_unconfirmed(r.state()));
                 let score = unconfirmed << 32 | u64::from(r.idle_ms(now));
+                // Ties go by key, not by the order of the scan: evicting the
+                // first routes of the window would empty its start and crowd
+                // the rest into long probe runs.
+                let candidate = Reverse((score, k, r.last_seen()));
                 if evict.len() < quota {
-                    evict.push(Reverse((score, k, r.last_seen())));
-                } else if evict.peek().is_some_and(|Reverse(top)| score > top.0) {
+                    evict.push(candidate);
+                } else if evict.peek().is_some_and(|top| candidate < *top) {
                     evict.pop();
-                    evict.push(Reverse((score, k, r.last_seen())));
+                    evict.push(candidate);
                 }
             }
             ControlFlow::Continue(())
@@ -1481,5 +1485,21 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
         );
         assert_eq!(first + r.d.expire(EMBRYONIC_TIMEOUT_MS).expired, 200);
         assert_eq!(r.routes(), 0);
+    }
+
+    #[test]
+    fn evictions_among_equally_idle_routes_do_not_follow_the_table_order() {
+        // All equally idle and unconfirmed: the key decides (the largest
+        // client ports go), not where the routes sit in the table, which
+        // would empty one end of it and crowd the other.
+        let r = rig(GOLDEN);
+        for n in 0..100u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
+        }
+        assert_eq!(r.d.expire(1).evicted, 10);
+        for n in 0..100u16 {
+            let kept = r.send(client(1), 2000 + n, 8080, ACK, 2).is_ok();
+            assert_eq!(kept, n < 90, "client port {}", 2000 + n);
+        }
     }
 }
