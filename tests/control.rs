@@ -5,10 +5,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use fep_shared::protocol::{self, AgentMsg, Key, Report, ServiceLoad, Session};
+use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
     backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents, tally,
-    wait_for,
+    wait_for, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -290,54 +290,6 @@ fn harmful_report() -> AgentMsg {
     })
 }
 
-/// An agent connection from the client namespace, speaking the protocol by hand.
-struct RawAgent {
-    stream: TcpStream,
-    session: Session,
-}
-
-impl RawAgent {
-    fn connect(r: &fep_tests::Running, key: Key) -> RawAgent {
-        let mut stream = r
-            .lab
-            .client
-            .enter(|| TcpStream::connect("10.0.2.1:9441").unwrap())
-            .unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (hello, nonce) = protocol::hello();
-        stream.write_all(&hello).unwrap();
-        let mut peer = [0u8; protocol::HELLO_LEN];
-        stream.read_exact(&mut peer).unwrap();
-        let session = Session::new(key, nonce, protocol::parse_hello(&peer).unwrap());
-        RawAgent { stream, session }
-    }
-
-    fn send(&mut self, frame: &[u8]) {
-        let _ = self.stream.write_all(frame);
-    }
-
-    /// True once fep has closed the connection (frames it sends before,
-    /// such as its request for live connections, are read past); false if
-    /// it stays open for the read timeout.
-    fn closed(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) => {
-                    return !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    )
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     if skip_without_root("forged_and_replayed_agent_messages_change_nothing") {
@@ -371,7 +323,7 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
 
     // Forged: the right protocol under the wrong key.
     let wrong = Key::from_hex(&"ab".repeat(32)).unwrap();
-    let mut forger = RawAgent::connect(&r, wrong);
+    let mut forger = RawAgent::connect(&r.lab.backends[0], wrong);
     let f = forger
         .session
         .seal(&AgentMsg::Register { node: "be1".into() });
@@ -380,8 +332,9 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     forger.send(&f);
     assert!(forger.closed(), "fep hangs up on a forged frame");
 
-    // Replayed within a connection: a genuine frame sent twice.
-    let mut agent = RawAgent::connect(&r, key.clone());
+    // Replayed within a connection: a genuine frame sent twice (from be1's
+    // own address: an agent speaks for its node only from there).
+    let mut agent = RawAgent::connect(&r.lab.backends[0], key.clone());
     let register = agent
         .session
         .seal(&AgentMsg::Register { node: "be1".into() });
@@ -405,13 +358,13 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     assert!(agent.closed(), "fep hangs up on a replayed frame");
 
     // Replayed into another connection: the recorded registration and report.
-    let mut replayer = RawAgent::connect(&r, wrong_key_never_used());
+    let mut replayer = RawAgent::connect(&r.lab.backends[0], wrong_key_never_used());
     replayer.send(&register);
     replayer.send(&report);
     assert!(replayer.closed());
 
     // Garbled: an oversized length.
-    let mut garbler = RawAgent::connect(&r, key);
+    let mut garbler = RawAgent::connect(&r.lab.client, key);
     garbler.send(&u32::MAX.to_be_bytes());
     assert!(garbler.closed());
 

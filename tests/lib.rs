@@ -1,10 +1,13 @@
 //! Shared pieces of the integration tests: a lab with fep and the back-end
 //! servers running, and the skip rule for machines without root.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
+use fep_shared::protocol::{self, FepMsg, Message, Session};
 use fep_tools::lab::{self, FepProcess, Lab};
-use fep_tools::netns;
+use fep_tools::netns::{self, Netns};
 
 pub use fep_tools::{http, pattern};
 
@@ -208,4 +211,71 @@ pub fn http_names(r: &Running, vip: std::net::IpAddr, n: usize) -> Vec<String> {
                 .collect()
         })
         .unwrap()
+}
+
+/// An agent connection to fep's agent port (10.0.2.1:9441) from namespace
+/// `ns`, speaking the protocol by hand: a forger, a replayer, or a fake agent.
+pub struct RawAgent {
+    pub stream: TcpStream,
+    pub session: Session,
+}
+
+impl RawAgent {
+    /// Connects and exchanges hellos, with `key` for the session.
+    pub fn connect(ns: &Netns, key: protocol::Key) -> RawAgent {
+        let mut stream = ns
+            .enter(|| TcpStream::connect("10.0.2.1:9441").unwrap())
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (hello, nonce) = protocol::hello();
+        stream.write_all(&hello).unwrap();
+        let mut peer = [0u8; protocol::HELLO_LEN];
+        stream.read_exact(&mut peer).unwrap();
+        let session = Session::new(key, nonce, protocol::parse_hello(&peer).unwrap());
+        RawAgent { stream, session }
+    }
+
+    /// Sends raw bytes (a frame, or garbage); errors are ignored, since fep
+    /// may have closed the connection already.
+    pub fn send(&mut self, frame: &[u8]) {
+        let _ = self.stream.write_all(frame);
+    }
+
+    /// Seals and sends one message.
+    pub fn say<T: Message + serde::Serialize>(&mut self, msg: &T) {
+        let frame = self.session.seal(msg);
+        self.send(&frame);
+    }
+
+    /// The next message from fep (within the read timeout).
+    pub fn next(&mut self) -> FepMsg {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).expect("a frame from fep");
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream
+            .read_exact(&mut frame)
+            .expect("a frame from fep");
+        self.session.open(&frame).expect("fep's frame verifies")
+    }
+
+    /// True once fep has closed the connection (frames it sends before,
+    /// such as its request for live connections, are read past); false if
+    /// it stays open for the read timeout.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        }
+    }
 }

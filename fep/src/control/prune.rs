@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fep_shared::protocol::ConnId;
+use fep_shared::protocol::{ConnId, MAX_CONNS_PER_FRAME};
 use tokio::task::JoinSet;
 
 use super::model::over_target;
@@ -58,25 +58,34 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
         .filter(|(key, last_seen)| dispatcher.remove_route(key, |_, r| r.last_seen() == *last_seen))
         .count();
     let mut queries = JoinSet::new();
+    // One task per node, asking in frame-sized parts one after the other,
+    // so that each part has the whole answer time to itself.
     for (node, candidates) in plan.ask {
         let cp = cp.clone();
         queries.spawn(async move {
-            let conns = candidates.iter().map(|c| c.0).collect();
-            let live = cp.query_live(node, conns).await;
-            (candidates, live)
+            let mut deleted = 0;
+            for part in candidates.chunks(MAX_CONNS_PER_FRAME) {
+                let conns = part.iter().map(|c| c.0).collect();
+                // No answer: the connections may be live, so nothing is deleted.
+                let Some(live) = cp.query_live(node, conns).await else {
+                    break;
+                };
+                let live: HashSet<ConnId> = live.into_iter().collect();
+                for (conn, key, last_seen) in part {
+                    if !live.contains(conn)
+                        && cp
+                            .dispatcher()
+                            .remove_route(key, |_, r| r.last_seen() == *last_seen)
+                    {
+                        deleted += 1;
+                    }
+                }
+            }
+            deleted
         });
     }
-    while let Some(Ok((candidates, live))) = queries.join_next().await {
-        // No answer: the connections may be live, so nothing is deleted.
-        let Some(live) = live else { continue };
-        let live: HashSet<ConnId> = live.into_iter().collect();
-        for (conn, key, last_seen) in candidates {
-            if !live.contains(&conn)
-                && dispatcher.remove_route(&key, |_, r| r.last_seen() == last_seen)
-            {
-                deleted += 1;
-            }
-        }
+    while let Some(Ok(n)) = queries.join_next().await {
+        deleted += n;
     }
     cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
     cp.routes_pruned
