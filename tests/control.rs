@@ -1,39 +1,16 @@
 //! The control loop end to end: real agents on the back ends, real kernel
 //! TCP, fep driven with fepctl.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
-    backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents, tally,
-    wait_for, RawAgent,
+    backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, services,
+    skip_without_root, start_with_agents, tally, wait_for, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
-
-fn services(ratios: &[(&str, u32)], extra: &str) -> String {
-    let list: Vec<String> = ratios
-        .iter()
-        .map(|(n, r)| format!("{{ node = \"{n}\", ratio = {r} }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{extra}\nbackend = [{0}]\n\n\
-         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{0}]\n",
-        list.join(", ")
-    )
-}
-
-/// Sends a line on the long-lived echo connection and checks it comes back.
-fn echo(conn: &mut BufReader<TcpStream>, line: &str) {
-    conn.get_mut()
-        .write_all(format!("{line}\n").as_bytes())
-        .unwrap();
-    let mut back = String::new();
-    conn.read_line(&mut back)
-        .unwrap_or_else(|e| panic!("echo of {line:?} failed: {e}"));
-    assert_eq!(back.trim(), line, "the long-lived connection broke");
-}
 
 #[test]
 fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it_closes() {
@@ -274,20 +251,6 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
         "the started spare receives routes: {after:?}"
     );
     drop(held);
-}
-
-/// A report that would take be1's port 80 down if it were believed.
-fn harmful_report() -> AgentMsg {
-    AgentMsg::Report(Report {
-        cpu_percent: 0.0,
-        load_avg: [0.0; 3],
-        services: vec![ServiceLoad {
-            port: 80,
-            listening: false,
-            connections: 0,
-            rx_pps: 0.0,
-        }],
-    })
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Shared pieces of the integration tests: a lab with fep and the back-end
 //! servers running, and the skip rule for machines without root.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use fep_shared::protocol::{self, FepMsg, Message, Session};
+use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
+use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
 use fep_tools::netns::{self, Netns};
 
@@ -86,6 +87,18 @@ pub fn tally(names: &[String], backends: usize) -> Vec<usize> {
 /// `bep-agent`, and fep with the agent server and fast control-loop timings
 /// (`top` adds or overrides top-level keys).
 pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) -> Running {
+    start_with_agents_after(tag, backends, top, services, |_| {})
+}
+
+/// As [`start_with_agents`], with `prepare` run on the lab before fep
+/// starts (e.g. to write a route snapshot into its state directory).
+pub fn start_with_agents_after(
+    tag: &str,
+    backends: usize,
+    top: &str,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+) -> Running {
     let mut lab = Lab::new(tag, backends).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     let agent = lab::workspace_bin("bep-agent").unwrap();
@@ -101,6 +114,7 @@ pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) 
          health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
         key.display()
     );
+    prepare(&lab);
     let fep = lab
         .start_fep(
             &lab::workspace_bin("fep").unwrap(),
@@ -278,4 +292,43 @@ impl RawAgent {
             }
         }
     }
+}
+
+/// A `web` service (HTTP, port 80) and an `echo` service (port 7000) on the
+/// VIP, both with the back ends `ratios`; `extra` goes into `web`.
+pub fn services(ratios: &[(&str, u32)], extra: &str) -> String {
+    let list: Vec<String> = ratios
+        .iter()
+        .map(|(n, r)| format!("{{ node = \"{n}\", ratio = {r} }}"))
+        .collect();
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{extra}\nbackend = [{0}]\n\n\
+         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{0}]\n",
+        list.join(", ")
+    )
+}
+
+/// Sends a line on the long-lived echo connection and checks it comes back.
+pub fn echo(conn: &mut BufReader<TcpStream>, line: &str) {
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut back = String::new();
+    conn.read_line(&mut back)
+        .unwrap_or_else(|e| panic!("echo of {line:?} failed: {e}"));
+    assert_eq!(back.trim(), line, "the long-lived connection broke");
+}
+
+/// A report that would take be1's port 80 down if it were believed.
+pub fn harmful_report() -> AgentMsg {
+    AgentMsg::Report(Report {
+        cpu_percent: 0.0,
+        load_avg: [0.0; 3],
+        services: vec![ServiceLoad {
+            port: 80,
+            listening: false,
+            connections: 0,
+            rx_pps: 0.0,
+        }],
+    })
 }

@@ -478,9 +478,13 @@ impl ControlPlane {
 
     /// Asks a node's agent which of `conns` (at most
     /// [`MAX_CONNS_PER_FRAME`]) are live; `None` when no agent is connected
-    /// or it does not answer within the prune interval.
+    /// or it does not answer within the prune interval (plus 50 µs a
+    /// connection asked about).
     pub async fn query_live(&self, node: NodeId, conns: Vec<ConnId>) -> Option<Vec<ConnId>> {
         debug_assert!(conns.len() <= MAX_CONNS_PER_FRAME);
+        // A full part takes time to encode, check and decode on both sides.
+        let wait = Duration::from_millis(self.prune_interval_ms.max(500))
+            + Duration::from_micros(50) * conns.len() as u32;
         let id = QUERY_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Some(link) = self.agents().get_mut(&node) {
@@ -489,7 +493,6 @@ impl ControlPlane {
         if !self.send(node, FepMsg::Query { id, conns }) {
             return None;
         }
-        let wait = Duration::from_millis(self.prune_interval_ms.max(500));
         let answer = tokio::time::timeout(wait, rx)
             .await
             .ok()
