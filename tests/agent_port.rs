@@ -100,7 +100,7 @@ fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
 fn fake_be1(r: &Running) -> (RawAgent, FepMsg) {
     let mut fake = RawAgent::connect(&r.lab.backends[0], lab_key(r));
     fake.say(&AgentMsg::Register { node: "be1".into() });
-    let asked = fake.next();
+    let asked = fake.receive();
     (fake, asked)
 }
 
@@ -300,12 +300,27 @@ fn a_node_with_200k_idle_routes_drains() {
     });
     assert_eq!(node(&r, "be1")["routes"], N as u64, "{}", r.fep.log());
     // None of them has a connection on be1: the agent's answers (in parts)
-    // let fep delete them all.
-    let (code, out) = fepctl(&r, &["drain", "be1", "--wait", "--timeout", "120"]);
+    // let fep delete them all — well before they would idle out (the lab's
+    // route_idle_timeout_s is 30).
+    let (code, out) = fepctl(&r, &["drain", "be1", "--wait", "--timeout", "20"]);
     assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
     assert!(out.contains("is drained"), "{out}");
     assert_eq!(node(&r, "be1")["routes"], 0);
     assert_eq!(node(&r, "be1")["agent_connected"], true);
+    let pruned: usize = r
+        .fep
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split("pruned ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(pruned, N, "every route was pruned (none idled out)");
 }
 
 /// Open descriptors of process `pid`.
@@ -410,6 +425,7 @@ fn a_flood_of_connections_to_the_agent_port_holds_few_descriptors_while_fep_serv
         stop.store(true, Ordering::Relaxed);
         flooder.join().unwrap()
     });
+    eprintln!("flood: {opened} connections opened, fep held at most {max_fds} descriptors, {served} requests served");
     assert!(
         opened > 2000,
         "fep closed flood connections: {opened} opened"

@@ -264,7 +264,7 @@ impl RawAgent {
     }
 
     /// The next message from fep (within the read timeout).
-    pub fn next(&mut self) -> FepMsg {
+    pub fn receive(&mut self) -> FepMsg {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).expect("a frame from fep");
         let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];

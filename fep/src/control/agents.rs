@@ -247,6 +247,10 @@ async fn authenticate(
         .await
         .map_err(|e| match e {
             io::HandshakeError::Protocol(p) => rejected(cp, p),
+            io::HandshakeError::Timeout => {
+                cp.reject("auth_timeout");
+                e.to_string()
+            }
             other => other.to_string(),
         })?;
     let first = io::read_frame(stream, MAX_REGISTER_FRAME)
