@@ -604,3 +604,43 @@ fn a_start_command_that_hangs_times_out_and_scale_out_tries_the_next_spare() {
     assert!(http_names(&r, VIP_V4.into(), 10).iter().any(|n| n == "be3"));
     drop(held);
 }
+
+#[test]
+fn a_nodes_derived_key_speaks_for_that_node_only() {
+    if skip_without_root("a_nodes_derived_key_speaks_for_that_node_only") {
+        return;
+    }
+    let r = start_without_agents("fdk", 2, &services(&[("be1", 1), ("be2", 1)], ""));
+    let agent = lab::workspace_bin("bep-agent").unwrap();
+    let be1_key = r.lab.dir().join("be1.key");
+    let out = std::process::Command::new(&agent)
+        .arg("--derive-key")
+        .arg(r.lab.dir().join("agent.key"))
+        .arg(&be1_key)
+        .args(["--node", "be1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let be1_key = Key::load(&be1_key).unwrap();
+
+    // be1's key, from be2's address, registering as be2: refused.
+    let mut thief = RawAgent::connect(&r.lab.backends[1], be1_key.clone());
+    thief.say(&AgentMsg::Register { node: "be2".into() });
+    assert!(thief.closed(), "be1's key does not speak for be2");
+    assert_eq!(refused(&r, "bad_mac"), 1);
+
+    // Under its own key be1's agent registers and is answered.
+    let mut be1 = RawAgent::connect(&r.lab.backends[0], be1_key);
+    be1.say(&AgentMsg::Register { node: "be1".into() });
+    assert!(matches!(be1.receive(), FepMsg::ListLive { .. }));
+    be1.say(&AgentMsg::LiveList {
+        conns: Vec::new(),
+        done: true,
+    });
+    be1.say(&ports_closed(&[7000]));
+    wait_for(&r, "be1's report taken", Duration::from_secs(5), |r| {
+        backend(r, "echo", "be1")["effective_ratio"] == 0
+    });
+    assert_eq!(node(&r, "be1")["agent_connected"], true);
+    assert_eq!(backend(&r, "echo", "be2")["effective_ratio"], 1);
+}

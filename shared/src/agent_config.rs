@@ -27,7 +27,7 @@ pub struct AgentConfig {
     pub node: String,
     /// The FEP's agent address (its `agent_listen`).
     pub fep: SocketAddr,
-    /// File with the shared key (64 hex characters).
+    /// File with the node's derived key or the master key (64 hex characters).
     pub key_file: PathBuf,
     #[serde(default = "default_report_interval")]
     pub report_interval_ms: u64,

@@ -197,7 +197,8 @@ pub struct FepConfig {
     /// Where agents connect (`"0.0.0.0:9441"`); no agent server when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_listen: Option<SocketAddr>,
-    /// File with the agents' shared key (64 hex characters).
+    /// File with the agents' master key (64 hex characters); each node's
+    /// own key is derived from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_key_file: Option<PathBuf>,
     /// A node whose agent reported before is down after this long without a report.

@@ -5,7 +5,8 @@
 //! and a fresh 16-byte random nonce. After that every frame is
 //! `len (u32, big endian) | HMAC-SHA256 (32 bytes) | JSON body`, where the
 //! body is an [`Envelope`] with the sender's sequence number and the MAC is
-//! computed under the shared key over a direction label (agent → FEP or
+//! computed under the key (the master key, or the registering node's key
+//! derived from it, see [`Key::derive`]) over a direction label (agent → FEP or
 //! FEP → agent), the *receiver's* nonce and the body. So a frame forged
 //! without the key fails the MAC, a frame replayed within a connection fails
 //! the sequence check, one replayed from another connection fails the MAC
