@@ -69,9 +69,14 @@ fn open_echo(r: &Running) -> (BufReader<TcpStream>, String) {
     (conn, name.trim().to_string())
 }
 
-/// The lab of [`start_with_agents`] without the agents: the test plays the
-/// agent itself.
-fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
+/// The lab of [`start_with_agents`] without the agents (the test plays the
+/// agent itself), with `prepare` run before fep starts.
+fn start_without_agents_after(
+    tag: &str,
+    backends: usize,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+) -> Running {
     let mut lab = Lab::new(tag, backends).unwrap();
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     for i in 0..backends {
@@ -86,6 +91,7 @@ fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
         "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nnode_dead_after_ms = 60000\nhealth_check_interval_ms = 0\n",
         key.display()
     );
+    prepare(&lab);
     let fep = lab
         .start_fep(
             &lab::workspace_bin("fep").unwrap(),
@@ -93,6 +99,17 @@ fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
         )
         .unwrap();
     Running { lab, fep }
+}
+
+fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
+    start_without_agents_after(tag, backends, services, |_| {})
+}
+
+/// Writes a route snapshot of `n` routes of `echo` on be1 (see [`snapshot`]).
+fn write_snapshot(lab: &Lab, n: usize) {
+    let dir = lab.dir().join("state");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("routes.bin"), snapshot(n)).unwrap();
 }
 
 /// A fake agent of be1 (from be1's address) that has registered and taken
@@ -294,9 +311,7 @@ fn a_node_with_200k_idle_routes_drains() {
     }
     const N: usize = 200_000;
     let r = start_with_agents_after("fdr", 1, "", &services(&[("be1", 1)], ""), |lab| {
-        let dir = lab.dir().join("state");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("routes.bin"), snapshot(N)).unwrap();
+        write_snapshot(lab, N)
     });
     assert_eq!(node(&r, "be1")["routes"], N as u64, "{}", r.fep.log());
     // None of them has a connection on be1: the agent's answers (in parts)
@@ -643,4 +658,45 @@ fn a_nodes_derived_key_speaks_for_that_node_only() {
     });
     assert_eq!(node(&r, "be1")["agent_connected"], true);
     assert_eq!(backend(&r, "echo", "be2")["effective_ratio"], 1);
+}
+
+#[test]
+fn an_agent_that_stops_reading_is_dropped() {
+    if skip_without_root("an_agent_that_stops_reading_is_dropped") {
+        return;
+    }
+    // Small socket buffers on both sides, so that one query of 16,384
+    // connections (about 850 KB) cannot be buffered away.
+    let r = start_without_agents_after("fsl", 1, &services(&[("be1", 1)], ""), |lab| {
+        for (ns, key) in [
+            (&lab.gateway, "net.ipv4.tcp_wmem"),
+            (&lab.backends[0], "net.ipv4.tcp_rmem"),
+        ] {
+            let out = ns
+                .command("sysctl")
+                .args(["-w", &format!("{key}=4096 16384 65536")])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        write_snapshot(lab, 20_000);
+    });
+    let (fake, _) = fake_be1(&r);
+    assert_eq!(node(&r, "be1")["agent_connected"], true);
+    // Drained, be1's routes are asked about; the fake agent reads nothing.
+    assert_eq!(fepctl(&r, &["drain", "be1"]).0, 0);
+    wait_for(&r, "the agent dropped", Duration::from_secs(25), |r| {
+        node(r, "be1")["agent_connected"] == false
+    });
+    assert_eq!(refused(&r, "slow_agent"), 1);
+    assert!(
+        r.fep.log().contains("the agent took no frame for 10 s"),
+        "{}",
+        r.fep.log()
+    );
+    // Nothing was deleted on a guess, and fep serves on.
+    assert_eq!(node(&r, "be1")["routes"], 20_000);
+    assert_eq!(fepctl(&r, &["undrain", "be1"]).0, 0);
+    assert!(http_names(&r, VIP_V4.into(), 3).iter().all(|n| n == "be1"));
+    drop(fake);
 }
