@@ -4,7 +4,7 @@
 //! descriptors, lists of hundreds of thousands of connections go through in
 //! parts, and an agent command that hangs does not stop scale-out.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,8 +13,9 @@ use fep_shared::protocol::{
     AgentMsg, ConnId, FepMsg, Key, Report, ServiceLoad, MAX_CONNS_PER_FRAME, MAX_FRAME,
 };
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, http_names, node, services, skip_without_root,
-    start_with_agents, start_with_agents_after, wait_for, RawAgent, Running,
+    backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
+    skip_without_root, spare_server_start, start_for_agents, start_scale_out, start_with_agents,
+    start_with_agents_after, wait_for, RawAgent, Running,
 };
 use fep_tools::lab::{self, Lab, VIP_V4};
 
@@ -46,30 +47,7 @@ fn lab_key(r: &Running) -> Key {
     Key::load(&r.lab.dir().join("agent.key")).unwrap()
 }
 
-/// A long-lived connection to the echo service (port 7000) from the
-/// client, and the node that serves it.
-fn open_echo(r: &Running) -> (BufReader<TcpStream>, String) {
-    let stream = r
-        .lab
-        .client
-        .enter(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::new(VIP_V4.into(), 7000),
-                Duration::from_secs(5),
-            )
-            .unwrap()
-        })
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut conn = BufReader::new(stream);
-    let mut name = String::new();
-    conn.read_line(&mut name).unwrap();
-    (conn, name.trim().to_string())
-}
-
-/// The lab of [`start_with_agents`] without the agents (the test plays the
+/// The lab of [`start_with_agents`] without agents (the test plays the
 /// agent itself), with `prepare` run before fep starts.
 fn start_without_agents_after(
     tag: &str,
@@ -77,28 +55,7 @@ fn start_without_agents_after(
     services: &str,
     prepare: impl FnOnce(&Lab),
 ) -> Running {
-    let mut lab = Lab::new(tag, backends).unwrap();
-    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
-    for i in 0..backends {
-        let mut args = lab::testsrv_args(i, &[80], &[]);
-        args.extend(["--echo".to_string(), "7000".to_string()]);
-        lab.start_backend_server(i, &testsrv, &args).unwrap();
-    }
-    let key = lab
-        .agent_key(&lab::workspace_bin("bep-agent").unwrap())
-        .unwrap();
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nnode_dead_after_ms = 60000\nhealth_check_interval_ms = 0\n",
-        key.display()
-    );
-    prepare(&lab);
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, services),
-        )
-        .unwrap();
-    Running { lab, fep }
+    start_for_agents(tag, backends, "", services, prepare)
 }
 
 fn start_without_agents(tag: &str, backends: usize, services: &str) -> Running {
@@ -422,7 +379,15 @@ fn a_flood_of_connections_to_the_agent_port_holds_few_descriptors_while_fep_serv
     if skip_without_root("a_flood_of_connections_to_the_agent_port") {
         return;
     }
-    let r = start_with_agents("ffl", 2, "", &services(&[("be1", 1), ("be2", 1)], ""));
+    // Health checks every 300 ms, 2 failures take a back end out; a
+    // generous connect timeout, since 2 shared cores run the flood too (a
+    // check fep cannot make for want of descriptors fails at once).
+    let r = start_with_agents(
+        "ffl",
+        2,
+        "health_check_timeout_ms = 3000\n",
+        &services(&[("be1", 1), ("be2", 1)], ""),
+    );
     let pid = r.fep.pid().unwrap();
     set_nofile(pid, 1024, false);
     // This process holds the flood's 2,000 sockets.
@@ -548,60 +513,15 @@ fn a_start_command_that_hangs_times_out_and_scale_out_tries_the_next_spare() {
     if skip_without_root("a_start_command_that_hangs_times_out") {
         return;
     }
-    let mut lab = Lab::new("fsh", 3).unwrap();
-    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = lab::workspace_bin("bep-agent").unwrap();
-    lab.start_backend_server(0, &testsrv, &lab::testsrv_args(0, &[80], &[]))
-        .unwrap();
-    let key = lab.agent_key(&agent).unwrap();
-    let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
-         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n\
-         spare = [{{ node = \"be2\", ratio = 1 }}, {{ node = \"be3\", ratio = 1 }}]\n"
-    );
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
-        key.display()
-    );
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, &services),
-        )
-        .unwrap();
-    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
     // be2's start command never returns; be3's starts a server.
-    lab.start_agent(
-        1,
-        &agent,
-        &[80],
-        200,
-        "command_timeout_s = 2\n[[service]]\nport = 80\nstart = \"sleep 600\"\n",
-    )
-    .unwrap();
-    let start = format!(
-        "[[service]]\nport = 80\nstart = \"{} --name be3 --tcp 80 >/dev/null 2>&1 & echo $! > {}/be3-spare.pid\"\n",
-        testsrv.display(),
-        lab.dir().display()
-    );
-    lab.start_agent(2, &agent, &[80], 200, &start).unwrap();
-    let r = Running { lab, fep };
-    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
-        fepctl_json(r, &["nodes"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["agent_connected"] == true)
+    let r = start_scale_out("fsh", 2, |lab, i| {
+        if i == 1 {
+            "command_timeout_s = 2\n[[service]]\nport = 80\nstart = \"sleep 600\"\n".into()
+        } else {
+            spare_server_start(lab, i)
+        }
     });
-    let held: Vec<TcpStream> = r
-        .lab
-        .gateway
-        .enter(|| {
-            (0..6)
-                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
-                .collect()
-        })
-        .unwrap();
+    let held = overload_be1(&r);
     wait_for(&r, "be3 active", Duration::from_secs(30), |r| {
         let b = backend(r, "web", "be3");
         b["spare"] == "active" && b["effective_ratio"] == 1

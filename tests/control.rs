@@ -1,14 +1,15 @@
 //! The control loop end to end: real agents on the back ends, real kernel
 //! TCP, fep driven with fepctl.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, services,
-    skip_without_root, start_with_agents, tally, wait_for, RawAgent,
+    backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
+    services, skip_without_root, spare_server_start, start_scale_out, start_with_agents, tally,
+    wait_for, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -18,24 +19,7 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
         return;
     }
     let r = start_with_agents("fcd", 2, "", &services(&[("be1", 1), ("be2", 1)], ""));
-    let stream = r
-        .lab
-        .client
-        .enter(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::new(VIP_V4.into(), 7000),
-                Duration::from_secs(5),
-            )
-            .unwrap()
-        })
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut conn = BufReader::new(stream);
-    let mut name = String::new();
-    conn.read_line(&mut name).unwrap();
-    let held = name.trim().to_string();
+    let (mut conn, held) = open_echo(&r);
     let other = if held == "be1" { "be2" } else { "be1" };
     echo(&mut conn, "before");
 
@@ -178,56 +162,14 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
     if skip_without_root("scale_out_starts_a_spare") {
         return;
     }
-    let mut lab = fep_tools::lab::Lab::new("fso", 2).unwrap();
-    let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
-    lab.start_backend_server(0, &testsrv, &fep_tools::lab::testsrv_args(0, &[80], &[]))
-        .unwrap();
-    let key = lab.agent_key(&agent).unwrap();
-    let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
-         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\nspare = [{{ node = \"be2\", ratio = 1 }}]\n"
-    );
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
-        key.display()
-    );
-    let fep = lab
-        .start_fep(
-            &fep_tools::lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, &services),
-        )
-        .unwrap();
-    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
-    let start = format!(
-        "[[service]]\nport = 80\nstart = \"{} --name be2 --tcp 80 >/dev/null 2>&1 & echo $! > {}/be2-spare.pid\"\n",
-        testsrv.display(),
-        lab.dir().display()
-    );
-    lab.start_agent(1, &agent, &[80], 200, &start).unwrap();
-    let r = fep_tests::Running { lab, fep };
-    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
-        fepctl_json(r, &["nodes"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["agent_connected"] == true)
-    });
+    let r = start_scale_out("fso", 1, spare_server_start);
     assert!(
         http_names(&r, VIP_V4.into(), 10).iter().all(|n| n == "be1"),
         "the spare gets nothing yet"
     );
     assert_eq!(backend(&r, "web", "be2")["spare"], "idle");
 
-    let held: Vec<TcpStream> = r
-        .lab
-        .gateway
-        .enter(|| {
-            (0..6)
-                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
-                .collect()
-        })
-        .unwrap();
+    let held = overload_be1(&r);
     // Requests keep succeeding while the spare starts: none is sent to it
     // before it listens.
     let mut answered = Vec::new();

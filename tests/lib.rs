@@ -99,16 +99,44 @@ pub fn start_with_agents_after(
     services: &str,
     prepare: impl FnOnce(&Lab),
 ) -> Running {
+    let mut r = start_for_agents(tag, backends, top, services, prepare);
+    let agent = lab::workspace_bin("bep-agent").unwrap();
+    for i in 0..backends {
+        r.lab
+            .start_agent(i, &agent, &[80, 7000], 200, "")
+            .expect("starting agents");
+    }
+    wait_for(&r, "every agent connected", Duration::from_secs(10), |r| {
+        let nodes = fepctl_json(r, &["nodes"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["agent_connected"] == true && !n["report_age_ms"].is_null())
+    });
+    r
+}
+
+/// The lab of [`start_with_agents_after`] before any agent starts (a test
+/// may play the agent itself): back-end servers, the agent key, and fep.
+pub fn start_for_agents(
+    tag: &str,
+    backends: usize,
+    top: &str,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+) -> Running {
     let mut lab = Lab::new(tag, backends).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = lab::workspace_bin("bep-agent").unwrap();
     for i in 0..backends {
         let mut args = lab::testsrv_args(i, &[80], &[]);
         args.extend(["--echo".to_string(), "7000".to_string()]);
         lab.start_backend_server(i, &testsrv, &args)
             .expect("starting back-end servers");
     }
-    let key = lab.agent_key(&agent).unwrap();
+    let key = lab
+        .agent_key(&lab::workspace_bin("bep-agent").unwrap())
+        .unwrap();
     let top = format!(
         "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\n\
          health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
@@ -121,20 +149,30 @@ pub fn start_with_agents_after(
             &lab.config(false, &top, services),
         )
         .expect("starting fep");
-    for i in 0..backends {
-        lab.start_agent(i, &agent, &[80, 7000], 200, "")
-            .expect("starting agents");
-    }
-    let r = Running { lab, fep };
-    wait_for(&r, "every agent connected", Duration::from_secs(10), |r| {
-        let nodes = fepctl_json(r, &["nodes"]);
-        nodes
-            .as_array()
+    Running { lab, fep }
+}
+
+/// A long-lived connection to the echo service (VIP port 7000) from the
+/// client, and the node that serves it (its first line).
+pub fn open_echo(r: &Running) -> (BufReader<TcpStream>, String) {
+    let stream = r
+        .lab
+        .client
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(VIP_V4.into(), 7000),
+                Duration::from_secs(5),
+            )
             .unwrap()
-            .iter()
-            .all(|n| n["agent_connected"] == true && !n["report_age_ms"].is_null())
-    });
-    r
+        })
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut conn = BufReader::new(stream);
+    let mut name = String::new();
+    conn.read_line(&mut name).unwrap();
+    (conn, name.trim().to_string())
 }
 
 /// Runs `fepctl --socket <lab's> ARGS`; returns the exit code and stdout.
@@ -331,4 +369,78 @@ pub fn harmful_report() -> AgentMsg {
             rx_pps: 0.0,
         }],
     })
+}
+
+/// A scale-out lab: be1 serves `web` (HTTP on the VIP's port 80, load =
+/// connections, `high_load = 3`, scale-out after 500 ms) with an agent;
+/// back ends 1 to `spares` (be2, …) are its spares, each with an agent
+/// whose config gets `agent_extra(lab, i)` (its start command, e.g.
+/// [`spare_server_start`]). Returns once every agent is connected.
+pub fn start_scale_out(
+    tag: &str,
+    spares: usize,
+    agent_extra: impl Fn(&Lab, usize) -> String,
+) -> Running {
+    let mut lab = Lab::new(tag, 1 + spares).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    let agent = lab::workspace_bin("bep-agent").unwrap();
+    lab.start_backend_server(0, &testsrv, &lab::testsrv_args(0, &[80], &[]))
+        .unwrap();
+    let key = lab.agent_key(&agent).unwrap();
+    let spare_list: Vec<String> = (1..=spares)
+        .map(|i| format!("{{ node = \"{}\", ratio = 1 }}", lab::backend_name(i)))
+        .collect();
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
+         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\nspare = [{}]\n",
+        spare_list.join(", ")
+    );
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
+        key.display()
+    );
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, &services),
+        )
+        .unwrap();
+    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
+    for i in 1..=spares {
+        let extra = agent_extra(&lab, i);
+        lab.start_agent(i, &agent, &[80], 200, &extra).unwrap();
+    }
+    let r = Running { lab, fep };
+    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
+        fepctl_json(r, &["nodes"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["agent_connected"] == true)
+    });
+    r
+}
+
+/// A spare agent's `[[service]]` whose start command runs `fep-testsrv` as
+/// back end `i` on port 80 (detached; its pid file lets the lab kill it).
+pub fn spare_server_start(lab: &Lab, i: usize) -> String {
+    format!(
+        "[[service]]\nport = 80\nstart = \"{} --name {name} --tcp 80 >/dev/null 2>&1 & echo $! > {}/{name}-spare.pid\"\n",
+        lab::workspace_bin("fep-testsrv").unwrap().display(),
+        lab.dir().display(),
+        name = lab::backend_name(i),
+    )
+}
+
+/// Six connections held open to be1's port 80 from the gateway: above a
+/// `high_load` of 3 connections.
+pub fn overload_be1(r: &Running) -> Vec<TcpStream> {
+    r.lab
+        .gateway
+        .enter(|| {
+            (0..6)
+                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
+                .collect()
+        })
+        .unwrap()
 }
