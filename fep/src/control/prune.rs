@@ -1,9 +1,10 @@
 //! Pruning: routes change only when idle. After a ratio change, a drain or a
 //! node's return, every `prune_interval_ms` the FEP takes the routes of back
 //! ends above their target share, asks each node's agent which of them still
-//! have a live connection, and deletes the others — until the shares have
-//! reached the target. A route with a live connection is never deleted; nor
-//! is one whose node has no agent to ask.
+//! have a live connection (in queries of at most `MAX_CONNS_PER_FRAME`, one
+//! after the other), and deletes the others — until the shares have reached
+//! the target. A route with a live connection is never deleted; nor is one
+//! whose node has no agent to ask or does not answer.
 
 use crate::route_table::idle_since;
 use std::collections::{HashMap, HashSet};
