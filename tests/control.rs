@@ -1,39 +1,17 @@
 //! The control loop end to end: real agents on the back ends, real kernel
 //! TCP, fep driven with fepctl.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::TcpStream;
 use std::time::Duration;
 
-use fep_shared::protocol::{self, AgentMsg, Key, Report, ServiceLoad, Session};
+use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
-    backend, fepctl, fepctl_json, http_names, node, skip_without_root, start_with_agents,
-    start_with_agents_and, tally, wait_for,
+    backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
+    services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
+    start_with_agents_after, tally, wait_for, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
-
-fn services(ratios: &[(&str, u32)], extra: &str) -> String {
-    let list: Vec<String> = ratios
-        .iter()
-        .map(|(n, r)| format!("{{ node = \"{n}\", ratio = {r} }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{extra}\nbackend = [{0}]\n\n\
-         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{0}]\n",
-        list.join(", ")
-    )
-}
-
-/// Sends a line on the long-lived echo connection and checks it comes back.
-fn echo(conn: &mut BufReader<TcpStream>, line: &str) {
-    conn.get_mut()
-        .write_all(format!("{line}\n").as_bytes())
-        .unwrap();
-    let mut back = String::new();
-    conn.read_line(&mut back)
-        .unwrap_or_else(|e| panic!("echo of {line:?} failed: {e}"));
-    assert_eq!(back.trim(), line, "the long-lived connection broke");
-}
 
 #[test]
 fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it_closes() {
@@ -41,24 +19,7 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
         return;
     }
     let r = start_with_agents("fcd", 2, "", &services(&[("be1", 1), ("be2", 1)], ""));
-    let stream = r
-        .lab
-        .client
-        .enter(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::new(VIP_V4.into(), 7000),
-                Duration::from_secs(5),
-            )
-            .unwrap()
-        })
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut conn = BufReader::new(stream);
-    let mut name = String::new();
-    conn.read_line(&mut name).unwrap();
-    let held = name.trim().to_string();
+    let (mut conn, held) = open_echo(&r);
     let other = if held == "be1" { "be2" } else { "be1" };
     echo(&mut conn, "before");
 
@@ -201,56 +162,14 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
     if skip_without_root("scale_out_starts_a_spare") {
         return;
     }
-    let mut lab = fep_tools::lab::Lab::new("fso", 2).unwrap();
-    let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
-    lab.start_backend_server(0, &testsrv, &fep_tools::lab::testsrv_args(0, &[80], &[]))
-        .unwrap();
-    let key = lab.agent_key(&agent).unwrap();
-    let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
-         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\nspare = [{{ node = \"be2\", ratio = 1 }}]\n"
-    );
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
-        key.display()
-    );
-    let fep = lab
-        .start_fep(
-            &fep_tools::lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, &services),
-        )
-        .unwrap();
-    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
-    let start = format!(
-        "[[service]]\nport = 80\nstart = \"{} --name be2 --tcp 80 >/dev/null 2>&1 & echo $! > {}/be2-spare.pid\"\n",
-        testsrv.display(),
-        lab.dir().display()
-    );
-    lab.start_agent(1, &agent, &[80], 200, &start).unwrap();
-    let r = fep_tests::Running { lab, fep };
-    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
-        fepctl_json(r, &["nodes"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["agent_connected"] == true)
-    });
+    let r = start_scale_out("fso", 1, spare_server_start);
     assert!(
         http_names(&r, VIP_V4.into(), 10).iter().all(|n| n == "be1"),
         "the spare gets nothing yet"
     );
     assert_eq!(backend(&r, "web", "be2")["spare"], "idle");
 
-    let held: Vec<TcpStream> = r
-        .lab
-        .gateway
-        .enter(|| {
-            (0..6)
-                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
-                .collect()
-        })
-        .unwrap();
+    let held = overload_be1(&r);
     // Requests keep succeeding while the spare starts: none is sent to it
     // before it listens.
     let mut answered = Vec::new();
@@ -274,68 +193,6 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
         "the started spare receives routes: {after:?}"
     );
     drop(held);
-}
-
-/// A report that would take be1's port 80 down if it were believed.
-fn harmful_report() -> AgentMsg {
-    AgentMsg::Report(Report {
-        cpu_percent: 0.0,
-        load_avg: [0.0; 3],
-        services: vec![ServiceLoad {
-            port: 80,
-            listening: false,
-            connections: 0,
-            rx_pps: 0.0,
-        }],
-    })
-}
-
-/// An agent connection from the client namespace, speaking the protocol by hand.
-struct RawAgent {
-    stream: TcpStream,
-    session: Session,
-}
-
-impl RawAgent {
-    fn connect(r: &fep_tests::Running, key: Key) -> RawAgent {
-        let mut stream = r
-            .lab
-            .client
-            .enter(|| TcpStream::connect("10.0.2.1:9441").unwrap())
-            .unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (hello, nonce) = protocol::hello();
-        stream.write_all(&hello).unwrap();
-        let mut peer = [0u8; protocol::HELLO_LEN];
-        stream.read_exact(&mut peer).unwrap();
-        let session = Session::new(key, nonce, protocol::parse_hello(&peer).unwrap());
-        RawAgent { stream, session }
-    }
-
-    fn send(&mut self, frame: &[u8]) {
-        let _ = self.stream.write_all(frame);
-    }
-
-    /// True once fep has closed the connection (frames it sends before,
-    /// such as its request for live connections, are read past); false if
-    /// it stays open for the read timeout.
-    fn closed(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) => {
-                    return !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    )
-                }
-            }
-        }
-    }
 }
 
 #[test]
@@ -371,7 +228,7 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
 
     // Forged: the right protocol under the wrong key.
     let wrong = Key::from_hex(&"ab".repeat(32)).unwrap();
-    let mut forger = RawAgent::connect(&r, wrong);
+    let mut forger = RawAgent::connect(&r.lab.backends[0], wrong);
     let f = forger
         .session
         .seal(&AgentMsg::Register { node: "be1".into() });
@@ -380,8 +237,9 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     forger.send(&f);
     assert!(forger.closed(), "fep hangs up on a forged frame");
 
-    // Replayed within a connection: a genuine frame sent twice.
-    let mut agent = RawAgent::connect(&r, key.clone());
+    // Replayed within a connection: a genuine frame sent twice (from be1's
+    // own address: an agent speaks for its node only from there).
+    let mut agent = RawAgent::connect(&r.lab.backends[0], key.clone());
     let register = agent
         .session
         .seal(&AgentMsg::Register { node: "be1".into() });
@@ -405,13 +263,13 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     assert!(agent.closed(), "fep hangs up on a replayed frame");
 
     // Replayed into another connection: the recorded registration and report.
-    let mut replayer = RawAgent::connect(&r, wrong_key_never_used());
+    let mut replayer = RawAgent::connect(&r.lab.backends[0], wrong_key_never_used());
     replayer.send(&register);
     replayer.send(&report);
     assert!(replayer.closed());
 
     // Garbled: an oversized length.
-    let mut garbler = RawAgent::connect(&r, key);
+    let mut garbler = RawAgent::connect(&r.lab.client, key);
     garbler.send(&u32::MAX.to_be_bytes());
     assert!(garbler.closed());
 
@@ -468,7 +326,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
     const ROUTES: usize = 1_000_000;
     // Room above the 95 % mark where eviction starts; no idle expiry meanwhile.
     let top = "max_routes = 1200000\nroute_idle_timeout_s = 3600\n";
-    let r = start_with_agents_and(
+    let r = start_with_agents_after(
         "frl",
         2,
         top,

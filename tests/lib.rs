@@ -1,10 +1,14 @@
 //! Shared pieces of the integration tests: a lab with fep and the back-end
 //! servers running, and the skip rule for machines without root.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
+use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
+use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
-use fep_tools::netns;
+use fep_tools::netns::{self, Netns};
 
 pub use fep_tools::{http, pattern};
 
@@ -83,45 +87,25 @@ pub fn tally(names: &[String], backends: usize) -> Vec<usize> {
 /// `bep-agent`, and fep with the agent server and fast control-loop timings
 /// (`top` adds or overrides top-level keys).
 pub fn start_with_agents(tag: &str, backends: usize, top: &str, services: &str) -> Running {
-    start_with_agents_and(tag, backends, top, services, |_| {})
+    start_with_agents_after(tag, backends, top, services, |_| {})
 }
 
 /// As [`start_with_agents`], with `prepare` run on the lab before fep
-/// starts (e.g. to put a route snapshot into its state directory).
-pub fn start_with_agents_and(
+/// starts (e.g. to write a route snapshot into its state directory).
+pub fn start_with_agents_after(
     tag: &str,
     backends: usize,
     top: &str,
     services: &str,
     prepare: impl FnOnce(&Lab),
 ) -> Running {
-    let mut lab = Lab::new(tag, backends).expect("building the lab");
-    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    let mut r = start_for_agents(tag, backends, top, services, prepare);
     let agent = lab::workspace_bin("bep-agent").unwrap();
     for i in 0..backends {
-        let mut args = lab::testsrv_args(i, &[80], &[]);
-        args.extend(["--echo".to_string(), "7000".to_string()]);
-        lab.start_backend_server(i, &testsrv, &args)
-            .expect("starting back-end servers");
-    }
-    let key = lab.agent_key(&agent).unwrap();
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\n\
-         health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
-        key.display()
-    );
-    prepare(&lab);
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, services),
-        )
-        .expect("starting fep");
-    for i in 0..backends {
-        lab.start_agent(i, &agent, &[80, 7000], 200, "")
+        r.lab
+            .start_agent(i, &agent, &[80, 7000], 200, "")
             .expect("starting agents");
     }
-    let r = Running { lab, fep };
     wait_for(&r, "every agent connected", Duration::from_secs(10), |r| {
         let nodes = fepctl_json(r, &["nodes"]);
         nodes
@@ -144,6 +128,64 @@ pub fn cleanup(r: &Running) -> std::process::Output {
         .arg("--cleanup")
         .output()
         .expect("running fep --cleanup")
+}
+
+/// The lab of [`start_with_agents_after`] before any agent starts (a test
+/// may play the agent itself): back-end servers, the agent key, and fep.
+pub fn start_for_agents(
+    tag: &str,
+    backends: usize,
+    top: &str,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+) -> Running {
+    let mut lab = Lab::new(tag, backends).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    for i in 0..backends {
+        let mut args = lab::testsrv_args(i, &[80], &[]);
+        args.extend(["--echo".to_string(), "7000".to_string()]);
+        lab.start_backend_server(i, &testsrv, &args)
+            .expect("starting back-end servers");
+    }
+    let key = lab
+        .agent_key(&lab::workspace_bin("bep-agent").unwrap())
+        .unwrap();
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\n\
+         health_check_interval_ms = 300\nhealth_check_fails = 2\n{top}",
+        key.display()
+    );
+    prepare(&lab);
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, services),
+        )
+        .expect("starting fep");
+    Running { lab, fep }
+}
+
+/// A long-lived connection to the echo service (VIP port 7000) from the
+/// client, and the node that serves it (its first line).
+pub fn open_echo(r: &Running) -> (BufReader<TcpStream>, String) {
+    let stream = r
+        .lab
+        .client
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(VIP_V4.into(), 7000),
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut conn = BufReader::new(stream);
+    let mut name = String::new();
+    conn.read_line(&mut name).unwrap();
+    (conn, name.trim().to_string())
 }
 
 /// Runs `fepctl --socket <lab's> ARGS`; returns the exit code and stdout.
@@ -231,6 +273,186 @@ pub fn http_names(r: &Running, vip: std::net::IpAddr, n: usize) -> Vec<String> {
                         })
                         .body_text()
                 })
+                .collect()
+        })
+        .unwrap()
+}
+
+/// An agent connection to fep's agent port (10.0.2.1:9441) from namespace
+/// `ns`, speaking the protocol by hand: a forger, a replayer, or a fake agent.
+pub struct RawAgent {
+    pub stream: TcpStream,
+    pub session: Session,
+}
+
+impl RawAgent {
+    /// Connects and exchanges hellos, with `key` for the session.
+    pub fn connect(ns: &Netns, key: protocol::Key) -> RawAgent {
+        let mut stream = ns
+            .enter(|| TcpStream::connect("10.0.2.1:9441").unwrap())
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (hello, nonce) = protocol::hello();
+        stream.write_all(&hello).unwrap();
+        let mut peer = [0u8; protocol::HELLO_LEN];
+        stream.read_exact(&mut peer).unwrap();
+        let session = Session::new(key, nonce, protocol::parse_hello(&peer).unwrap());
+        RawAgent { stream, session }
+    }
+
+    /// Sends raw bytes (a frame, or garbage); errors are ignored, since fep
+    /// may have closed the connection already.
+    pub fn send(&mut self, frame: &[u8]) {
+        let _ = self.stream.write_all(frame);
+    }
+
+    /// Seals and sends one message.
+    pub fn say<T: Message + serde::Serialize>(&mut self, msg: &T) {
+        let frame = self.session.seal(msg);
+        self.send(&frame);
+    }
+
+    /// The next message from fep (within the read timeout).
+    pub fn receive(&mut self) -> FepMsg {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).expect("a frame from fep");
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream
+            .read_exact(&mut frame)
+            .expect("a frame from fep");
+        self.session.open(&frame).expect("fep's frame verifies")
+    }
+
+    /// True once fep has closed the connection (frames it sends before,
+    /// such as its request for live connections, are read past); false if
+    /// it stays open for the read timeout.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// A `web` service (HTTP, port 80) and an `echo` service (port 7000) on the
+/// VIP, both with the back ends `ratios`; `extra` goes into `web`.
+pub fn services(ratios: &[(&str, u32)], extra: &str) -> String {
+    let list: Vec<String> = ratios
+        .iter()
+        .map(|(n, r)| format!("{{ node = \"{n}\", ratio = {r} }}"))
+        .collect();
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{extra}\nbackend = [{0}]\n\n\
+         [[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{0}]\n",
+        list.join(", ")
+    )
+}
+
+/// Sends a line on the long-lived echo connection and checks it comes back.
+pub fn echo(conn: &mut BufReader<TcpStream>, line: &str) {
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut back = String::new();
+    conn.read_line(&mut back)
+        .unwrap_or_else(|e| panic!("echo of {line:?} failed: {e}"));
+    assert_eq!(back.trim(), line, "the long-lived connection broke");
+}
+
+/// A report that would take be1's port 80 down if it were believed.
+pub fn harmful_report() -> AgentMsg {
+    AgentMsg::Report(Report {
+        cpu_percent: 0.0,
+        load_avg: [0.0; 3],
+        services: vec![ServiceLoad {
+            port: 80,
+            listening: false,
+            connections: 0,
+            rx_pps: 0.0,
+        }],
+    })
+}
+
+/// A scale-out lab: be1 serves `web` (HTTP on the VIP's port 80, load =
+/// connections, `high_load = 3`, scale-out after 500 ms) with an agent;
+/// back ends 1 to `spares` (be2, …) are its spares, each with an agent
+/// whose config gets `agent_extra(lab, i)` (its start command, e.g.
+/// [`spare_server_start`]). Returns once every agent is connected.
+pub fn start_scale_out(
+    tag: &str,
+    spares: usize,
+    agent_extra: impl Fn(&Lab, usize) -> String,
+) -> Running {
+    let mut lab = Lab::new(tag, 1 + spares).expect("building the lab");
+    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+    let agent = lab::workspace_bin("bep-agent").unwrap();
+    lab.start_backend_server(0, &testsrv, &lab::testsrv_args(0, &[80], &[]))
+        .unwrap();
+    let key = lab.agent_key(&agent).unwrap();
+    let spare_list: Vec<String> = (1..=spares)
+        .map(|i| format!("{{ node = \"{}\", ratio = 1 }}", lab::backend_name(i)))
+        .collect();
+    let services = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nload_metric = \"connections\"\n\
+         high_load = 3\nscale_out_after_ms = 500\nbackend = [{{ node = \"be1\", ratio = 1 }}]\nspare = [{}]\n",
+        spare_list.join(", ")
+    );
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\nhealth_check_interval_ms = 300\nhealth_check_fails = 2\n",
+        key.display()
+    );
+    let fep = lab
+        .start_fep(
+            &lab::workspace_bin("fep").unwrap(),
+            &lab.config(false, &top, &services),
+        )
+        .unwrap();
+    lab.start_agent(0, &agent, &[80], 200, "").unwrap();
+    for i in 1..=spares {
+        let extra = agent_extra(&lab, i);
+        lab.start_agent(i, &agent, &[80], 200, &extra).unwrap();
+    }
+    let r = Running { lab, fep };
+    wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
+        fepctl_json(r, &["nodes"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["agent_connected"] == true)
+    });
+    r
+}
+
+/// A spare agent's `[[service]]` whose start command runs `fep-testsrv` as
+/// back end `i` on port 80 (detached; its pid file lets the lab kill it).
+pub fn spare_server_start(lab: &Lab, i: usize) -> String {
+    format!(
+        "[[service]]\nport = 80\nstart = \"{} --name {name} --tcp 80 >/dev/null 2>&1 & echo $! > {}/{name}-spare.pid\"\n",
+        lab::workspace_bin("fep-testsrv").unwrap().display(),
+        lab.dir().display(),
+        name = lab::backend_name(i),
+    )
+}
+
+/// Six connections held open to be1's port 80 from the gateway: above a
+/// `high_load` of 3 connections.
+pub fn overload_be1(r: &Running) -> Vec<TcpStream> {
+    r.lab
+        .gateway
+        .enter(|| {
+            (0..6)
+                .map(|_| TcpStream::connect("10.0.2.11:80").unwrap())
                 .collect()
         })
         .unwrap()

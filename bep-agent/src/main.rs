@@ -7,11 +7,13 @@
 //!   and at once when a watched port starts or stops listening;
 //! - answers "which of these connections are live?" from the kernel's socket
 //!   table (netlink sock_diag);
-//! - runs a service's `start` / `stop` command when the FEP asks, and says
-//!   when the port listens.
+//! - runs a service's `start` / `stop` command when the FEP asks (killed
+//!   and reported failed after `command_timeout_s`), and says when the port
+//!   listens.
 //!
 //! `bep-agent --gen-key PATH` writes a new shared key for `key_file` and the
-//! FEP's `agent_key_file`.
+//! FEP's `agent_key_file`; `bep-agent --derive-key MASTER --node NAME PATH`
+//! writes node NAME's own key, derived from that one.
 
 mod load;
 mod sockdiag;
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, Session};
+use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, Session, MAX_CONNS_PER_FRAME};
 use fep_shared::AgentConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -41,18 +43,37 @@ const START_LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
 #[command(version, about = "Back-end agent of the fep cluster dispatcher")]
 struct Args {
     /// Path of the agent's TOML config file.
-    #[arg(long, required_unless_present = "gen_key")]
+    #[arg(long, required_unless_present_any = ["gen_key", "derive_key"])]
     config: Option<PathBuf>,
     /// Write a new random shared key (64 hex characters, mode 0600) to this file and exit.
     #[arg(long, value_name = "PATH")]
     gen_key: Option<PathBuf>,
+    /// Write the key of node `--node`, derived from the shared key in
+    /// MASTER, to PATH (mode 0600) and exit: a back end holding only its
+    /// own key can speak for no other node.
+    #[arg(long, num_args = 2, value_names = ["MASTER", "PATH"], requires = "node")]
+    derive_key: Option<Vec<PathBuf>>,
+    /// The node whose key `--derive-key` writes.
+    #[arg(long)]
+    node: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     fep_shared::init_logging();
-    if let Some(path) = args.gen_key {
-        return match write_key(&path) {
+    let new_key = match (&args.gen_key, &args.derive_key, &args.node) {
+        (Some(path), _, _) => Some((path.clone(), Ok(Key::generate_hex()))),
+        (None, Some(paths), Some(node)) => Some((
+            paths[1].clone(),
+            Key::load(&paths[0]).map(|master| master.derive(node).to_hex()),
+        )),
+        _ => None,
+    };
+    if let Some((path, key)) = new_key {
+        let written = key
+            .map_err(|e| anyhow::anyhow!(e))
+            .and_then(|k| write_key(&path, &k));
+        return match written {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bep-agent: {e:#}");
@@ -62,7 +83,7 @@ fn main() -> ExitCode {
     }
     let path = args
         .config
-        .expect("clap requires --config without --gen-key");
+        .expect("clap requires --config without --gen-key or --derive-key");
     let cfg = match AgentConfig::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -91,7 +112,7 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn write_key(path: &std::path::Path) -> anyhow::Result<()> {
+fn write_key(path: &std::path::Path, hex: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -103,7 +124,7 @@ fn write_key(path: &std::path::Path) -> anyhow::Result<()> {
                 path.display()
             )
         })?;
-    std::io::Write::write_all(&mut f, format!("{}\n", Key::generate_hex()).as_bytes())?;
+    std::io::Write::write_all(&mut f, format!("{hex}\n").as_bytes())?;
     Ok(())
 }
 
@@ -150,7 +171,7 @@ async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow:
     let mut listening = load::listening(&cfg.watch_ports);
 
     let result = loop {
-        let msg = tokio::select! {
+        let msgs = tokio::select! {
             frame = frames.recv() => match frame {
                 Some(Ok(bytes)) => match session.open::<FepMsg>(&bytes) {
                     Ok(msg) => handle(cfg, msg, &done_tx),
@@ -159,48 +180,51 @@ async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow:
                 Some(Err(e)) => break Err(anyhow::anyhow!("rejected a frame from the fep: {e}")),
                 None => break Ok(()),
             },
-            Some(msg) = done.recv() => Some(msg),
-            _ = report.tick() => Some(AgentMsg::Report(sampler.sample(&cfg.watch_ports))),
+            Some(msg) = done.recv() => vec![msg],
+            _ = report.tick() => vec![AgentMsg::Report(sampler.sample(&cfg.watch_ports))],
             _ = watch.tick() => {
                 let now = load::listening(&cfg.watch_ports);
                 if now != listening {
                     tracing::info!("watched ports {:?} listening: {now:?} (was {listening:?}); reporting at once", cfg.watch_ports);
                     listening = now;
-                    Some(AgentMsg::Report(sampler.sample(&cfg.watch_ports)))
+                    vec![AgentMsg::Report(sampler.sample(&cfg.watch_ports))]
                 } else {
-                    None
+                    Vec::new()
                 }
             }
         };
-        if let Some(msg) = msg {
+        let mut failed = None;
+        for msg in msgs {
             if let Err(e) = wr.write_all(&send(&mut session, &msg)).await {
-                break Err(e.into());
+                failed = Some(e);
+                break;
             }
+        }
+        if let Some(e) = failed {
+            break Err(e.into());
         }
     };
     reader.abort();
     result
 }
 
-/// Handles one FEP message; a query is answered at once, commands report
-/// their result through `done` when they finish.
-fn handle(
-    cfg: &AgentConfig,
-    msg: FepMsg,
-    done: &mpsc::UnboundedSender<AgentMsg>,
-) -> Option<AgentMsg> {
+/// Handles one FEP message; a query is answered at once (a live list in
+/// frame-sized parts), commands report their result through `done` when
+/// they finish.
+fn handle(cfg: &AgentConfig, msg: FepMsg, done: &mpsc::UnboundedSender<AgentMsg>) -> Vec<AgentMsg> {
     match msg {
-        FepMsg::Query { id, conns } => Some(AgentMsg::Live {
+        FepMsg::Query { id, conns } => vec![AgentMsg::Live {
             id,
             live: live_of(&conns),
-        }),
-        FepMsg::ListLive { ports } => Some(AgentMsg::LiveList {
-            conns: live_table()
+        }],
+        FepMsg::ListLive { ports } => {
+            let conns: Vec<ConnId> = live_table()
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|c| ports.contains(&c.port))
-                .collect(),
-        }),
+                .collect();
+            live_list_parts(conns)
+        }
         FepMsg::Start { port } | FepMsg::Stop { port } => {
             let start = matches!(msg, FepMsg::Start { .. });
             let command = cfg.service(port).and_then(|s| {
@@ -211,9 +235,10 @@ fn handle(
                 }
             });
             let done = done.clone();
+            let limit = Duration::from_secs(cfg.command_timeout_s);
             tokio::spawn(async move {
                 let (ok, message) = match command {
-                    Some(cmd) => control(&cmd, port, start).await,
+                    Some(cmd) => control(&cmd, port, start, limit).await,
                     None => (
                         false,
                         format!(
@@ -229,9 +254,22 @@ fn handle(
                     message,
                 });
             });
-            None
+            Vec::new()
         }
     }
+}
+
+/// A live list as frames of at most [`MAX_CONNS_PER_FRAME`], the last one
+/// marked `done` (one empty frame for no connections).
+fn live_list_parts(conns: Vec<ConnId>) -> Vec<AgentMsg> {
+    let parts = conns.len().div_ceil(MAX_CONNS_PER_FRAME).max(1);
+    let mut chunks = conns.chunks(MAX_CONNS_PER_FRAME);
+    (0..parts)
+        .map(|i| AgentMsg::LiveList {
+            conns: chunks.next().unwrap_or_default().to_vec(),
+            done: i + 1 == parts,
+        })
+        .collect()
 }
 
 /// Every live TCP connection in this host's socket table.
@@ -263,21 +301,41 @@ fn live_of(conns: &[ConnId]) -> Vec<ConnId> {
         .collect()
 }
 
-/// Runs a start or stop command; a start succeeds once the port listens.
-async fn control(cmd: &str, port: u16, start: bool) -> (bool, String) {
+/// Runs a start or stop command, killed (with its process group) when it
+/// has not returned within `limit`; a start succeeds once the port listens.
+async fn control(cmd: &str, port: u16, start: bool, limit: Duration) -> (bool, String) {
     tracing::info!(
         "running {} command for port {port}: {cmd}",
         if start { "start" } else { "stop" }
     );
-    let status = tokio::process::Command::new("sh")
+    let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
-        .status()
-        .await;
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => return (false, format!("`{cmd}` exited with {s}")),
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => return (false, format!("cannot run `{cmd}`: {e}")),
+    };
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(Ok(s)) if s.success() => {}
+        Ok(Ok(s)) => return (false, format!("`{cmd}` exited with {s}")),
+        Ok(Err(e)) => return (false, format!("cannot run `{cmd}`: {e}")),
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on the process group of our own child.
+                unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+            }
+            let _ = child.wait().await;
+            return (
+                false,
+                format!(
+                    "`{cmd}` did not return within {} s (command_timeout_s): killed",
+                    limit.as_secs()
+                ),
+            );
+        }
     }
     if !start {
         return (true, format!("`{cmd}` done"));
@@ -293,4 +351,63 @@ async fn control(cmd: &str, port: u16, start: bool) -> (bool, String) {
         false,
         format!("`{cmd}` ran but port {port} did not listen within 15 s"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_list_goes_in_frame_sized_parts_the_last_marked_done() {
+        let conn = |n: usize| ConnId {
+            client: [10, 0, (n >> 16) as u8, (n >> 8) as u8].into(),
+            client_port: n as u16,
+            port: 80,
+        };
+        let conns: Vec<ConnId> = (0..2 * MAX_CONNS_PER_FRAME + 5).map(conn).collect();
+        let parts = live_list_parts(conns.clone());
+        let sizes: Vec<(usize, bool)> = parts
+            .iter()
+            .map(|m| match m {
+                AgentMsg::LiveList { conns, done } => (conns.len(), *done),
+                other => panic!("not a live list: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                (MAX_CONNS_PER_FRAME, false),
+                (MAX_CONNS_PER_FRAME, false),
+                (5, true)
+            ]
+        );
+        let joined: Vec<ConnId> = parts
+            .into_iter()
+            .flat_map(|m| match m {
+                AgentMsg::LiveList { conns, .. } => conns,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(joined, conns);
+        assert_eq!(
+            live_list_parts(Vec::new()),
+            [AgentMsg::LiveList {
+                conns: Vec::new(),
+                done: true
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_that_hangs_is_killed_and_reported_failed() {
+        let started = std::time::Instant::now();
+        let (ok, message) = control("sleep 30", 80, true, Duration::from_secs(1)).await;
+        assert!(!ok);
+        assert!(message.contains("did not return within 1 s"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let (ok, message) = control("exit 3", 80, false, Duration::from_secs(10)).await;
+        assert!(!ok && message.contains("exited with"), "{message}");
+        let (ok, _) = control("true", 80, false, Duration::from_secs(10)).await;
+        assert!(ok);
+    }
 }

@@ -102,7 +102,7 @@ pub async fn serve_tcp(admin: Admin, listen: SocketAddr, token: String) -> anyho
             }
         }
     }));
-    axum::serve(listener, app).await.context("admin API (TCP)")
+    crate::http_server::serve(listener, app, "admin API (TCP)").await
 }
 
 /// Compares without an early exit, so the time taken says nothing about

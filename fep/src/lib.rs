@@ -7,7 +7,8 @@
 //! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
 //! - [`counters`]: per-worker packet and drop counters;
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
-//!   [`netsetup`] (forwarding, routes and policy rules) and [`daemon`].
+//!   [`netsetup`] (forwarding, routes and policy rules), [`http_server`]
+//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`].
 
 pub mod admin;
 pub mod atomic_file;
@@ -17,6 +18,7 @@ pub mod counters;
 pub mod daemon;
 pub mod dispatcher;
 pub(crate) mod endpoint_map;
+pub mod http_server;
 pub mod metrics;
 pub mod netsetup;
 pub mod route_map;

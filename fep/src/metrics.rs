@@ -18,6 +18,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registr
 use fep_shared::protocol::ProtocolError;
 
 use crate::admin::Admin;
+use crate::control::agents;
 use crate::control::model::NodeState;
 use crate::counters::{DropReason, Totals};
 
@@ -133,7 +134,7 @@ impl Metrics {
     /// Creates the series of every known reason at 0, so that rates and
     /// alerts work before the first event.
     fn with_zero_series(self) -> Self {
-        for r in ProtocolError::KINDS.iter().chain(&["unknown_node"]) {
+        for r in ProtocolError::KINDS.iter().chain(&agents::REFUSALS) {
             self.rejects.with_label_values(&[r]);
         }
         for op in ["read", "write"] {
@@ -287,5 +288,5 @@ pub async fn serve(admin: Admin, listen: SocketAddr) -> anyhow::Result<()> {
             }),
         )
         .with_state(state);
-    axum::serve(listener, app).await.context("metrics server")
+    crate::http_server::serve(listener, app, "metrics").await
 }

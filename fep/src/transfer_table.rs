@@ -383,6 +383,7 @@ mod tests {
         cfg2.nodes.push(fep_shared::NodeConfig {
             name: "be3".into(),
             address: "10.0.2.13".parse().unwrap(),
+            agent_address: None,
             stop_when_drained: false,
         });
         cfg2.services[0].backends.remove(0);

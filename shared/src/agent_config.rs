@@ -27,7 +27,7 @@ pub struct AgentConfig {
     pub node: String,
     /// The FEP's agent address (its `agent_listen`).
     pub fep: SocketAddr,
-    /// File with the shared key (64 hex characters).
+    /// File with the node's derived key or the master key (64 hex characters).
     pub key_file: PathBuf,
     #[serde(default = "default_report_interval")]
     pub report_interval_ms: u64,
@@ -36,10 +36,18 @@ pub struct AgentConfig {
     pub watch_ports: Vec<u16>,
     #[serde(default, rename = "service")]
     pub services: Vec<AgentService>,
+    /// A start or stop command still running after this long is killed and
+    /// reported failed (so scale-out can try another spare).
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_s: u64,
 }
 
 fn default_report_interval() -> u64 {
     1000
+}
+
+fn default_command_timeout() -> u64 {
+    60
 }
 
 impl AgentConfig {
@@ -61,6 +69,12 @@ impl AgentConfig {
             return Err(ConfigError::invalid(
                 "report_interval_ms",
                 format!("{} is out of range (50 to 60000)", self.report_interval_ms),
+            ));
+        }
+        if !(1..=86_400).contains(&self.command_timeout_s) {
+            return Err(ConfigError::invalid(
+                "command_timeout_s",
+                format!("{} is out of range (1 to 86400)", self.command_timeout_s),
             ));
         }
         if let Some(i) = self.watch_ports.iter().position(|&p| p == 0) {
@@ -98,6 +112,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.report_interval_ms, 1000);
+        assert_eq!(cfg.command_timeout_s, 60);
+        assert_eq!(
+            AgentConfig::parse(
+                "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"k\"\ncommand_timeout_s = 0\n"
+            )
+            .unwrap_err()
+            .to_string(),
+            "config key `command_timeout_s`: 0 is out of range (1 to 86400)"
+        );
         assert_eq!(cfg.service(80).unwrap().start.as_deref(), Some("nginx"));
         let bad = AgentConfig::parse(
             "node = \"be1\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"k\"\n[[service]]\nport = 81\n",

@@ -128,6 +128,10 @@ pub enum Affinity {
 pub struct NodeConfig {
     pub name: String,
     pub address: IpAddr,
+    /// Where the node's agent connects from, when not from `address` (an
+    /// agent connecting from any other address is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_address: Option<IpAddr>,
     /// Once drained, ask the node's agent to stop the services' processes.
     #[serde(default)]
     pub stop_when_drained: bool,
@@ -197,7 +201,8 @@ pub struct FepConfig {
     /// Where agents connect (`"0.0.0.0:9441"`); no agent server when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_listen: Option<SocketAddr>,
-    /// File with the agents' shared key (64 hex characters).
+    /// File with the agents' master key (64 hex characters); each node's
+    /// own key is derived from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_key_file: Option<PathBuf>,
     /// A node whose agent reported before is down after this long without a report.
@@ -437,6 +442,12 @@ impl FepConfig {
                 return Err(ConfigError::invalid(
                     format!("{key}.address"),
                     format!("{} is already the address of node '{other}'", node.address),
+                ));
+            }
+            if let Some(a) = node.agent_address.filter(|&a| !is_unicast(a)) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.agent_address"),
+                    format!("{a} is not a unicast host address"),
                 ));
             }
         }
@@ -852,6 +863,24 @@ port = 8080
     }
 
     #[test]
+    fn a_node_may_name_the_address_its_agent_connects_from() {
+        let with = EXAMPLE.replace(
+            "address = \"10.0.2.12\"",
+            "address = \"10.0.2.12\"\nagent_address = \"192.168.7.12\"",
+        );
+        let cfg = FepConfig::parse(&with).unwrap();
+        assert_eq!(cfg.nodes[0].agent_address, None);
+        assert_eq!(
+            cfg.nodes[1].agent_address,
+            Some("192.168.7.12".parse().unwrap())
+        );
+        assert_eq!(
+            problem(&with.replace("192.168.7.12", "224.0.0.1")),
+            "config key `node[1].agent_address`: 224.0.0.1 is not a unicast host address"
+        );
+    }
+
+    #[test]
     fn mixed_families_and_duplicates_are_rejected() {
         let v6 = EXAMPLE.replace("10.0.2.12", "fd00::12");
         assert!(problem(&v6).contains("other IP family"));
@@ -870,6 +899,7 @@ port = 8080
         live.nodes.push(NodeConfig {
             name: "be3".into(),
             address: "10.0.2.13".parse().unwrap(),
+            agent_address: None,
             stop_when_drained: false,
         });
         live.services[0].backends.push(BackendConfig {

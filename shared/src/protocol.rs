@@ -5,11 +5,16 @@
 //! and a fresh 16-byte random nonce. After that every frame is
 //! `len (u32, big endian) | HMAC-SHA256 (32 bytes) | JSON body`, where the
 //! body is an [`Envelope`] with the sender's sequence number and the MAC is
-//! computed under the shared key over the *receiver's* nonce and the body.
-//! So a frame forged without the key fails the MAC, a frame replayed within a
-//! connection fails the sequence check, and a frame replayed from another
-//! connection fails the MAC (another nonce). Frames over [`MAX_FRAME`] bytes
-//! are refused before they are read.
+//! computed under the key (the master key, or the registering node's key
+//! derived from it, see [`Key::derive`]) over a direction label (agent → FEP or
+//! FEP → agent), the *receiver's* nonce and the body. So a frame forged
+//! without the key fails the MAC, a frame replayed within a connection fails
+//! the sequence check, one replayed from another connection fails the MAC
+//! (another nonce), and one side's frame never verifies as the other's
+//! (another label). Frames over [`MAX_FRAME`] bytes, and a first frame (the
+//! registration) over [`MAX_REGISTER_FRAME`], are refused before they are
+//! read. Lists of connections are split into frames of at most
+//! [`MAX_CONNS_PER_FRAME`], so any number of them fits under the limit.
 
 use std::net::IpAddr;
 
@@ -18,9 +23,15 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Protocol version carried in the hello frame and every envelope.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame (MAC and body) accepted.
 pub const MAX_FRAME: usize = 4 << 20;
+/// Largest first frame accepted from an agent: a registration is tiny, so an
+/// unauthenticated peer cannot make the FEP read megabytes.
+pub const MAX_REGISTER_FRAME: usize = 4 << 10;
+/// Connections per query, answer or live-list frame: 16,384 of the longest
+/// (IPv6) form stay well under [`MAX_FRAME`] (checked by a unit test).
+pub const MAX_CONNS_PER_FRAME: usize = 16_384;
 /// Size of the hello frame: magic, version, nonce.
 pub const HELLO_LEN: usize = 4 + 2 + 16;
 const MAGIC: &[u8; 4] = b"FEPA";
@@ -61,13 +72,44 @@ impl Key {
         hex::encode(k)
     }
 
-    fn mac(&self, nonce: &[u8; 16], body: &[u8]) -> Hmac<Sha256> {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+    /// The key of one node, derived from a master key: an agent given only
+    /// its node's key can speak for no other node.
+    pub fn derive(&self, node: &str) -> Key {
+        let mut m = self.hmac();
+        m.update(b"fep-agent node key\0");
+        m.update(node.as_bytes());
+        Key(m.finalize().into_bytes().into())
+    }
+
+    /// As hex, for a key file.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    fn hmac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length")
+    }
+
+    fn mac(&self, direction: &[u8], nonce: &[u8; 16], body: &[u8]) -> Hmac<Sha256> {
+        let mut m = self.hmac();
+        m.update(direction);
         m.update(nonce);
         m.update(body);
         m
     }
+}
+
+/// A message of one direction; its label goes into the MAC.
+pub trait Message {
+    const DIRECTION: &'static [u8];
+}
+
+impl Message for AgentMsg {
+    const DIRECTION: &'static [u8] = b"agent->fep\0";
+}
+
+impl Message for FepMsg {
+    const DIRECTION: &'static [u8] = b"fep->agent\0";
 }
 
 /// A client connection the FEP asks about: as the back end sees it.
@@ -115,9 +157,11 @@ pub enum AgentMsg {
         id: u64,
         live: Vec<ConnId>,
     },
-    /// Answer to [`FepMsg::ListLive`]: every live connection on those ports.
+    /// Answer to [`FepMsg::ListLive`]: live connections on those ports, in
+    /// parts of at most [`MAX_CONNS_PER_FRAME`]; `done` marks the last.
     LiveList {
         conns: Vec<ConnId>,
+        done: bool,
     },
     /// Result of [`FepMsg::Start`] / [`FepMsg::Stop`].
     Control {
@@ -132,7 +176,8 @@ pub enum AgentMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FepMsg {
-    /// Which of these connections still have a live connection here?
+    /// Which of these connections (at most [`MAX_CONNS_PER_FRAME`]) still
+    /// have a live connection here?
     Query { id: u64, conns: Vec<ConnId> },
     /// Which connections are live on these ports? (After a restart without
     /// a route snapshot, fep rebuilds its routes from the answers.)
@@ -164,11 +209,20 @@ pub enum ProtocolError {
     Garbled(String),
     #[error("peer speaks protocol version {0}, this side {VERSION}")]
     Version(u16),
+    #[error("unsolicited message: {0}")]
+    Unsolicited(String),
 }
 
 impl ProtocolError {
     /// Every counter label [`ProtocolError::kind`] gives.
-    pub const KINDS: [&'static str; 5] = ["oversized", "bad_mac", "replay", "garbled", "version"];
+    pub const KINDS: [&'static str; 6] = [
+        "oversized",
+        "bad_mac",
+        "replay",
+        "garbled",
+        "version",
+        "unsolicited",
+    ];
 
     /// The counter label for this rejection.
     pub fn kind(&self) -> &'static str {
@@ -178,6 +232,7 @@ impl ProtocolError {
             ProtocolError::Replay { .. } => "replay",
             ProtocolError::Garbled(_) => "garbled",
             ProtocolError::Version(_) => "version",
+            ProtocolError::Unsolicited(_) => "unsolicited",
         }
     }
 }
@@ -231,7 +286,7 @@ impl Session {
     }
 
     /// A complete frame (length prefix included) carrying `msg`.
-    pub fn seal<T: Serialize>(&mut self, msg: &T) -> Vec<u8> {
+    pub fn seal<T: Message + Serialize>(&mut self, msg: &T) -> Vec<u8> {
         self.sent += 1;
         let body = serde_json::to_vec(&Envelope {
             version: VERSION,
@@ -241,7 +296,7 @@ impl Session {
         .expect("protocol messages serialise");
         let mac = self
             .key
-            .mac(&self.peer_nonce, &body)
+            .mac(T::DIRECTION, &self.peer_nonce, &body)
             .finalize()
             .into_bytes();
         let mut frame = Vec::with_capacity(4 + MAC_LEN + body.len());
@@ -253,8 +308,13 @@ impl Session {
 
     /// Checks a frame's announced length before reading it.
     pub fn check_len(len: u32) -> Result<usize, ProtocolError> {
+        Self::check_len_within(len, MAX_FRAME)
+    }
+
+    /// As [`Session::check_len`], with another limit (`max` ≤ [`MAX_FRAME`]).
+    pub fn check_len_within(len: u32, max: usize) -> Result<usize, ProtocolError> {
         let len = len as usize;
-        if len > MAX_FRAME {
+        if len > max.min(MAX_FRAME) {
             return Err(ProtocolError::Oversized(len));
         }
         if len < MAC_LEN {
@@ -266,11 +326,14 @@ impl Session {
     }
 
     /// Authenticates and decodes a frame (without its length prefix).
-    pub fn open<T: DeserializeOwned>(&mut self, frame: &[u8]) -> Result<T, ProtocolError> {
+    pub fn open<T: Message + DeserializeOwned>(
+        &mut self,
+        frame: &[u8],
+    ) -> Result<T, ProtocolError> {
         Self::check_len(frame.len() as u32)?;
         let (mac, body) = frame.split_at(MAC_LEN);
         self.key
-            .mac(&self.own_nonce, body)
+            .mac(T::DIRECTION, &self.own_nonce, body)
             .verify_slice(mac)
             .map_err(|_| ProtocolError::BadMac)?;
         let env: Envelope<T> =
@@ -286,6 +349,23 @@ impl Session {
         }
         self.received = env.seq;
         Ok(env.msg)
+    }
+
+    /// The node an agent's first frame registers, read *before* its MAC is
+    /// checked, so that the FEP can pick that node's key (see
+    /// [`Key::derive`]); nothing may act on it until [`Session::open`] (after
+    /// [`Session::set_key`]) has verified the frame.
+    pub fn claimed_node(frame: &[u8]) -> Option<String> {
+        let body = frame.get(MAC_LEN..)?;
+        match serde_json::from_slice::<Envelope<AgentMsg>>(body).ok()?.msg {
+            AgentMsg::Register { node } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Verifies and seals with `key` from now on.
+    pub fn set_key(&mut self, key: Key) {
+        self.key = key;
     }
 }
 
@@ -379,7 +459,7 @@ mod tests {
         let body = b"{\"version\":1,\"seq\":1,\"msg\":{\"type\":\"explode\"}}";
         let mac = agent
             .key
-            .mac(&agent.peer_nonce, body)
+            .mac(AgentMsg::DIRECTION, &agent.peer_nonce, body)
             .finalize()
             .into_bytes();
         let mut frame = mac.to_vec();
@@ -394,6 +474,74 @@ mod tests {
             fep.open::<AgentMsg>(&[0xab; 100]).unwrap_err(),
             ProtocolError::BadMac
         );
+    }
+
+    #[test]
+    fn a_frame_of_one_direction_never_verifies_as_the_other() {
+        let (mut agent, mut fep) = pair();
+        // The same nonces both ways, so that only the label differs.
+        let mut agent_as_fep = Session::new(key(7), fep.own_nonce, agent.own_nonce);
+        let f = agent.seal(&AgentMsg::Register { node: "be1".into() });
+        assert_eq!(
+            agent_as_fep.open::<FepMsg>(body(&f)).unwrap_err(),
+            ProtocolError::BadMac
+        );
+        assert!(fep.open::<AgentMsg>(body(&f)).is_ok());
+    }
+
+    #[test]
+    fn a_full_frame_of_the_longest_connections_fits_under_the_limit() {
+        let conn = ConnId {
+            client: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+            client_port: 65535,
+            port: 65535,
+        };
+        let (mut agent, mut fep) = pair();
+        let msg = AgentMsg::LiveList {
+            conns: vec![conn; MAX_CONNS_PER_FRAME],
+            done: false,
+        };
+        let f = agent.seal(&msg);
+        assert!(f.len() - 4 < MAX_FRAME / 2, "{} bytes", f.len());
+        assert_eq!(fep.open::<AgentMsg>(body(&f)).unwrap(), msg);
+        let q = FepMsg::Query {
+            id: u64::MAX,
+            conns: vec![conn; MAX_CONNS_PER_FRAME],
+        };
+        assert!(fep.seal(&q).len() - 4 < MAX_FRAME / 2);
+    }
+
+    #[test]
+    fn a_registration_over_the_first_frame_limit_is_refused_before_reading() {
+        assert!(Session::check_len_within(4096, MAX_REGISTER_FRAME).is_ok());
+        assert_eq!(
+            Session::check_len_within(4097, MAX_REGISTER_FRAME).unwrap_err(),
+            ProtocolError::Oversized(4097)
+        );
+    }
+
+    #[test]
+    fn a_node_key_speaks_only_for_its_node() {
+        let master = key(7);
+        assert_eq!(master.derive("be1").0, master.derive("be1").0);
+        assert_ne!(master.derive("be1").0, master.derive("be2").0);
+        assert_ne!(master.derive("be1").0, master.0);
+        // An agent holding be1's key registers as be2: the FEP checks the
+        // frame under be2's key, and it fails.
+        let (mut agent, mut fep) = pair();
+        agent.set_key(master.derive("be1"));
+        let f = agent.seal(&AgentMsg::Register { node: "be2".into() });
+        let claimed = Session::claimed_node(body(&f)).unwrap();
+        assert_eq!(claimed, "be2");
+        fep.set_key(master.derive(&claimed));
+        assert_eq!(
+            fep.open::<AgentMsg>(body(&f)).unwrap_err(),
+            ProtocolError::BadMac
+        );
+        let f = agent.seal(&AgentMsg::Register { node: "be1".into() });
+        fep.set_key(master.derive(&Session::claimed_node(body(&f)).unwrap()));
+        assert!(fep.open::<AgentMsg>(body(&f)).is_ok());
+        assert_eq!(Session::claimed_node(&[1; 10]), None);
     }
 
     #[test]
@@ -419,12 +567,12 @@ mod tests {
 /// Async framing over a TCP stream, shared by both ends.
 #[cfg(feature = "tokio")]
 pub mod io {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
     use tokio::net::tcp::OwnedReadHalf;
     use tokio::net::TcpStream;
     use tokio::sync::mpsc;
 
-    use super::{hello, parse_hello, Key, ProtocolError, Session, HELLO_LEN};
+    use super::{hello, parse_hello, Key, ProtocolError, Session, HELLO_LEN, MAX_FRAME};
 
     /// Why a connection could not be set up.
     #[derive(Debug, thiserror::Error)]
@@ -453,6 +601,19 @@ pub mod io {
         Ok(Session::new(key, nonce, parse_hello(&peer)?))
     }
 
+    /// Reads one length-prefixed frame of at most `max` bytes; `Ok(None)`
+    /// when the stream ends or fails first.
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        rd: &mut R,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
+        let Ok(len) = rd.read_u32().await else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; Session::check_len_within(len, max)?];
+        Ok(rd.read_exact(&mut buf).await.ok().map(|_| buf))
+    }
+
     /// Reads length-prefixed frames into `tx` until the stream ends or a
     /// frame is refused (sent as an error, then the reader stops), so that a
     /// session loop can wait for frames and its own messages at once.
@@ -460,15 +621,10 @@ pub mod io {
         mut rd: OwnedReadHalf,
         tx: mpsc::Sender<Result<Vec<u8>, ProtocolError>>,
     ) {
-        while let Ok(len) = rd.read_u32().await {
-            let frame = match Session::check_len(len) {
-                Ok(len) => {
-                    let mut buf = vec![0u8; len];
-                    if rd.read_exact(&mut buf).await.is_err() {
-                        return;
-                    }
-                    Ok(buf)
-                }
+        loop {
+            let frame = match read_frame(&mut rd, MAX_FRAME).await {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => return,
                 Err(e) => Err(e),
             };
             let refused = frame.is_err();

@@ -210,6 +210,7 @@ impl ControlPlane {
             cfg.nodes.push(NodeConfig {
                 name: name.into(),
                 address,
+                agent_address: None,
                 stop_when_drained: false,
             });
             Ok(())

@@ -21,9 +21,8 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fep_shared::protocol::{ConnId, FepMsg};
+use fep_shared::protocol::FepMsg;
 use fep_shared::FepConfig;
-use tokio::sync::{mpsc, oneshot};
 
 pub use commands::CommandError;
 
@@ -31,17 +30,9 @@ use crate::dispatcher::Dispatcher;
 use crate::netsetup::NetSetup;
 use crate::transfer_table::{NodeId, ServiceId};
 use crate::tun_io::Clock;
+use agents::AgentLink;
 use latest::Latest;
 use model::{Event, Model};
-
-/// A connected agent: where to send it messages, and its pending queries.
-#[derive(Debug)]
-pub(crate) struct AgentLink {
-    /// Distinguishes a reconnection from the link it replaced.
-    pub(crate) generation: u64,
-    pub(crate) tx: mpsc::UnboundedSender<FepMsg>,
-    pub(crate) pending: HashMap<u64, oneshot::Sender<Vec<ConnId>>>,
-}
 
 /// The control plane runs on one thread (a current-thread runtime) that
 /// serves agents, health checks and the admin API; blocking work goes
@@ -266,7 +257,7 @@ impl ControlPlane {
                 tracing::warn!("every back end stays overloaded: asking spare node '{name}' to start port {port}");
                 if !self.send(node, FepMsg::Start { port }) {
                     tracing::warn!("spare node '{name}' has no agent connected; it stays a spare");
-                    self.model().spare_failed(node, port);
+                    self.model().spare_failed(node, port, self.now());
                 }
             }
             Event::NodeDrained { node } => {
@@ -291,11 +282,5 @@ impl ControlPlane {
                 }
             }
         }
-    }
-
-    /// Sends to a node's agent; false when none is connected.
-    pub(crate) fn send(&self, node: NodeId, msg: FepMsg) -> bool {
-        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
-        agents.get(&node).is_some_and(|a| a.tx.send(msg).is_ok())
     }
 }

@@ -53,6 +53,8 @@ pub enum NodeState {
 pub struct Node {
     pub name: String,
     pub address: IpAddr,
+    /// Where its agent may connect from besides `address`.
+    pub agent_address: Option<IpAddr>,
     pub stop_when_drained: bool,
     /// No longer configured (the slot stays).
     pub removed: bool,
@@ -61,6 +63,16 @@ pub struct Node {
     pub pin: Pin,
     pub draining: bool,
     pub drained: bool,
+}
+
+/// Why an agent's registration is refused (see [`Model::agent_node`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRefusal {
+    UnknownNode,
+    /// The agent connected from an address other than its node's.
+    WrongAddress {
+        allowed: String,
+    },
 }
 
 /// Where a spare node stands in scale-out.
@@ -87,6 +99,9 @@ pub struct Backend {
     /// The configured ratio (of the live config: `fepctl ratio` changes it).
     pub configured: u32,
     pub spare: Spare,
+    /// When its start last failed: scale-out tries spares that have not
+    /// failed first, then the one that failed longest ago.
+    pub spare_failed_at: Option<u32>,
     /// Consecutive failed health checks.
     pub health_fails: u32,
     /// Above the service's high-load mark (until it falls below the low one).
@@ -156,6 +171,7 @@ impl Model {
                 Node {
                     name: name.clone(),
                     address: conf.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.address),
+                    agent_address: conf.and_then(|c| c.agent_address),
                     stop_when_drained: conf.is_some_and(|c| c.stop_when_drained),
                     removed: conf.is_none(),
                     report: old.and_then(|o| o.report.clone()),
@@ -216,6 +232,7 @@ impl Model {
                     port: be.port,
                     configured: b.ratio,
                     spare,
+                    spare_failed_at: old.and_then(|o| o.spare_failed_at),
                     health_fails: old.map_or(0, |o| o.health_fails),
                     overloaded: old.is_some_and(|o| o.overloaded),
                     down: old.is_some_and(|o| o.down),
@@ -234,6 +251,32 @@ impl Model {
     /// The model of a fresh start (tests, benchmarks).
     pub fn from_config(cfg: &FepConfig) -> Model {
         Model::new(cfg, &TransferTable::from_config(cfg), None)
+    }
+
+    /// The configured node `name` whose agent may connect from `peer`: only a
+    /// node's own agent speaks for it. `Err` says why not.
+    pub fn agent_node(&self, name: &str, peer: IpAddr) -> Result<NodeId, AgentRefusal> {
+        let id = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name && !n.removed)
+            .ok_or(AgentRefusal::UnknownNode)?;
+        let n = &self.nodes[id];
+        let peer = peer.to_canonical();
+        if peer == n.address || Some(peer) == n.agent_address {
+            Ok(id as NodeId)
+        } else {
+            Err(AgentRefusal::WrongAddress {
+                allowed: n
+                    .agent_address
+                    .map_or(n.address.to_string(), |a| format!("{} or {a}", n.address)),
+            })
+        }
+    }
+
+    /// How long an agent may be silent before its node counts as down.
+    pub fn node_dead_after_ms(&self) -> u32 {
+        self.node_dead_after_ms
     }
 
     pub fn node_id(&self, name: &str) -> Option<NodeId> {
@@ -449,9 +492,17 @@ impl Model {
         if starting {
             return None;
         }
-        let i = self.backends.iter().position(|b| {
-            b.service == sid && b.spare == Spare::Idle && self.node_up(b.node, now)
-        })?;
+        let (i, _) = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                b.service == sid && b.spare == Spare::Idle && self.node_up(b.node, now)
+            })
+            .min_by_key(|(_, b)| {
+                b.spare_failed_at
+                    .map(|at| std::cmp::Reverse(idle_since(at, now)))
+            })?;
         let b = &mut self.backends[i];
         b.spare = Spare::Starting;
         self.services[usize::from(sid)].overloaded_since = None;
@@ -461,14 +512,16 @@ impl Model {
         })
     }
 
-    /// A spare's start command failed: it goes back to idle.
-    pub fn spare_failed(&mut self, node: NodeId, port: u16) {
+    /// A spare's start command failed (at `now`): it goes back to idle, and
+    /// the next scale-out tries another spare first.
+    pub fn spare_failed(&mut self, node: NodeId, port: u16, now: u32) {
         for b in self
             .backends
             .iter_mut()
             .filter(|b| b.node == node && b.port == port && b.spare == Spare::Starting)
         {
             b.spare = Spare::Idle;
+            b.spare_failed_at = Some(now);
         }
     }
 }
@@ -658,6 +711,78 @@ spare = [{ node = "be3", ratio = 2 }]
         overload(&mut m, 6500);
         assert_eq!(m.backends[2].spare, Spare::Active);
         assert_eq!(ratios(&m, 6500)[2], 2);
+    }
+
+    #[test]
+    fn a_spare_whose_start_failed_is_tried_after_the_others() {
+        let cfg = CFG
+            .replace(
+                "spare = [{ node = \"be3\", ratio = 2 }]",
+                "spare = [{ node = \"be3\", ratio = 2 }, { node = \"be4\", ratio = 2 }]",
+            )
+            .replacen(
+                "[[service]]",
+                "[[node]]\nname = \"be4\"\naddress = \"10.0.2.14\"\n[[service]]",
+                1,
+            );
+        let mut m = Model::from_config(&FepConfig::parse(&cfg).unwrap());
+        let overload = |m: &mut Model, t: u32| {
+            for n in 0..2 {
+                m.nodes[n].report = Some((t, report(500, true)));
+            }
+            m.tick(t, |_| 0)
+        };
+        overload(&mut m, 0);
+        assert_eq!(
+            overload(&mut m, 5000),
+            [Event::StartSpare { node: 2, port: 80 }]
+        );
+        m.spare_failed(2, 80, 5500);
+        assert_eq!(m.backends[2].spare, Spare::Idle);
+        overload(&mut m, 6000);
+        assert_eq!(
+            overload(&mut m, 11_000),
+            [Event::StartSpare { node: 3, port: 80 }],
+            "the next spare, not the one that just failed"
+        );
+        m.spare_failed(3, 80, 11_500);
+        overload(&mut m, 12_000);
+        assert_eq!(
+            overload(&mut m, 17_000),
+            [Event::StartSpare { node: 2, port: 80 }],
+            "both failed: the one that failed longest ago"
+        );
+    }
+
+    #[test]
+    fn agents_may_register_only_from_their_nodes_addresses() {
+        let cfg = CFG.replacen(
+            "address = \"10.0.2.12\"",
+            "address = \"10.0.2.12\"\nagent_address = \"192.168.1.12\"",
+            1,
+        );
+        let m = Model::from_config(&FepConfig::parse(&cfg).unwrap());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(m.agent_node("be1", ip("10.0.2.11")), Ok(0));
+        assert_eq!(m.agent_node("be1", ip("::ffff:10.0.2.11")), Ok(0));
+        assert_eq!(m.agent_node("be2", ip("192.168.1.12")), Ok(1));
+        assert_eq!(m.agent_node("be2", ip("10.0.2.12")), Ok(1));
+        assert_eq!(
+            m.agent_node("be2", ip("10.0.1.2")),
+            Err(AgentRefusal::WrongAddress {
+                allowed: "10.0.2.12 or 192.168.1.12".into()
+            })
+        );
+        assert_eq!(
+            m.agent_node("be1", ip("10.0.2.12")),
+            Err(AgentRefusal::WrongAddress {
+                allowed: "10.0.2.11".into()
+            })
+        );
+        assert_eq!(
+            m.agent_node("be9", ip("10.0.2.11")),
+            Err(AgentRefusal::UnknownNode)
+        );
     }
 
     #[test]

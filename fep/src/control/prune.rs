@@ -1,9 +1,10 @@
 //! Pruning: routes change only when idle. After a ratio change, a drain or a
 //! node's return, every `prune_interval_ms` the FEP takes the routes of back
 //! ends above their target share, asks each node's agent which of them still
-//! have a live connection, and deletes the others — until the shares have
-//! reached the target. A route with a live connection is never deleted; nor
-//! is one whose node has no agent to ask.
+//! have a live connection (in queries of at most `MAX_CONNS_PER_FRAME`, one
+//! after the other), and deletes the others — until the shares have reached
+//! the target. A route with a live connection is never deleted; nor is one
+//! whose node has no agent to ask or does not answer.
 
 use crate::route_table::idle_since;
 use std::collections::{HashMap, HashSet};
@@ -11,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fep_shared::protocol::ConnId;
+use fep_shared::protocol::{ConnId, MAX_CONNS_PER_FRAME};
 use tokio::task::JoinSet;
 
 use super::model::over_target;
@@ -64,28 +65,35 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
         return 0;
     };
     let mut queries = JoinSet::new();
+    // One task per node, asking in frame-sized parts one after the other,
+    // so that each part has the whole answer time to itself.
     for (node, candidates) in ask {
         let cp = cp.clone();
         queries.spawn(async move {
-            let conns = candidates.iter().map(|c| c.0).collect();
-            let live = cp.query_live(node, conns).await;
-            (candidates, live)
+            let mut deleted = 0;
+            for part in candidates.chunks(MAX_CONNS_PER_FRAME) {
+                let conns = part.iter().map(|c| c.0).collect();
+                // No answer: the connections may be live, so nothing is deleted.
+                let Some(live) = cp.query_live(node, conns).await else {
+                    break;
+                };
+                let live: HashSet<ConnId> = live.into_iter().collect();
+                let idle: Vec<(FlowKey, u32)> = part
+                    .iter()
+                    .filter(|(conn, _, _)| !live.contains(conn))
+                    .map(|&(_, key, last_seen)| (key, last_seen))
+                    .collect();
+                let dispatcher = cp.dispatcher_arc();
+                deleted +=
+                    tokio::task::spawn_blocking(move || delete(&dispatcher, idle.into_iter()))
+                        .await
+                        .unwrap_or(0);
+            }
+            deleted
         });
     }
-    while let Some(Ok((candidates, live))) = queries.join_next().await {
-        // No answer: the connections may be live, so nothing is deleted.
-        let Some(live) = live else { continue };
-        let live: HashSet<ConnId> = live.into_iter().collect();
-        let dispatcher = cp.dispatcher_arc();
-        deleted += tokio::task::spawn_blocking(move || {
-            let idle = candidates
-                .into_iter()
-                .filter(|(conn, _, _)| !live.contains(conn))
-                .map(|(_, key, last_seen)| (key, last_seen));
-            delete(&dispatcher, idle)
-        })
-        .await
-        .unwrap_or(0);
+    while let Some(Ok(n)) = queries.join_next().await {
+        deleted += n;
     }
     cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
     cp.routes_pruned

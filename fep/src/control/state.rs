@@ -250,6 +250,7 @@ mod tests {
             name: name.into(),
             address: "10.0.2.13".parse().unwrap(),
             stop_when_drained: false,
+            agent_address: None,
         };
         let base = file.clone();
         let mut live = file.clone();
