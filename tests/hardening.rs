@@ -26,13 +26,7 @@ fn start(tag: &str, top: &str) -> Running {
          [[node]]\nname = \"be1v6\"\naddress = \"{}\"\n",
         lab::backend_v6(0)
     );
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, top, &services),
-        )
-        .unwrap();
-    Running { lab, fep }
+    Running::start(lab, top, &services)
 }
 
 fn counters(r: &Running) -> serde_json::Value {

@@ -34,6 +34,39 @@ pub struct Running {
     pub fep: FepProcess,
 }
 
+impl Running {
+    /// Starts fep in `lab` with the lab's IPv4 config plus `top` keys and
+    /// `services`.
+    pub fn start(lab: Lab, top: &str, services: &str) -> Running {
+        let fep = lab
+            .start_fep(
+                &lab::workspace_bin("fep").unwrap(),
+                &lab.config(false, top, services),
+            )
+            .expect("starting fep");
+        Running { lab, fep }
+    }
+}
+
+/// Asserts that nothing of fep's set-up is left in `gw` (after a clean-up):
+/// no device, no rule to the policy table, an empty table, no VIP route.
+pub fn assert_nothing_left(gw: &fep_tools::netns::Netns) {
+    assert!(
+        gw.ip_output(&["link", "show", "fep0"]).is_err(),
+        "TUN device left behind"
+    );
+    assert!(
+        !gw.ip_output(&["rule"]).unwrap().contains("lookup 100"),
+        "policy rules left behind"
+    );
+    assert!(gw
+        .ip_output(&["route", "show", "table", "100"])
+        .unwrap()
+        .trim()
+        .is_empty());
+    assert!(!gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
+}
+
 pub fn start(
     tag: &str,
     backends: usize,

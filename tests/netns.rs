@@ -287,18 +287,5 @@ fn unknown_ports_are_not_forwarded_and_fep_exits_clean() {
     assert!(gw.ip_output(&["link", "show", "fep0"]).is_ok());
     let out = fep_tests::cleanup(&r);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        gw.ip_output(&["link", "show", "fep0"]).is_err(),
-        "TUN device left behind"
-    );
-    assert!(
-        !gw.ip_output(&["rule"]).unwrap().contains("lookup 100"),
-        "policy rules left behind"
-    );
-    assert!(gw
-        .ip_output(&["route", "show", "table", "100"])
-        .unwrap()
-        .trim()
-        .is_empty());
-    assert!(!gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
+    fep_tests::assert_nothing_left(gw);
 }

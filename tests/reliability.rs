@@ -42,13 +42,7 @@ fn start(tag: &str, top: &str) -> Running {
         )
     })
     .collect();
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, top, &services),
-        )
-        .unwrap();
-    Running { lab, fep }
+    Running::start(lab, top, &services)
 }
 
 fn set_sysctl(ns: &Netns, path: &str, value: &str) {
@@ -281,13 +275,7 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
     let services = format!(
         "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
     );
-    let fep = lab
-        .start_fep(
-            &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, "", &services),
-        )
-        .unwrap();
-    let mut r = Running { lab, fep };
+    let mut r = Running::start(lab, "", &services);
     let gw = &r.lab.gateway;
     assert_eq!(sysctl(gw, "net/ipv4/ip_forward"), "1");
     let out = fep_tests::cleanup(&r);
@@ -310,14 +298,7 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
     assert!(out.status.success(), "{out:?}");
     assert!(said.contains("removed TUN device fep0"), "{said}");
     assert!(said.contains("ip_forward back to 0"), "{said}");
-    assert!(gw.ip_output(&["link", "show", "fep0"]).is_err());
-    assert!(!gw.ip_output(&["rule"]).unwrap().contains("lookup 100"));
-    assert!(gw
-        .ip_output(&["route", "show", "table", "100"])
-        .unwrap()
-        .trim()
-        .is_empty());
-    assert!(!gw.ip_output(&["route"]).unwrap().contains("10.0.0.100"));
+    fep_tests::assert_nothing_left(gw);
     assert_eq!(sysctl(gw, "net/ipv4/ip_forward"), "0");
     let out = fep_tests::cleanup(&r);
     assert!(out.status.success());
