@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             }
             Ok(removed) => {
                 for line in removed {
-                    println!("removed {line}");
+                    println!("{line}");
                 }
                 ExitCode::SUCCESS
             }

@@ -65,6 +65,13 @@ impl Family {
         }
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     fn flag(self) -> &'static str {
         match self {
             Family::V4 => "-4",
@@ -286,7 +293,7 @@ impl NetSetup {
         self.families.insert(fam);
         tracing::info!(
             "{} forwarding on; replies from back ends return through {} via table {}",
-            if fam == Family::V4 { "IPv4" } else { "IPv6" },
+            fam.name(),
             self.tun,
             self.table
         );
@@ -351,7 +358,7 @@ impl NetSetup {
 /// Removes everything fep sets up for `tun` and `policy_table`: the device
 /// (and its VIP routes with it), every rule to the table and the table's
 /// routes, and puts back the sysctls fep changed. Idempotent. The caller
-/// makes sure no fep runs. Returns what it removed, a line each.
+/// makes sure no fep runs. Returns what it did, a line each.
 pub fn cleanup(tun: &str, policy_table: u32, state_dir: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     let record = Installed::load(state_dir);
@@ -365,14 +372,17 @@ pub fn cleanup(tun: &str, policy_table: u32, state_dir: &Path) -> Vec<String> {
     tables.dedup();
     for dev in &devices {
         if run_ip(&["link", "del", "dev", dev]).is_ok() {
-            removed.push(format!("TUN device {dev} and its VIP routes"));
+            removed.push(format!("removed TUN device {dev} and its VIP routes"));
         }
     }
     for table in &tables {
         for fam in [Family::V4, Family::V6] {
             let n = remove_rules(fam, table);
             if n > 0 {
-                removed.push(format!("{n} {} rule(s) to table {table}", fam.flag()));
+                removed.push(format!(
+                    "removed {n} {} rule(s) to table {table}",
+                    fam.name()
+                ));
             }
             let _ = run_ip(&[fam.flag(), "route", "flush", "table", table]);
         }
@@ -386,7 +396,7 @@ pub fn cleanup(tun: &str, policy_table: u32, state_dir: &Path) -> Vec<String> {
         }
         for (path, old) in &r.sysctls {
             match std::fs::write(path, old) {
-                Ok(()) => removed.push(format!("{path} back to {old}")),
+                Ok(()) => removed.push(format!("put {path} back to {old}")),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("cannot put {path} back to {old}: {e}"),
             }

@@ -92,7 +92,8 @@ fn main() -> anyhow::Result<()> {
     );
     let config = lab.config(false, &top, &services);
     println!("== fep config:\n{}", indent(&config));
-    let mut fep = lab.start_fep(&fep, &config)?;
+    let fep_bin = fep;
+    let mut fep = lab.start_fep(&fep_bin, &config)?;
     for i in 0..3 {
         lab.start_agent(i, &agent, &[80, 7000, 5353], 500, "")?;
     }
@@ -152,11 +153,36 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("fep exited with {status}:\n{log}");
     }
-    let rules = lab.gateway.ip_output(&["rule"])?;
+    let held = |lab: &Lab| -> anyhow::Result<(bool, bool)> {
+        Ok((
+            lab.gateway.ip_output(&["link", "show", "fep0"]).is_ok(),
+            lab.gateway.ip_output(&["rule"])?.contains("lookup 100"),
+        ))
+    };
+    let (device, rules) = held(&lab)?;
     println!(
-        "   fep exited 0; TUN device gone: {}, policy rules gone: {}",
-        lab.gateway.ip_output(&["link", "show", "fep0"]).is_err(),
-        !rules.contains("lookup 100")
+        "   fep exited 0; held for a restart (packets dropped, not misrouted): TUN device {device}, \
+         return-path rules {rules}"
+    );
+    println!("\n== decommissioning: fep --cleanup");
+    let out = lab
+        .gateway
+        .command(&fep_bin)
+        .arg("--config")
+        .arg(lab.dir().join("fep.toml"))
+        .arg("--cleanup")
+        .output()?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    if !out.status.success() {
+        bail!(
+            "fep --cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (device, rules) = held(&lab)?;
+    println!(
+        "   TUN device gone: {}, policy rules gone: {}",
+        !device, !rules
     );
     println!("== removing the lab");
     Ok(())
