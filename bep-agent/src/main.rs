@@ -138,8 +138,13 @@ async fn run(cfg: AgentConfig, key: Key) {
         }
         tracing::info!("reconnecting in {} ms", backoff.as_millis());
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = next_backoff(backoff);
     }
+}
+
+/// The wait before the next attempt: doubling, at most [`MAX_BACKOFF`].
+fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).min(MAX_BACKOFF)
 }
 
 /// One connection; `backoff` starts afresh once it is registered, so that a
@@ -286,10 +291,15 @@ fn live_table() -> std::io::Result<HashSet<ConnId>> {
 
 /// Which of `conns` have a live TCP connection in this host's socket table.
 fn live_of(conns: &[ConnId]) -> Vec<ConnId> {
-    let table = match live_table() {
+    live_in(conns, live_table())
+}
+
+/// Which of `conns` are in `table`; all of them when the table could not
+/// be read: unknown is not idle, so nothing is pruned on a guess.
+fn live_in(conns: &[ConnId], table: std::io::Result<HashSet<ConnId>>) -> Vec<ConnId> {
+    let table = match table {
         Ok(t) => t,
         Err(e) => {
-            // Unknown is not idle: answer that all are live.
             tracing::warn!("sock_diag failed ({e}); answering that every asked connection is live");
             return conns.to_vec();
         }
@@ -409,5 +419,94 @@ mod tests {
         assert!(!ok && message.contains("exited with"), "{message}");
         let (ok, _) = control("true", 80, false, Duration::from_secs(10)).await;
         assert!(ok);
+    }
+
+    #[test]
+    fn reconnect_attempts_wait_250_ms_doubling_to_at_most_10_s() {
+        let waits: Vec<u128> = std::iter::successors(Some(MIN_BACKOFF), |&b| Some(next_backoff(b)))
+            .take(9)
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_socket_table_answers_that_every_asked_connection_is_live() {
+        let conn = |port| ConnId {
+            client: [192, 0, 2, 1].into(),
+            client_port: port,
+            port: 80,
+        };
+        let asked = [conn(1000), conn(1001)];
+        let failed = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(live_in(&asked, failed), asked);
+        let table = HashSet::from([conn(1001), conn(2000)]);
+        assert_eq!(live_in(&asked, Ok(table)), [conn(1001)]);
+        assert_eq!(live_in(&asked, Ok(HashSet::new())), []);
+    }
+
+    /// A loopback connection: (client, the server's accepted socket), and
+    /// the connection as the agent is asked about it.
+    fn loopback_connection() -> (std::net::TcpStream, std::net::TcpStream, ConnId) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let conn = ConnId {
+            client: [127, 0, 0, 1].into(),
+            client_port: client.local_addr().unwrap().port(),
+            port: server.local_addr().unwrap().port(),
+        };
+        (client, server, conn)
+    }
+
+    /// Polls (at most 5 s) until `conn`'s liveness is `live`.
+    fn becomes(conn: ConnId, live: bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if live_of(&[conn]).contains(&conn) == live {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn a_closed_connection_is_not_live_and_time_wait_does_not_count() {
+        use std::io::Read;
+        // Closed by the client: live while the server still holds it
+        // (CLOSE_WAIT), over once the server closes too.
+        let (client, mut server, conn) = loopback_connection();
+        assert!(becomes(conn, true), "an open connection is live");
+        drop(client);
+        assert_eq!(server.read(&mut [0; 8]).unwrap(), 0, "the client's FIN");
+        assert!(becomes(conn, true), "CLOSE_WAIT: the server may still send");
+        drop(server);
+        assert!(
+            becomes(conn, false),
+            "closed by the client, then the server"
+        );
+
+        // Closed by the server first: its side lingers in TIME_WAIT, which
+        // is not live.
+        let (mut client, server, conn) = loopback_connection();
+        drop(server);
+        assert_eq!(client.read(&mut [0; 8]).unwrap(), 0, "the server's FIN");
+        drop(client);
+        let in_time_wait = || {
+            sockdiag::tcp(netlink_packet_sock_diag::inet::StateFlags::TIME_WAIT, false)
+                .unwrap()
+                .iter()
+                .any(|s| s.local_port == conn.port && s.remote_port == conn.client_port)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !in_time_wait() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(in_time_wait(), "the server's socket is in TIME_WAIT");
+        assert!(live_of(&[conn]).is_empty(), "TIME_WAIT is not live");
     }
 }

@@ -182,9 +182,10 @@ mod tests {
     }
 
     #[test]
-    fn golden_fig6_smallest_load_per_ratio_among_running_hosts_wins() {
-        // Document 004, Fig. 6: host1 load 20 ratio 2, host2 load 15 ratio 1,
-        // host3 load 0 ratio 2 but stopped (effective ratio 0).
+    fn least_load_takes_the_smallest_load_per_ratio_and_skips_ratio_zero() {
+        // Document 004's numbers; a stopped host reaches the chooser with
+        // effective ratio 0 (the golden Fig. 6 through the model and the
+        // dispatcher is in control::model's tests).
         assert_eq!(
             least_load([(20.0, 2), (15.0, 1), (0.0, 0)].into_iter()),
             Some(0)

@@ -28,7 +28,7 @@ pub use commands::CommandError;
 
 use crate::dispatcher::Dispatcher;
 use crate::netsetup::NetSetup;
-use crate::transfer_table::{NodeId, ServiceId};
+use crate::transfer_table::NodeId;
 use crate::tun_io::Clock;
 use agents::AgentLink;
 use latest::Latest;
@@ -182,7 +182,7 @@ impl ControlPlane {
         let (events, changed) = {
             let mut m = self.model();
             let events = m.tick(now, |n| self.routes_of_node(n));
-            let changed = self.publish(&mut m, now);
+            let changed = m.publish(&self.dispatcher.table(), now);
             (events, changed)
         };
         for sid in changed {
@@ -195,28 +195,6 @@ impl ControlPlane {
             self.act(e);
         }
         self.reconcile_network();
-    }
-
-    /// Writes effective ratios and loads into the transfer table; marks the
-    /// services whose ratios changed for pruning and returns them.
-    fn publish(&self, m: &mut Model, now: u32) -> Vec<ServiceId> {
-        let table = self.dispatcher.table();
-        let mut changed = Vec::new();
-        for b in &m.backends {
-            let be = &table.service(b.service).backends[usize::from(b.index)];
-            let ratio = m.effective_ratio(b, now);
-            if be.ratio() != ratio {
-                be.set_ratio(ratio);
-                if !changed.contains(&b.service) {
-                    changed.push(b.service);
-                }
-            }
-            be.set_load(m.load(b, now).unwrap_or(0.0));
-        }
-        for &sid in &changed {
-            m.services[usize::from(sid)].pruning = true;
-        }
-        changed
     }
 
     fn act(&self, event: Event) {

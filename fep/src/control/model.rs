@@ -463,6 +463,28 @@ impl Model {
         events
     }
 
+    /// Writes effective ratios and loads into `table` (what the data path's
+    /// chooser reads); marks the services whose ratios changed for pruning
+    /// and returns them.
+    pub fn publish(&mut self, table: &TransferTable, now: u32) -> Vec<ServiceId> {
+        let mut changed = Vec::new();
+        for b in &self.backends {
+            let be = &table.service(b.service).backends[usize::from(b.index)];
+            let ratio = self.effective_ratio(b, now);
+            if be.ratio() != ratio {
+                be.set_ratio(ratio);
+                if !changed.contains(&b.service) {
+                    changed.push(b.service);
+                }
+            }
+            be.set_load(self.load(b, now).unwrap_or(0.0));
+        }
+        for &sid in &changed {
+            self.services[usize::from(sid)].pruning = true;
+        }
+        changed
+    }
+
     /// When every serving back end of a service has been overloaded for
     /// `scale_out_after_ms`, starts the first idle spare whose node is up.
     fn scale_out(&mut self, sid: ServiceId, now: u32) -> Option<Event> {
@@ -799,11 +821,179 @@ spare = [{ node = "be3", ratio = 2 }]
         assert_eq!(ratios(&m, 1), [4, 2, 0]);
     }
 
+    /// Document 004's hosts: `web` (scheduler `load`, load = packets per
+    /// second) over host1 ratio 2, host2 ratio 1, host3 ratio 2.
+    const FIG6: &str = r#"
+[[node]]
+name = "host1"
+address = "10.0.2.11"
+[[node]]
+name = "host2"
+address = "10.0.2.12"
+[[node]]
+name = "host3"
+address = "10.0.2.13"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+scheduler = "load"
+load_metric = "pps"
+backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node = "host3", ratio = 2 }]
+"#;
+
+    /// The model and the real data path of [`FIG6`].
+    fn fig6() -> (Model, crate::dispatcher::Dispatcher) {
+        let cfg = FepConfig::parse(FIG6).unwrap();
+        let d = crate::dispatcher::Dispatcher::new(&cfg);
+        (Model::new(&cfg, &d.table(), None), d)
+    }
+
+    /// An agent report of port 80: listening (running) or not, and its load.
+    fn pps_report(rx_pps: f64, running: bool) -> Report {
+        Report {
+            services: vec![ServiceLoad {
+                port: 80,
+                listening: running,
+                connections: 0,
+                rx_pps,
+            }],
+            ..report(0, running)
+        }
+    }
+
+    /// A SYN from client `n` to the VIP through the dispatcher: the node
+    /// its new route went to, or why it was dropped.
+    fn new_route(
+        d: &crate::dispatcher::Dispatcher,
+        n: u8,
+        now: u32,
+    ) -> Result<String, crate::counters::DropReason> {
+        use crate::dispatcher::{Verdict, Worker};
+        let mut pkt = Vec::new();
+        etherparse::PacketBuilder::ipv4([192, 0, 2, n], [10, 0, 0, 100], 64)
+            .tcp(40000, 80, 1, 1000)
+            .syn()
+            .write(&mut pkt, &[])
+            .unwrap();
+        match d.process(&mut pkt, now, &mut Worker::new(Default::default())) {
+            Verdict::Forward(_) => {
+                let dst = std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap());
+                let m = Model::from_config(&FepConfig::parse(FIG6).unwrap());
+                Ok(m.nodes
+                    .iter()
+                    .find(|n| n.address == dst)
+                    .unwrap()
+                    .name
+                    .clone())
+            }
+            Verdict::Drop(r) => Err(r),
+        }
+    }
+
+    #[test]
+    fn golden_fig6_the_smallest_load_per_ratio_among_running_hosts_wins() {
+        let (mut m, d) = fig6();
+        // host1 load 20 ratio 2 running; host2 load 15 ratio 1 running;
+        // host3 load 0 ratio 2 stopped (its agent: nothing listens on 80).
+        m.nodes[0].report = Some((0, pps_report(20.0, true)));
+        m.nodes[1].report = Some((0, pps_report(15.0, true)));
+        m.nodes[2].report = Some((0, pps_report(0.0, false)));
+        m.tick(0, |_| 0);
+        m.publish(&d.table(), 0);
+        assert_eq!(m.backends[2].configured, 2);
+        // 20/2 = 10 < 15/1 = 15; the load is what agents report, so until
+        // the next report every new route goes to host1.
+        for n in 1..=5 {
+            assert_eq!(new_route(&d, n, 1).as_deref(), Ok("host1"), "client {n}");
+        }
+        // Running, host3's 0/2 would win: its being stopped is what kept it out.
+        m.nodes[2].report = Some((2, pps_report(0.0, true)));
+        m.tick(2, |_| 0);
+        m.publish(&d.table(), 2);
+        assert_eq!(new_route(&d, 6, 3).as_deref(), Ok("host3"));
+        // No running server: no server available.
+        for n in 0..3 {
+            m.nodes[n].report = Some((4, pps_report(1.0, false)));
+        }
+        m.tick(4, |_| 0);
+        m.publish(&d.table(), 4);
+        assert_eq!(
+            new_route(&d, 7, 5),
+            Err(crate::counters::DropReason::NoBackend)
+        );
+    }
+
+    #[test]
+    fn golden_fig7_a_pinned_state_load_and_ratio_override_the_agent_until_released() {
+        let (mut m, d) = fig6();
+        let reports = |m: &mut Model, t: u32| {
+            m.nodes[0].report = Some((t, pps_report(20.0, true)));
+            m.nodes[1].report = Some((t, pps_report(15.0, true)));
+            m.nodes[2].report = Some((t, pps_report(40.0, true)));
+            m.tick(t, |_| 0);
+            m.publish(&d.table(), t);
+        };
+        // The administrator's command: host2 stopped, load 0, ratio 3.
+        m.nodes[1].pin = Pin {
+            state: Some(PinState::Down),
+            load: Some(0.0),
+            ratio: Some(3),
+        };
+        for t in [0, 1000, 2000] {
+            reports(&mut m, t);
+            // Whatever its agent reports (running, load 15), host2 shows
+            // stopped, load 0, ratio 3 …
+            assert_eq!(m.node_state(1, t), NodeState::Down);
+            assert!(!m.backend_up(&m.backends[1], t));
+            assert_eq!(m.load(&m.backends[1], t), Some(0.0));
+            assert_eq!(m.nodes[1].pin.ratio, Some(3));
+            // … and is never chosen, although 0/3 is the smallest load per ratio.
+            assert_eq!(ratios(&m, t), [2, 0, 2]);
+            assert_eq!(new_route(&d, t as u8 / 100, t + 1).as_deref(), Ok("host1"));
+        }
+        // Pinned up with its ratio, load 0/3 wins.
+        m.nodes[1].pin.state = Some(PinState::Up);
+        reports(&mut m, 3000);
+        assert_eq!(ratios(&m, 3000), [2, 3, 2]);
+        assert_eq!(new_route(&d, 31, 3001).as_deref(), Ok("host2"));
+        // Released: the agent's values again (15/1 > 20/2).
+        m.nodes[1].pin = Pin::default();
+        reports(&mut m, 4000);
+        assert_eq!(m.node_state(1, 4000), NodeState::Up);
+        assert_eq!(m.load(&m.backends[1], 4000), Some(15.0));
+        assert_eq!(ratios(&m, 4000), [2, 1, 2]);
+        assert_eq!(new_route(&d, 41, 4001).as_deref(), Ok("host1"));
+    }
+
+    #[test]
+    fn the_load_is_the_services_metric_packets_connections_or_cpu() {
+        let mut report = pps_report(120.0, true);
+        report.cpu_percent = 37.5;
+        report.services[0].connections = 9;
+        for (metric, load) in [("pps", 120.0), ("connections", 9.0), ("cpu", 37.5)] {
+            let cfg = FIG6.replace(
+                "load_metric = \"pps\"",
+                &format!("load_metric = \"{metric}\""),
+            );
+            let mut m = Model::from_config(&FepConfig::parse(&cfg).unwrap());
+            m.nodes[0].report = Some((0, report.clone()));
+            assert_eq!(m.load(&m.backends[0], 1), Some(load), "{metric}");
+            assert_eq!(m.load(&m.backends[1], 1), None, "{metric}: no report");
+        }
+    }
+
     #[test]
     fn over_target_finds_backends_above_their_share() {
         assert_eq!(over_target(&[(1, 5), (1, 5)]), [false, false]);
         assert_eq!(over_target(&[(1, 8), (1, 2)]), [true, false]);
         assert_eq!(over_target(&[(0, 1), (1, 0)]), [true, false]);
         assert_eq!(over_target(&[(0, 0), (0, 3)]), [false, true]);
+        // 5 points of slack: 54 % against a target of 50 % is on target, 56 % is over.
+        assert_eq!(over_target(&[(1, 54), (1, 46)]), [false, false]);
+        assert_eq!(over_target(&[(1, 56), (1, 44)]), [true, false]);
+        assert_eq!(over_target(&[(3, 79), (1, 21)]), [false, false]);
+        assert_eq!(over_target(&[(3, 69), (1, 31)]), [false, true]);
     }
 }
