@@ -9,7 +9,7 @@ use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
     services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
-    start_with_agents_after, tally, wait_for, RawAgent,
+    start_with_agents_after, tally, wait_for, write_route_snapshot, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -289,35 +289,6 @@ fn wrong_key_never_used() -> Key {
     Key::from_hex(&Key::generate_hex()).unwrap()
 }
 
-/// `state_dir/routes.bin` (format in fep's `control/snapshot.rs`) with
-/// `n` established routes of service `web`, alternating between be1 and be2,
-/// from clients in 198.18.0.0/15 (which send nothing: the routes stay until
-/// the idle timeout).
-fn write_route_snapshot(state_dir: &std::path::Path, n: u32) {
-    let mut out = b"FEPR\x01".to_vec();
-    for names in [&["web"][..], &["be1", "be2"]] {
-        out.extend_from_slice(&(names.len() as u16).to_be_bytes());
-        for name in names {
-            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            out.extend_from_slice(name.as_bytes());
-        }
-    }
-    out.extend_from_slice(&n.to_be_bytes());
-    let established = 0x08 | 0x10; // REPLIED | ESTABLISHED
-    for i in 0..n {
-        let client = std::net::Ipv4Addr::from(
-            u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i / 50_000,
-        );
-        out.extend_from_slice(&0u16.to_be_bytes());
-        out.extend_from_slice(&((i % 2) as u16).to_be_bytes());
-        out.extend_from_slice(&client.to_ipv6_mapped().octets());
-        out.extend_from_slice(&(10_000 + (i % 50_000) as u16).to_be_bytes());
-        out.push(established);
-    }
-    std::fs::create_dir_all(state_dir).unwrap();
-    std::fs::write(state_dir.join("routes.bin"), out).unwrap();
-}
-
 #[test]
 fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
     if skip_without_root("agents_and_health_checks_are_served_while_a_million_routes_are_listed") {
@@ -331,7 +302,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         2,
         top,
         &services(&[("be1", 1), ("be2", 1)], ""),
-        |lab| write_route_snapshot(&lab.state_dir(), ROUTES as u32),
+        |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], ROUTES as u32),
     );
     assert_eq!(
         fepctl_json(&r, &["status"])["routes"],

@@ -139,7 +139,13 @@ pub fn start_with_agents_after(
             .start_agent(i, &agent, &[80, 7000], 200, "")
             .expect("starting agents");
     }
-    wait_for(&r, "every agent connected", Duration::from_secs(10), |r| {
+    wait_for_agents(&r);
+    r
+}
+
+/// Waits until every node's agent is connected and has reported.
+pub fn wait_for_agents(r: &Running) {
+    wait_for(r, "every agent connected", Duration::from_secs(10), |r| {
         let nodes = fepctl_json(r, &["nodes"]);
         nodes
             .as_array()
@@ -147,7 +153,6 @@ pub fn start_with_agents_after(
             .iter()
             .all(|n| n["agent_connected"] == true && !n["report_age_ms"].is_null())
     });
-    r
 }
 
 /// Runs `fep --config <lab's> --cleanup` in the gateway (what an operator
@@ -172,6 +177,19 @@ pub fn start_for_agents(
     services: &str,
     prepare: impl FnOnce(&Lab),
 ) -> Running {
+    start_for_agents_edited(tag, backends, top, services, prepare, |c| c)
+}
+
+/// As [`start_for_agents`], with fep's config text passed through `edit`
+/// (e.g. to give a `[[node]]` a key of its own).
+pub fn start_for_agents_edited(
+    tag: &str,
+    backends: usize,
+    top: &str,
+    services: &str,
+    prepare: impl FnOnce(&Lab),
+    edit: impl FnOnce(String) -> String,
+) -> Running {
     let mut lab = Lab::new(tag, backends).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     for i in 0..backends {
@@ -192,10 +210,50 @@ pub fn start_for_agents(
     let fep = lab
         .start_fep(
             &lab::workspace_bin("fep").unwrap(),
-            &lab.config(false, &top, services),
+            &edit(lab.config(false, &top, services)),
         )
         .expect("starting fep");
     Running { lab, fep }
+}
+
+/// Writes `state_dir/routes.bin` (format in fep's `control/snapshot.rs`)
+/// with `n` established routes of `service`, route `i` on back end
+/// `backends[i % len]` (0 = be1), from clients in 198.18.0.0/15 that send
+/// nothing: no host has their connections, and they stay until the idle
+/// timeout or a prune.
+pub fn write_route_snapshot(
+    state_dir: &std::path::Path,
+    service: &str,
+    backends: &[usize],
+    n: u32,
+) {
+    let nodes: Vec<String> = (0..=*backends.iter().max().unwrap())
+        .map(lab::backend_name)
+        .collect();
+    let mut out = b"FEPR\x01".to_vec();
+    let names: [Vec<&str>; 2] = [vec![service], nodes.iter().map(String::as_str).collect()];
+    for names in names {
+        out.extend_from_slice(&(names.len() as u16).to_be_bytes());
+        for name in names {
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+    }
+    out.extend_from_slice(&n.to_be_bytes());
+    let established = 0x08 | 0x10; // REPLIED | ESTABLISHED
+    for i in 0..n {
+        let client = std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i / 50_000,
+        );
+        let backend = backends[i as usize % backends.len()];
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&(backend as u16).to_be_bytes());
+        out.extend_from_slice(&client.to_ipv6_mapped().octets());
+        out.extend_from_slice(&(10_000 + (i % 50_000) as u16).to_be_bytes());
+        out.push(established);
+    }
+    std::fs::create_dir_all(state_dir).unwrap();
+    std::fs::write(state_dir.join("routes.bin"), out).unwrap();
 }
 
 /// A long-lived connection to the echo service (VIP port 7000) from the
