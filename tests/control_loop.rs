@@ -548,3 +548,44 @@ fn client_affinity_keeps_every_connection_of_a_client_on_the_backend_of_its_live
     assert_eq!(tally(&echoes, 2), [2, 2]);
     drop(held);
 }
+
+#[test]
+fn load_metric_cpu_is_the_cpu_use_each_agent_reports() {
+    if skip_without_root("load_metric_cpu_is_the_cpu_use_each_agent_reports") {
+        return;
+    }
+    let r = start_with_agents(
+        "ccp",
+        2,
+        "",
+        &services(&[("be1", 1), ("be2", 1)], "load_metric = \"cpu\""),
+    );
+    // The back ends share this host's CPUs, so both report about the same
+    // use; what shows is that the service's load is the node's report (the
+    // two listings are retried until no report came between them).
+    wait_for(
+        &r,
+        "web's load equal to each node's reported CPU",
+        Duration::from_secs(10),
+        |r| {
+            let nodes = fepctl_json(r, &["nodes"]);
+            let loads: Vec<_> = ["be1", "be2"]
+                .iter()
+                .map(|n| backend(r, "web", n)["load"].as_f64())
+                .collect();
+            let cpus: Vec<_> = ["be1", "be2"]
+                .iter()
+                .map(|n| {
+                    nodes
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x["name"] == *n)
+                        .unwrap()["cpu_percent"]
+                        .as_f64()
+                })
+                .collect();
+            loads == cpus && loads.iter().all(|l| l.is_some_and(|l| l > 0.0))
+        },
+    );
+}
