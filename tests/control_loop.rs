@@ -409,6 +409,12 @@ fn scheduler_load_sends_new_routes_to_the_smallest_reported_connections_per_rati
         ],
     );
     assert_eq!(code, 0, "{out}");
+    let (_, table) = fepctl(&r, &["nodes"]);
+    let row = table.lines().find(|l| l.starts_with("be1 ")).unwrap();
+    assert!(
+        row.contains(" down ") && row.contains(" state=down,load=0.0,ratio=3 "),
+        "{table}"
+    );
     for _ in 0..3 {
         let n = node(&r, "be1");
         assert_eq!(n["state"], "down", "{n}");

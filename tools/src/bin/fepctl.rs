@@ -361,7 +361,7 @@ fn wait_drained(cli: &Cli, to: &Endpoint, node: &str, timeout: Duration) -> anyh
 
 fn nodes_text(v: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)\n",
+        "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)\n",
         "NODE", "ADDRESS", "STATE", "PINNED", "ROUTES", "AGENT", "CPU"
     );
     for n in v.as_array().into_iter().flatten() {
@@ -387,11 +387,11 @@ fn nodes_text(v: &Value) -> String {
             })
             .collect();
         out += &format!(
-            "{:<12} {:<28} {:<9} {:<6} {:>7} {:<10} {:>6}  {}\n",
+            "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  {}\n",
             top::s(&n["name"]),
             top::s(&n["address"]),
             top::s(&n["state"]),
-            if n["pinned"] == true { "yes" } else { "no" },
+            pin_text(&n["pin"]),
             n["routes"],
             agent,
             cpu,
@@ -399,6 +399,23 @@ fn nodes_text(v: &Value) -> String {
         );
     }
     out
+}
+
+/// The values pinned on a node (`state=down,load=0,ratio=3`), or `no`.
+fn pin_text(pin: &Value) -> String {
+    let pinned: Vec<String> = ["state", "load", "ratio"]
+        .iter()
+        .filter_map(|k| match &pin[k] {
+            Value::Null => None,
+            Value::String(v) => Some(format!("{k}={v}")),
+            v => Some(format!("{k}={v}")),
+        })
+        .collect();
+    if pinned.is_empty() {
+        "no".into()
+    } else {
+        pinned.join(",")
+    }
 }
 
 fn services_text(v: &Value) -> String {
