@@ -3,7 +3,8 @@
 //! without `--force`, reloads (restart-only keys, the three-way merge,
 //! removed back ends and services whose connections carry on), the set-up
 //! a restart takes over and `--cleanup` puts back, drains and pins across a
-//! restart, the admin API's error answers and fepctl's flags.
+//! restart, the admin API's error answers, fepctl's flags, and a UDP route
+//! idling out.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -748,4 +749,41 @@ fn a_start_takes_over_a_killed_feps_set_up_and_cleanup_puts_the_sysctls_back() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!((sysctl(gw, v4), sysctl(gw, v6)), ("0".into(), "0".into()));
     fep_tests::assert_nothing_left(gw);
+}
+
+#[test]
+fn a_udp_route_is_removed_after_route_idle_timeout_s() {
+    if skip_without_root("a_udp_route_is_removed_after_route_idle_timeout_s") {
+        return;
+    }
+    let services =
+        "[[service]]\nname = \"dns\"\nvip = \"10.0.0.100\"\nport = 5353\nprotocol = \"udp\"\n\
+                    backend = [{ node = \"be1\", ratio = 1 }]\n";
+    let top = format!("route_idle_timeout_s = 2\nmetrics_listen = \"{METRICS}\"\n");
+    let r = start_with_top("pui", 1, false, &[], &[5353], &top, services);
+    let socket = &udp_flows(&r, 1)[0];
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = socket.recv_from(&mut buf).expect("the back end's answer");
+    assert_eq!(
+        (&buf[..n], from),
+        (&b"be1"[..], SocketAddr::new(VIP_V4.into(), 5353))
+    );
+    // Confirmed (the client sends again after the reply), then silent.
+    socket.send_to(b"again", (VIP_V4, 5353)).unwrap();
+    socket.recv_from(&mut buf).expect("the second answer");
+    assert_eq!(listed(&r, &["--service", "dns"]), 1);
+    wait_for(
+        &r,
+        "the idle UDP route removed",
+        Duration::from_secs(15),
+        |r| listed(r, &["--service", "dns"]) == 0,
+    );
+    assert!(sample(&scrape(&r, METRICS), "fep_routes_expired_total") >= 1.0);
+    // The next datagram of the flow opens a new route and is answered.
+    socket.send_to(b"later", (VIP_V4, 5353)).unwrap();
+    socket
+        .recv_from(&mut buf)
+        .expect("an answer after the expiry");
+    assert_eq!(listed(&r, &["--service", "dns"]), 1);
 }
