@@ -942,6 +942,20 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             "no new route for a removed service"
         );
         assert_eq!(r.routes(), 1);
+        // Path MTU discovery still works for the route.
+        let (v, out) = r.run(
+            crate::wire::icmp::tests::error_v4(
+                "10.0.1.1",
+                "10.0.0.100",
+                "10.0.0.100",
+                8082,
+                "192.0.2.1",
+                5000,
+            ),
+            3,
+        );
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[16..20], &[10, 0, 2, 5], "to the back end");
     }
 
     #[test]

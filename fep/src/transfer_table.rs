@@ -249,16 +249,17 @@ impl TransferTable {
                 b.set_ratio(0);
             }
         }
-        let vips = by_endpoint.keys().map(|e| e.addr).collect();
-        // A removed service's clients still reach their live routes (no new
-        // route is opened for it), unless a configured service took its
-        // endpoint; the latest removal of an endpoint wins.
+        // A removed service's clients (and ICMP errors about its replies)
+        // still reach its live routes (no new route is opened for it), unless
+        // a configured service took its endpoint; the latest removal of an
+        // endpoint wins. Its VIP reaches fep only while it carries routes.
         for (slot, svc) in services.iter().enumerate().rev() {
             let endpoint = Endpoint::new(svc.protocol, svc.vip, svc.port);
             if svc.removed && by_endpoint.get(&endpoint).is_none() {
                 by_endpoint.insert(endpoint, slot as ServiceId);
             }
         }
+        let vips = by_endpoint.keys().map(|e| e.addr).collect();
         let mut by_backend = EndpointMap::default();
         for (slot, svc) in services.iter().enumerate() {
             for b in &svc.backends {
