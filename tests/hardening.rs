@@ -103,30 +103,7 @@ fn path_mtu_discovery_works_through_fep() {
         return;
     }
     let r = start("fmt", "");
-    // The gateway's link to the client is narrower than the back ends': the
-    // back end learns that only from the gateway's "fragmentation needed",
-    // which goes to the VIP and must be translated by fep.
-    r.lab
-        .gateway
-        .ip(&["link", "set", "cl", "mtu", "1280"])
-        .unwrap();
-    const LEN: u64 = 400_000;
-    let body = r
-        .lab
-        .client
-        .enter(|| {
-            http::get(
-                SocketAddr::new(VIP_V4.into(), 80),
-                &format!("/bytes/{LEN}"),
-                TIMEOUT,
-            )
-        })
-        .unwrap()
-        .unwrap_or_else(|e| panic!("download through a narrower link: {e:#}\n{}", r.fep.log()));
-    let mut want = vec![0u8; LEN as usize];
-    pattern::fill(0, &mut want);
-    assert!(body.body == want, "bytes differ");
-    assert!(counters(&r)["icmp_errors_translated"].as_u64().unwrap() >= 1);
+    fep_tests::assert_download_through_narrow_link(&r, VIP_V4.into(), 1280);
 }
 
 #[test]

@@ -259,16 +259,15 @@ pub fn write_route_snapshot(
 /// A long-lived connection to the echo service (VIP port 7000) from the
 /// client, and the node that serves it (its first line).
 pub fn open_echo(r: &Running) -> (BufReader<TcpStream>, String) {
+    open_echo_to(r, std::net::SocketAddr::new(VIP_V4.into(), 7000))
+}
+
+/// As [`open_echo`], to the echo service at `addr`.
+pub fn open_echo_to(r: &Running, addr: std::net::SocketAddr) -> (BufReader<TcpStream>, String) {
     let stream = r
         .lab
         .client
-        .enter(|| {
-            TcpStream::connect_timeout(
-                &std::net::SocketAddr::new(VIP_V4.into(), 7000),
-                Duration::from_secs(5),
-            )
-            .unwrap()
-        })
+        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
         .unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -547,4 +546,75 @@ pub fn overload_be1(r: &Running) -> Vec<TcpStream> {
                 .collect()
         })
         .unwrap()
+}
+
+/// fep's Prometheus metrics, scraped from inside the gateway at `addr`
+/// (its `metrics_listen`).
+pub fn scrape(r: &Running, addr: &str) -> String {
+    r.lab
+        .gateway
+        .enter(|| {
+            let resp = http::get(addr.parse().unwrap(), "/metrics", TIMEOUT).unwrap();
+            String::from_utf8(resp.body).unwrap()
+        })
+        .unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) of scraped metrics, or 0.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Path MTU discovery through fep: with the gateway's link to the client
+/// narrowed to `mtu`, a 400 kB download from `vip`:80 arrives byte-exact —
+/// the back end learns the narrower path only from the gateway's ICMP
+/// error to the VIP, which fep must translate (and counts).
+pub fn assert_download_through_narrow_link(r: &Running, vip: std::net::IpAddr, mtu: u32) {
+    r.lab
+        .gateway
+        .ip(&["link", "set", "cl", "mtu", &mtu.to_string()])
+        .unwrap();
+    const LEN: u64 = 400_000;
+    let body = r
+        .lab
+        .client
+        .enter(|| {
+            http::get(
+                std::net::SocketAddr::new(vip, 80),
+                &format!("/bytes/{LEN}"),
+                TIMEOUT,
+            )
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download through a narrower link: {e:#}\n{}", r.fep.log()));
+    let mut want = vec![0u8; LEN as usize];
+    pattern::fill(0, &mut want);
+    assert!(body.body == want, "bytes differ");
+    let translated = fepctl_json(r, &["status"])["counters"]["icmp_errors_translated"].clone();
+    assert!(translated.as_u64().unwrap() >= 1, "{translated}");
+}
+
+/// Waits until the gateway has no return-path rule `from ADDRESS` left.
+pub fn wait_rule_gone(r: &Running, address: &str) {
+    let from = format!("from {address} ");
+    wait_for(
+        r,
+        &format!("the return-path rule {from}removed"),
+        Duration::from_secs(5),
+        |r| !r.lab.gateway.ip_output(&["rule"]).unwrap().contains(&from),
+    );
+}
+
+/// A sysctl's value in `ns` (`path` under /proc/sys, e.g. `net/ipv4/ip_forward`).
+pub fn sysctl(ns: &Netns, path: &str) -> String {
+    ns.enter(|| std::fs::read_to_string(format!("/proc/sys/{path}")))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("reading {path} in {}: {e}", ns.name()))
+        .trim()
+        .to_string()
 }

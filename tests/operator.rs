@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use fep_tests::{
-    backend, fepctl, fepctl_json, http, http_names, node, skip_without_root, tally, wait_for,
-    Running, TIMEOUT,
+    backend, fepctl, fepctl_json, http, http_names, node, sample, skip_without_root, tally,
+    wait_for, Running,
 };
 use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
@@ -159,18 +159,7 @@ fn every_fepctl_command_against_a_running_fep() {
         .unwrap()
         .iter()
         .all(|n| n["name"] != "be3"));
-    wait_for(
-        &r,
-        "be3's return-path rule removed",
-        Duration::from_secs(5),
-        |r| {
-            !r.lab
-                .gateway
-                .ip_output(&["rule"])
-                .unwrap()
-                .contains("from 10.0.2.13")
-        },
-    );
+    fep_tests::wait_rule_gone(&r, "10.0.2.13");
 
     // A service comes and goes.
     ok(
@@ -225,23 +214,7 @@ fn every_fepctl_command_against_a_running_fep() {
 
 /// Scrapes fep's metrics from inside the gateway.
 fn scrape(r: &Running) -> String {
-    r.lab
-        .gateway
-        .enter(|| {
-            let resp = http::get("127.0.0.1:9100".parse().unwrap(), "/metrics", TIMEOUT).unwrap();
-            String::from_utf8(resp.body).unwrap()
-        })
-        .unwrap()
-}
-
-/// The value of one sample line (`name{labels} value`), or 0.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    fep_tests::scrape(r, "127.0.0.1:9100")
 }
 
 #[test]

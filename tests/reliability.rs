@@ -8,7 +8,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use fep_tests::{fepctl_json, http, pattern, skip_without_root, wait_for, Running, TIMEOUT};
+use fep_tests::{
+    fepctl_json, http, pattern, skip_without_root, sysctl, wait_for, Running, TIMEOUT,
+};
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::netns::Netns;
 
@@ -49,14 +51,6 @@ fn set_sysctl(ns: &Netns, path: &str, value: &str) {
     ns.enter(|| std::fs::write(format!("/proc/sys/{path}"), value))
         .unwrap()
         .unwrap_or_else(|e| panic!("setting {path} in {}: {e}", ns.name()));
-}
-
-fn sysctl(ns: &Netns, path: &str) -> String {
-    ns.enter(|| std::fs::read_to_string(format!("/proc/sys/{path}")))
-        .unwrap()
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 /// A client's stream connection: `NAME N` lines, N counting up every 200 ms.

@@ -30,7 +30,7 @@ use anyhow::Context;
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -142,7 +142,7 @@ fn router(admin: Admin) -> Router {
         .route(
             "/v1/drain",
             post(
-                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
                     command(a, move |cp| cp.drain(&n.node)).await
                 },
             ),
@@ -150,7 +150,7 @@ fn router(admin: Admin) -> Router {
         .route(
             "/v1/undrain",
             post(
-                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
                     command(a, move |cp| cp.undrain(&n.node)).await
                 },
             ),
@@ -159,7 +159,7 @@ fn router(admin: Admin) -> Router {
         .route(
             "/v1/unpin",
             post(
-                |State(a): State<Admin>, Json(n): Json<NodeArg>| async move {
+                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
                     command(a, move |cp| cp.unpin(&n.node)).await
                 },
             ),
@@ -175,6 +175,25 @@ fn router(admin: Admin) -> Router {
             post(|State(a): State<Admin>| async move { command(a, |cp| cp.reload()).await }),
         )
         .with_state(admin)
+}
+
+/// A JSON request body. One that does not parse as what the path takes is
+/// answered 400 with `{"error": …}`, like every other refused request.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(e) => Err((
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": e.body_text() })),
+            )
+                .into_response()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -260,38 +279,41 @@ struct BackendRemoveArg {
     force: bool,
 }
 
-async fn node_add(State(a): State<Admin>, Json(n): Json<NodeAddArg>) -> Response {
+async fn node_add(State(a): State<Admin>, JsonBody(n): JsonBody<NodeAddArg>) -> Response {
     command(a, move |cp| cp.node_add(&n.name, n.address)).await
 }
 
-async fn node_remove(State(a): State<Admin>, Json(n): Json<RemoveArg>) -> Response {
+async fn node_remove(State(a): State<Admin>, JsonBody(n): JsonBody<RemoveArg>) -> Response {
     command(a, move |cp| cp.node_remove(&n.name, n.force)).await
 }
 
-async fn backend_add(State(a): State<Admin>, Json(b): Json<BackendAddArg>) -> Response {
+async fn backend_add(State(a): State<Admin>, JsonBody(b): JsonBody<BackendAddArg>) -> Response {
     command(a, move |cp| {
         cp.backend_add(&b.service, &b.node, b.ratio, b.port)
     })
     .await
 }
 
-async fn backend_remove(State(a): State<Admin>, Json(b): Json<BackendRemoveArg>) -> Response {
+async fn backend_remove(
+    State(a): State<Admin>,
+    JsonBody(b): JsonBody<BackendRemoveArg>,
+) -> Response {
     command(a, move |cp| cp.backend_remove(&b.service, &b.node, b.force)).await
 }
 
-async fn service_add(State(a): State<Admin>, Json(s): Json<ServiceConfig>) -> Response {
+async fn service_add(State(a): State<Admin>, JsonBody(s): JsonBody<ServiceConfig>) -> Response {
     command(a, move |cp| cp.service_add(s)).await
 }
 
-async fn service_remove(State(a): State<Admin>, Json(s): Json<RemoveArg>) -> Response {
+async fn service_remove(State(a): State<Admin>, JsonBody(s): JsonBody<RemoveArg>) -> Response {
     command(a, move |cp| cp.service_remove(&s.name, s.force)).await
 }
 
-async fn ratio(State(a): State<Admin>, Json(r): Json<RatioArg>) -> Response {
+async fn ratio(State(a): State<Admin>, JsonBody(r): JsonBody<RatioArg>) -> Response {
     command(a, move |cp| cp.set_ratio(&r.service, &r.node, r.ratio)).await
 }
 
-async fn pin(State(a): State<Admin>, Json(p): Json<PinArg>) -> Response {
+async fn pin(State(a): State<Admin>, JsonBody(p): JsonBody<PinArg>) -> Response {
     command(a, move |cp| cp.pin(&p.node, p.pin)).await
 }
 

@@ -430,6 +430,9 @@ impl Dispatcher {
         now: u32,
         worker: &mut Worker,
     ) -> Result<BackendId, DropReason> {
+        if svc.removed {
+            return Err(DropReason::UnknownFlow);
+        }
         if svc.is_tcp() && !is_bare_syn(flags) {
             return Err(DropReason::NoRoute);
         }
@@ -915,6 +918,47 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
     }
 
     #[test]
+    fn a_removed_service_keeps_its_live_routes_and_opens_no_new_one() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 5000, 8082, SYN, 0).as_deref(), Ok("E"));
+        let without = GOLDEN
+            .split("[[service]]\nname = \"s8082\"")
+            .next()
+            .unwrap();
+        let cfg = FepConfig::parse(without).unwrap();
+        r.d.set_table(TransferTable::build(&cfg, Some(&r.d.table())));
+        assert_eq!(
+            r.send(client(1), 5000, 8082, ACK, 1).as_deref(),
+            Ok("E"),
+            "the client's segments still reach its back end"
+        );
+        assert_eq!(
+            r.reply([10, 0, 2, 5], 8082, client(1), 5000, ACK, 1),
+            Ok((IpAddr::V4(VIP.into()), 8082))
+        );
+        assert_eq!(
+            r.send(client(2), 5000, 8082, SYN, 2),
+            Err(DropReason::UnknownFlow),
+            "no new route for a removed service"
+        );
+        assert_eq!(r.routes(), 1);
+        // Path MTU discovery still works for the route.
+        let (v, out) = r.run(
+            crate::wire::icmp::tests::error_v4(
+                "10.0.1.1",
+                "10.0.0.100",
+                "10.0.0.100",
+                8082,
+                "192.0.2.1",
+                5000,
+            ),
+            3,
+        );
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[16..20], &[10, 0, 2, 5], "to the back end");
+    }
+
+    #[test]
     fn replies_find_their_route_when_one_back_end_serves_two_services() {
         // A serves 8080 and, on the same port, a second VIP's 9090.
         let r = rig(&GOLDEN.replace(
@@ -1279,6 +1323,119 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             1,
         );
         assert_eq!(v, Verdict::Drop(DropReason::UnknownFlow));
+    }
+
+    /// An IPv6 packet `src:sport → dst:dport`: a TCP segment with 1400
+    /// bytes of data, or a UDP datagram.
+    fn packet6(tcp: bool, src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+        use crate::wire::icmp::tests::v6;
+        let b = PacketBuilder::ipv6(v6(src), v6(dst), 63);
+        let mut out = Vec::new();
+        if tcp {
+            b.tcp(sport, dport, 7, 100)
+                .ack(1)
+                .write(&mut out, &[0x5a; 1400])
+                .unwrap();
+        } else {
+            b.udp(sport, dport).write(&mut out, b"query").unwrap();
+        }
+        out
+    }
+
+    /// An ICMPv6 error of type `ty` from `from` to `to` quoting `about`: its
+    /// IPv6 header and up to 48 bytes (a whole TCP header and some data).
+    fn error6(ty: u8, from: &str, to: &str, about: &[u8]) -> Vec<u8> {
+        use crate::wire::icmp::tests::v6;
+        let quoted = &about[..about.len().min(40 + 48)];
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(v6(from), v6(to), 64)
+            .icmpv6_raw(ty, 0, [0, 0, 0x05, 0x78])
+            .write(&mut out, quoted)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn icmpv6_errors_are_translated_both_ways_with_inner_addresses_and_checksums() {
+        use crate::wire::icmp::tests::{assert_icmp_checksums, v6};
+        let r = rig(r#"
+[[node]]
+name = "b1"
+address = "fd00:2::11"
+[[service]]
+name = "web6"
+vip = "fd00::100"
+port = 80
+protocol = "tcp"
+backend = [{ node = "b1", ratio = 1, port = 8080 }]
+[[service]]
+name = "dns6"
+vip = "fd00::100"
+port = 53
+protocol = "udp"
+backend = [{ node = "b1", ratio = 1, port = 5353 }]
+"#);
+        let (client, vip, be) = ("fd00:1::2", "fd00::100", "fd00:2::11");
+        let mut syn = Vec::new();
+        PacketBuilder::ipv6(v6(client), v6(vip), 64)
+            .tcp(40000, 80, 1, 1000)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        let (v, out) = r.run(syn, 0);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[24..40], &v6(be)[..]);
+        let (v, _) = r.run(packet6(false, client, 5000, vip, 53), 0);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        // What an error carries after the outer IPv6 and ICMPv6 headers must
+        // be, byte for byte, the start of `want`: addresses, ports and the
+        // L4 checksum as if that packet had been sent.
+        let quotes = |out: &[u8], want: &[u8]| {
+            assert_eq!(&out[48..], &want[..out.len() - 48], "the quoted packet");
+        };
+
+        // "Packet too big" from a router toward the client, about the reply
+        // VIP:80 → client: to the back end, from the VIP, about its own
+        // segment be:8080 → client.
+        let reply = packet6(true, vip, 80, client, 40000);
+        let (v, out) = r.run(error6(2, "fd00:1::1", vip, &reply), 1);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!((&out[8..24], &out[24..40]), (&v6(vip)[..], &v6(be)[..]));
+        assert_eq!(out[40], 2, "still packet too big");
+        quotes(&out, &packet6(true, be, 8080, client, 40000));
+        assert_icmp_checksums(&out);
+
+        // The back end's "port unreachable" about the client's datagram
+        // client → be:5353: to the client, from the VIP, about its datagram
+        // to VIP:53.
+        let datagram = packet6(false, client, 5000, be, 5353);
+        let (v, out) = r.run(error6(1, be, client, &datagram), 1);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!((&out[8..24], &out[24..40]), (&v6(vip)[..], &v6(client)[..]));
+        quotes(&out, &packet6(false, client, 5000, vip, 53));
+        assert_icmp_checksums(&out);
+
+        // A router between the back end and the gateway, about the client's
+        // segment client → be:8080: to the client, its own source kept,
+        // about the segment to VIP:80.
+        let segment = packet6(true, client, 40000, be, 8080);
+        let (v, out) = r.run(error6(1, "fd00:2::1", client, &segment), 1);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(
+            (&out[8..24], &out[24..40]),
+            (&v6("fd00:2::1")[..], &v6(client)[..])
+        );
+        quotes(&out, &packet6(true, client, 40000, vip, 80));
+        assert_icmp_checksums(&out);
+
+        // About a flow fep does not know: dropped.
+        let stranger = packet6(true, vip, 80, client, 40001);
+        let (v, _) = r.run(error6(2, "fd00:1::1", vip, &stranger), 1);
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownFlow));
+        assert_eq!(
+            r.counters().icmp_errors_translated.load(Ordering::Relaxed),
+            3
+        );
     }
 
     #[test]

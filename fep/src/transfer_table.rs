@@ -249,6 +249,16 @@ impl TransferTable {
                 b.set_ratio(0);
             }
         }
+        // A removed service's clients (and ICMP errors about its replies)
+        // still reach its live routes (no new route is opened for it), unless
+        // a configured service took its endpoint; the latest removal of an
+        // endpoint wins. Its VIP reaches fep only while it carries routes.
+        for (slot, svc) in services.iter().enumerate().rev() {
+            let endpoint = Endpoint::new(svc.protocol, svc.vip, svc.port);
+            if svc.removed && by_endpoint.get(&endpoint).is_none() {
+                by_endpoint.insert(endpoint, slot as ServiceId);
+            }
+        }
         let vips = by_endpoint.keys().map(|e| e.addr).collect();
         let mut by_backend = EndpointMap::default();
         for (slot, svc) in services.iter().enumerate() {
@@ -325,7 +335,8 @@ impl TransferTable {
     }
 }
 
-/// A removed service: same slot, no back end chosen, not looked up.
+/// A removed service: same slot, no back end chosen; looked up only for
+/// the routes it still has.
 fn tombstone(s: &Service) -> Service {
     Service {
         name: s.name.clone(),
@@ -418,9 +429,12 @@ mod tests {
             Some(4),
             "a new service gets a new slot"
         );
-        assert!(t2
-            .lookup(17, &addr_from_ip("10.0.0.100".parse().unwrap()), 53)
-            .is_none());
+        let dns = addr_from_ip("10.0.0.100".parse().unwrap());
+        assert!(
+            t2.lookup(17, &dns, 53)
+                .is_some_and(|(id, s)| id == 1 && s.removed),
+            "its clients still reach their live routes"
+        );
         assert_eq!(t2.node_id("be3"), Some(4));
 
         // Back again: be1 gets its old slot.
@@ -433,6 +447,11 @@ mod tests {
             t3.service_id("dns"),
             Some(5),
             "a removed service comes back in a new slot"
+        );
+        assert_eq!(
+            t3.lookup(17, &dns, 53).map(|(id, _)| id),
+            Some(5),
+            "a configured service's endpoint is its own, not a tombstone's"
         );
     }
 }

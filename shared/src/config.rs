@@ -632,7 +632,7 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 14] = [
+        let keys: [(&'static str, bool); 15] = [
             ("admin_listen", self.admin_listen != new.admin_listen),
             (
                 "admin_token_file",
@@ -650,8 +650,11 @@ impl FepConfig {
             ("control_socket", self.control_socket != new.control_socket),
             (
                 "health_check_interval_ms",
-                self.health_check_interval_ms != new.health_check_interval_ms
-                    || self.health_check_timeout_ms != new.health_check_timeout_ms,
+                self.health_check_interval_ms != new.health_check_interval_ms,
+            ),
+            (
+                "health_check_timeout_ms",
+                self.health_check_timeout_ms != new.health_check_timeout_ms,
             ),
             (
                 "prune_interval_ms",
@@ -935,6 +938,13 @@ port = 8080
         let mut tun = merged2.clone();
         tun.tun = "fep9".into();
         assert_eq!(merged2.restart_key_changed(&tun), Some("tun"));
+        let mut timeout = merged2.clone();
+        timeout.health_check_timeout_ms += 1;
+        assert_eq!(
+            merged2.restart_key_changed(&timeout),
+            Some("health_check_timeout_ms"),
+            "the refusal names the key that changed"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use fep_shared::{BackendConfig, ConfigError, FepConfig, NodeConfig, ServiceConfi
 use super::model::{Model, NodeState, Pin};
 use super::ControlPlane;
 use crate::netsetup::NetError;
+use crate::route_table::{FlowKey, Route};
 use crate::transfer_table::{NodeId, TransferTable};
 
 /// The config file as last loaded and the config in force.
@@ -133,7 +134,8 @@ impl ControlPlane {
         if let Some(key) = configs.live.restart_key_changed(&new) {
             return Err(CommandError::NeedsRestart(key));
         }
-        let table = TransferTable::build(&new, Some(&self.dispatcher.table()));
+        let previous = self.dispatcher.table();
+        let table = TransferTable::build(&new, Some(&previous));
         if table.services().len() > MAX_SERVICES {
             return Err(CommandError::SlotsExhausted);
         }
@@ -148,12 +150,22 @@ impl ControlPlane {
         configs.live = new;
         drop(configs);
         // A pass over the whole table, outside the configs lock (a save
-        // from the control-plane thread takes it).
+        // from the control-plane thread takes it). Only what this change
+        // removes: back ends and services removed earlier without `force`
+        // keep their live connections.
         if force {
-            let n = self.dispatcher.remove_routes(|k, r| {
-                let svc = table.service(k.service);
-                svc.removed || svc.backends[usize::from(r.backend)].removed
-            });
+            let removed = |t: &TransferTable, k: &FlowKey, r: &Route| {
+                t.services().get(usize::from(k.service)).is_none_or(|svc| {
+                    svc.removed
+                        || svc
+                            .backends
+                            .get(usize::from(r.backend))
+                            .is_none_or(|b| b.removed)
+                })
+            };
+            let n = self
+                .dispatcher
+                .remove_routes(|k, r| removed(&table, k, r) && !removed(&previous, k, r));
             if n > 0 {
                 tracing::warn!("forced: deleted {n} route(s) of removed back ends and services");
             }
