@@ -83,14 +83,15 @@ fn a_dead_backend_is_routed_around_and_comes_back() {
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 30), 3), [10, 10, 10]);
 
     r.lab.kill_backend(0);
-    std::thread::sleep(Duration::from_millis(2000));
+    wait_for(&r, "be1 down", Duration::from_secs(15), |r| {
+        node(r, "be1")["state"] == "down"
+    });
     let names = http_names(&r, VIP_V4.into(), 60);
     assert_eq!(
         tally(&names, 3),
         [0, 30, 30],
         "every new connection succeeds on the others"
     );
-    assert_eq!(node(&r, "be1")["state"], "down");
 
     // Back: server and agent restarted.
     let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
@@ -106,9 +107,10 @@ fn a_dead_backend_is_routed_around_and_comes_back() {
         |r| backend(r, "web", "be1")["effective_ratio"] == 1,
     );
     assert_eq!(node(&r, "be1")["state"], "up");
-    assert!(
-        tally(&http_names(&r, VIP_V4.into(), 30), 3)[0] >= 5,
-        "be1 is back in rotation"
+    assert_eq!(
+        tally(&http_names(&r, VIP_V4.into(), 30), 3),
+        [10, 10, 10],
+        "be1 is back in rotation with its share"
     );
 }
 
@@ -182,6 +184,13 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
             let b = backend(r, "web", "be2");
             b["spare"] == "active" && b["effective_ratio"] == 1
         },
+    );
+    // Every request made meanwhile was answered (`http_names` fails on a
+    // request that is not), by be1 or, once active, the spare.
+    assert!(!answered.is_empty());
+    assert!(
+        answered.iter().all(|n| n == "be1" || n == "be2"),
+        "{answered:?}"
     );
     assert!(r
         .fep
@@ -316,6 +325,80 @@ fn write_route_snapshot(state_dir: &std::path::Path, n: u32) {
     }
     std::fs::create_dir_all(state_dir).unwrap();
     std::fs::write(state_dir.join("routes.bin"), out).unwrap();
+}
+
+#[test]
+fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
+    if skip_without_root("pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one")
+    {
+        return;
+    }
+    // Twenty routes restored from a snapshot, ten on each node, whose
+    // connections the back ends do not have (as after a restart from an
+    // old snapshot); established, and far from idling out: only pruning
+    // can delete them.
+    let top = "route_idle_timeout_s = 3600\nmetrics_listen = \"127.0.0.1:9100\"\n";
+    let r = start_with_agents_after(
+        "fpn",
+        2,
+        top,
+        &services(&[("be1", 1), ("be2", 1)], ""),
+        |lab| write_route_snapshot(&lab.state_dir(), 20),
+    );
+    assert_eq!(fepctl_json(&r, &["status"])["routes"], 20);
+    // A live connection, left idle but open.
+    let mut live = r
+        .lab
+        .client
+        .enter(|| TcpStream::connect((VIP_V4, 80)).unwrap())
+        .unwrap();
+    live.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
+    let mine = fepctl_json(&r, &["routes", "--client", "10.0.1.2"]);
+    let mine = mine.as_array().unwrap();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let held = mine[0]["node"].as_str().unwrap().to_string();
+    let other = if held == "be1" { "be2" } else { "be1" };
+    let before = fep_tests::scrape(&r);
+    let pruned_before = fep_tests::metric(&before, "fep_routes_pruned_total");
+    assert_eq!(pruned_before, Some(0.0), "nothing pruned before a trigger");
+    // Idle for longer than a prune candidate must be, so that the round that
+    // deletes the restored routes asks about the live one too.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Ratio 0 puts the held node above its target share: pruning starts.
+    let (code, out) = fepctl(&r, &["ratio", "web", &held, "0"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for(
+        &r,
+        "the held node's restored routes pruned",
+        Duration::from_secs(15),
+        |r| node(r, &held)["routes"] == 1,
+    );
+    let after = fep_tests::scrape(&r);
+    assert_eq!(
+        fep_tests::metric(&after, "fep_routes_pruned_total"),
+        Some(10.0),
+        "the ten restored routes of {held}, by pruning"
+    );
+    assert!(fep_tests::metric(&after, "fep_prune_cycles_total").unwrap() >= 1.0);
+    let status = fepctl_json(&r, &["status"]);
+    assert_eq!(status["routes_expired"], 0, "none idled out or closed");
+    assert_eq!(status["routes_evicted"], 0);
+    // The live one stays, on its node, and works; the other node, below its
+    // target share, was not pruned at all.
+    let left = fepctl_json(&r, &["routes", "--node", &held]);
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["client"], "10.0.1.2");
+    assert_eq!(node(&r, other)["routes"], 10);
+    use std::io::Write;
+    live.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    live.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.") && reply.trim_end().ends_with(held.as_str()),
+        "the live connection still reaches {held}: {reply:?}"
+    );
 }
 
 #[test]

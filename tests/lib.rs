@@ -294,6 +294,27 @@ pub fn wait_for(r: &Running, what: &str, limit: Duration, mut cond: impl FnMut(&
     }
 }
 
+/// fep's Prometheus metrics, scraped inside the gateway (from a fep with
+/// `metrics_listen = "127.0.0.1:9100"`).
+pub fn scrape(r: &Running) -> String {
+    r.lab
+        .gateway
+        .enter(|| {
+            let resp = http::get("127.0.0.1:9100".parse().unwrap(), "/metrics", TIMEOUT).unwrap();
+            String::from_utf8(resp.body).unwrap()
+        })
+        .unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) of `metrics`, if exported.
+pub fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The entry of `node` in `fepctl nodes --json`.
 pub fn node(r: &Running, name: &str) -> serde_json::Value {
     fepctl_json(r, &["nodes"])
