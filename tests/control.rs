@@ -18,7 +18,12 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
     if skip_without_root("a_live_connection_survives_a_ratio_change_and_a_drain") {
         return;
     }
-    let r = start_with_agents("fcd", 2, "", &services(&[("be1", 1), ("be2", 1)], ""));
+    let r = start_with_agents(
+        "fcd",
+        2,
+        "metrics_listen = \"127.0.0.1:9100\"\n",
+        &services(&[("be1", 1), ("be2", 1)], ""),
+    );
     let (mut conn, held) = open_echo(&r);
     let other = if held == "be1" { "be2" } else { "be1" };
     echo(&mut conn, "before");
@@ -26,14 +31,14 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
     // Ratio 0: no new routes, the live one stays.
     let (code, out) = fepctl(&r, &["ratio", "echo", &held, "0"]);
     assert_eq!(code, 0, "{out}");
-    std::thread::sleep(Duration::from_millis(1200));
+    prune_rounds_pass(&r, &held, 6.0);
     echo(&mut conn, "after the ratio change");
 
     // Drain: returns at once; the live route stays through several prune rounds.
     let (code, out) = fepctl(&r, &["drain", &held]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(node(&r, &held)["state"], "draining");
-    std::thread::sleep(Duration::from_millis(1500));
+    prune_rounds_pass(&r, &held, 6.0);
     echo(&mut conn, "while draining");
     let routes = fepctl_json(&r, &["routes", "--node", &held]);
     assert_eq!(
@@ -67,6 +72,20 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
     assert_eq!(fepctl(&r, &["undrain", &held]).0, 0);
     assert_eq!(fepctl(&r, &["ratio", "echo", &held, "1"]).0, 0);
     assert!(http_names(&r, VIP_V4.into(), 10).contains(&held.to_string()));
+}
+
+/// Waits for `n` more pruning rounds over `node`'s routes (fep with
+/// `metrics_listen`), or until it has none left (then pruning stops).
+/// Rounds are at least `prune_interval_ms` (300) apart, so six span 1.5 s:
+/// a route last used before the wait has been a candidate (idle ≥ 1 s).
+fn prune_rounds_pass(r: &fep_tests::Running, node_name: &str, n: f64) {
+    let rounds = |r: &fep_tests::Running| {
+        fep_tests::metric(&fep_tests::scrape(r), "fep_prune_cycles_total").unwrap()
+    };
+    let start = rounds(r);
+    wait_for(r, "pruning rounds", Duration::from_secs(20), |r| {
+        rounds(r) >= start + n || node(r, node_name)["routes"] == 0
+    });
 }
 
 #[test]
