@@ -303,9 +303,18 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
 
     let status = fepctl_json(&r, &["status"]);
     let rejects = &status["agent_rejects"];
-    assert!(rejects["bad_mac"].as_u64().unwrap_or(0) >= 2, "{rejects}");
-    assert!(rejects["replay"].as_u64().unwrap_or(0) >= 1, "{rejects}");
-    assert!(rejects["oversized"].as_u64().unwrap_or(0) >= 1, "{rejects}");
+    // Each rejection ends its connection: the forger's and the replayer's
+    // first frames fail the MAC, one replay, one oversized frame.
+    assert_eq!(rejects["bad_mac"], 2, "{rejects}");
+    assert_eq!(rejects["replay"], 1, "{rejects}");
+    assert_eq!(rejects["oversized"], 1, "{rejects}");
+    let all: u64 = rejects
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(all, 4, "nothing else rejected: {rejects}");
     // Nothing changed: be1 is up, with its ratio, and serves.
     assert_eq!(backend(&r, "web", "be1")["effective_ratio"], 1);
     assert_eq!(node(&r, "be1")["state"], "up");
