@@ -496,6 +496,10 @@ fn damaged_state_stops_fep_until_the_operator_discards_it() {
     assert_eq!(files_named(&state_dir, "state.json.discarded-"), [half]);
     assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 1);
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+    // Saved on the state writer's own thread: polled for.
+    wait_for(&r, "a new state.json", Duration::from_secs(10), |_| {
+        state.exists()
+    });
     assert_eq!(mode(&state), 0o600, "the new state.json");
 
     // A longer name than fep can keep in its snapshot is refused at runtime too.
