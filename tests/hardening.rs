@@ -149,12 +149,13 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.iter().sum()
 }
 
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
+/// A process's memory figure `field` of /proc/PID/status (`VmRSS`: resident
+/// now; `VmHWM`: its peak), in bytes.
+fn memory(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
@@ -185,7 +186,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         .unwrap();
     let r = Running { lab, fep };
     let fep_pid = r.fep.pid().unwrap();
-    let rss_before = rss(fep_pid);
+    let rss_before = memory(fep_pid, "VmRSS");
 
     // An established connection before the flood.
     let stream = r
@@ -220,7 +221,6 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         .unwrap();
     // During the flood: new real clients are served, the connection flows.
     std::thread::sleep(Duration::from_millis(500));
-    let mut peak_rss = 0;
     let mut peak_routes = 0;
     let (mut served, mut failed) = (0, 0);
     let started = Instant::now();
@@ -250,7 +250,6 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
             "still here",
             "the established connection broke during the flood"
         );
-        peak_rss = peak_rss.max(rss(fep_pid));
         peak_routes = peak_routes.max(fepctl_json(&r, &["status"])["routes"].as_u64().unwrap());
     }
     let mut report = String::new();
@@ -268,6 +267,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         .unwrap();
     assert!(sent >= 1_000_000, "{report}");
     let c = counters(&r);
+    let peak_rss = memory(fep_pid, "VmHWM");
     eprintln!(
         "SYN flood: {report}; fep RSS {:.1} MB before, peak {:.1} MB; peak routes {peak_routes} (max_routes {MAX_ROUTES}); \
          {served} real requests served during the flood ({failed} failed); embryonic evictions {}, table_full drops {}",
@@ -277,18 +277,30 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         c["drops"]["table_full"]
     );
     // Two shared cores run the flood, the gateway, fep (a debug build) and
-    // the back ends: a request may time out, most must not.
+    // the back ends: a request may time out, few may. A request and an echo
+    // take about a second here under the flood (the README's figures).
     assert!(
-        served >= 2 && failed * 4 <= served,
+        served >= 8 && failed * 5 <= served,
         "real clients were served during the flood: {served} served, {failed} failed"
     );
+    // The table came under pressure: full, the flood's routes evicted for
+    // one another (hundreds of thousands measured; any below 100,000 means
+    // fep saw few of the SYNs) …
     assert!(
-        peak_routes <= MAX_ROUTES,
-        "the route table stayed within max_routes"
+        (MAX_ROUTES * 95 / 100..=MAX_ROUTES).contains(&peak_routes),
+        "the route table filled up to max_routes, no more: peak {peak_routes}"
     );
+    let evicted = c["unconfirmed_evicted"].as_u64().unwrap();
     assert!(
-        peak_rss < 200_000_000,
-        "fep's memory stayed under 200 MB: {peak_rss}"
+        evicted >= 100_000,
+        "flood routes evicted to make room: {evicted}"
+    );
+    // … and fep stayed within the README's memory budget (max_routes ×
+    // 400 B + 20 MB).
+    let budget = MAX_ROUTES * 400 + 20_000_000;
+    assert!(
+        peak_rss <= budget,
+        "fep's peak resident memory {peak_rss} B is over its budget of {budget} B"
     );
     // Afterwards the flood's routes go (embryonic timeout) and service is normal.
     wait_for(

@@ -38,25 +38,32 @@ fn get_names(r: &fep_tests::Running, vip: IpAddr, n: usize) -> Vec<String> {
         .unwrap()
 }
 
-/// Shares of 400 one-request connections must be within 5 percentage points
-/// of the 2:1:1 ratios (the chooser is exact; the slack covers a client port
-/// reused while its old route lingers).
-fn assert_shares_2_1_1(names: &[String]) {
-    let counts = tally(names, 3);
+/// The chooser is exact: `names`, the back ends of new routes in the order
+/// they were made, hold be1 twice and be2 and be3 once in every window of
+/// four (smooth round robin over 2:1:1).
+fn assert_split_2_1_1(names: &[String]) {
     assert_eq!(
-        counts.iter().sum::<usize>(),
+        tally(names, 3).iter().sum::<usize>(),
         names.len(),
         "every answer came from a back end: {names:?}"
     );
-    let n = names.len() as f64;
-    for (i, want) in [0.5, 0.25, 0.25].into_iter().enumerate() {
-        let got = counts[i] as f64 / n;
-        assert!(
-            (got - want).abs() <= 0.05,
-            "be{} share {got:.3}, want {want} ± 0.05 (counts {counts:?})",
-            i + 1
+    for (i, window) in names.windows(4).enumerate() {
+        assert_eq!(
+            tally(window, 3),
+            [2, 1, 1],
+            "connections {i}–{}: {window:?} (counts of all {}: {:?})",
+            i + 3,
+            names.len(),
+            tally(names, 3)
         );
     }
+}
+
+/// Routes fep created since its start.
+fn routes_created(r: &fep_tests::Running) -> u64 {
+    fepctl_json(r, &["status"])["counters"]["routes_created"]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]
@@ -73,7 +80,10 @@ fn http_connections_split_2_1_1_over_ipv4() {
         &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
     );
     let names = get_names(&r, VIP_V4.into(), 400);
-    assert_shares_2_1_1(&names);
+    // Each connection a new route (no client port reused while its old
+    // route lingered, which would send it to the same back end again).
+    assert_eq!(routes_created(&r), 400);
+    assert_split_2_1_1(&names);
     assert!(r.fep.stop().unwrap().success());
 }
 
@@ -91,7 +101,10 @@ fn http_connections_split_2_1_1_over_ipv6() {
         &WEB_2_1_1.replace("VIP", &VIP_V6.to_string()),
     );
     let names = get_names(&r, VIP_V6.into(), 400);
-    assert_shares_2_1_1(&names);
+    // Each connection a new route (no client port reused while its old
+    // route lingered, which would send it to the same back end again).
+    assert_eq!(routes_created(&r), 400);
+    assert_split_2_1_1(&names);
     assert!(r.fep.stop().unwrap().success());
 }
 
@@ -201,7 +214,9 @@ backend = [{{ node = "be1", ratio = 2 }}, {{ node = "be2", ratio = 1 }}, {{ node
             };
             let one = bind();
             let fixed: Vec<String> = (0..50).map(|_| ask(&one)).collect();
-            let spread: Vec<String> = (0..400).map(|_| ask(&bind())).collect();
+            // Every socket kept open, so that no source port comes twice.
+            let sockets: Vec<UdpSocket> = (0..400).map(|_| bind()).collect();
+            let spread: Vec<String> = sockets.iter().map(ask).collect();
             (fixed, spread)
         })
         .unwrap();
@@ -209,7 +224,8 @@ backend = [{{ node = "be1", ratio = 2 }}, {{ node = "be2", ratio = 1 }}, {{ node
         fixed.iter().all(|n| *n == fixed[0]),
         "one source port, one back end: {fixed:?}"
     );
-    assert_shares_2_1_1(&spread);
+    assert_eq!(routes_created(&r), 401, "a route per source port");
+    assert_split_2_1_1(&spread);
     assert!(r.fep.stop().unwrap().success());
 }
 

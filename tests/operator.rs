@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use fep_tests::{
-    backend, fepctl, fepctl_json, http, http_names, node, sample, skip_without_root, tally,
-    wait_for, Running,
+    backend, fepctl, fepctl_json, http, http_names, metric, node, sample, skip_without_root, tally,
+    wait_for, Running, TIMEOUT,
 };
 use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
@@ -113,15 +113,27 @@ fn every_fepctl_command_against_a_running_fep() {
     ok(&r, &["unpin", "be2"]);
     assert_eq!(node(&r, "be2")["pinned"], false);
 
-    // routes with filters.
-    http_names(&r, vip, 4);
+    // routes with filters, over two connections held open (one per back end).
+    let held: Vec<TcpStream> = r
+        .lab
+        .client
+        .enter(|| {
+            (0..2)
+                .map(|_| TcpStream::connect_timeout(&SocketAddr::new(vip, 80), TIMEOUT).unwrap())
+                .collect()
+        })
+        .unwrap();
     let routes = fepctl_json(&r, &["routes", "--service", "web", "--client", "10.0.1.2"]);
-    assert!(!routes.as_array().unwrap().is_empty());
+    let routes = routes.as_array().unwrap();
+    assert!(
+        routes.len() >= 2,
+        "the held connections' routes: {routes:?}"
+    );
     assert!(routes
-        .as_array()
-        .unwrap()
         .iter()
         .all(|x| x["client"] == "10.0.1.2" && x["service"] == "web"));
+    let none = fepctl_json(&r, &["routes", "--client", "10.0.1.99"]);
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
     assert_eq!(
         fepctl_json(&r, &["routes", "--limit", "1"])
             .as_array()
@@ -129,11 +141,13 @@ fn every_fepctl_command_against_a_running_fep() {
             .len(),
         1
     );
-    assert!(fepctl_json(&r, &["routes", "--node", "be1"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|x| x["node"] == "be1"));
+    for n in ["be1", "be2"] {
+        let routes = fepctl_json(&r, &["routes", "--node", n]);
+        let routes = routes.as_array().unwrap();
+        assert!(!routes.is_empty(), "a held connection is on {n}");
+        assert!(routes.iter().all(|x| x["node"] == n), "{routes:?}");
+    }
+    drop(held);
 
     // A node joins at runtime: its return path is set up and it gets its share.
     ok(&r, &["node", "add", "be3", "10.0.2.13"]);
@@ -154,11 +168,13 @@ fn every_fepctl_command_against_a_running_fep() {
     assert!(out.contains("drain it first"), "{out}");
     ok(&r, &["drain", "be3", "--wait", "--timeout", "15"]);
     ok(&r, &["node", "remove", "be3"]);
-    assert!(fepctl_json(&r, &["nodes"])
+    let left: Vec<_> = fepctl_json(&r, &["nodes"])
         .as_array()
         .unwrap()
         .iter()
-        .all(|n| n["name"] != "be3"));
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, ["be1", "be2"]);
     fep_tests::wait_rule_gone(&r, "10.0.2.13");
 
     // A service comes and goes.
@@ -217,6 +233,11 @@ fn scrape(r: &Running) -> String {
     fep_tests::scrape(r, "127.0.0.1:9100")
 }
 
+/// As [`metric`]; the series must be there.
+fn value(metrics: &str, series: &str) -> f64 {
+    metric(metrics, series).unwrap_or_else(|| panic!("{series} not exported:\n{metrics}"))
+}
+
 #[test]
 fn metrics_move_with_traffic_and_pass_promtool() {
     if skip_without_root("metrics_move_with_traffic_and_pass_promtool") {
@@ -255,6 +276,18 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         assert_eq!(assigned, 15.0, "route assignments of {n}");
     }
     assert_eq!(sample(&after, r#"fep_node_up{node="be1"}"#), 1.0);
+    // be1's agent reports every 200 ms; be2 has no agent, and a pinned load.
+    let age = value(&after, r#"fep_agent_report_age_seconds{node="be1"}"#);
+    assert!((0.0..5.0).contains(&age), "be1's report age {age} s");
+    assert!(
+        !after.contains(r#"fep_agent_report_age_seconds{node="be2"}"#),
+        "be2 has no agent, so no report age"
+    );
+    assert_eq!(
+        value(&after, r#"fep_backend_load{node="be2",service="web"}"#),
+        2.5,
+        "be2's pinned load"
+    );
     assert_eq!(
         sample(
             &after,
@@ -452,6 +485,10 @@ fn damaged_state_stops_fep_until_the_operator_discards_it() {
     assert_eq!(files_named(&state_dir, "state.json.discarded-"), [half]);
     assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 1);
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+    // Saved on the state writer's own thread: polled for.
+    wait_for(&r, "a new state.json", Duration::from_secs(10), |_| {
+        state.exists()
+    });
     assert_eq!(mode(&state), 0o600, "the new state.json");
 
     // A longer name than fep can keep in its snapshot is refused at runtime too.

@@ -85,20 +85,38 @@ fn an_unreachable_fep_is_retried_with_backoff_and_the_agent_keeps_running() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Polled for (2 shared cores): the third attempt's back-off, once the
+    // first two were logged.
+    let read_log = || std::fs::read_to_string(d.join("log")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("reconnecting in 1000 ms") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the agent must not exit on its own: {}",
+            read_log()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no third retry within 30 s: {}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent must not exit on its own"
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let log = std::fs::read_to_string(d.join("log")).unwrap();
+    let log = read_log();
     assert!(
         log.contains("cannot connect") && log.contains("reconnecting in 250 ms"),
         "{log}"
     );
+    let at = |what: &str| log.find(what).unwrap_or_else(|| panic!("{what}: {log}"));
     assert!(
-        log.contains("reconnecting in 500 ms"),
+        at("reconnecting in 250 ms") < at("reconnecting in 500 ms")
+            && at("reconnecting in 500 ms") < at("reconnecting in 1000 ms"),
         "backoff doubles: {log}"
     );
 }

@@ -1150,21 +1150,51 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
     }
 
     #[test]
-    fn idle_routes_expire_and_busy_ones_stay() {
+    fn idle_established_routes_expire_after_the_idle_timeout_and_busy_ones_stay() {
+        // GOLDEN: route_idle_timeout_s = 60. Both connections are through
+        // their handshake, so neither the embryonic timeout nor the linger
+        // applies: only the idle timeout can remove them.
         let r = rig(GOLDEN);
-        r.send(client(1), 1000, 8080, SYN, 0).unwrap();
-        r.send(client(2), 1000, 8080, SYN, 0).unwrap();
-        r.reply([10, 0, 2, 1], 8080, client(1), 1000, SYN | ACK, 0)
-            .unwrap();
-        r.reply([10, 0, 2, 2], 8080, client(2), 1000, SYN | ACK, 0)
-            .unwrap();
+        r.connect(client(1), 1000, 0);
+        r.connect(client(2), 1000, 0);
         r.send(client(2), 1000, 8080, ACK, 50_000).unwrap();
+        assert_eq!(
+            r.d.expire(59_999),
+            ExpireStats::default(),
+            "not idle long enough"
+        );
         assert_eq!(r.d.expire(60_000).expired, 1);
         assert_eq!(r.send(client(2), 1000, 8080, ACK, 60_001).unwrap(), "B");
         assert_eq!(
             r.send(client(1), 1000, 8080, ACK, 60_001),
             Err(DropReason::NoRoute)
         );
+    }
+
+    #[test]
+    fn udp_routes_expire_after_the_idle_timeout_answered_or_not() {
+        let r = with_udp();
+        let key = |n: u8| FlowKey {
+            service: 3,
+            client_port: 1000,
+            client: addr_from_ip(IpAddr::from(client(n))),
+        };
+        // Confirmed (a datagram after a reply), unconfirmed, and busy.
+        let be = r.udp(client(1), 1000, 0).unwrap();
+        r.udp_reply(be, client(1), 1000, 0);
+        r.udp(client(1), 1000, 0).unwrap();
+        r.udp(client(2), 1000, 0).unwrap();
+        r.udp(client(3), 1000, 0).unwrap();
+        r.udp(client(3), 1000, 30_000).unwrap();
+        // Far past the embryonic timeout, which is TCP's only.
+        assert_eq!(r.d.expire(59_999), ExpireStats::default());
+        assert_eq!(r.d.expire(60_000).expired, 2);
+        assert!(r.d.routes().backend_of(&key(1)).is_none());
+        assert!(r.d.routes().backend_of(&key(2)).is_none());
+        assert!(r.d.routes().backend_of(&key(3)).is_some());
+        assert_eq!(r.d.expire(89_999).expired, 0);
+        assert_eq!(r.d.expire(90_000).expired, 1);
+        assert_eq!(r.routes(), 0);
     }
 
     #[test]
@@ -1197,6 +1227,39 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         );
         assert!(r.send(client(1), 2099, 8080, ACK, 301).is_ok());
         assert!(r.send(client(1), 3000, 8080, SYN, 302).is_ok());
+    }
+
+    #[test]
+    fn the_expiry_pass_evicts_only_above_95_percent_and_down_to_90_longest_idle_first() {
+        // GOLDEN: max_routes = 100. Confirmed routes, idle the longer the
+        // lower their client port.
+        let r = rig(GOLDEN);
+        for n in 0..95u16 {
+            r.connect(client(1), 2000 + n, u32::from(n));
+        }
+        assert_eq!(
+            r.d.expire(200),
+            ExpireStats::default(),
+            "at 95 % nothing is evicted"
+        );
+        r.connect(client(1), 2095, 200);
+        assert_eq!(r.routes(), 96);
+        assert_eq!(r.d.expire(201).evicted, 6, "above 95 %: down to 90 %");
+        assert_eq!(r.routes(), 90);
+        for n in 0..96u16 {
+            let kept = r.send(client(1), 2000 + n, 8080, ACK, 202).is_ok();
+            assert_eq!(
+                kept,
+                n >= 6,
+                "client port {}: the six longest idle go",
+                2000 + n
+            );
+        }
+        assert_eq!(
+            r.d.expire(203),
+            ExpireStats::default(),
+            "at 90 %: nothing more"
+        );
     }
 
     #[test]

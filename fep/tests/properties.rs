@@ -98,9 +98,22 @@ proptest! {
     fn rewritten_packets_keep_every_checksum_right_both_ways(packets in proptest::collection::vec(client_packet(), 1..20)) {
         let d = dispatcher();
         let mut w = Worker::new(Default::default());
+        // The flows (family, protocol, client, port) that have a route.
+        let mut routed = std::collections::HashSet::new();
         for (i, p) in packets.iter().enumerate() {
             let mut buf = p.bytes();
-            let Verdict::Forward(len) = d.process(&mut buf, i as u32, &mut w) else { continue };
+            let flow = (p.v6, p.tcp, p.client, p.port);
+            // A datagram opens a route, and so does a TCP SYN without ACK or
+            // RST (the rest needs one already): CONFIG's table has room.
+            let opens = !p.tcp || p.flags & 0x16 == 0x02;
+            let forwarded = d.process(&mut buf, i as u32, &mut w);
+            prop_assert_eq!(
+                matches!(forwarded, Verdict::Forward(_)),
+                opens || routed.contains(&flow),
+                "client packet {} ({:?}): {:?}", i, p, forwarded
+            );
+            let Verdict::Forward(len) = forwarded else { continue };
+            routed.insert(flow);
             prop_assert!(checksums_ok(&buf[..len]).is_ok(), "forward: {:?}", checksums_ok(&buf[..len]));
             // The back end answers: swap addresses and ports of what fep sent.
             let mut reply = buf[..len].to_vec();
@@ -112,7 +125,11 @@ proptest! {
             reply[l4..l4 + 2].copy_from_slice(&dp);
             reply[l4 + 2..l4 + 4].copy_from_slice(&sp);
             // Swapping keeps checksums valid (one's-complement sums commute).
-            let Verdict::Forward(len) = d.process(&mut reply, i as u32, &mut w) else { continue };
+            // Every reply on a route is forwarded.
+            let back = d.process(&mut reply, i as u32, &mut w);
+            let Verdict::Forward(len) = back else {
+                return Err(TestCaseError::fail(format!("the reply to client packet {i} ({p:?}) was not forwarded: {back:?}")));
+            };
             prop_assert!(checksums_ok(&reply[..len]).is_ok(), "reply: {:?}", checksums_ok(&reply[..len]));
             let vip_src = if p.v6 { reply[8..24].to_vec() } else { reply[12..16].to_vec() };
             let want = if p.v6 { "fd00::100".parse::<Ipv6Addr>().unwrap().octets().to_vec() } else { Ipv4Addr::new(10, 0, 0, 100).octets().to_vec() };

@@ -269,30 +269,71 @@ mod tests {
 
     use super::*;
     use crate::dispatcher::Worker;
-    use crate::route_table::state;
+    use crate::transfer_table::BackendId;
+
+    /// A TCP segment from `src` to `dst` with `flags` (SYN, ACK, FIN bits).
+    fn segment(
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        syn: bool,
+        ack: bool,
+        fin: bool,
+    ) -> Vec<u8> {
+        let mut b = etherparse::PacketBuilder::ipv4(src.0, dst.0, 64).tcp(src.1, dst.1, 1, 100);
+        if syn {
+            b = b.syn();
+        }
+        if ack {
+            b = b.ack(1);
+        }
+        if fin {
+            b = b.fin();
+        }
+        let mut p = Vec::new();
+        b.write(&mut p, &[]).unwrap();
+        p
+    }
 
     #[test]
-    fn a_snapshot_restores_every_route_by_name() {
+    fn a_snapshot_restores_every_route_by_name_with_its_state() {
         let cfg = FepConfig::parse(crate::testing::CONFIG).unwrap();
         let d = Dispatcher::new(&cfg);
         let mut w = Worker::new(Default::default());
+        let vip = ([10, 0, 0, 100], 80);
+        // Routes in four states: embryonic, answered, established, closing.
         for n in 0..50u8 {
-            let mut p = Vec::new();
-            etherparse::PacketBuilder::ipv4([192, 0, 2, n], [10, 0, 0, 100], 64)
-                .tcp(1000 + u16::from(n), 80, 1, 100)
-                .syn()
-                .write(&mut p, &[])
-                .unwrap();
-            d.process(&mut p, 0, &mut w);
+            let client = ([192, 0, 2, n], 1000 + u16::from(n));
+            let mut p = segment(client, vip, true, false, false);
+            let crate::Verdict::Forward(len) = d.process(&mut p, 0, &mut w) else {
+                panic!("SYN {n} not forwarded")
+            };
+            let be: [u8; 4] = p[16..20].try_into().unwrap();
+            let be_port = u16::from_be_bytes([p[22], p[23]]);
+            assert_eq!(len, p.len());
+            if n % 4 >= 1 {
+                let mut p = segment((be, be_port), client, true, true, false);
+                assert!(matches!(
+                    d.process(&mut p, 1, &mut w),
+                    crate::Verdict::Forward(_)
+                ));
+            }
+            if n % 4 >= 2 {
+                let mut p = segment(client, vip, false, true, false);
+                assert!(matches!(
+                    d.process(&mut p, 2, &mut w),
+                    crate::Verdict::Forward(_)
+                ));
+            }
+            if n % 4 == 3 {
+                let mut p = segment(client, vip, false, true, true);
+                assert!(matches!(
+                    d.process(&mut p, 3, &mut w),
+                    crate::Verdict::Forward(_)
+                ));
+            }
         }
         let bytes = encode(&d);
-
-        // A new fep whose config lists the nodes in the other order.
-        let mut cfg2 = cfg.clone();
-        cfg2.services[0].backends.reverse();
-        let d2 = Dispatcher::new(&cfg2);
-        assert_eq!(decode_into(&bytes, &d2, 5).unwrap(), 50);
-        let before: Vec<_> = d
+        let saved: Vec<_> = d
             .routes()
             .snapshot()
             .into_iter()
@@ -304,10 +345,26 @@ mod tests {
                 )
             })
             .collect();
-        for (key, node, st) in before {
-            let b = d2.routes().backend_of(&key).expect("restored");
+        assert_eq!(saved.len(), 50);
+        let states: std::collections::BTreeSet<u8> = saved.iter().map(|r| r.2).collect();
+        assert_eq!(states.len(), 4, "four different states saved: {states:?}");
+
+        // A new fep whose config lists the nodes in the other order.
+        let mut cfg2 = cfg.clone();
+        cfg2.services[0].backends.reverse();
+        let d2 = Dispatcher::new(&cfg2);
+        assert_eq!(decode_into(&bytes, &d2, 5).unwrap(), 50);
+        let restored: HashMap<FlowKey, (BackendId, u8)> = d2
+            .routes()
+            .snapshot()
+            .into_iter()
+            .map(|(k, b, s, _)| (k, (b, s)))
+            .collect();
+        assert_eq!(restored.len(), 50);
+        for (key, node, st) in saved {
+            let (b, restored_state) = restored[&key];
             assert_eq!(d2.table().service(0).backends[usize::from(b)].node, node);
-            assert_eq!(st & state::REPLIED, 0);
+            assert_eq!(restored_state, st, "the state of {key:?}");
         }
         assert_eq!(
             d2.table()
@@ -319,23 +376,35 @@ mod tests {
             50
         );
         // Garbage, truncation, extra bytes and a newer version are refused
-        // with the reason, not a panic.
+        // with the reason, not a panic, and restore nothing.
+        let d3 = Dispatcher::new(&cfg);
         assert!(matches!(
-            decode_into(b"nonsense", &d2, 0),
+            decode_into(b"nonsense", &d3, 0),
             Err(Unusable::Damaged(_))
         ));
         for cut in 0..bytes.len() {
-            assert!(check(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                matches!(
+                    decode_into(&bytes[..cut], &d3, 0),
+                    Err(Unusable::Damaged(_))
+                ),
+                "cut at {cut}"
+            );
+            assert_eq!(d3.routes().len(), 0, "cut at {cut} restored routes");
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(check(&longer).is_err());
+        assert_eq!(
+            decode_into(&longer, &d3, 0).unwrap_err().to_string(),
+            "is damaged: 1 bytes after the last route"
+        );
         let mut newer = bytes.clone();
         newer[4] = VERSION + 1;
         assert_eq!(
-            check(&newer).unwrap_err().to_string(),
+            decode_into(&newer, &d3, 0).unwrap_err().to_string(),
             "was written by a newer fep (format version 2; this fep reads up to 1)"
         );
+        assert_eq!(d3.routes().len(), 0);
         check(&bytes).unwrap();
     }
 }

@@ -476,9 +476,10 @@ pub(crate) mod tests {
         assert_icmp_checksums(&b);
     }
 
-    #[test]
-    fn truncated_or_odd_errors_are_not_translated_and_never_panic() {
-        let good = error_v4(
+    /// As [`error_v4`], carrying only the first `keep` bytes of the packet
+    /// in error (the lengths of the error itself are right).
+    fn error_v4_carrying(keep: usize) -> Vec<u8> {
+        let whole = error_v4(
             "10.0.1.1",
             "10.0.0.100",
             "10.0.0.100",
@@ -486,19 +487,59 @@ pub(crate) mod tests {
             "10.0.1.2",
             40000,
         );
-        for cut in 0..good.len() {
-            let mut b = good[..cut].to_vec();
-            if let Ok(mut p) = IcmpPacket::new_checked(&mut b) {
-                let be = a("10.0.2.11");
-                p.translate(Some(&be), Some(&be), Some((&be, 1)), Some((&be, 2)));
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(v4("10.0.1.1"), v4("10.0.0.100"), 64)
+            .icmpv4_raw(3, 4, [0, 0, 0x05, 0x00])
+            .write(&mut out, &whole[28..28 + keep])
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn truncated_or_odd_errors_are_not_translated_and_never_panic() {
+        let be = a("10.0.2.11");
+        // Less of the packet in error than its IP header and 8 bytes of
+        // TCP (the ports): not an error fep can translate, left as it is.
+        // From there on, translated, with the embedded TCP checksum only
+        // once it is captured (20 + 18 bytes).
+        for keep in 0..=48 {
+            let mut b = error_v4_carrying(keep);
+            let before = b.clone();
+            let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+            let translatable = matches!(p.kind(), IcmpKind::Error { .. });
+            assert_eq!(translatable, keep >= 28, "carrying {keep} bytes");
+            p.translate(None, Some(&be), Some((&be, 8080)), None);
+            if translatable {
+                assert_eq!(p.inner().unwrap().src_port, 8080);
+                assert_icmp_checksums(&b);
+            } else {
+                assert_eq!(b, before, "carrying {keep} bytes: not translated");
             }
         }
+        // An error cut anywhere (its lengths no longer match) is refused.
+        let good = error_v4_carrying(48);
+        for cut in 0..good.len() {
+            let mut b = good[..cut].to_vec();
+            assert!(IcmpPacket::new_checked(&mut b).is_err(), "cut at {cut}");
+        }
+        // Odd embedded packets: not IPv4, an IHL below 5, not TCP or UDP.
+        for (at, v) in [(28, 0x60), (28, 0x44), (28 + 9, 1), (28 + 9, 47)] {
+            let mut b = good.clone();
+            b[at] = v;
+            let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+            assert_eq!(p.kind(), IcmpKind::Other, "byte {at} = {v:#x}");
+            let before = p.buf.to_vec();
+            p.translate(Some(&be), Some(&be), Some((&be, 1)), Some((&be, 2)));
+            assert_eq!(p.buf.to_vec(), before, "byte {at} = {v:#x}: not translated");
+        }
+        // Any byte value anywhere: never a panic.
         for at in 0..good.len() {
-            for v in [0u8, 0x45, 0x60, 0xff] {
+            for v in 0..=255u8 {
                 let mut b = good.clone();
                 b[at] = v;
                 if let Ok(mut p) = IcmpPacket::new_checked(&mut b) {
                     let _ = p.inner();
+                    p.translate(Some(&be), Some(&be), Some((&be, 1)), Some((&be, 2)));
                     p.into_echo_reply();
                 }
             }

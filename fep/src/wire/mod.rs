@@ -550,9 +550,9 @@ mod tests {
             FlowPacket::new_checked(&mut b).unwrap_err(),
             ParseError::Fragment
         );
-        // Every single byte value in every header position, bounded: no panic.
+        // Every byte value in every header position: no panic.
         for at in 0..40 {
-            for v in [0u8, 1, 0x45, 0x60, 0x7f, 0x80, 0xff] {
+            for v in 0..=255u8 {
                 let mut b = good.clone();
                 b[at] = v;
                 if let Ok(mut p) = FlowPacket::new_checked(&mut b) {
