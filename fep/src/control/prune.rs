@@ -203,6 +203,22 @@ mod tests {
     }
 
     #[test]
+    fn a_route_seen_since_the_round_began_is_not_deleted() {
+        let d = Dispatcher::new(&FepConfig::parse(CONFIG).unwrap());
+        for n in 1..=3 {
+            assert!(d.restore_route(key(0, n), 1, 0, 1_000));
+        }
+        // key 2 had a packet after the plan (its last-seen time moved on);
+        // key 9 has no route.
+        let idle = [(key(0, 1), 1_000), (key(0, 2), 900), (key(0, 9), 1_000)];
+        assert_eq!(delete(&d, idle.into_iter()), 1);
+        assert_eq!(d.routes().backend_of(&key(0, 1)), None);
+        assert_eq!(d.routes().backend_of(&key(0, 2)), Some(1));
+        assert_eq!(d.routes().len(), 2);
+        assert_eq!(d.table().service(0).backends[1].routes(), 2);
+    }
+
+    #[test]
     fn only_idle_routes_of_backends_above_target_are_candidates() {
         // testing::CONFIG: web = be1 (port 80), be2 (port 8080); dns is UDP.
         let table = TransferTable::from_config(&FepConfig::parse(CONFIG).unwrap());
