@@ -718,7 +718,9 @@ pub mod io {
             drop(writer);
             let (tx, mut rx) = mpsc::channel(8);
             let (rd, _wr) = reader.into_split();
-            read_frames(rd, tx).await;
+            tokio::time::timeout(Duration::from_secs(10), read_frames(rd, tx))
+                .await
+                .expect("the reader stops at the refused frame");
             let mut got = Vec::new();
             while let Some(f) = rx.recv().await {
                 got.push(f);
