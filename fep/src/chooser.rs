@@ -195,6 +195,88 @@ mod tests {
     }
 
     #[test]
+    fn a_back_end_back_from_ratio_zero_is_interleaved_afresh() {
+        // 1:2, then b at ratio 0 for one choice, then 1:2 again: b's old
+        // weight is forgotten, so the next window interleaves b, a, b.
+        let mut current = [0i64; 2];
+        let mut picks = Vec::new();
+        for weights in [[1, 2], [1, 2], [1, 0], [1, 2], [1, 2], [1, 2]] {
+            picks.push(smooth_weighted(&mut current, weights.into_iter()).unwrap());
+        }
+        assert_eq!(picks, vec![1, 0, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn equal_load_per_ratio_goes_to_the_first_and_lower_load_wins() {
+        assert_eq!(least_load([(10.0, 1), (20.0, 2)].into_iter()), Some(0));
+        assert_eq!(least_load([(10.0, 1), (5.0, 1)].into_iter()), Some(1));
+        assert_eq!(least_load([(9.0, 3), (4.0, 1)].into_iter()), Some(0));
+    }
+
+    /// One service per scheduler, a (ratio 2) and b (ratio 1).
+    const SCHEDULERS: &str = r#"
+[[node]]
+name = "a"
+address = "10.0.2.1"
+[[node]]
+name = "b"
+address = "10.0.2.2"
+[[service]]
+name = "ratio"
+vip = "10.0.0.1"
+port = 80
+protocol = "tcp"
+backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
+[[service]]
+name = "least"
+vip = "10.0.0.1"
+port = 81
+protocol = "tcp"
+scheduler = "least-routes"
+backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
+[[service]]
+name = "load"
+vip = "10.0.0.1"
+port = 82
+protocol = "tcp"
+scheduler = "load"
+backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
+"#;
+
+    #[test]
+    fn each_service_chooses_with_its_configured_scheduler() {
+        use crate::transfer_table::TransferTable;
+        let table = TransferTable::from_config(&fep_shared::FepConfig::parse(SCHEDULERS).unwrap());
+        let expected = [Scheduler::Ratio, Scheduler::LeastRoutes, Scheduler::Load];
+        for (id, s) in expected.into_iter().enumerate() {
+            assert_eq!(table.scheduler(id as u16), s);
+        }
+        let picks = |svc: &crate::transfer_table::Service| -> Vec<u16> {
+            (0..6)
+                .map(|_| {
+                    let b = svc.choose().unwrap();
+                    svc.backends[usize::from(b)].route_added();
+                    b
+                })
+                .collect()
+        };
+        // Document 003's C:2, D:1 for both route schedulers.
+        assert_eq!(picks(table.service(0)), vec![0, 1, 0, 0, 1, 0]);
+        assert_eq!(picks(table.service(1)), vec![0, 1, 0, 0, 1, 0]);
+        // Load: a at 20 per 2, b at 15 per 1 → a; b dropping to 5 → b.
+        let load = table.service(2);
+        load.backends[0].set_load(20.0);
+        load.backends[1].set_load(15.0);
+        assert_eq!(load.choose(), Some(0));
+        load.backends[1].set_load(5.0);
+        assert_eq!(load.choose(), Some(1));
+        load.backends[1].set_ratio(0);
+        assert_eq!(load.choose(), Some(0));
+        load.backends[0].set_ratio(0);
+        assert_eq!(load.choose(), None);
+    }
+
+    #[test]
     fn least_routes_steers_live_shares_after_a_ratio_change() {
         // A holds 6 live routes and B 0 (B was at ratio 0); now 1:1 → B gets the
         // next 6 new routes until the shares are even.
@@ -209,5 +291,9 @@ mod tests {
                 .collect()
         };
         assert_eq!(picks, vec![1, 1, 1, 1, 1, 1, 0, 1]);
+        // 2 routes at ratio 1 against 0 at ratio 4: the larger share of
+        // room wins.
+        assert_eq!(least_routes([(2u32, 1u32), (0, 4)].into_iter()), Some(1));
+        assert_eq!(least_routes([(1u32, 1u32), (3, 4)].into_iter()), Some(1));
     }
 }

@@ -156,6 +156,91 @@ mod tests {
         let r = Route::from_parts(0, 0, u32::MAX - 10);
         assert_eq!(r.idle_ms(20), 31);
     }
+
+    #[test]
+    fn half_the_clock_is_the_longest_idleness() {
+        assert_eq!(idle_since(0, u32::MAX / 2), u32::MAX / 2);
+        assert_eq!(idle_since(0, u32::MAX / 2 + 1), 0);
+    }
+
+    #[test]
+    fn a_connection_is_over_after_a_reset_or_a_fin_each_way() {
+        use state::*;
+        assert!(is_closed(RESET));
+        assert!(is_closed(FIN_FROM_CLIENT | FIN_FROM_BACKEND | ESTABLISHED));
+        assert!(!is_closed(FIN_FROM_CLIENT | ESTABLISHED));
+        assert!(!is_closed(FIN_FROM_BACKEND));
+        assert!(!is_closed(ESTABLISHED | REPLIED));
+        assert!(is_unconfirmed(REPLIED));
+        assert!(!is_unconfirmed(ESTABLISHED));
+    }
+
+    fn key(n: u8) -> FlowKey {
+        FlowKey {
+            service: 1,
+            client_port: 40_000,
+            client: [n; 16],
+        }
+    }
+
+    #[test]
+    fn reservations_never_pass_the_bound_and_releases_give_room_back() {
+        let t = RouteTable::with_room(8);
+        assert!(t.room() >= 8);
+        assert!(t.is_empty());
+        assert!(t.reserve(2) && t.reserve(2));
+        assert!(!t.reserve(2));
+        assert_eq!(t.len(), 2);
+        t.release();
+        assert_eq!(t.len(), 1);
+        assert!(!t.is_empty());
+        assert!(t.reserve(2));
+    }
+
+    #[test]
+    fn routes_are_found_listed_and_scanned_with_their_back_end_and_state() {
+        let t = RouteTable::with_room(8);
+        for (n, backend) in [(1, 3), (2, 5)] {
+            assert!(t.reserve(8));
+            t.map
+                .insert_with(&key(n), 700, state::REPLIED, || Some(backend));
+        }
+        assert_eq!(t.backend_of(&key(1)), Some(3));
+        assert_eq!(t.backend_of(&key(2)), Some(5));
+        assert_eq!(t.backend_of(&key(9)), None);
+        let mut listed = t.snapshot();
+        listed.sort();
+        assert_eq!(
+            listed,
+            vec![
+                (key(1), 3, state::REPLIED, 700),
+                (key(2), 5, state::REPLIED, 700)
+            ]
+        );
+        let mut scanned = Vec::new();
+        t.scan(|k, r| {
+            scanned.push((k, r.backend));
+            ControlFlow::Continue(())
+        });
+        scanned.sort();
+        assert_eq!(scanned, vec![(key(1), 3), (key(2), 5)]);
+        let client = ClientKey {
+            service: 1,
+            client: [1; 16],
+        };
+        assert!(t.sticky(&client).is_none());
+        t.clients.insert(
+            client,
+            Sticky {
+                backend: 3,
+                routes: 1,
+            },
+        );
+        assert_eq!(
+            t.sticky(&client).map(|s| (s.backend, s.routes)),
+            Some((3, 1))
+        );
+    }
 }
 
 #[derive(Debug)]

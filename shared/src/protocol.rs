@@ -555,6 +555,42 @@ mod tests {
     }
 
     #[test]
+    fn a_key_reads_back_from_its_hex_and_never_shows_in_debug_output() {
+        let k = key(0xa5);
+        assert_eq!(k.to_hex(), "a5".repeat(32));
+        let node = k.derive("be1");
+        assert_eq!(Key::from_hex(&node.to_hex()).unwrap().0, node.0);
+        assert_eq!(format!("{k:?}"), "Key(..)");
+    }
+
+    #[test]
+    fn a_frame_announces_its_own_length_and_the_shortest_is_a_bare_mac() {
+        let (mut agent, _) = pair();
+        let f = agent.seal(&AgentMsg::Register { node: "be1".into() });
+        let len = u32::from_be_bytes(f[..4].try_into().unwrap());
+        assert_eq!(len as usize, f.len() - 4);
+        assert_eq!(Session::check_len(len), Ok(len as usize));
+        assert_eq!(Session::check_len(32), Ok(32));
+        assert!(matches!(
+            Session::check_len(31),
+            Err(ProtocolError::Garbled(_))
+        ));
+    }
+
+    #[test]
+    fn every_rejection_has_its_own_counter_label() {
+        let errors = [
+            ProtocolError::Oversized(1),
+            ProtocolError::BadMac,
+            ProtocolError::Replay { got: 1, last: 1 },
+            ProtocolError::Garbled(String::new()),
+            ProtocolError::Version(1),
+            ProtocolError::Unsolicited(String::new()),
+        ];
+        assert_eq!(errors.map(|e| e.kind()), ProtocolError::KINDS);
+    }
+
+    #[test]
     fn keys_must_be_64_hex_characters() {
         assert!(Key::from_hex(&Key::generate_hex()).is_ok());
         assert!(Key::from_hex("abcd").unwrap_err().contains("64 hex"));
@@ -631,6 +667,101 @@ pub mod io {
             if tx.send(frame).await.is_err() || refused {
                 return;
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use tokio::net::{TcpListener, TcpStream};
+
+        use super::super::{AgentMsg, Key, MAX_REGISTER_FRAME};
+        use super::*;
+
+        fn framed(body: &[u8]) -> Vec<u8> {
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            f
+        }
+
+        /// Both ends of a loopback TCP connection.
+        async fn connected() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            (client.unwrap(), server.unwrap().0)
+        }
+
+        #[tokio::test]
+        async fn a_frame_is_read_whole_and_a_short_or_oversized_one_is_not() {
+            let body = [7u8; 40];
+            let mut rd = &framed(&body)[..];
+            assert_eq!(read_frame(&mut rd, 40).await, Ok(Some(body.to_vec())));
+            assert_eq!(read_frame(&mut rd, 40).await, Ok(None), "end of stream");
+            let cut = framed(&body);
+            assert_eq!(read_frame(&mut &cut[..30], 40).await, Ok(None));
+            assert_eq!(
+                read_frame(&mut &framed(&body)[..], 39).await,
+                Err(ProtocolError::Oversized(40))
+            );
+        }
+
+        #[tokio::test]
+        async fn the_reader_passes_frames_on_and_stops_at_the_first_refused_one() {
+            let (mut writer, reader) = connected().await;
+            let mut bytes = framed(&[1; 40]);
+            bytes.extend(framed(&[2; 50]));
+            bytes.extend(u32::MAX.to_be_bytes());
+            bytes.extend(framed(&[3; 40]));
+            writer.write_all(&bytes).await.unwrap();
+            drop(writer);
+            let (tx, mut rx) = mpsc::channel(8);
+            let (rd, _wr) = reader.into_split();
+            tokio::time::timeout(Duration::from_secs(10), read_frames(rd, tx))
+                .await
+                .expect("the reader stops at the refused frame");
+            let mut got = Vec::new();
+            while let Some(f) = rx.recv().await {
+                got.push(f);
+            }
+            assert_eq!(
+                got,
+                vec![
+                    Ok(vec![1; 40]),
+                    Ok(vec![2; 50]),
+                    Err(ProtocolError::Oversized(u32::MAX as usize))
+                ]
+            );
+        }
+
+        #[tokio::test]
+        async fn a_handshake_gives_both_ends_one_session_and_times_out_on_silence() {
+            let key = Key([9; 32]);
+            let (mut a, mut b) = connected().await;
+            let wait = Duration::from_secs(10);
+            let (sa, sb) = tokio::join!(
+                handshake(&mut a, key.clone(), wait),
+                handshake(&mut b, key.clone(), wait)
+            );
+            let (mut agent, mut fep) = (sa.unwrap(), sb.unwrap());
+            let msg = AgentMsg::Register { node: "be1".into() };
+            let frame = agent.seal(&msg);
+            assert!(frame.len() - 4 <= MAX_REGISTER_FRAME);
+            assert_eq!(fep.open::<AgentMsg>(&frame[4..]), Ok(msg));
+
+            // A peer that connects and says nothing.
+            let (mut silent, _peer) = connected().await;
+            let r = handshake(&mut silent, key.clone(), Duration::from_millis(50)).await;
+            assert!(matches!(r, Err(HandshakeError::Timeout)), "{r:?}");
+            // A peer whose hello is not one.
+            let (mut c, mut d) = connected().await;
+            d.write_all(&[0u8; HELLO_LEN]).await.unwrap();
+            let r = handshake(&mut c, key, wait).await;
+            assert!(
+                matches!(r, Err(HandshakeError::Protocol(ProtocolError::Garbled(_)))),
+                "{r:?}"
+            );
         }
     }
 }

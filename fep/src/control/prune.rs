@@ -8,6 +8,7 @@
 
 use crate::route_table::idle_since;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use fep_shared::protocol::{ConnId, MAX_CONNS_PER_FRAME};
 use tokio::task::JoinSet;
 
-use super::model::over_target;
+use super::model::{over_target, Model};
 use super::ControlPlane;
 use crate::dispatcher::Dispatcher;
 use crate::route_table::FlowKey;
@@ -42,7 +43,7 @@ pub type Candidate = (ConnId, FlowKey, u32);
 
 /// One pruning round; returns how many routes it deleted.
 pub async fn round(cp: &Arc<ControlPlane>) -> usize {
-    let over = services_over_target(cp);
+    let over = services_over_target(&cp.dispatcher().table(), &mut cp.model());
     if over.is_empty() {
         return 0;
     }
@@ -64,17 +65,57 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     else {
         return 0;
     };
+    let (query_cp, delete_cp) = (cp.clone(), cp.clone());
+    deleted += ask_and_delete(
+        ask,
+        move |node, conns| {
+            let cp = query_cp.clone();
+            async move { cp.query_live(node, conns).await }
+        },
+        move |idle| {
+            let dispatcher = delete_cp.dispatcher_arc();
+            async move {
+                tokio::task::spawn_blocking(move || delete(&dispatcher, idle.into_iter()))
+                    .await
+                    .unwrap_or(0)
+            }
+        },
+    )
+    .await;
+    cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
+    cp.routes_pruned
+        .fetch_add(deleted as u64, Ordering::Relaxed);
+    if deleted > 0 {
+        tracing::info!("pruned {deleted} idle route(s) toward the target shares");
+    }
+    cp.tick();
+    deleted
+}
+
+/// Asks each node (all at once) about its candidates, in frame-sized parts
+/// one after the other so that each part has the whole answer time to
+/// itself, and deletes the routes whose connection is not live; a node that
+/// does not answer keeps the rest of its routes. How many were deleted.
+async fn ask_and_delete<Q, QF, D, DF>(
+    ask: HashMap<NodeId, Vec<Candidate>>,
+    query: Q,
+    delete: D,
+) -> usize
+where
+    Q: Fn(NodeId, Vec<ConnId>) -> QF + Clone + Send + 'static,
+    QF: Future<Output = Option<Vec<ConnId>>> + Send,
+    D: Fn(Vec<(FlowKey, u32)>) -> DF + Clone + Send + 'static,
+    DF: Future<Output = usize> + Send,
+{
     let mut queries = JoinSet::new();
-    // One task per node, asking in frame-sized parts one after the other,
-    // so that each part has the whole answer time to itself.
     for (node, candidates) in ask {
-        let cp = cp.clone();
+        let (query, delete) = (query.clone(), delete.clone());
         queries.spawn(async move {
             let mut deleted = 0;
             for part in candidates.chunks(MAX_CONNS_PER_FRAME) {
                 let conns = part.iter().map(|c| c.0).collect();
                 // No answer: the connections may be live, so nothing is deleted.
-                let Some(live) = cp.query_live(node, conns).await else {
+                let Some(live) = query(node, conns).await else {
                     break;
                 };
                 let live: HashSet<ConnId> = live.into_iter().collect();
@@ -83,25 +124,15 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
                     .filter(|(conn, _, _)| !live.contains(conn))
                     .map(|&(_, key, last_seen)| (key, last_seen))
                     .collect();
-                let dispatcher = cp.dispatcher_arc();
-                deleted +=
-                    tokio::task::spawn_blocking(move || delete(&dispatcher, idle.into_iter()))
-                        .await
-                        .unwrap_or(0);
+                deleted += delete(idle).await;
             }
             deleted
         });
     }
+    let mut deleted = 0;
     while let Some(Ok(n)) = queries.join_next().await {
         deleted += n;
     }
-    cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
-    cp.routes_pruned
-        .fetch_add(deleted as u64, Ordering::Relaxed);
-    if deleted > 0 {
-        tracing::info!("pruned {deleted} idle route(s) toward the target shares");
-    }
-    cp.tick();
     deleted
 }
 
@@ -162,9 +193,7 @@ pub fn plan(
 
 /// For each service being pruned, which back ends are above target; a
 /// service whose shares are on target stops being pruned.
-fn services_over_target(cp: &ControlPlane) -> HashMap<ServiceId, Vec<bool>> {
-    let table = cp.dispatcher().table();
-    let mut m = cp.model();
+fn services_over_target(table: &TransferTable, m: &mut Model) -> HashMap<ServiceId, Vec<bool>> {
     let mut out = HashMap::new();
     for (sid, svc) in m.services.iter_mut().enumerate() {
         if !svc.pruning {
@@ -200,6 +229,99 @@ mod tests {
             client_port: 40000 + u16::from(n),
             client: addr_from_ip([192, 0, 2, n].into()),
         }
+    }
+
+    #[tokio::test]
+    async fn only_routes_without_a_live_connection_are_deleted_part_by_part() {
+        use std::sync::Mutex;
+        let candidate = |n: u32| {
+            let conn = ConnId {
+                client: std::net::Ipv4Addr::from(n).into(),
+                client_port: 40_000,
+                port: 80,
+            };
+            let key = FlowKey {
+                service: 0,
+                client_port: 40_000,
+                client: addr_from_ip(conn.client),
+            };
+            (conn, key, n)
+        };
+        let full = MAX_CONNS_PER_FRAME as u32;
+        // Node 0: two parts; its agent says the first of each part is live.
+        // Node 1: no answer.
+        let ask = HashMap::from([
+            (0, (0..full + 2).map(candidate).collect()),
+            (1, vec![candidate(1 << 30)]),
+        ]);
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let deleted = Arc::new(Mutex::new(Vec::new()));
+        let (a, d) = (asked.clone(), deleted.clone());
+        let n = ask_and_delete(
+            ask,
+            move |node, conns: Vec<ConnId>| {
+                a.lock().unwrap().push((node, conns.len()));
+                async move { (node == 0).then(|| vec![conns[0]]) }
+            },
+            move |idle: Vec<(FlowKey, u32)>| {
+                let n = idle.len();
+                d.lock()
+                    .unwrap()
+                    .extend(idle.into_iter().map(|(_, seen)| seen));
+                async move { n }
+            },
+        )
+        .await;
+        assert_eq!(n, full as usize);
+        let mut asked = asked.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, vec![(0, 2), (0, MAX_CONNS_PER_FRAME), (1, 1)]);
+        let deleted = deleted.lock().unwrap();
+        assert_eq!(deleted.len(), full as usize);
+        assert!(!deleted.contains(&0) && !deleted.contains(&full));
+        assert!(!deleted.contains(&(1 << 30)));
+    }
+
+    #[test]
+    fn only_services_being_pruned_and_still_off_target_are_pruned() {
+        // web: be1 ratio 2, be2 ratio 1, and be2 holds all 10 routes.
+        let cfg = FepConfig::parse(CONFIG).unwrap();
+        let table = TransferTable::from_config(&cfg);
+        let mut model = Model::from_config(&cfg);
+        for _ in 0..10 {
+            table.service(0).backends[1].route_added();
+            table.service(2).backends[1].route_added();
+        }
+        model.services[0].pruning = true;
+        model.services[1].pruning = true; // dns: no routes, on target
+        let over = services_over_target(&table, &mut model);
+        assert_eq!(over, HashMap::from([(0, vec![false, true])]));
+        assert!(model.services[0].pruning);
+        assert!(!model.services[1].pruning, "on target: pruning ends");
+    }
+
+    #[test]
+    fn a_route_idle_exactly_the_minimum_is_a_candidate() {
+        let table = TransferTable::from_config(&FepConfig::parse(CONFIG).unwrap());
+        let over = HashMap::from([(0, vec![true, true])]);
+        let p = plan(&table, vec![(key(0, 1), 0, 0, 0)], &over, MIN_IDLE_MS);
+        assert_eq!(p.ask[&0].len(), 1);
+    }
+
+    #[test]
+    fn a_route_seen_since_the_round_began_is_not_deleted() {
+        let d = Dispatcher::new(&FepConfig::parse(CONFIG).unwrap());
+        for n in 1..=3 {
+            assert!(d.restore_route(key(0, n), 1, 0, 1_000));
+        }
+        // key 2 had a packet after the plan (its last-seen time moved on);
+        // key 9 has no route.
+        let idle = [(key(0, 1), 1_000), (key(0, 2), 900), (key(0, 9), 1_000)];
+        assert_eq!(delete(&d, idle.into_iter()), 1);
+        assert_eq!(d.routes().backend_of(&key(0, 1)), None);
+        assert_eq!(d.routes().backend_of(&key(0, 2)), Some(1));
+        assert_eq!(d.routes().len(), 2);
+        assert_eq!(d.table().service(0).backends[1].routes(), 2);
     }
 
     #[test]

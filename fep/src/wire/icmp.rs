@@ -476,6 +476,60 @@ pub(crate) mod tests {
         assert_icmp_checksums(&b);
     }
 
+    #[test]
+    fn an_error_names_the_embedded_packet_in_full() {
+        // A router's error to the client about the client's segment.
+        let mut b = error_v4("10.0.9.9", "10.0.1.2", "10.0.1.2", 40000, "10.0.0.100", 80);
+        let len = b.len();
+        let p = IcmpPacket::new_checked(&mut b).unwrap();
+        assert!(p.is_ipv4() && !p.is_empty());
+        assert_eq!(p.len(), len);
+        assert_eq!(
+            p.inner(),
+            Some(Inner {
+                protocol: TCP,
+                src: a("10.0.1.2"),
+                src_port: 40000,
+                dst: a("10.0.0.100"),
+                dst_port: 80,
+            })
+        );
+        let mut b = error_v6("fd00:9::9", "fd00:1::2", "fd00:1::2", 5000, "fd00::100", 53);
+        let p = IcmpPacket::new_checked(&mut b).unwrap();
+        assert!(!p.is_ipv4());
+        let inner = p.inner().unwrap();
+        assert_eq!(
+            (inner.src, inner.src_port, inner.dst, inner.dst_port),
+            (a("fd00:1::2"), 5000, a("fd00::100"), 53)
+        );
+    }
+
+    #[test]
+    fn an_icmp_message_needs_its_8_byte_header() {
+        let mut b = Vec::new();
+        PacketBuilder::ipv4(v4("10.0.1.2"), v4("10.0.0.100"), 3)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut b, b"")
+            .unwrap();
+        assert_eq!(b.len(), 28);
+        assert_eq!(
+            IcmpPacket::new_checked(&mut b.clone()).unwrap().kind(),
+            IcmpKind::EchoRequest
+        );
+        // Cut to 4 bytes of ICMP (total length and header checksum fixed).
+        let mut cut = b[..24].to_vec();
+        cut[3] = 24;
+        let header = etherparse::Ipv4HeaderSlice::from_slice(&cut[..20])
+            .unwrap()
+            .to_header();
+        let c = header.calc_header_checksum().to_be_bytes();
+        cut[10..12].copy_from_slice(&c);
+        assert_eq!(
+            IcmpPacket::new_checked(&mut cut).unwrap_err(),
+            ParseError::Malformed
+        );
+    }
+
     /// As [`error_v4`], carrying only the first `keep` bytes of the packet
     /// in error (the lengths of the error itself are right).
     fn error_v4_carrying(keep: usize) -> Vec<u8> {

@@ -564,6 +564,46 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_packet_is_no_ipv4_one_and_no_valid_packet_is_empty() {
+        let mut bytes = udp6(b"x");
+        let p = FlowPacket::new_checked(&mut bytes).unwrap();
+        assert!(!p.is_ipv4());
+        assert!(!p.is_empty());
+        assert_eq!(p.tcp_flags(), 0, "UDP has no flags");
+        assert_eq!(ip_from_addr(&p.src_addr()), IpAddr::from(CLIENT6));
+    }
+
+    #[test]
+    fn a_udp_checksum_that_comes_out_zero_is_sent_as_all_ones() {
+        // 0 would mean "no checksum" (IPv4) or be invalid (IPv6): the
+        // payload word is chosen so that the rewritten checksum is zero.
+        for (make, be) in [
+            (udp4 as fn(&[u8]) -> Vec<u8>, IpAddr::V4(BE4)),
+            (udp6, IpAddr::V6(be6())),
+        ] {
+            let mut probe = make(&[0, 0]);
+            let mut p = FlowPacket::new_checked(&mut probe).unwrap();
+            p.set_destination(&addr_from_ip(be), 53);
+            let at = probe.len() - 4;
+            let word = [probe[at], probe[at + 1]];
+            let mut bytes = make(&word);
+            let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+            p.set_destination(&addr_from_ip(be), 53);
+            assert_eq!(&bytes[at..at + 2], &[0xff, 0xff], "{be}");
+            assert_checksums_valid(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_sum_of_all_ones_folds_to_itself() {
+        assert_eq!(ChecksumDelta::default().add_to(0xffff), 0xffff);
+        let mut d = ChecksumDelta::default();
+        d.replace(&[0, 1], &[0, 1]);
+        assert_eq!(d.add_to(0), 0xffff);
+        assert_eq!(d.apply(0), 0);
+    }
+
+    #[test]
     fn checksum_delta_matches_rfc1624_example() {
         // RFC 1624 §4: HC = 0xDD2F, m = 0x5555 → m' = 0x3285 gives HC' = 0x0000
         // with eqn. 3 (its one's-complement negative zero is avoided).
