@@ -1,6 +1,6 @@
-//! Choosing the back end for a new route (document 003's chooser).
+//! Choosing the back end for a new route.
 //!
-//! Both schedulers are deterministic and skip back ends whose ratio is 0.
+//! The schedulers are deterministic and skip back ends whose ratio is 0.
 //! Ratios are read at every choice, so a ratio change steers the very next
 //! new route; existing routes are never touched here.
 
@@ -8,7 +8,16 @@ use std::sync::Mutex;
 
 use fep_shared::Scheduler;
 
-use crate::transfer_table::Backend;
+/// What the chooser reads of a back end at each choice. The transfer table's
+/// back ends implement it; the chooser knows nothing else of them.
+pub(crate) trait Candidate {
+    /// The effective ratio; 0 is never chosen.
+    fn ratio(&self) -> u32;
+    /// Live routes assigned to it.
+    fn routes(&self) -> u32;
+    /// The load the agent reported, in the service's load metric.
+    fn load(&self) -> f64;
+}
 
 #[derive(Debug)]
 pub(crate) enum Chooser {
@@ -16,7 +25,7 @@ pub(crate) enum Chooser {
     Ratio(Mutex<Vec<i64>>),
     /// Lowest (live routes ÷ ratio), ties by table order; no state of its own.
     LeastRoutes,
-    /// Lowest (reported load ÷ ratio), ties by table order (document 004).
+    /// Lowest (reported load ÷ ratio), ties by table order.
     Load,
 }
 
@@ -38,11 +47,11 @@ impl Chooser {
     }
 
     /// Index of the chosen back end, `None` if every ratio is 0.
-    pub(crate) fn choose(&self, backends: &[Backend]) -> Option<usize> {
+    pub(crate) fn choose<C: Candidate>(&self, backends: &[C]) -> Option<usize> {
         match self {
             Chooser::Ratio(current) => {
                 let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
-                smooth_weighted(&mut current, backends.iter().map(Backend::ratio))
+                smooth_weighted(&mut current, backends.iter().map(C::ratio))
             }
             Chooser::LeastRoutes => least_routes(backends.iter().map(|b| (b.routes(), b.ratio()))),
             Chooser::Load => least_load(backends.iter().map(|b| (b.load(), b.ratio()))),
@@ -50,7 +59,7 @@ impl Chooser {
     }
 }
 
-/// Document 004: among running back ends (ratio above 0; a stopped or down
+/// Among running back ends (ratio above 0; a stopped or down
 /// node has ratio 0), the smallest load ÷ ratio wins, first on ties.
 fn least_load(candidates: impl Iterator<Item = (f64, u32)>) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
@@ -137,7 +146,7 @@ mod tests {
 
     #[test]
     fn golden_8081_c2_d1_goes_c_d_c_c_d_c() {
-        // Document 003: six new clients of 8081 with C:2, D:1.
+        // The golden example: six new clients of 8081 with C:2, D:1.
         const C: usize = 0;
         const D: usize = 1;
         for s in BOTH {
@@ -147,7 +156,7 @@ mod tests {
 
     #[test]
     fn golden_one_to_one_alternates() {
-        // Document 003: 8080 with A:1, B:1 (and 8082 with E:1, F:1) go A, B, A, B.
+        // The golden example: 8080 with A:1, B:1 (and 8082 with E:1, F:1) go A, B, A, B.
         for s in BOTH {
             assert_eq!(sequence(s, &[1, 1], 4), vec![0, 1, 0, 1], "{s:?}");
         }
@@ -183,7 +192,7 @@ mod tests {
 
     #[test]
     fn least_load_takes_the_smallest_load_per_ratio_and_skips_ratio_zero() {
-        // Document 004's numbers; a stopped host reaches the chooser with
+        // The load scheduler's golden example; a stopped host reaches the chooser with
         // effective ratio 0 (the golden Fig. 6 through the model and the
         // dispatcher is in control::model's tests).
         assert_eq!(
@@ -260,7 +269,7 @@ backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
                 })
                 .collect()
         };
-        // Document 003's C:2, D:1 for both route schedulers.
+        // The golden C:2, D:1 for both route schedulers.
         assert_eq!(picks(table.service(0)), vec![0, 1, 0, 0, 1, 0]);
         assert_eq!(picks(table.service(1)), vec![0, 1, 0, 0, 1, 0]);
         // Load: a at 20 per 2, b at 15 per 1 → a; b dropping to 5 → b.

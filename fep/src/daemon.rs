@@ -15,6 +15,7 @@ use fep_shared::protocol::Key;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
+use crate::clock::Clock;
 use crate::control::journal::{self, Journal};
 use crate::control::snapshot;
 use crate::control::startup::Start;
@@ -23,7 +24,7 @@ use crate::counters::Totals;
 use crate::dispatcher::Dispatcher;
 use crate::metrics;
 use crate::netsetup::NetSetup;
-use crate::tun_io::{self, Clock, Workers};
+use crate::tun_io::{self, Workers};
 
 /// How often routes are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);

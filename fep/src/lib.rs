@@ -3,7 +3,7 @@
 //! Layers, from bytes up:
 //! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
 //! - [`transfer_table`], [`chooser`], [`route_table`]: the tables of
-//!   document 003 and the choice of a back end;
+//!   that map a client to a back end, and the choice of a back end;
 //! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
 //! - [`counters`]: per-worker packet and drop counters;
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod atomic_file;
 pub(crate) mod chooser;
+pub mod clock;
 pub mod control;
 pub mod counters;
 pub mod daemon;

@@ -1,5 +1,5 @@
-//! The transfer table (document 003, table 112): per service, the back-end
-//! nodes allowed to serve it and each one's ratio.
+//! The transfer table: per service, the back-end nodes allowed to serve it
+//! and each one's ratio.
 //!
 //! The data path only reads it; ratios are atomics so that the control plane
 //! can change them without stopping a worker.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use fep_shared::{Affinity, FepConfig, Scheduler};
 
-use crate::chooser::Chooser;
+use crate::chooser::{Candidate, Chooser};
 use crate::endpoint_map::{Endpoint, EndpointMap};
 use crate::wire::{addr_from_ip, Addr};
 
@@ -92,6 +92,20 @@ impl Backend {
     /// Same node, address and port: routes to one are routes to the other.
     fn same_endpoint(&self, other: &Backend) -> bool {
         self.node == other.node && self.addr == other.addr && self.port == other.port
+    }
+}
+
+impl Candidate for Backend {
+    fn ratio(&self) -> u32 {
+        Backend::ratio(self)
+    }
+
+    fn routes(&self) -> u32 {
+        Backend::routes(self)
+    }
+
+    fn load(&self) -> f64 {
+        Backend::load(self)
     }
 }
 

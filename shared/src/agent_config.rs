@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{from_toml, load_with, ConfigError};
 
-/// Server-process control for one service port (document 003, 124).
+/// Server-process control for one service port: the agent starts and stops
+/// the server when the front end asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentService {

@@ -84,7 +84,7 @@ pub enum Scheduler {
     /// Lowest (live routes ÷ ratio), ties by table order: steers the shares of
     /// live routes toward the ratios, e.g. after a ratio change.
     LeastRoutes,
-    /// Lowest (reported load ÷ ratio) among running nodes (document 004).
+    /// Lowest (reported load ÷ ratio) among running nodes wins.
     Load,
 }
 
@@ -102,7 +102,7 @@ impl Scheduler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadMetric {
-    /// Packets received per second on the service port (document 004).
+    /// Packets received per second on the service port.
     #[default]
     Pps,
     /// Live connections on the service port.

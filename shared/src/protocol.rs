@@ -129,7 +129,7 @@ pub struct ServiceLoad {
     pub listening: bool,
     /// Live TCP connections (0 for UDP).
     pub connections: u32,
-    /// Packets received per second (document 004's load).
+    /// Packets received per second: the `load` scheduler's default metric.
     pub rx_pps: f64,
 }
 

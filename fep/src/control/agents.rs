@@ -406,7 +406,8 @@ impl ControlPlane {
 
     /// After a start, asks each node's agent once for its live connections,
     /// so that routes the snapshot missed (or all of them, without one) are
-    /// rebuilt from the back ends' connection tables (document 001, var. 1).
+    /// rebuilt from the back ends' connection tables: a restarted front end
+    /// keeps every live connection on the back end that serves it.
     fn ask_for_live_connections(&self, node: NodeId) {
         if !self
             .rebuilt

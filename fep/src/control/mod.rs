@@ -26,10 +26,10 @@ use fep_shared::FepConfig;
 
 pub use commands::CommandError;
 
+use crate::clock::Clock;
 use crate::dispatcher::Dispatcher;
 use crate::netsetup::NetSetup;
 use crate::transfer_table::NodeId;
-use crate::tun_io::Clock;
 use agents::AgentLink;
 use latest::Latest;
 use model::{Event, Model};

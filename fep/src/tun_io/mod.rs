@@ -16,10 +16,11 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
+use crate::clock::Clock;
 use crate::counters::{bump, WorkerCounters};
 use crate::dispatcher::{Dispatcher, Verdict, Worker};
 
@@ -30,20 +31,6 @@ const MAX_READ: usize = 65_536 + 512;
 /// `io_uring_enter` (its handler does nothing; it is installed without
 /// `SA_RESTART`).
 const WAKE_SIGNAL: libc::c_int = libc::SIGUSR1;
-
-/// Milliseconds since the daemon started: the core's notion of `now`.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock(Instant);
-
-impl Clock {
-    pub fn start() -> Self {
-        Clock(Instant::now())
-    }
-
-    pub fn now_ms(&self) -> u32 {
-        self.0.elapsed().as_millis() as u32
-    }
-}
 
 /// The queues of the TUN device, and whether they carry the virtio-net
 /// header (checksum and segmentation offload).

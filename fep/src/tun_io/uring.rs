@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use io_uring::types::{BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::{handle, Clock, IoErrors, MAX_READ};
+use super::{handle, IoErrors, MAX_READ};
+use crate::clock::Clock;
 use crate::dispatcher::{Dispatcher, Worker};
 
 /// Buffers per queue (a power of two): the most packets one wake-up can
