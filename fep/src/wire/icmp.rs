@@ -10,6 +10,7 @@
 
 use etherparse::IpSlice;
 
+use super::checksum::{rewrite_end, End, Headers, L4Checksum};
 use super::{
     addr_bytes, field, read_addr, read_u16, write_u16, Addr, ChecksumDelta, ParseError, TCP, UDP,
 };
@@ -119,19 +120,11 @@ impl<'a> IcmpPacket<'a> {
     }
 
     fn src_range(&self) -> std::ops::Range<usize> {
-        if self.v4 {
-            field::V4_SRC
-        } else {
-            field::V6_SRC
-        }
+        field::src(self.v4)
     }
 
     fn dst_range(&self) -> std::ops::Range<usize> {
-        if self.v4 {
-            field::V4_DST
-        } else {
-            field::V6_DST
-        }
+        field::dst(self.v4)
     }
 
     /// The embedded packet of an error.
@@ -144,11 +137,7 @@ impl<'a> IcmpPacket<'a> {
         else {
             return None;
         };
-        let (s, d) = if self.v4 {
-            (field::V4_SRC, field::V4_DST)
-        } else {
-            (field::V6_SRC, field::V6_DST)
-        };
+        let (s, d) = (field::src(self.v4), field::dst(self.v4));
         Some(Inner {
             protocol: inner_proto,
             src: read_addr(&self.buf[inner + s.start..inner + s.end], self.v4),
@@ -207,51 +196,19 @@ impl<'a> IcmpPacket<'a> {
         let v4 = self.v4;
         // Changes inside the ICMP message, for its checksum.
         let mut icmp_delta = ChecksumDelta::default();
-        let (s, d) = if v4 {
-            (field::V4_SRC, field::V4_DST)
-        } else {
-            (field::V6_SRC, field::V6_DST)
+        let embedded = Headers {
+            ip: inner,
+            l4: inner_l4,
+            len: self.len,
+            proto: inner_proto,
+            v4,
         };
-        for (new, range, port_at) in [
-            (inner_src, s.clone(), field::SRC_PORT),
-            (inner_dst, d.clone(), field::DST_PORT),
-        ] {
+        for (new, end) in [(inner_src, End::Source), (inner_dst, End::Destination)] {
             let Some((addr, port)) = new else { continue };
-            let range = inner + range.start..inner + range.end;
-            let port_at = inner_l4 + port_at;
-            let new_addr = addr_bytes(addr, v4);
-            let new_port = port.to_be_bytes();
-            let mut addr_delta = ChecksumDelta::default();
-            addr_delta.replace(&self.buf[range.clone()], new_addr);
-            let mut l4_delta = addr_delta;
-            l4_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
-            icmp_delta.replace(&self.buf[range.clone()], new_addr);
-            icmp_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
-            // The embedded L4 checksum, if the error captured it.
-            let csum_at = inner_l4
-                + if inner_proto == TCP {
-                    field::TCP_CHECKSUM
-                } else {
-                    field::UDP_CHECKSUM
-                };
-            if csum_at + 2 <= self.len {
-                let old = read_u16(self.buf, csum_at);
-                if !(inner_proto == UDP && v4 && old == 0) {
-                    let new = l4_delta.apply(old);
-                    icmp_delta.replace(&old.to_be_bytes(), &new.to_be_bytes());
-                    write_u16(self.buf, csum_at, new);
-                }
-            }
-            if v4 {
-                let at = inner + field::V4_CHECKSUM.start;
-                let old = read_u16(self.buf, at);
-                let new = addr_delta.apply(old);
-                icmp_delta.replace(&old.to_be_bytes(), &new.to_be_bytes());
-                write_u16(self.buf, at, new);
-            }
-            self.buf[range].copy_from_slice(new_addr);
-            self.buf[port_at..port_at + 2].copy_from_slice(&new_port);
+            let written = rewrite_end(self.buf, embedded, end, L4Checksum::Full, addr, port);
+            icmp_delta.merge(written);
         }
+        let (s, d) = (field::src(v4), field::dst(v4));
         // The outer addresses: the IPv4 header checksum, or (IPv6) the
         // ICMPv6 checksum, whose pseudo-header holds them.
         let mut outer_delta = ChecksumDelta::default();

@@ -7,9 +7,13 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+mod checksum;
 pub mod icmp;
 
 use etherparse::{IpSlice, TcpSlice, UdpSlice};
+
+pub(crate) use checksum::{read_u16, write_u16, ChecksumDelta};
+use checksum::{rewrite_end, End, Headers, L4Checksum};
 
 /// An IP address in the 16-byte form the tables key on; IPv4 is stored
 /// v4-mapped (`::ffff:a.b.c.d`), so one key type serves both families.
@@ -33,6 +37,26 @@ pub(crate) mod field {
     pub const V4_DST: Range<usize> = 16..20;
     pub const V6_SRC: Range<usize> = 8..24;
     pub const V6_DST: Range<usize> = 24..40;
+
+    /// The source address field of an IP header of the given family.
+    #[inline]
+    pub fn src(v4: bool) -> Range<usize> {
+        if v4 {
+            V4_SRC
+        } else {
+            V6_SRC
+        }
+    }
+
+    /// The destination address field of an IP header of the given family.
+    #[inline]
+    pub fn dst(v4: bool) -> Range<usize> {
+        if v4 {
+            V4_DST
+        } else {
+            V6_DST
+        }
+    }
     // Offsets from the start of the L4 header.
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
@@ -154,30 +178,22 @@ impl<'a> FlowPacket<'a> {
 
     #[inline]
     pub fn src_addr(&self) -> Addr {
-        self.addr(if self.v4 {
-            field::V4_SRC
-        } else {
-            field::V6_SRC
-        })
+        self.addr(field::src(self.v4))
     }
 
     #[inline]
     pub fn dst_addr(&self) -> Addr {
-        self.addr(if self.v4 {
-            field::V4_DST
-        } else {
-            field::V6_DST
-        })
+        self.addr(field::dst(self.v4))
     }
 
     #[inline]
     pub fn src_port(&self) -> u16 {
-        self.read_u16(self.l4 + field::SRC_PORT)
+        read_u16(self.buf, self.l4 + field::SRC_PORT)
     }
 
     #[inline]
     pub fn dst_port(&self) -> u16 {
-        self.read_u16(self.l4 + field::DST_PORT)
+        read_u16(self.buf, self.l4 + field::DST_PORT)
     }
 
     /// TCP flags, or 0 for UDP.
@@ -193,84 +209,35 @@ impl<'a> FlowPacket<'a> {
     /// Rewrites the destination (forward direction: VIP → back end).
     #[inline]
     pub fn set_destination(&mut self, addr: &Addr, port: u16) {
-        let range = if self.v4 {
-            field::V4_DST
-        } else {
-            field::V6_DST
-        };
-        self.rewrite(range, field::DST_PORT, addr, port);
+        self.rewrite(End::Destination, addr, port);
     }
 
     /// Rewrites the source (reverse direction: back end → VIP).
     #[inline]
     pub fn set_source(&mut self, addr: &Addr, port: u16) {
-        let range = if self.v4 {
-            field::V4_SRC
-        } else {
-            field::V6_SRC
-        };
-        self.rewrite(range, field::SRC_PORT, addr, port);
+        self.rewrite(End::Source, addr, port);
     }
 
     #[inline]
-    fn rewrite(
-        &mut self,
-        addr_range: std::ops::Range<usize>,
-        port_at: usize,
-        addr: &Addr,
-        port: u16,
-    ) {
-        let new_addr = addr_bytes(addr, self.v4);
-        let port_at = self.l4 + port_at;
-        let new_port = port.to_be_bytes();
-
-        let mut addr_delta = ChecksumDelta::default();
-        addr_delta.replace(&self.buf[addr_range.clone()], new_addr);
-        let mut l4_delta = addr_delta;
-        l4_delta.replace(&self.buf[port_at..port_at + 2], &new_port);
-
-        let csum_at = self.l4
-            + if self.proto == TCP {
-                field::TCP_CHECKSUM
-            } else {
-                field::UDP_CHECKSUM
-            };
-        let old = self.read_u16(csum_at);
-        if self.partial {
-            // Checksum offload: the field holds the pseudo-header sum the
-            // device finishes over the segment, ports included; only the
-            // addresses change it.
-            self.write_u16(csum_at, addr_delta.add_to(old));
-        } else if !(self.proto == UDP && self.v4 && old == 0) {
-            // An IPv4 UDP checksum of 0 means "none"; it stays that way.
-            let mut new = l4_delta.apply(old);
-            if self.proto == UDP && new == 0 {
-                new = 0xffff;
-            }
-            self.write_u16(csum_at, new);
-        }
-        if self.v4 {
-            let at = field::V4_CHECKSUM.start;
-            let new = addr_delta.apply(self.read_u16(at));
-            self.write_u16(at, new);
-        }
-        self.buf[addr_range].copy_from_slice(new_addr);
-        self.buf[port_at..port_at + 2].copy_from_slice(&new_port);
+    fn rewrite(&mut self, end: End, addr: &Addr, port: u16) {
+        let headers = Headers {
+            ip: 0,
+            l4: self.l4,
+            len: self.len,
+            proto: self.proto,
+            v4: self.v4,
+        };
+        let l4_checksum = if self.partial {
+            L4Checksum::Partial
+        } else {
+            L4Checksum::Full
+        };
+        rewrite_end(self.buf, headers, end, l4_checksum, addr, port);
     }
 
     #[inline]
     fn addr(&self, range: std::ops::Range<usize>) -> Addr {
         read_addr(&self.buf[range], self.v4)
-    }
-
-    #[inline]
-    fn read_u16(&self, at: usize) -> u16 {
-        u16::from_be_bytes([self.buf[at], self.buf[at + 1]])
-    }
-
-    #[inline]
-    fn write_u16(&mut self, at: usize, v: u16) {
-        self.buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
     }
 }
 
@@ -297,53 +264,6 @@ pub(crate) fn addr_bytes(addr: &Addr, v4: bool) -> &[u8] {
         &addr[12..]
     } else {
         &addr[..]
-    }
-}
-
-pub(crate) fn read_u16(buf: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([buf[at], buf[at + 1]])
-}
-
-pub(crate) fn write_u16(buf: &mut [u8], at: usize, v: u16) {
-    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-/// The one's-complement difference between old and new 16-bit words, to be
-/// folded into an Internet checksum (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct ChecksumDelta(u32);
-
-impl ChecksumDelta {
-    /// Records that the even-length `old` bytes become `new`.
-    pub(crate) fn replace(&mut self, old: &[u8], new: &[u8]) {
-        debug_assert_eq!(old.len(), new.len());
-        for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
-            self.0 += u32::from(!u16::from_be_bytes([o[0], o[1]]));
-            self.0 += u32::from(u16::from_be_bytes([n[0], n[1]]));
-        }
-    }
-
-    /// Adds another delta's changes to this one.
-    pub(crate) fn merge(&mut self, other: ChecksumDelta) {
-        self.0 += other.0;
-    }
-
-    /// Adds the change to a plain (not inverted) one's-complement sum, such
-    /// as the pseudo-header sum of an offloaded checksum.
-    pub(crate) fn add_to(self, sum: u16) -> u16 {
-        let mut s = u32::from(sum) + self.0;
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        s as u16
-    }
-
-    pub(crate) fn apply(self, checksum: u16) -> u16 {
-        let mut sum = u32::from(!checksum) + self.0;
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
     }
 }
 
