@@ -83,18 +83,7 @@ impl Lab {
 
     fn wire_up(&self) -> anyhow::Result<()> {
         let (gw, cl) = (&self.gateway, &self.client);
-        gw.ip(&[
-            "link",
-            "add",
-            "cl",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            cl.name(),
-        ])?;
+        veth(gw, "cl", cl)?;
         gw.ip(&["addr", "add", "10.0.1.1/24", "dev", "cl"])?;
         gw.ip(&["addr", "add", "fd00:1::1/64", "dev", "cl", "nodad"])?;
         gw.ip(&["link", "set", "cl", "up"])?;
@@ -109,18 +98,7 @@ impl Lab {
         // link, as a gateway with a port per server would.
         for (i, be) in self.backends.iter().enumerate() {
             let port = format!("b{}", i + 1);
-            gw.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                be.name(),
-            ])?;
+            veth(gw, &port, be)?;
             gw.ip(&["addr", "add", "10.0.2.1/32", "dev", &port])?;
             gw.ip(&["addr", "add", "fd00:2::1/128", "dev", &port, "nodad"])?;
             gw.ip(&["link", "set", &port, "up"])?;
@@ -494,4 +472,20 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// A veth pair from `port` in `from` to `eth0` in `to`.
+fn veth(from: &Netns, port: &str, to: &Netns) -> anyhow::Result<()> {
+    from.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        to.name(),
+    ])
 }
