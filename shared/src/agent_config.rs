@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{from_toml, load_with, ConfigError};
+use crate::config::{check_range, from_toml, load_with, ConfigError};
 
 /// Server-process control for one service port: the agent starts and stops
 /// the server when the front end asks.
@@ -66,18 +66,13 @@ impl AgentConfig {
         if self.node.is_empty() {
             return Err(ConfigError::invalid("node", "must not be empty"));
         }
-        if !(50..=60_000).contains(&self.report_interval_ms) {
-            return Err(ConfigError::invalid(
-                "report_interval_ms",
-                format!("{} is out of range (50 to 60000)", self.report_interval_ms),
-            ));
-        }
-        if !(1..=86_400).contains(&self.command_timeout_s) {
-            return Err(ConfigError::invalid(
-                "command_timeout_s",
-                format!("{} is out of range (1 to 86400)", self.command_timeout_s),
-            ));
-        }
+        check_range(
+            "report_interval_ms",
+            self.report_interval_ms,
+            50..=60_000,
+            "",
+        )?;
+        check_range("command_timeout_s", self.command_timeout_s, 1..=86_400, "")?;
         if let Some(i) = self.watch_ports.iter().position(|&p| p == 0) {
             return Err(ConfigError::invalid(
                 format!("watch_ports[{i}]"),

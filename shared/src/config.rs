@@ -332,6 +332,13 @@ impl FepConfig {
 
     /// Checks every rule a running dispatcher relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_settings()?;
+        self.validate_nodes()?;
+        self.validate_services()
+    }
+
+    /// The single-valued keys: ranges, reserved values, keys that need another.
+    fn validate_settings(&self) -> Result<(), ConfigError> {
         if self.tun.is_empty() || self.tun.len() > 15 || self.tun.contains(['/', ' ', '\t', ':']) {
             return Err(ConfigError::invalid(
                 "tun",
@@ -341,36 +348,20 @@ impl FepConfig {
                 ),
             ));
         }
-        if !(1..=64).contains(&self.workers) {
-            return Err(ConfigError::invalid(
-                "workers",
-                format!("{} is out of range (1 to 64)", self.workers),
-            ));
-        }
-        if !(16..=65_536).contains(&self.tun_queue_len) {
-            return Err(ConfigError::invalid(
-                "tun_queue_len",
-                format!(
-                    "{} is out of range (16 to 65536 packets)",
-                    self.tun_queue_len
-                ),
-            ));
-        }
-        if self.route_idle_timeout_s == 0 || self.route_idle_timeout_s > 7 * 24 * 3600 {
-            return Err(ConfigError::invalid(
-                "route_idle_timeout_s",
-                "must be between 1 and 604800 seconds",
-            ));
-        }
-        if !(1..=MAX_ROUTES).contains(&self.max_routes) {
-            return Err(ConfigError::invalid(
-                "max_routes",
-                format!(
-                    "{} is out of range (1 to {MAX_ROUTES}; the route table's memory, about 54 bytes a route, is reserved at the start)",
-                    self.max_routes
-                ),
-            ));
-        }
+        check_range("workers", self.workers, 1..=64, "")?;
+        check_range("tun_queue_len", self.tun_queue_len, 16..=65_536, " packets")?;
+        check_range(
+            "route_idle_timeout_s",
+            self.route_idle_timeout_s,
+            1..=7 * 24 * 3600,
+            " seconds",
+        )?;
+        check_range(
+            "max_routes",
+            self.max_routes,
+            1..=MAX_ROUTES,
+            "; the route table's memory, about 54 bytes a route, is reserved at the start",
+        )?;
         if matches!(self.policy_table, 0 | 253..=255) {
             return Err(ConfigError::invalid(
                 "policy_table",
@@ -416,8 +407,7 @@ impl FepConfig {
                 "must be at least 1",
             ));
         }
-        self.validate_nodes()?;
-        self.validate_services()
+        Ok(())
     }
 
     fn validate_nodes(&self) -> Result<(), ConfigError> {
@@ -503,50 +493,29 @@ impl FepConfig {
                     ),
                 ));
             }
-            self.validate_backends(&key, svc, &svc.backends, "backend")?;
-            self.validate_backends(&key, svc, &svc.spares, "spare")?;
-            if let Some(spare) = svc
-                .spares
-                .iter()
-                .find(|s| svc.backends.iter().any(|b| b.node == s.node))
-            {
-                return Err(ConfigError::invalid(
-                    format!("{key}.spare"),
-                    format!(
-                        "node '{}' is both a backend and a spare of service '{}'",
-                        spare.node, svc.name
-                    ),
-                ));
-            }
-            match (svc.high_load, svc.low_load) {
-                (Some(h), _) if !(h.is_finite() && h > 0.0) => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.high_load"),
-                        "must be a number above 0",
-                    ));
-                }
-                (Some(h), Some(l)) if !(l.is_finite() && l >= 0.0 && l < h) => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.low_load"),
-                        format!("must be at least 0 and below high_load ({h})"),
-                    ));
-                }
-                (None, Some(_)) => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.low_load"),
-                        "needs high_load",
-                    ));
-                }
-                (None, None) if !svc.spares.is_empty() => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.spare"),
-                        "needs high_load: spares start when every back end stays above it",
-                    ));
-                }
-                _ => {}
-            }
+            self.validate_service(&key, svc)?;
         }
         Ok(())
+    }
+
+    /// One service's back ends and spares.
+    fn validate_service(&self, key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+        self.validate_backends(key, svc, &svc.backends, "backend")?;
+        self.validate_backends(key, svc, &svc.spares, "spare")?;
+        if let Some(spare) = svc
+            .spares
+            .iter()
+            .find(|s| svc.backends.iter().any(|b| b.node == s.node))
+        {
+            return Err(ConfigError::invalid(
+                format!("{key}.spare"),
+                format!(
+                    "node '{}' is both a backend and a spare of service '{}'",
+                    spare.node, svc.name
+                ),
+            ));
+        }
+        validate_load_marks(key, svc)
     }
 
     fn validate_backends(
@@ -744,6 +713,58 @@ fn merge_keyed<T: Clone + PartialEq, K: PartialEq>(
             }
         })
         .collect()
+}
+
+/// The high and low load marks of a service, which spares need.
+fn validate_load_marks(key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+    match (svc.high_load, svc.low_load) {
+        (Some(h), _) if !(h.is_finite() && h > 0.0) => {
+            return Err(ConfigError::invalid(
+                format!("{key}.high_load"),
+                "must be a number above 0",
+            ));
+        }
+        (Some(h), Some(l)) if !(l.is_finite() && l >= 0.0 && l < h) => {
+            return Err(ConfigError::invalid(
+                format!("{key}.low_load"),
+                format!("must be at least 0 and below high_load ({h})"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                format!("{key}.low_load"),
+                "needs high_load",
+            ));
+        }
+        (None, None) if !svc.spares.is_empty() => {
+            return Err(ConfigError::invalid(
+                format!("{key}.spare"),
+                "needs high_load: spares start when every back end stays above it",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `value` of `key` within `range`; `unit` follows the bounds in the message.
+pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::invalid(
+        key,
+        format!(
+            "{value} is out of range ({} to {}{unit})",
+            range.start(),
+            range.end()
+        ),
+    ))
 }
 
 /// The `name` of item `key`: not empty, at most [`MAX_NAME_LEN`] bytes.
