@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fep_shared::{Affinity, FepConfig, Scheduler};
+use fep_shared::{Affinity, FepConfig, Scheduler, ServiceConfig};
 
 use crate::chooser::{Candidate, Chooser};
 use crate::endpoint_map::{Endpoint, EndpointMap};
@@ -208,44 +208,7 @@ impl TransferTable {
                     services.push(tombstone_of(&s.name, vip, s.port, protocol));
                     services.len() - 1
                 });
-            let mut backends: Vec<Backend> = services[slot]
-                .backends
-                .iter()
-                .map(|b| Backend {
-                    removed: true,
-                    ..b.clone()
-                })
-                .collect();
-            for (b, spare) in s.all_backends() {
-                let node = cfg
-                    .node(&b.node)
-                    .expect("validated config names only defined nodes");
-                let candidate = Backend {
-                    node: node.name.clone(),
-                    node_id: node_id(&node.name),
-                    addr: addr_from_ip(node.address),
-                    port: s.backend_port(b),
-                    spare,
-                    removed: false,
-                    shared: Arc::new(BackendShared::default()),
-                };
-                // Until the control plane publishes the effective ratio.
-                candidate.set_ratio(if spare { 0 } else { b.ratio });
-                match backends
-                    .iter_mut()
-                    .find(|old| old.same_endpoint(&candidate))
-                {
-                    Some(old) => {
-                        old.removed = false;
-                        old.spare = spare;
-                        old.node_id = candidate.node_id;
-                    }
-                    None => backends.push(candidate),
-                }
-            }
-            for b in backends.iter().filter(|b| b.removed) {
-                b.set_ratio(0);
-            }
+            let backends = merge_backends(cfg, s, &services[slot].backends, &node_id);
             by_endpoint.insert(Endpoint::new(protocol, vip, s.port), slot as ServiceId);
             services[slot] = Service {
                 name: s.name.clone(),
@@ -274,16 +237,7 @@ impl TransferTable {
             }
         }
         let vips = by_endpoint.keys().map(|e| e.addr).collect();
-        let mut by_backend = EndpointMap::default();
-        for (slot, svc) in services.iter().enumerate() {
-            for b in &svc.backends {
-                let ids: &mut Vec<ServiceId> = by_backend
-                    .get_or_insert_with(Endpoint::new(svc.protocol, b.addr, b.port), Vec::new);
-                if !ids.contains(&(slot as ServiceId)) {
-                    ids.push(slot as ServiceId);
-                }
-            }
-        }
+        let by_backend = index_by_backend(&services);
         TransferTable {
             services,
             by_endpoint,
@@ -383,6 +337,71 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
         backends: Vec::new(),
         chooser: Chooser::new(Scheduler::Ratio, 0),
     }
+}
+
+/// A service's back ends after a rebuild: the previous ones keep their slots
+/// (and their counters) where node, address and port are unchanged; the
+/// rest of the configured ones are added; the previous ones no longer
+/// configured stay as tombstones with ratio 0.
+fn merge_backends(
+    cfg: &FepConfig,
+    s: &ServiceConfig,
+    previous: &[Backend],
+    node_id: &impl Fn(&str) -> NodeId,
+) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = previous
+        .iter()
+        .map(|b| Backend {
+            removed: true,
+            ..b.clone()
+        })
+        .collect();
+    for (b, spare) in s.all_backends() {
+        let node = cfg
+            .node(&b.node)
+            .expect("validated config names only defined nodes");
+        let candidate = Backend {
+            node: node.name.clone(),
+            node_id: node_id(&node.name),
+            addr: addr_from_ip(node.address),
+            port: s.backend_port(b),
+            spare,
+            removed: false,
+            shared: Arc::new(BackendShared::default()),
+        };
+        // Until the control plane publishes the effective ratio.
+        candidate.set_ratio(if spare { 0 } else { b.ratio });
+        match backends
+            .iter_mut()
+            .find(|old| old.same_endpoint(&candidate))
+        {
+            Some(old) => {
+                old.removed = false;
+                old.spare = spare;
+                old.node_id = candidate.node_id;
+            }
+            None => backends.push(candidate),
+        }
+    }
+    for b in backends.iter().filter(|b| b.removed) {
+        b.set_ratio(0);
+    }
+    backends
+}
+
+/// The services each back-end endpoint serves, for matching its replies.
+fn index_by_backend(services: &[Service]) -> EndpointMap<Vec<ServiceId>> {
+    let mut by_backend = EndpointMap::default();
+    for (slot, svc) in services.iter().enumerate() {
+        for b in &svc.backends {
+            let ids: &mut Vec<ServiceId> = by_backend
+                .get_or_insert_with(Endpoint::new(svc.protocol, b.addr, b.port), Vec::new);
+            if !ids.contains(&(slot as ServiceId)) {
+                ids.push(slot as ServiceId);
+            }
+        }
+    }
+    by_backend
 }
 
 #[cfg(test)]
