@@ -137,6 +137,39 @@ pub struct Unsupported(io::Error);
 
 /// Serves one queue until `stop`; `Err` before the first packet if the
 /// kernel (or a seccomp policy) refuses io_uring or multishot reads.
+/// Moves the pending entries to the submission queue, in order; what does
+/// not fit waits for the next round.
+fn queue(ring: &mut IoUring, pending: &mut Vec<squeue::Entry>) {
+    let mut sq = ring.submission();
+    let mut pushed = 0;
+    for e in pending.iter() {
+        // SAFETY: a write's buffer stays out of the ring until its
+        // completion.
+        if unsafe { sq.push(e) }.is_err() {
+            // Full (see QUEUE: it should not be).
+            break;
+        }
+        pushed += 1;
+    }
+    pending.drain(..pushed);
+}
+
+/// A failed read completion: before the first packet, a sign that this
+/// kernel or device cannot do multishot reads (fall back to blocking I/O);
+/// after it, a read error counted and paced like any other.
+fn read_failed(errno: i32, served: bool, errors: &mut IoErrors) -> Result<(), Unsupported> {
+    let e = io::Error::from_raw_os_error(errno);
+    match errno {
+        // Every buffer is out: re-armed once writes give some back.
+        libc::ENOBUFS => Ok(()),
+        libc::EINVAL | libc::EOPNOTSUPP | libc::EBADFD if !served => Err(Unsupported(e)),
+        _ => {
+            errors.read_failed(&e);
+            Ok(())
+        }
+    }
+}
+
 pub(super) fn run(
     fd: RawFd,
     hdr: usize,
@@ -168,21 +201,7 @@ pub(super) fn run(
             arm = false;
         }
         bufs.publish();
-        {
-            let mut sq = ring.submission();
-            let mut pushed = 0;
-            for e in &pending {
-                // SAFETY: a write's buffer stays out of the ring until its
-                // completion.
-                if unsafe { sq.push(e) }.is_err() {
-                    // Full (see QUEUE: it should not be): the rest waits
-                    // for the next round, in order.
-                    break;
-                }
-                pushed += 1;
-            }
-            pending.drain(..pushed);
-        }
+        queue(ring, &mut pending);
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -209,17 +228,7 @@ pub(super) fn run(
                 arm = true;
             }
             if res < 0 {
-                let e = io::Error::from_raw_os_error(-res);
-                match -res {
-                    // Every buffer is out: re-armed once writes give some back.
-                    libc::ENOBUFS => {}
-                    libc::EINVAL | libc::EOPNOTSUPP | libc::EBADFD if !served => {
-                        return Err(Unsupported(e));
-                    }
-                    _ => {
-                        errors.read_failed(&e);
-                    }
-                }
+                read_failed(-res, served, &mut errors)?;
                 continue;
             }
             served = true;
