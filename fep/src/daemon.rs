@@ -20,7 +20,7 @@ use crate::control::journal::{self, Journal};
 use crate::control::snapshot;
 use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane};
-use crate::counters::Totals;
+use crate::counters::{Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
 use crate::metrics;
 use crate::netsetup::NetSetup;
@@ -88,28 +88,16 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             )
             .context("cannot start the control plane's threads")?,
         );
-        let mut tasks = JoinSet::new();
-        if let (Some(listen), Some(key)) = (cfg.agent_listen, agent_key) {
-            tasks.spawn(agents::serve(cp.clone(), listen, key));
-        }
-        if cfg.health_check_interval_ms > 0 {
-            let (every, timeout) = (cfg.health_check_interval_ms, cfg.health_check_timeout_ms);
-            tasks.spawn(forever(health::run(cp.clone(), every, timeout)));
-        }
-        tasks.spawn(forever(prune::run(cp.clone())));
-        tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
-        let admin = Admin {
-            cp: cp.clone(),
-            counters: workers.counters().to_vec(),
-        };
-        if let Some(listen) = cfg.metrics_listen {
-            tasks.spawn(metrics::serve(admin.clone(), listen));
-        }
-        if let (Some(listen), Some(token)) = (cfg.admin_listen, admin_token) {
-            tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
-        }
-        let socket = cfg.control_socket.clone();
-        tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
+        let mut tasks = spawn_tasks(
+            &cp,
+            &cfg,
+            Secrets {
+                agent_key,
+                admin_token,
+            },
+            workers.counters().to_vec(),
+            clock,
+        );
         // Let every task bind its listener before saying so: "serving" means
         // the data path, the admin socket and the agent port are all up.
         for _ in 0..2 {
@@ -177,6 +165,46 @@ pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
 
 /// Expires routes every [`EXPIRE_EVERY`], one pass at a time on the
 /// blocking pool: a pass looks at the whole route table.
+/// What the listeners check their peers against.
+struct Secrets {
+    agent_key: Option<Key>,
+    admin_token: Option<String>,
+}
+
+/// The control plane's tasks: the agent port, health checks, pruning, route
+/// expiry, metrics and the admin API (socket, and TCP where configured).
+fn spawn_tasks(
+    cp: &Arc<ControlPlane>,
+    cfg: &FepConfig,
+    secrets: Secrets,
+    counters: Vec<Arc<WorkerCounters>>,
+    clock: Clock,
+) -> JoinSet<anyhow::Result<()>> {
+    let mut tasks = JoinSet::new();
+    if let (Some(listen), Some(key)) = (cfg.agent_listen, secrets.agent_key) {
+        tasks.spawn(agents::serve(cp.clone(), listen, key));
+    }
+    if cfg.health_check_interval_ms > 0 {
+        let (every, timeout) = (cfg.health_check_interval_ms, cfg.health_check_timeout_ms);
+        tasks.spawn(forever(health::run(cp.clone(), every, timeout)));
+    }
+    tasks.spawn(forever(prune::run(cp.clone())));
+    tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
+    let admin = Admin {
+        cp: cp.clone(),
+        counters,
+    };
+    if let Some(listen) = cfg.metrics_listen {
+        tasks.spawn(metrics::serve(admin.clone(), listen));
+    }
+    if let (Some(listen), Some(token)) = (cfg.admin_listen, secrets.admin_token) {
+        tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
+    }
+    let socket = cfg.control_socket.clone();
+    tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
+    tasks
+}
+
 async fn expire_routes(dispatcher: Arc<Dispatcher>, clock: Clock) {
     let mut every = tokio::time::interval(EXPIRE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
