@@ -30,8 +30,10 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::transfer_table::TransferTable;
-use crate::wire::icmp::{ICMPV4, ICMPV6};
-use crate::wire::ip_from_addr;
+
+mod plan;
+
+use plan::{Change, Endpoint, Family, Wanted};
 
 /// Priority of fep's policy rules: after `local` (0), before `main` (32766).
 pub const RULE_PRIORITY: u32 = 1000;
@@ -49,47 +51,6 @@ pub enum NetError {
         source: std::io::Error,
     },
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    fn flag(self) -> &'static str {
-        match self {
-            Family::V4 => "-4",
-            Family::V6 => "-6",
-        }
-    }
-
-    fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-/// A return-path rule: a back end's (address, IP protocol number, source
-/// port), the port absent for its ICMP errors.
-type Endpoint = (IpAddr, u8, Option<u16>);
 
 /// What fep has installed on the host, as `state_dir/network.json` holds it.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -197,66 +158,42 @@ impl NetSetup {
     /// every configured service and back end, and removed ones that still
     /// carry routes. Does nothing when nothing changed.
     pub fn reconcile(&mut self, table: &TransferTable) -> Result<(), NetError> {
-        let mut vips = BTreeSet::new();
-        let mut rules = BTreeSet::new();
-        for svc in table.services() {
-            let carrying = |routes: u32| routes > 0;
-            let backends: Vec<_> = svc
-                .backends
-                .iter()
-                .filter(|b| (!b.removed && !svc.removed) || carrying(b.routes()))
-                .collect();
-            if svc.removed && backends.is_empty() {
-                continue;
-            }
-            vips.insert(ip_from_addr(&svc.vip));
-            for b in backends {
-                let addr = ip_from_addr(&b.addr);
-                rules.insert((addr, svc.protocol, Some(b.port)));
-                // Its ICMP errors about clients' packets, to be translated.
-                let icmp = if addr.is_ipv4() { ICMPV4 } else { ICMPV6 };
-                rules.insert((addr, icmp, None));
-            }
-        }
-        let before = (self.record.vips.clone(), self.record.rules.clone());
-        for fam in vips.iter().map(|v| Family::of(*v)).collect::<BTreeSet<_>>() {
+        let wanted = Wanted::of(table);
+        for fam in wanted.families() {
             if !self.families.contains(&fam) {
                 self.enable(fam)?;
             }
         }
-        // Additions first, so that a rule replaced by another never leaves a
-        // gap; an earlier fep's rule that is still wanted is taken over.
-        for vip in vips.difference(&self.record.vips.clone()) {
-            self.vip(*vip, "replace")?;
-            self.record.vips.insert(*vip);
+        let installed = Wanted {
+            vips: self.record.vips.clone(),
+            rules: self.record.rules.clone(),
+        };
+        let leftovers = Wanted {
+            vips: std::mem::take(&mut self.stale_vips),
+            rules: std::mem::take(&mut self.stale_rules),
+        };
+        let changes = plan::changes(&installed, &leftovers, &wanted);
+        for change in &changes {
+            match *change {
+                Change::AddVip(vip) => {
+                    self.vip(vip, "replace")?;
+                    self.record.vips.insert(vip);
+                }
+                Change::AddRule(rule) => {
+                    self.rule(rule, "add")?;
+                    self.record.rules.insert(rule);
+                }
+                Change::DelRule(rule) => {
+                    self.rule(rule, "del")?;
+                    self.record.rules.remove(&rule);
+                }
+                Change::DelVip(vip) => {
+                    self.vip(vip, "del")?;
+                    self.record.vips.remove(&vip);
+                }
+            }
         }
-        for rule in rules.difference(&self.record.rules.clone()) {
-            self.rule(*rule, "add")?;
-            self.record.rules.insert(*rule);
-        }
-        let unwanted_rules: Vec<_> = self
-            .record
-            .rules
-            .union(&std::mem::take(&mut self.stale_rules))
-            .filter(|r| !rules.contains(r))
-            .copied()
-            .collect();
-        for rule in unwanted_rules {
-            self.rule(rule, "del")?;
-            self.record.rules.remove(&rule);
-        }
-        let unwanted_vips: Vec<_> = self
-            .record
-            .vips
-            .union(&std::mem::take(&mut self.stale_vips))
-            .filter(|v| !vips.contains(v))
-            .copied()
-            .collect();
-        for vip in unwanted_vips {
-            self.vip(vip, "del")?;
-            self.record.vips.remove(&vip);
-        }
-        if (&self.record.vips, &self.record.rules) != (&before.0, &before.1) {
+        if !changes.is_empty() {
             self.save();
         }
         Ok(())
