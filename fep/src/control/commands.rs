@@ -367,9 +367,10 @@ impl ControlPlane {
     }
 
     fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
-        self.model()
-            .node_id(name)
-            .ok_or_else(|| no_node(&self.live_config(), name))
+        // The model's lock is let go before the configs' is taken: the order
+        // is configs, then model (see `save`).
+        let id = self.model().node_id(name);
+        id.ok_or_else(|| no_node(&self.live_config(), name))
     }
 
     pub fn drain(&self, node: &str) -> Result<(), CommandError> {

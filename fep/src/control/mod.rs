@@ -38,6 +38,9 @@ use model::{Event, Model};
 /// serves agents, health checks and the admin API; blocking work goes
 /// elsewhere: `ip` calls and state-file fsyncs to their own [`Latest`]
 /// threads, passes over the route table to the blocking pool.
+///
+/// Lock order, where two are held at once: `configs`, then `model`; the
+/// others (`agents`, `rejects`, `rebuilt`) are taken alone.
 pub struct ControlPlane {
     model: Mutex<Model>,
     dispatcher: Arc<Dispatcher>,
