@@ -217,7 +217,7 @@ impl Metrics {
         let m = cp.model();
         for b in &m.backends {
             let svc = table.service(b.service);
-            let be = &svc.backends[usize::from(b.index)];
+            let be = table.backend(b.service, b.index);
             let labels = [svc.name.as_str(), be.node.as_str()];
             self.routes
                 .with_label_values(&labels)

@@ -293,6 +293,13 @@ impl TransferTable {
         &self.services[usize::from(id)]
     }
 
+    /// Back end `backend` of service `service`: the one place a (service,
+    /// back end) pair, as routes and the control plane's model hold it, is
+    /// looked up.
+    pub fn backend(&self, service: ServiceId, backend: BackendId) -> &Backend {
+        &self.service(service).backends[usize::from(backend)]
+    }
+
     pub fn services(&self) -> &[Service] {
         &self.services
     }

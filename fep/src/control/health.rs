@@ -27,7 +27,7 @@ pub async fn run(cp: Arc<ControlPlane>, interval_ms: u64, timeout_ms: u64) {
                 .iter()
                 .filter(|b| m.services[usize::from(b.service)].tcp && b.spare != Spare::Idle)
                 .map(|b| {
-                    let be = &table.service(b.service).backends[usize::from(b.index)];
+                    let be = table.backend(b.service, b.index);
                     (b.node, SocketAddr::new(ip_from_addr(&be.addr), b.port))
                 })
                 .collect()

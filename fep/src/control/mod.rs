@@ -210,13 +210,11 @@ impl ControlPlane {
                 let dispatcher = self.dispatcher.clone();
                 tokio::task::spawn_blocking(move || {
                     let svc = table.service(service);
-                    let be = &svc.backends[usize::from(backend)];
+                    let be = table.backend(service, backend);
                     let n = dispatcher.remove_routes(|k, r| {
                         k.service == service
                             && r.backend == backend
-                            && dispatcher.table().service(service).backends[usize::from(backend)]
-                                .ratio()
-                                == 0
+                            && dispatcher.table().backend(service, backend).ratio() == 0
                     });
                     tracing::warn!(
                         "node '{}' is down for service '{}': no new routes, {n} route(s) deleted",
@@ -226,7 +224,7 @@ impl ControlPlane {
                 });
             }
             Event::BackendUp { service, backend } => {
-                let be = &table.service(service).backends[usize::from(backend)];
+                let be = table.backend(service, backend);
                 tracing::info!(
                     "node '{}' is up for service '{}'",
                     be.node,

@@ -469,7 +469,7 @@ impl Model {
     pub fn publish(&mut self, table: &TransferTable, now: u32) -> Vec<ServiceId> {
         let mut changed = Vec::new();
         for b in &self.backends {
-            let be = &table.service(b.service).backends[usize::from(b.index)];
+            let be = table.backend(b.service, b.index);
             let ratio = self.effective_ratio(b, now);
             if be.ratio() != ratio {
                 be.set_ratio(ratio);
