@@ -33,7 +33,7 @@ use crate::transfer_table::TransferTable;
 
 mod plan;
 
-use plan::{Change, Endpoint, Family, Wanted};
+use plan::{Change, Family, ReturnRule, Wanted};
 
 /// Priority of fep's policy rules: after `local` (0), before `main` (32766).
 pub const RULE_PRIORITY: u32 = 1000;
@@ -58,7 +58,7 @@ struct Installed {
     tun: String,
     policy_table: u32,
     vips: BTreeSet<IpAddr>,
-    rules: BTreeSet<Endpoint>,
+    rules: BTreeSet<ReturnRule>,
     /// Sysctls fep changed, with the values it found before its first start.
     sysctls: BTreeMap<String, String>,
 }
@@ -106,7 +106,7 @@ pub struct NetSetup {
     /// Installed by an earlier fep and not (yet) known to be needed: removed
     /// at the first reconcile unless the transfer table wants them.
     stale_vips: BTreeSet<IpAddr>,
-    stale_rules: BTreeSet<Endpoint>,
+    stale_rules: BTreeSet<ReturnRule>,
     record: Installed,
 }
 
@@ -243,7 +243,7 @@ impl NetSetup {
         run_ip(&[fam.flag(), "route", op, &dst, "dev", &self.tun]).or_else(absent_is_done(op))
     }
 
-    fn rule(&self, (addr, proto, port): Endpoint, op: &str) -> Result<(), NetError> {
+    fn rule(&self, (addr, proto, port): ReturnRule, op: &str) -> Result<(), NetError> {
         let (prio, from, proto) = (
             RULE_PRIORITY.to_string(),
             addr.to_string(),

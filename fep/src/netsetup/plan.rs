@@ -48,13 +48,13 @@ impl Family {
 
 /// A return-path rule: a back end's (address, IP protocol number, source
 /// port), the port absent for its ICMP errors.
-pub(crate) type Endpoint = (IpAddr, u8, Option<u16>);
+pub(crate) type ReturnRule = (IpAddr, u8, Option<u16>);
 
 /// VIP routes into the TUN device and return-path rules.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Wanted {
     pub vips: BTreeSet<IpAddr>,
-    pub rules: BTreeSet<Endpoint>,
+    pub rules: BTreeSet<ReturnRule>,
 }
 
 impl Wanted {
@@ -93,8 +93,8 @@ impl Wanted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Change {
     AddVip(IpAddr),
-    AddRule(Endpoint),
-    DelRule(Endpoint),
+    AddRule(ReturnRule),
+    DelRule(ReturnRule),
     DelVip(IpAddr),
 }
 
