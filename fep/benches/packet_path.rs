@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use etherparse::PacketBuilder;
-use fep::dispatcher::Worker;
 use fep::testing::CONFIG;
-use fep::{Dispatcher, Verdict};
+use fep::{Dispatcher, Verdict, Worker};
 use fep_shared::FepConfig;
 
 fn dispatcher(max_routes: usize) -> Dispatcher {

@@ -3,9 +3,8 @@
 //! bytes per connection). `cargo bench -p fep --bench route_memory`.
 
 use etherparse::PacketBuilder;
-use fep::dispatcher::Worker;
 use fep::testing::CONFIG;
-use fep::{Dispatcher, Verdict};
+use fep::{Dispatcher, Verdict, Worker};
 use fep_shared::FepConfig;
 
 fn rss_bytes() -> u64 {

@@ -253,7 +253,7 @@ impl Dispatcher {
         };
         match pkt.kind() {
             IcmpKind::EchoRequest if table.is_vip(&pkt.dst_addr()) => {
-                pkt.into_echo_reply();
+                pkt.make_echo_reply();
                 bump(&counters.icmp_echo_replies, 1);
                 Verdict::Forward(pkt.len())
             }

@@ -2,7 +2,7 @@
 //!
 //! Layers, from bytes up:
 //! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
-//! - [`transfer_table`], [`chooser`], [`route_table`]: the tables of
+//! - [`transfer_table`], [`chooser`], [`route_table`]: the tables
 //!   that map a client to a back end, and the choice of a back end;
 //! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
 //! - [`counters`]: per-worker packet and drop counters;
@@ -10,23 +10,24 @@
 //!   [`netsetup`] (forwarding, routes and policy rules), [`http_server`]
 //!   (the bounded TCP listener of the admin API and metrics) and [`daemon`].
 
-pub mod admin;
-pub mod atomic_file;
+pub(crate) mod admin;
+pub(crate) mod atomic_file;
 pub(crate) mod chooser;
-pub mod clock;
-pub mod control;
-pub mod counters;
+pub(crate) mod clock;
+pub(crate) mod control;
+pub(crate) mod counters;
 pub mod daemon;
-pub mod dispatcher;
+pub(crate) mod dispatcher;
 pub(crate) mod endpoint_map;
-pub mod http_server;
-pub mod metrics;
-pub mod netsetup;
-pub mod route_map;
-pub mod route_table;
+pub(crate) mod http_server;
+pub(crate) mod metrics;
+pub(crate) mod netsetup;
+pub(crate) mod route_map;
+pub(crate) mod route_table;
 pub mod testing;
-pub mod transfer_table;
-pub mod tun_io;
-pub mod wire;
+pub(crate) mod transfer_table;
+pub(crate) mod tun_io;
+pub(crate) mod wire;
 
-pub use dispatcher::{Dispatcher, Verdict};
+pub use control::startup::{prepare, Start};
+pub use dispatcher::{Dispatcher, Verdict, Worker};

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let start = match fep::control::startup::prepare(&cfg, args.discard_state) {
+    let start = match fep::prepare(&cfg, args.discard_state) {
         Ok(start) => start,
         Err(e) => {
             eprintln!("fep: {e}");

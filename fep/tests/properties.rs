@@ -4,9 +4,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::PacketBuilder;
-use fep::dispatcher::Worker;
 use fep::testing::{assert_forwardable, checksums_ok, CONFIG};
-use fep::{Dispatcher, Verdict};
+use fep::{Dispatcher, Verdict, Worker};
 use fep_shared::protocol::{AgentMsg, Key, Session};
 use fep_shared::FepConfig;
 use proptest::prelude::*;

@@ -4,8 +4,7 @@
 
 use std::sync::OnceLock;
 
-use fep::dispatcher::Worker;
-use fep::{Dispatcher, Verdict};
+use fep::{Dispatcher, Verdict, Worker};
 use fep_shared::FepConfig;
 use libfuzzer_sys::fuzz_target;
 

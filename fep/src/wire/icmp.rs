@@ -103,14 +103,6 @@ impl<'a> IcmpPacket<'a> {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn is_ipv4(&self) -> bool {
-        self.v4
-    }
-
     pub fn src_addr(&self) -> Addr {
         read_addr(&self.buf[self.src_range()], self.v4)
     }
@@ -149,7 +141,7 @@ impl<'a> IcmpPacket<'a> {
 
     /// Turns an echo request into its reply: addresses swapped, type set,
     /// hop limit fresh, checksums adjusted.
-    pub fn into_echo_reply(&mut self) {
+    pub fn make_echo_reply(&mut self) {
         let (s, d) = (self.src_range(), self.dst_range());
         let mut src = [0u8; 16];
         let n = s.len();
@@ -360,7 +352,7 @@ pub(crate) mod tests {
             .unwrap();
         let mut p = IcmpPacket::new_checked(&mut b).unwrap();
         assert_eq!(p.kind(), IcmpKind::EchoRequest);
-        p.into_echo_reply();
+        p.make_echo_reply();
         assert_eq!(
             (p.src_addr(), p.dst_addr()),
             (a("10.0.0.100"), a("10.0.1.2"))
@@ -374,7 +366,7 @@ pub(crate) mod tests {
             .write(&mut b, b"ping6")
             .unwrap();
         let mut p = IcmpPacket::new_checked(&mut b).unwrap();
-        p.into_echo_reply();
+        p.make_echo_reply();
         assert_eq!(p.src_addr(), a("fd00::100"));
         assert_eq!(b[40], 129);
         assert_icmp_checksums(&b);
@@ -439,7 +431,6 @@ pub(crate) mod tests {
         let mut b = error_v4("10.0.9.9", "10.0.1.2", "10.0.1.2", 40000, "10.0.0.100", 80);
         let len = b.len();
         let p = IcmpPacket::new_checked(&mut b).unwrap();
-        assert!(p.is_ipv4() && !p.is_empty());
         assert_eq!(p.len(), len);
         assert_eq!(
             p.inner(),
@@ -453,7 +444,6 @@ pub(crate) mod tests {
         );
         let mut b = error_v6("fd00:9::9", "fd00:1::2", "fd00:1::2", 5000, "fd00::100", 53);
         let p = IcmpPacket::new_checked(&mut b).unwrap();
-        assert!(!p.is_ipv4());
         let inner = p.inner().unwrap();
         assert_eq!(
             (inner.src, inner.src_port, inner.dst, inner.dst_port),
@@ -551,7 +541,7 @@ pub(crate) mod tests {
                 if let Ok(mut p) = IcmpPacket::new_checked(&mut b) {
                     let _ = p.inner();
                     p.translate(Some(&be), Some(&be), Some((&be, 1)), Some((&be, 2)));
-                    p.into_echo_reply();
+                    p.make_echo_reply();
                 }
             }
         }

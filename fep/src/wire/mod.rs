@@ -148,10 +148,6 @@ impl<'a> FlowPacket<'a> {
         })
     }
 
-    pub fn is_ipv4(&self) -> bool {
-        self.v4
-    }
-
     /// Marks the L4 checksum as a partial (pseudo-header) sum, as a read
     /// from a TUN device with checksum offload delivers it.
     #[inline]
@@ -170,10 +166,6 @@ impl<'a> FlowPacket<'a> {
     #[inline]
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     #[inline]
@@ -389,7 +381,6 @@ mod tests {
     fn reads_addresses_ports_and_flags() {
         let mut bytes = tcp4(b"x");
         let p = FlowPacket::new_checked(&mut bytes).unwrap();
-        assert!(p.is_ipv4());
         assert_eq!(p.protocol(), TCP);
         assert_eq!(ip_from_addr(&p.src_addr()), IpAddr::from(CLIENT4));
         assert_eq!(ip_from_addr(&p.dst_addr()), IpAddr::from(VIP4));
@@ -484,11 +475,9 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv6_packet_is_no_ipv4_one_and_no_valid_packet_is_empty() {
+    fn an_ipv6_udp_packet_has_its_addresses_and_no_flags() {
         let mut bytes = udp6(b"x");
         let p = FlowPacket::new_checked(&mut bytes).unwrap();
-        assert!(!p.is_ipv4());
-        assert!(!p.is_empty());
         assert_eq!(p.tcp_flags(), 0, "UDP has no flags");
         assert_eq!(ip_from_addr(&p.src_addr()), IpAddr::from(CLIENT6));
     }
