@@ -8,7 +8,9 @@
 //! - [`counters`]: per-worker packet and drop counters;
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
 //!   [`netsetup`] (forwarding, routes and policy rules), [`http_server`]
-//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`].
+//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`];
+//! - `views`: the admin API's views built from the control state, which
+//!   [`admin`] serves.
 
 pub mod admin;
 pub mod atomic_file;
@@ -26,6 +28,7 @@ pub mod route_table;
 pub mod testing;
 pub mod transfer_table;
 pub mod tun_io;
+pub(crate) mod views;
 pub mod wire;
 
 pub use dispatcher::{Dispatcher, Verdict};

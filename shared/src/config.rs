@@ -50,6 +50,7 @@ impl ConfigError {
 
 /// Transport protocol of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -75,6 +76,7 @@ impl Protocol {
 
 /// How a service picks the back end for a new route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// Smooth weighted round robin over the ratios: the shares of new routes
@@ -113,6 +115,7 @@ pub enum LoadMetric {
 
 /// What identifies a client for stickiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// (client IP, client port): each client process may land on its own back end.
