@@ -613,6 +613,24 @@ impl FepConfig {
 }
 
 impl ServiceConfig {
+    /// A service with no back ends, every optional key at its default.
+    pub fn new(name: String, vip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        ServiceConfig {
+            name,
+            vip,
+            port,
+            protocol,
+            scheduler: Scheduler::default(),
+            affinity: Affinity::default(),
+            backends: Vec::new(),
+            spares: Vec::new(),
+            load_metric: LoadMetric::default(),
+            high_load: None,
+            low_load: None,
+            scale_out_after_ms: default_scale_out_after(),
+        }
+    }
+
     /// The port a back end serves this service on.
     pub fn backend_port(&self, be: &BackendConfig) -> u16 {
         be.port.unwrap_or(self.port)
