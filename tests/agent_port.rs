@@ -16,7 +16,7 @@ use fep_shared::protocol::{
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
     skip_without_root, spare_server_start, start_for_agents, start_scale_out, start_with_agents,
-    start_with_agents_after, wait_for, RawAgent, Running,
+    start_with_agents_after, status, wait_for, RawAgent, Running,
 };
 use fep_tools::lab::{self, Lab, VIP_V4};
 
@@ -39,9 +39,7 @@ fn ports_closed(ports: &[u16]) -> AgentMsg {
 
 /// How many agent frames or connections fep refused for `reason`.
 fn refused(r: &Running, reason: &str) -> u64 {
-    fepctl_json(r, &["status"])["agent_rejects"][reason]
-        .as_u64()
-        .unwrap_or(0)
+    status(r).agent_rejects.get(reason).copied().unwrap_or(0)
 }
 
 fn lab_key(r: &Running) -> Key {
@@ -224,7 +222,7 @@ fn routes_are_rebuilt_from_a_live_list_of_200k_connections_in_parts() {
         });
     }
     wait_for(&r, "200k routes rebuilt", Duration::from_secs(60), |r| {
-        fepctl_json(r, &["status"])["routes"].as_u64() == Some(N as u64)
+        status(r).routes == N
     });
     assert_eq!(node(&r, "be1").routes, N as u32);
     // The connection stayed up (nothing was refused) and the routes serve.

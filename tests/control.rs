@@ -10,7 +10,7 @@ use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
     services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
-    start_with_agents_after, tally, wait_for, write_route_snapshot, RawAgent,
+    start_with_agents_after, status, tally, wait_for, write_route_snapshot, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -349,7 +349,7 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
         &services(&[("be1", 1), ("be2", 1)], ""),
         |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], 20),
     );
-    assert_eq!(fepctl_json(&r, &["status"])["routes"], 20);
+    assert_eq!(status(&r).routes, 20);
     // A live connection, left idle but open.
     let mut live = r
         .lab
@@ -420,11 +420,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         &services(&[("be1", 1), ("be2", 1)], ""),
         |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], ROUTES as u32),
     );
-    assert_eq!(
-        fepctl_json(&r, &["status"])["routes"],
-        ROUTES,
-        "the snapshot was restored"
-    );
+    assert_eq!(status(&r).routes, ROUTES, "the snapshot was restored");
     let socket = r.lab.control_socket();
     let until = std::time::Instant::now() + Duration::from_secs(8);
     let (samples, listed) = std::thread::scope(|s| {
@@ -509,11 +505,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         assert!(*n > 0, "{what} was never answered");
         assert!(wrong.is_none(), "{what} answered wrongly: {wrong:?}");
     }
-    assert_eq!(
-        fepctl_json(&r, &["status"])["routes"],
-        ROUTES,
-        "no route was deleted"
-    );
+    assert_eq!(status(&r).routes, ROUTES, "no route was deleted");
 }
 
 /// One listing: `fepctl ARGS` (its table) or a GET of an API path (the body).

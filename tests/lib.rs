@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use fep_shared::api::{BackendView, NodeView, ServiceView};
+use fep_shared::api::{BackendView, NodeView, ServiceView, StatusView};
 use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
 use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
@@ -367,6 +367,11 @@ pub fn fepctl_view<T: serde::de::DeserializeOwned>(r: &Running, args: &[&str]) -
         .unwrap_or_else(|e| panic!("fepctl {args:?} printed another view: {e}"))
 }
 
+/// `fepctl status --json`.
+pub fn status(r: &Running) -> StatusView {
+    fepctl_view(r, &["status"])
+}
+
 /// The entry of `node` in `fepctl nodes --json`.
 pub fn node(r: &Running, name: &str) -> NodeView {
     fepctl_view::<Vec<NodeView>>(r, &["nodes"])
@@ -632,8 +637,8 @@ pub fn assert_download_through_narrow_link(r: &Running, vip: std::net::IpAddr, m
     let mut want = vec![0u8; LEN as usize];
     pattern::fill(0, &mut want);
     assert!(body.body == want, "bytes differ");
-    let translated = fepctl_json(r, &["status"])["counters"]["icmp_errors_translated"].clone();
-    assert!(translated.as_u64().unwrap() >= 1, "{translated}");
+    let translated = status(r).counters.icmp_errors_translated;
+    assert!(translated >= 1, "{translated}");
 }
 
 /// Waits until the gateway has no return-path rule `from ADDRESS` left.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fep_shared::api::NodeState;
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, http, node, open_echo, open_echo_to, sample, scrape,
-    skip_without_root, start, start_with_top, sysctl, wait_for, Running, TIMEOUT,
+    skip_without_root, start, start_with_top, status, sysctl, wait_for, Running, TIMEOUT,
 };
 use fep_tools::admin_client::{self, Endpoint};
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
@@ -32,7 +32,7 @@ fn counters(r: &Running) -> serde_json::Value {
 }
 
 fn routes(r: &Running) -> u64 {
-    fepctl_json(r, &["status"])["routes"].as_u64().unwrap()
+    status(r).routes as u64
 }
 
 /// `config` with the line of top-level `key` replaced by `key = value`.
