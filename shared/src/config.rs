@@ -798,6 +798,15 @@ fn is_unicast(addr: IpAddr) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_new_service_is_the_table_that_gives_only_the_required_keys() {
+        let table = "name = \"x\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"udp\"";
+        assert_eq!(
+            toml::from_str::<ServiceConfig>(table).unwrap(),
+            ServiceConfig::new("x".into(), [10, 0, 0, 1].into(), 80, Protocol::Udp)
+        );
+    }
+
     const EXAMPLE: &str = r#"
 tun = "fep0"
 workers = 2
