@@ -9,13 +9,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use fep_shared::api::{NodeState, Spare};
 use fep_shared::protocol::{
     AgentMsg, ConnId, FepMsg, Key, Report, ServiceLoad, MAX_CONNS_PER_FRAME, MAX_FRAME,
 };
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
     skip_without_root, spare_server_start, start_for_agents, start_scale_out, start_with_agents,
-    start_with_agents_after, wait_for, RawAgent, Running,
+    start_with_agents_after, status, wait_for, RawAgent, Running,
 };
 use fep_tools::lab::{self, Lab, VIP_V4};
 
@@ -38,9 +39,7 @@ fn ports_closed(ports: &[u16]) -> AgentMsg {
 
 /// How many agent frames or connections fep refused for `reason`.
 fn refused(r: &Running, reason: &str) -> u64 {
-    fepctl_json(r, &["status"])["agent_rejects"][reason]
-        .as_u64()
-        .unwrap_or(0)
+    status(r).agent_rejects.get(reason).copied().unwrap_or(0)
 }
 
 fn lab_key(r: &Running) -> Key {
@@ -100,9 +99,9 @@ fn a_rogue_agent_from_another_address_is_refused_and_the_nodes_live_connection_s
     echo(&mut conn, "after the rogue agents");
     assert_eq!(refused(&r, "wrong_address"), 2);
     let n = node(&r, &held);
-    assert_eq!(n["state"], "up", "{n}");
-    assert_eq!(n["agent_connected"], true, "the real agent stays: {n}");
-    assert_eq!(backend(&r, "echo", &held)["effective_ratio"], 1);
+    assert_eq!(n.state, NodeState::Up, "{n:?}");
+    assert!(n.agent_connected, "the real agent stays: {n:?}");
+    assert_eq!(backend(&r, "echo", &held).effective_ratio, 1);
     let routes = fepctl_json(&r, &["routes", "--service", "echo"]);
     assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
     assert!(
@@ -132,13 +131,13 @@ fn a_second_registration_while_the_nodes_agent_is_live_is_refused() {
     std::thread::sleep(Duration::from_millis(1500));
     echo(&mut conn, "after the second registration");
     let n = node(&r, "be1");
-    assert_eq!(n["state"], "up", "{n}");
-    assert_eq!(n["agent_connected"], true, "{n}");
+    assert_eq!(n.state, NodeState::Up, "{n:?}");
+    assert!(n.agent_connected, "{n:?}");
     assert!(
-        n["report_age_ms"].as_u64().unwrap() < 1500,
-        "the first agent still reports: {n}"
+        n.report_age_ms.unwrap() < 1500,
+        "the first agent still reports: {n:?}"
     );
-    assert_eq!(backend(&r, "echo", "be1")["effective_ratio"], 1);
+    assert_eq!(backend(&r, "echo", "be1").effective_ratio, 1);
 }
 
 #[test]
@@ -223,9 +222,9 @@ fn routes_are_rebuilt_from_a_live_list_of_200k_connections_in_parts() {
         });
     }
     wait_for(&r, "200k routes rebuilt", Duration::from_secs(60), |r| {
-        fepctl_json(r, &["status"])["routes"].as_u64() == Some(N as u64)
+        status(r).routes == N
     });
-    assert_eq!(node(&r, "be1")["routes"], N as u64);
+    assert_eq!(node(&r, "be1").routes, N as u32);
     // The connection stayed up (nothing was refused) and the routes serve.
     fake.say(&AgentMsg::Report(Report {
         cpu_percent: 0.0,
@@ -270,15 +269,15 @@ fn a_node_with_200k_idle_routes_drains() {
     let r = start_with_agents_after("fdr", 1, "", &services(&[("be1", 1)], ""), |lab| {
         write_snapshot(lab, N)
     });
-    assert_eq!(node(&r, "be1")["routes"], N as u64, "{}", r.fep.log());
+    assert_eq!(node(&r, "be1").routes, N as u32, "{}", r.fep.log());
     // None of them has a connection on be1: the agent's answers (in parts)
     // let fep delete them all — well before they would idle out (the lab's
     // route_idle_timeout_s is 30).
     let (code, out) = fepctl(&r, &["drain", "be1", "--wait", "--timeout", "20"]);
     assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
     assert!(out.contains("is drained"), "{out}");
-    assert_eq!(node(&r, "be1")["routes"], 0);
-    assert_eq!(node(&r, "be1")["agent_connected"], true);
+    assert_eq!(node(&r, "be1").routes, 0);
+    assert!(node(&r, "be1").agent_connected);
     let pruned: usize = r
         .fep
         .log()
@@ -421,9 +420,9 @@ fn a_flood_of_connections_to_the_agent_port_holds_few_descriptors_while_fep_serv
     );
     for n in ["be1", "be2"] {
         let v = node(&r, n);
-        assert_eq!(v["state"], "up", "{v}");
-        assert_eq!(v["agent_connected"], true, "{v}");
-        assert_eq!(backend(&r, "web", n)["effective_ratio"], 1);
+        assert_eq!(v.state, NodeState::Up, "{v:?}");
+        assert!(v.agent_connected, "{v:?}");
+        assert_eq!(backend(&r, "web", n).effective_ratio, 1);
     }
 }
 
@@ -524,7 +523,7 @@ fn a_start_command_that_hangs_times_out_and_scale_out_tries_the_next_spare() {
     let held = overload_be1(&r);
     wait_for(&r, "be3 active", Duration::from_secs(30), |r| {
         let b = backend(r, "web", "be3");
-        b["spare"] == "active" && b["effective_ratio"] == 1
+        b.spare == Spare::Active && b.effective_ratio == 1
     });
     let log = r.fep.log();
     assert!(
@@ -535,7 +534,7 @@ fn a_start_command_that_hangs_times_out_and_scale_out_tries_the_next_spare() {
         log.contains("node 'be2': start of port 80 failed: `sleep 600` did not return within 2 s"),
         "{log}"
     );
-    assert_eq!(backend(&r, "web", "be2")["spare"], "idle");
+    assert_eq!(backend(&r, "web", "be2").spare, Spare::Idle);
     assert!(http_names(&r, VIP_V4.into(), 10).iter().any(|n| n == "be3"));
     drop(held);
 }
@@ -574,10 +573,10 @@ fn a_nodes_derived_key_speaks_for_that_node_only() {
     });
     be1.say(&ports_closed(&[7000]));
     wait_for(&r, "be1's report taken", Duration::from_secs(5), |r| {
-        backend(r, "echo", "be1")["effective_ratio"] == 0
+        backend(r, "echo", "be1").effective_ratio == 0
     });
-    assert_eq!(node(&r, "be1")["agent_connected"], true);
-    assert_eq!(backend(&r, "echo", "be2")["effective_ratio"], 1);
+    assert!(node(&r, "be1").agent_connected);
+    assert_eq!(backend(&r, "echo", "be2").effective_ratio, 1);
 }
 
 #[test]
@@ -602,11 +601,11 @@ fn an_agent_that_stops_reading_is_dropped() {
         write_snapshot(lab, 20_000);
     });
     let (fake, _) = fake_be1(&r);
-    assert_eq!(node(&r, "be1")["agent_connected"], true);
+    assert!(node(&r, "be1").agent_connected);
     // Drained, be1's routes are asked about; the fake agent reads nothing.
     assert_eq!(fepctl(&r, &["drain", "be1"]).0, 0);
     wait_for(&r, "the agent dropped", Duration::from_secs(25), |r| {
-        node(r, "be1")["agent_connected"] == false
+        !node(r, "be1").agent_connected
     });
     assert_eq!(refused(&r, "slow_agent"), 1);
     assert!(
@@ -615,7 +614,7 @@ fn an_agent_that_stops_reading_is_dropped() {
         r.fep.log()
     );
     // Nothing was deleted on a guess, and fep serves on.
-    assert_eq!(node(&r, "be1")["routes"], 20_000);
+    assert_eq!(node(&r, "be1").routes, 20_000);
     assert_eq!(fepctl(&r, &["undrain", "be1"]).0, 0);
     assert!(http_names(&r, VIP_V4.into(), 3).iter().all(|n| n == "be1"));
     drop(fake);

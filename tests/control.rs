@@ -5,11 +5,12 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
+use fep_shared::api::{NodeState, Spare};
 use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
     services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
-    start_with_agents_after, tally, wait_for, write_route_snapshot, RawAgent,
+    start_with_agents_after, status, tally, wait_for, write_route_snapshot, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
 
@@ -37,7 +38,7 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
     // Drain: returns at once; the live route stays through several prune rounds.
     let (code, out) = fepctl(&r, &["drain", &held]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(node(&r, &held)["state"], "draining");
+    assert_eq!(node(&r, &held).state, NodeState::Draining);
     prune_rounds_pass(&r, &held, 6.0);
     echo(&mut conn, "while draining");
     let routes = fepctl_json(&r, &["routes", "--node", &held]);
@@ -46,7 +47,7 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
         1,
         "the live route stays: {routes}"
     );
-    assert_eq!(node(&r, &held)["state"], "draining");
+    assert_eq!(node(&r, &held).state, NodeState::Draining);
     assert!(
         http_names(&r, VIP_V4.into(), 20).iter().all(|n| n == other),
         "new connections avoid the draining node"
@@ -66,7 +67,7 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
         "drained after {:?}",
         started.elapsed()
     );
-    assert_eq!(node(&r, &held)["state"], "drained");
+    assert_eq!(node(&r, &held).state, NodeState::Drained);
 
     // Back into rotation.
     assert_eq!(fepctl(&r, &["undrain", &held]).0, 0);
@@ -88,7 +89,7 @@ fn prune_rounds_pass(r: &fep_tests::Running, node_name: &str, n: f64) {
     };
     let start = rounds(r);
     wait_for(r, "pruning rounds", Duration::from_secs(20), |r| {
-        rounds(r) >= start + n || node(r, node_name)["routes"] == 0
+        rounds(r) >= start + n || node(r, node_name).routes == 0
     });
 }
 
@@ -107,7 +108,7 @@ fn a_dead_backend_is_routed_around_and_comes_back() {
 
     r.lab.kill_backend(0);
     wait_for(&r, "be1 down", Duration::from_secs(15), |r| {
-        node(r, "be1")["state"] == "down"
+        node(r, "be1").state == NodeState::Down
     });
     let names = http_names(&r, VIP_V4.into(), 60);
     assert_eq!(
@@ -127,9 +128,9 @@ fn a_dead_backend_is_routed_around_and_comes_back() {
         &r,
         "be1 back up with its ratio",
         Duration::from_secs(10),
-        |r| backend(r, "web", "be1")["effective_ratio"] == 1,
+        |r| backend(r, "web", "be1").effective_ratio == 1,
     );
-    assert_eq!(node(&r, "be1")["state"], "up");
+    assert_eq!(node(&r, "be1").state, NodeState::Up);
     assert_eq!(
         tally(&http_names(&r, VIP_V4.into(), 30), 3),
         [10, 10, 10],
@@ -165,10 +166,10 @@ fn a_loaded_node_gets_a_lower_effective_ratio_and_recovers() {
         &r,
         "be1's effective ratio halved",
         Duration::from_secs(5),
-        |r| backend(r, "web", "be1")["effective_ratio"] == 1,
+        |r| backend(r, "web", "be1").effective_ratio == 1,
     );
-    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 2);
-    assert_eq!(backend(&r, "web", "be1")["overloaded"], true);
+    assert_eq!(backend(&r, "web", "be1").configured_ratio, 2);
+    assert!(backend(&r, "web", "be1").overloaded);
     assert_eq!(
         tally(&http_names(&r, VIP_V4.into(), 30), 2),
         [10, 20],
@@ -177,7 +178,7 @@ fn a_loaded_node_gets_a_lower_effective_ratio_and_recovers() {
 
     drop(held);
     wait_for(&r, "be1's ratio restored", Duration::from_secs(5), |r| {
-        backend(r, "web", "be1")["effective_ratio"] == 2
+        backend(r, "web", "be1").effective_ratio == 2
     });
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 20), 2), [10, 10]);
 }
@@ -192,7 +193,7 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
         http_names(&r, VIP_V4.into(), 10).iter().all(|n| n == "be1"),
         "the spare gets nothing yet"
     );
-    assert_eq!(backend(&r, "web", "be2")["spare"], "idle");
+    assert_eq!(backend(&r, "web", "be2").spare, Spare::Idle);
 
     let held = overload_be1(&r);
     // Requests keep succeeding while the spare starts: none is sent to it
@@ -205,7 +206,7 @@ fn scale_out_starts_a_spare_which_gets_routes_only_once_it_listens() {
         |r| {
             answered.extend(http_names(r, VIP_V4.into(), 2));
             let b = backend(r, "web", "be2");
-            b["spare"] == "active" && b["effective_ratio"] == 1
+            b.spare == Spare::Active && b.effective_ratio == 1
         },
     );
     // Every request made meanwhile was answered (`http_names` fails on a
@@ -320,8 +321,8 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
         .sum();
     assert_eq!(all, 4, "nothing else rejected: {rejects}");
     // Nothing changed: be1 is up, with its ratio, and serves.
-    assert_eq!(backend(&r, "web", "be1")["effective_ratio"], 1);
-    assert_eq!(node(&r, "be1")["state"], "up");
+    assert_eq!(backend(&r, "web", "be1").effective_ratio, 1);
+    assert_eq!(node(&r, "be1").state, NodeState::Up);
     assert!(http_names(&r, VIP_V4.into(), 5).iter().all(|n| n == "be1"));
 }
 
@@ -348,7 +349,7 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
         &services(&[("be1", 1), ("be2", 1)], ""),
         |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], 20),
     );
-    assert_eq!(fepctl_json(&r, &["status"])["routes"], 20);
+    assert_eq!(status(&r).routes, 20);
     // A live connection, left idle but open.
     let mut live = r
         .lab
@@ -375,7 +376,7 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
         &r,
         "the held node's restored routes pruned",
         Duration::from_secs(15),
-        |r| node(r, &held)["routes"] == 1,
+        |r| node(r, &held).routes == 1,
     );
     let after = fep_tests::scrape(&r, "127.0.0.1:9100");
     assert_eq!(
@@ -393,7 +394,7 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
     let left = left.as_array().unwrap();
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["client"], "10.0.1.2");
-    assert_eq!(node(&r, other)["routes"], 10);
+    assert_eq!(node(&r, other).routes, 10);
     use std::io::Write;
     live.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = String::new();
@@ -419,11 +420,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         &services(&[("be1", 1), ("be2", 1)], ""),
         |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], ROUTES as u32),
     );
-    assert_eq!(
-        fepctl_json(&r, &["status"])["routes"],
-        ROUTES,
-        "the snapshot was restored"
-    );
+    assert_eq!(status(&r).routes, ROUTES, "the snapshot was restored");
     let socket = r.lab.control_socket();
     let until = std::time::Instant::now() + Duration::from_secs(8);
     let (samples, listed) = std::thread::scope(|s| {
@@ -508,11 +505,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         assert!(*n > 0, "{what} was never answered");
         assert!(wrong.is_none(), "{what} answered wrongly: {wrong:?}");
     }
-    assert_eq!(
-        fepctl_json(&r, &["status"])["routes"],
-        ROUTES,
-        "no route was deleted"
-    );
+    assert_eq!(status(&r).routes, ROUTES, "no route was deleted");
 }
 
 /// One listing: `fepctl ARGS` (its table) or a GET of an API path (the body).

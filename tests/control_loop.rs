@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fep_shared::api::{NodeState, PinState, Spare};
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
     skip_without_root, start_for_agents, start_for_agents_edited, start_scale_out,
@@ -35,7 +36,7 @@ impl Drop for StopOnDrop<'_> {
 
 /// Live routes of back end `node` in `service`.
 fn routes(r: &Running, service: &str, node: &str) -> u64 {
-    backend(r, service, node)["routes"].as_u64().unwrap()
+    u64::from(backend(r, service, node).routes)
 }
 
 /// Whether `service` is being pruned.
@@ -106,7 +107,7 @@ fn drain_wait_exits_1_on_timeout_then_0_once_drained_and_the_agent_runs_the_stop
         out.contains(&format!("{held} is not drained after 2 s: 1 route(s) left")),
         "{out}"
     );
-    assert_eq!(node(&r, &held)["state"], "draining");
+    assert_eq!(node(&r, &held).state, NodeState::Draining);
     echo(&mut conn, "still served while draining");
     assert!(
         !marker(&r, held_i, 80).exists(),
@@ -149,9 +150,9 @@ fn a_node_without_a_connected_agent_is_never_pruned() {
     let agent = lab::workspace_bin("bep-agent").unwrap();
     r.lab.start_agent(0, &agent, &[80, 7000], 200, "").unwrap();
     wait_for(&r, "be1's agent connected", Duration::from_secs(10), |r| {
-        node(r, "be1")["agent_connected"] == true
+        node(r, "be1").agent_connected
     });
-    assert_eq!(node(&r, "be2")["agent_connected"], false);
+    assert!(!node(&r, "be2").agent_connected);
     assert_eq!(
         (routes(&r, "web", "be1"), routes(&r, "web", "be2")),
         (100, 100)
@@ -331,7 +332,7 @@ fn a_cut_off_backend_loses_its_routes_while_the_routes_to_the_others_are_held() 
         &r,
         "be1 down with its routes deleted",
         Duration::from_secs(15),
-        |r| backend(r, "echo", "be1")["up"] == false && routes(r, "echo", "be1") == 0,
+        |r| !backend(r, "echo", "be1").up && routes(r, "echo", "be1") == 0,
     );
     assert!(
         r.fep
@@ -352,7 +353,7 @@ fn a_cut_off_backend_loses_its_routes_while_the_routes_to_the_others_are_held() 
         .ip(&["route", "replace", &be1, "dev", "b1"])
         .unwrap();
     wait_for(&r, "be1 back up", Duration::from_secs(45), |r| {
-        backend(r, "web", "be1")["effective_ratio"] == 1
+        backend(r, "web", "be1").effective_ratio == 1
     });
     assert!(http_names(&r, VIP_V4.into(), 6).contains(&"be1".to_string()));
     for (conn, _) in &mut on_be2 {
@@ -376,7 +377,7 @@ fn scheduler_load_sends_new_routes_to_the_smallest_reported_connections_per_rati
             "scheduler = \"load\"\nload_metric = \"connections\"",
         ),
     );
-    let load = |r: &Running, n: &str| backend(r, "web", n)["load"].as_f64();
+    let load = |r: &Running, n: &str| backend(r, "web", n).load;
 
     // be1: 6 connections ÷ 2 = 3 against be2's 0 ÷ 1.
     let _on_be1 = hold_connections(&r, 0, 6);
@@ -417,20 +418,20 @@ fn scheduler_load_sends_new_routes_to_the_smallest_reported_connections_per_rati
     );
     for _ in 0..3 {
         let n = node(&r, "be1");
-        assert_eq!(n["state"], "down", "{n}");
-        assert_eq!(n["pin"]["state"], "down");
-        assert_eq!(n["pin"]["load"], 0.0);
-        assert_eq!(n["pin"]["ratio"], 3);
+        assert_eq!(n.state, NodeState::Down, "{n:?}");
+        assert_eq!(n.pin.state, Some(PinState::Down));
+        assert_eq!(n.pin.load, Some(0.0));
+        assert_eq!(n.pin.ratio, Some(3));
         let b = backend(&r, "web", "be1");
-        assert_eq!(b["load"], 0.0, "{b}");
-        assert_eq!(b["up"], false, "{b}");
-        assert_eq!(b["effective_ratio"], 0, "{b}");
+        assert_eq!(b.load, Some(0.0), "{b:?}");
+        assert!(!b.up, "{b:?}");
+        assert_eq!(b.effective_ratio, 0, "{b:?}");
         let names = http_names(&r, VIP_V4.into(), 4);
         assert!(names.iter().all(|n| n == "be2"), "{names:?}");
         std::thread::sleep(Duration::from_millis(400)); // two more agent reports
     }
     assert_eq!(fepctl(&r, &["unpin", "be1"]).0, 0);
-    assert_eq!(node(&r, "be1")["state"], "up");
+    assert_eq!(node(&r, "be1").state, NodeState::Up);
     wait_for(&r, "the agent's load again", Duration::from_secs(5), |r| {
         load(r, "be1") == Some(6.0)
     });
@@ -448,7 +449,7 @@ fn scheduler_load_with_load_metric_pps_avoids_the_backend_receiving_packets() {
         "port = 7000\nprotocol = \"tcp\"\nscheduler = \"load\"\nload_metric = \"pps\"\n",
     );
     let r = start_with_agents("csp", 2, "", &services);
-    let pps = |r: &Running, n: &str| backend(r, "echo", n)["load"].as_f64().unwrap_or(0.0);
+    let pps = |r: &Running, n: &str| backend(r, "echo", n).load.unwrap_or(0.0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         // Lines echoed on a connection straight to be1's port 7000.
@@ -502,12 +503,12 @@ fn a_spare_whose_start_fails_goes_back_to_idle_and_gets_no_routes() {
         &r,
         "be1 no longer overloaded",
         Duration::from_secs(10),
-        |r| backend(r, "web", "be1")["overloaded"] == false,
+        |r| !backend(r, "web", "be1").overloaded,
     );
     for _ in 0..5 {
         let b = backend(&r, "web", "be2");
-        assert_eq!(b["spare"], "idle", "{b}");
-        assert_eq!(b["effective_ratio"], 0);
+        assert_eq!(b.spare, Spare::Idle, "{b:?}");
+        assert_eq!(b.effective_ratio, 0);
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(http_names(&r, VIP_V4.into(), 6).iter().all(|n| n == "be1"));
@@ -577,7 +578,7 @@ fn load_metric_cpu_is_the_cpu_use_each_agent_reports() {
             let nodes = fepctl_json(r, &["nodes"]);
             let loads: Vec<_> = ["be1", "be2"]
                 .iter()
-                .map(|n| backend(r, "web", n)["load"].as_f64())
+                .map(|n| backend(r, "web", n).load)
                 .collect();
             let cpus: Vec<_> = ["be1", "be2"]
                 .iter()

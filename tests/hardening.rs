@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fep_tests::{
-    fepctl_json, http, http_names, pattern, skip_without_root, start_with_agents, tally, wait_for,
-    Running, TIMEOUT,
+    fepctl_json, http, http_names, pattern, skip_without_root, start_with_agents, status, tally,
+    wait_for, Running, TIMEOUT,
 };
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
 use fep_tools::ping;
@@ -250,7 +250,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
             "still here",
             "the established connection broke during the flood"
         );
-        peak_routes = peak_routes.max(fepctl_json(&r, &["status"])["routes"].as_u64().unwrap());
+        peak_routes = peak_routes.max(status(&r).routes as u64);
     }
     let mut report = String::new();
     flood
@@ -307,7 +307,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         &r,
         "the flood's routes to expire",
         Duration::from_secs(20),
-        |r| fepctl_json(r, &["status"])["routes"].as_u64().unwrap() < 100,
+        |r| status(r).routes < 100,
     );
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
 }

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use fep_shared::api::{BackendView, NodeView, ServiceView, StatusView};
 use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
 use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
@@ -360,32 +361,34 @@ pub fn metric(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// `fepctl --json ARGS`, which must succeed, read as the API's view `T`.
+pub fn fepctl_view<T: serde::de::DeserializeOwned>(r: &Running, args: &[&str]) -> T {
+    serde_json::from_value(fepctl_json(r, args))
+        .unwrap_or_else(|e| panic!("fepctl {args:?} printed another view: {e}"))
+}
+
+/// `fepctl status --json`.
+pub fn status(r: &Running) -> StatusView {
+    fepctl_view(r, &["status"])
+}
+
 /// The entry of `node` in `fepctl nodes --json`.
-pub fn node(r: &Running, name: &str) -> serde_json::Value {
-    fepctl_json(r, &["nodes"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .cloned()
+pub fn node(r: &Running, name: &str) -> NodeView {
+    fepctl_view::<Vec<NodeView>>(r, &["nodes"])
+        .into_iter()
+        .find(|n| n.name == name)
         .unwrap_or_else(|| panic!("no node {name}"))
 }
 
 /// The entry of back end `node` in service `service` of `fepctl services --json`.
-pub fn backend(r: &Running, service: &str, node: &str) -> serde_json::Value {
-    let services = fepctl_json(r, &["services"]);
-    let svc = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == service)
-        .expect("service");
-    svc["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["node"] == node)
-        .cloned()
+pub fn backend(r: &Running, service: &str, node: &str) -> BackendView {
+    fepctl_view::<Vec<ServiceView>>(r, &["services"])
+        .into_iter()
+        .find(|s| s.name == service)
+        .expect("service")
+        .backends
+        .into_iter()
+        .find(|b| b.node == node)
         .expect("backend")
 }
 
@@ -634,8 +637,8 @@ pub fn assert_download_through_narrow_link(r: &Running, vip: std::net::IpAddr, m
     let mut want = vec![0u8; LEN as usize];
     pattern::fill(0, &mut want);
     assert!(body.body == want, "bytes differ");
-    let translated = fepctl_json(r, &["status"])["counters"]["icmp_errors_translated"].clone();
-    assert!(translated.as_u64().unwrap() >= 1, "{translated}");
+    let translated = status(r).counters.icmp_errors_translated;
+    assert!(translated >= 1, "{translated}");
 }
 
 /// Waits until the gateway has no return-path rule `from ADDRESS` left.

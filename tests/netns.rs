@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use fep_tests::{
-    expected_io, fepctl_json, http, pattern, skip_without_root, start, start_with_top, tally,
-    TIMEOUT,
+    expected_io, fepctl_json, http, pattern, skip_without_root, start, start_with_top, status,
+    tally, TIMEOUT,
 };
 use fep_tools::lab::{VIP_V4, VIP_V6};
 
@@ -61,9 +61,7 @@ fn assert_split_2_1_1(names: &[String]) {
 
 /// Routes fep created since its start.
 fn routes_created(r: &fep_tests::Running) -> u64 {
-    fepctl_json(r, &["status"])["counters"]["routes_created"]
-        .as_u64()
-        .unwrap()
+    status(r).counters.routes_created
 }
 
 #[test]

@@ -108,10 +108,10 @@ fn every_fepctl_command_against_a_running_fep() {
 
     // pin / unpin.
     ok(&r, &["pin", "be2", "--state", "down"]);
-    assert_eq!(node(&r, "be2")["pinned"], true);
+    assert!(node(&r, "be2").pinned);
     assert_eq!(tally(&http_names(&r, vip, 10), 2), [10, 0]);
     ok(&r, &["unpin", "be2"]);
-    assert_eq!(node(&r, "be2")["pinned"], false);
+    assert!(!node(&r, "be2").pinned);
 
     // routes with filters, over two connections held open (one per back end).
     let held: Vec<TcpStream> = r
@@ -249,7 +249,7 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         .start_agent(0, &lab::workspace_bin("bep-agent").unwrap(), &[80], 200, "")
         .unwrap();
     wait_for(&r, "be1's agent reporting", Duration::from_secs(10), |r| {
-        !node(r, "be1")["report_age_ms"].is_null()
+        node(r, "be1").report_age_ms.is_some()
     });
     ok(&r, &["pin", "be2", "--load", "2.5"]);
     let before = scrape(&r);
@@ -357,11 +357,11 @@ fn a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused() {
         .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
         .unwrap();
     assert_eq!(
-        backend(&r, "web", "be1")["configured_ratio"],
+        backend(&r, "web", "be1").configured_ratio,
         3,
         "the runtime ratio survived the restart"
     );
-    assert_eq!(node(&r, "be2")["pin"]["load"], 7.0);
+    assert_eq!(node(&r, "be2").pin.load, Some(7.0));
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 20), 2), [15, 5]);
 
     // A broken file is refused with the reason; the running config keeps serving.
@@ -397,9 +397,9 @@ fn a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused() {
         &r,
         "the reload to apply be2's new ratio",
         Duration::from_secs(5),
-        |r| backend(r, "web", "be2")["configured_ratio"] == 2,
+        |r| backend(r, "web", "be2").configured_ratio == 2,
     );
-    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 3);
+    assert_eq!(backend(&r, "web", "be1").configured_ratio, 3);
     assert!(r.fep.log().contains("reloaded"));
 }
 
@@ -483,7 +483,7 @@ fn damaged_state_stops_fep_until_the_operator_discards_it() {
         .unwrap();
     assert!(r.fep.log().contains("moved it to"), "{}", r.fep.log());
     assert_eq!(files_named(&state_dir, "state.json.discarded-"), [half]);
-    assert_eq!(backend(&r, "web", "be1")["configured_ratio"], 1);
+    assert_eq!(backend(&r, "web", "be1").configured_ratio, 1);
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
     // Saved on the state writer's own thread: polled for.
     wait_for(&r, "a new state.json", Duration::from_secs(10), |_| {

@@ -10,9 +10,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use fep_shared::api::NodeState;
 use fep_tests::{
     backend, echo, fepctl, fepctl_json, http, node, open_echo, open_echo_to, sample, scrape,
-    skip_without_root, start, start_with_top, sysctl, wait_for, Running, TIMEOUT,
+    skip_without_root, start, start_with_top, status, sysctl, wait_for, Running, TIMEOUT,
 };
 use fep_tools::admin_client::{self, Endpoint};
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
@@ -31,7 +32,7 @@ fn counters(r: &Running) -> serde_json::Value {
 }
 
 fn routes(r: &Running) -> u64 {
-    fepctl_json(r, &["status"])["routes"].as_u64().unwrap()
+    status(r).routes as u64
 }
 
 /// `config` with the line of top-level `key` replaced by `key = value`.
@@ -420,8 +421,8 @@ fn the_admin_api_answers_400_or_404_with_an_error_and_every_fepctl_flag_works() 
     );
     refused(&r, "/v1/ratio", "not json", 400, "JSON");
     // Nothing changed.
-    assert_eq!(backend(&r, "echo", "be1")["configured_ratio"], 1);
-    assert_eq!(node(&r, "be1")["pinned"], false);
+    assert_eq!(backend(&r, "echo", "be1").configured_ratio, 1);
+    assert!(!node(&r, "be1").pinned);
 
     // fepctl: --json after a subcommand with arguments, and on a change.
     let (code, out) = fepctl(&r, &["ratio", "echo", "be2", "2", "--json"]);
@@ -430,28 +431,25 @@ fn the_admin_api_answers_400_or_404_with_an_error_and_every_fepctl_flag_works() 
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["ok"],
         true
     );
-    assert_eq!(backend(&r, "echo", "be2")["configured_ratio"], 2);
+    assert_eq!(backend(&r, "echo", "be2").configured_ratio, 2);
     // pin --ratio and --load, one after the other: both stay pinned.
     ok(&r, &["pin", "be1", "--ratio", "3"]);
     ok(&r, &["pin", "be1", "--load", "1.5"]);
-    let pin = &node(&r, "be1")["pin"];
-    assert_eq!(
-        (pin["ratio"].as_u64(), pin["load"].as_f64()),
-        (Some(3), Some(1.5))
-    );
-    assert_eq!(backend(&r, "echo", "be1")["effective_ratio"], 3);
+    let pin = &node(&r, "be1").pin;
+    assert_eq!((pin.ratio, pin.load), (Some(3), Some(1.5)));
+    assert_eq!(backend(&r, "echo", "be1").effective_ratio, 3);
     ok(&r, &["unpin", "be1"]);
     // drain (at once), --wait that times out (exit 1) on a live connection,
     // undrain.
     let (mut held, on) = open_echo(&r);
     ok(&r, &["drain", &on]);
-    assert_eq!(node(&r, &on)["state"], "draining");
+    assert_eq!(node(&r, &on).state, NodeState::Draining);
     let (code, out) = fepctl(&r, &["drain", &on, "--wait", "--timeout", "1"]);
     assert_eq!(code, 1, "{out}");
     echo(&mut held, "a draining node keeps its connection");
     ok(&r, &["undrain", &on]);
     wait_for(&r, "back in rotation", Duration::from_secs(5), |r| {
-        node(r, &on)["state"] == "up"
+        node(r, &on).state == NodeState::Up
     });
     // backend add --port, service add --protocol --scheduler --affinity.
     ok(
@@ -629,12 +627,12 @@ fn reloads_refuse_restart_only_keys_and_apply_what_the_file_changed() {
     std::fs::write(config_path(&r), &changed).unwrap();
     ok(&r, &["reload"]);
     assert_eq!(
-        backend(&r, "echo", "be1")["configured_ratio"],
+        backend(&r, "echo", "be1").configured_ratio,
         5,
         "the file wins for what it changed"
     );
     assert_eq!(
-        backend(&r, "echo", "be3")["configured_ratio"],
+        backend(&r, "echo", "be3").configured_ratio,
         4,
         "the runtime value stays for what the file did not change"
     );
@@ -734,9 +732,9 @@ fn a_start_takes_over_a_killed_feps_set_up_and_cleanup_puts_the_sysctls_back() {
     );
     // The drain and the pin survived too.
     wait_for(&r, "be2 drained again", Duration::from_secs(5), |r| {
-        node(r, "be2")["state"] == "drained"
+        node(r, "be2").state == NodeState::Drained
     });
-    assert_eq!(node(&r, "be1")["pin"]["load"], 7.0);
+    assert_eq!(node(&r, "be1").pin.load, Some(7.0));
     for _ in 0..3 {
         assert_eq!(open_echo(&r).1, "be1", "be2 is still drained");
     }

@@ -8,7 +8,9 @@
 //! - [`counters`]: per-worker packet and drop counters;
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
 //!   [`netsetup`] (forwarding, routes and policy rules), [`http_server`]
-//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`].
+//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`];
+//! - `views`: the admin API's views built from the control state, which
+//!   [`admin`] serves.
 
 pub(crate) mod admin;
 pub(crate) mod atomic_file;
@@ -27,6 +29,7 @@ pub(crate) mod route_table;
 pub mod testing;
 pub(crate) mod transfer_table;
 pub(crate) mod tun_io;
+pub(crate) mod views;
 pub(crate) mod wire;
 
 pub use control::startup::{prepare, Start};

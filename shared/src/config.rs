@@ -50,6 +50,7 @@ impl ConfigError {
 
 /// Transport protocol of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -75,6 +76,7 @@ impl Protocol {
 
 /// How a service picks the back end for a new route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// Smooth weighted round robin over the ratios: the shares of new routes
@@ -113,6 +115,7 @@ pub enum LoadMetric {
 
 /// What identifies a client for stickiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// (client IP, client port): each client process may land on its own back end.
@@ -579,6 +582,24 @@ impl FepConfig {
 }
 
 impl ServiceConfig {
+    /// A service with no back ends, every optional key at its default.
+    pub fn new(name: String, vip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        ServiceConfig {
+            name,
+            vip,
+            port,
+            protocol,
+            scheduler: Scheduler::default(),
+            affinity: Affinity::default(),
+            backends: Vec::new(),
+            spares: Vec::new(),
+            load_metric: LoadMetric::default(),
+            high_load: None,
+            low_load: None,
+            scale_out_after_ms: default_scale_out_after(),
+        }
+    }
+
     /// The port a back end serves this service on.
     pub fn backend_port(&self, be: &BackendConfig) -> u16 {
         be.port.unwrap_or(self.port)
@@ -797,6 +818,15 @@ fn is_unicast(addr: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_service_is_the_table_that_gives_only_the_required_keys() {
+        let table = "name = \"x\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"udp\"";
+        assert_eq!(
+            toml::from_str::<ServiceConfig>(table).unwrap(),
+            ServiceConfig::new("x".into(), [10, 0, 0, 1].into(), 80, Protocol::Udp)
+        );
+    }
 
     const EXAMPLE: &str = r#"
 tun = "fep0"

@@ -1,8 +1,10 @@
-//! What the front end (`fep`) and the back-end agent (`bep-agent`) agree on:
-//! the configuration formats and the agent protocol; and the CPU reading the
-//! agent's load report and the benchmark share.
+//! What the front end (`fep`), the back-end agent (`bep-agent`) and
+//! `fepctl` agree on: the configuration formats, the agent protocol and the
+//! admin API's types; and the CPU reading the agent's load report and the
+//! benchmark share.
 
 pub mod agent_config;
+pub mod api;
 pub mod config;
 pub mod cpu;
 pub mod protocol;

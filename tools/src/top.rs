@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fep_shared::api::{CountersView, StatusView};
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
@@ -12,22 +13,12 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::{Frame, Terminal};
-use serde_json::Value;
 
-use crate::admin_client::{call, Endpoint};
-
-/// A JSON value as display text ("-" for null).
-pub fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
+use crate::admin_client::{get, Endpoint};
 
 /// A 0–1 fraction as a percentage.
-pub fn pct(v: &Value) -> String {
-    format!("{:.1}%", v.as_f64().unwrap_or(0.0) * 100.0)
+pub fn pct(fraction: f64) -> String {
+    format!("{:.1}%", fraction * 100.0)
 }
 
 /// A share bar `width` cells wide with a `|` at the target share.
@@ -49,38 +40,33 @@ pub fn bar(share: f64, target: f64, width: usize) -> String {
 
 /// Two status samples, for rates.
 struct View {
-    now: Value,
+    now: StatusView,
     rates: Option<(f64, f64, f64)>,
 }
 
-fn sample(to: &Endpoint, last: &mut Option<(Instant, Value)>) -> anyhow::Result<View> {
-    let now = call(to, "GET", "/v1/status", None)?;
-    let counter = |v: &Value, k: &str| v["counters"][k].as_f64().unwrap_or(0.0);
-    let drops = |v: &Value| {
-        v["counters"]["drops"]
-            .as_object()
-            .map_or(0.0, |d| d.values().filter_map(Value::as_f64).sum())
-    };
+fn sample(to: &Endpoint, last: &mut Option<(Instant, CountersView)>) -> anyhow::Result<View> {
+    let now: StatusView = get(to, "/v1/status")?;
+    let drops = |c: &CountersView| c.drops.values().sum::<u64>() as f64;
     let rates = last.as_ref().map(|(at, prev)| {
         let secs = at.elapsed().as_secs_f64().max(1e-3);
+        let c = &now.counters;
         (
-            (counter(&now, "to_backend_packets") - counter(prev, "to_backend_packets")) / secs,
-            (counter(&now, "to_client_packets") - counter(prev, "to_client_packets")) / secs,
-            (drops(&now) - drops(prev)) / secs,
+            (c.to_backend_packets as f64 - prev.to_backend_packets as f64) / secs,
+            (c.to_client_packets as f64 - prev.to_client_packets as f64) / secs,
+            (drops(c) - drops(prev)) / secs,
         )
     });
-    *last = Some((Instant::now(), now.clone()));
+    *last = Some((Instant::now(), now.counters.clone()));
     Ok(View { now, rates })
 }
 
 fn draw(f: &mut Frame, view: &View) {
     let v = &view.now;
-    let services = v["services"].as_array().cloned().unwrap_or_default();
     let mut constraints = vec![Constraint::Length(3)];
     constraints.extend(
-        services
+        v.services
             .iter()
-            .map(|s| Constraint::Length(s["backends"].as_array().map_or(0, Vec::len) as u16 + 3)),
+            .map(|s| Constraint::Length(s.backends.len() as u16 + 3)),
     );
     constraints.push(Constraint::Min(0));
     let areas = Layout::vertical(constraints).split(f.area());
@@ -91,30 +77,25 @@ fn draw(f: &mut Frame, view: &View) {
         None => "measuring rates …".into(),
     };
     let header = Paragraph::new(vec![
-        Line::from(format!("fep — {} live routes — {rates}", v["routes"])),
+        Line::from(format!("fep — {} live routes — {rates}", v.routes)),
         Line::from(
             "bars: share of live routes, | marks the target share (effective ratios); q quits",
         ),
     ])
     .block(Block::bordered().title(" fepctl top "));
     f.render_widget(header, areas[0]);
-    for (i, svc) in services.iter().enumerate() {
-        let rows = svc["backends"].as_array().into_iter().flatten().map(|b| {
-            let up = b["up"] == true;
+    for (i, svc) in v.services.iter().enumerate() {
+        let rows = svc.backends.iter().map(|b| {
             Row::new(vec![
-                s(&b["node"]),
-                if up { "up".into() } else { "down".into() },
-                format!("{}/{}", b["configured_ratio"], b["effective_ratio"]),
-                s(&b["routes"]),
-                bar(
-                    b["share"].as_f64().unwrap_or(0.0),
-                    b["target_share"].as_f64().unwrap_or(0.0),
-                    30,
-                ),
-                format!("{} / {}", pct(&b["share"]), pct(&b["target_share"])),
-                b["load"].as_f64().map_or("-".into(), |l| format!("{l:.1}")),
+                b.node.clone(),
+                if b.up { "up".into() } else { "down".into() },
+                format!("{}/{}", b.configured_ratio, b.effective_ratio),
+                b.routes.to_string(),
+                bar(b.share, b.target_share, 30),
+                format!("{} / {}", pct(b.share), pct(b.target_share)),
+                b.load.map_or("-".into(), |l| format!("{l:.1}")),
             ])
-            .style(if up {
+            .style(if b.up {
                 Style::default()
             } else {
                 Style::default().fg(Color::Red)
@@ -122,12 +103,12 @@ fn draw(f: &mut Frame, view: &View) {
         });
         let title = format!(
             " {} {} {}:{} ({}){} ",
-            s(&svc["name"]),
-            s(&svc["protocol"]),
-            s(&svc["vip"]),
-            svc["port"],
-            s(&svc["scheduler"]),
-            if svc["pruning"] == true {
+            svc.name,
+            svc.protocol.as_str(),
+            svc.vip,
+            svc.port,
+            svc.scheduler.as_str(),
+            if svc.pruning {
                 " — pruning idle routes"
             } else {
                 ""
@@ -166,11 +147,12 @@ pub fn run(to: &Endpoint, every: Duration, once: bool) -> anyhow::Result<()> {
     let mut last = None;
     if once {
         let view = sample(to, &mut last)?;
-        let rows = 6 + view.now["services"].as_array().map_or(0, |s| {
-            s.iter()
-                .map(|x| x["backends"].as_array().map_or(0, Vec::len) + 3)
-                .sum()
-        });
+        let rows = 6 + view
+            .now
+            .services
+            .iter()
+            .map(|s| s.backends.len() + 3)
+            .sum::<usize>();
         let mut term = Terminal::new(TestBackend::new(100, rows as u16))?;
         term.draw(|f| draw(f, &view))?;
         let buf = term.backend().buffer();

@@ -45,7 +45,7 @@ pub enum CommandError {
     #[error("node '{node}' is {state} with {routes} route(s); drain it first (fepctl drain {node} --wait) or use --force")]
     NotDrained {
         node: String,
-        state: &'static str,
+        state: NodeState,
         routes: u32,
     },
     #[error("the change would make the config invalid: {0}")]
@@ -240,12 +240,7 @@ impl ControlPlane {
         if !force && (state != NodeState::Drained || routes > 0) {
             return Err(CommandError::NotDrained {
                 node: name.into(),
-                state: match state {
-                    NodeState::Up => "up",
-                    NodeState::Down => "down",
-                    NodeState::Draining => "draining",
-                    NodeState::Drained => "drained",
-                },
+                state,
                 routes,
             });
         }

@@ -8,46 +8,11 @@
 use crate::route_table::idle_since;
 use std::net::IpAddr;
 
+pub use fep_shared::api::{NodeState, Pin, PinState, Spare};
 use fep_shared::protocol::Report;
 use fep_shared::{FepConfig, LoadMetric, Scheduler};
-use serde::{Deserialize, Serialize};
 
 use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
-
-/// A pinned node state (document 004, claim 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PinState {
-    Up,
-    Down,
-}
-
-/// Values an operator pinned; each overrides what agents and checks say.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Pin {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<PinState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ratio: Option<u32>,
-}
-
-impl Pin {
-    pub fn is_empty(&self) -> bool {
-        self.state.is_none() && self.load.is_none() && self.ratio.is_none()
-    }
-}
-
-/// What operators see of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    Up,
-    Down,
-    Draining,
-    Drained,
-}
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -73,20 +38,6 @@ pub enum AgentRefusal {
     WrongAddress {
         allowed: String,
     },
-}
-
-/// Where a spare node stands in scale-out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Spare {
-    /// A regular back end.
-    No,
-    /// A spare not started.
-    Idle,
-    /// Asked to start; joins once its port listens.
-    Starting,
-    /// Started and in the transfer table.
-    Active,
 }
 
 /// The control plane's view of one transfer-table entry.

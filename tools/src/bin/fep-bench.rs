@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use fep_shared::api::StatusView;
 use fep_shared::cpu::CpuTimes;
 use fep_tools::host::{self, Tool};
 use fep_tools::lab::{self, Lab, VIP_V4};
@@ -264,8 +265,8 @@ fn measure(
     f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &_fep {
         Some(fep) => {
             let status =
-                fep_tools::admin_client::call(&lab.control_socket(), "GET", "/v1/status", None)
-                    .map(|v| v["counters"].to_string())
+                fep_tools::admin_client::get::<StatusView>(&lab.control_socket(), "/v1/status")
+                    .map(|v| serde_json::to_string(&v.counters).unwrap_or_default())
                     .unwrap_or_default();
             e.context(format!(
                 "fep's counters: {status}\nfep's log:\n{}",

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fep_tools::admin_client::call;
+use fep_shared::api::{NodeArg, NodeState, NodeView, RatioArg};
+use fep_tools::admin_client::{get, post};
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::{http, netns};
-use serde_json::json;
 
 const TAG: &str = "fepdemo";
 
@@ -99,9 +99,8 @@ fn main() -> anyhow::Result<()> {
     }
     let socket = lab.control_socket();
     wait(Duration::from_secs(10), "agents to connect", || {
-        Ok(call(&socket, "GET", "/v1/nodes", None)?
-            .as_array()
-            .is_some_and(|n| n.iter().all(|n| n["agent_connected"] == true)))
+        let nodes: Vec<NodeView> = get(&socket, "/v1/nodes")?;
+        Ok(nodes.iter().all(|n| n.agent_connected))
     })?;
     println!("== fep is serving and the three agents report to it");
 
@@ -118,12 +117,12 @@ fn main() -> anyhow::Result<()> {
 
     if !interrupted() {
         println!("\n== `fepctl ratio web be1 1`: new connections now split 1:1:1");
-        call(
-            &socket,
-            "POST",
-            "/v1/ratio",
-            Some(json!({"service": "web", "node": "be1", "ratio": 1})),
-        )?;
+        let ratio = RatioArg {
+            service: "web".into(),
+            node: "be1".into(),
+            ratio: 1,
+        };
+        post(&socket, "/v1/ratio", &ratio)?;
         lab.client.enter(|| http_rounds(300, &[1, 1, 1]))??;
     }
 
@@ -201,7 +200,8 @@ fn drain_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
     println!(
         "\n== a long-lived connection to {VIP_V4}:7000 landed on {node}; `fepctl drain {node}`"
     );
-    call(socket, "POST", "/v1/drain", Some(json!({"node": node})))?;
+    let arg = NodeArg { node: node.clone() };
+    post(socket, "/v1/drain", &arg)?;
     std::thread::sleep(Duration::from_millis(1500));
     conn.get_mut().write_all(b"still here?\n")?;
     let mut echo = String::new();
@@ -237,29 +237,27 @@ fn drain_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
     let _ = stream.read_to_end(&mut Vec::new());
     let started = Instant::now();
     wait(Duration::from_secs(15), "the drain to complete", || {
-        let nodes = call(socket, "GET", "/v1/nodes", None)?;
-        Ok(nodes.as_array().is_some_and(|a| {
-            a.iter()
-                .any(|n| n["name"] == node.as_str() && n["state"] == "drained")
-        }))
+        let nodes: Vec<NodeView> = get(socket, "/v1/nodes")?;
+        Ok(nodes
+            .iter()
+            .any(|n| n.name == node && n.state == NodeState::Drained))
     })?;
     println!(
         "   {node} is drained {:.1} s after the close: safe to stop",
         started.elapsed().as_secs_f64()
     );
     print_nodes(socket)?;
-    call(socket, "POST", "/v1/undrain", Some(json!({"node": node})))?;
+    post(socket, "/v1/undrain", &arg)?;
     Ok(())
 }
 
 fn print_nodes(socket: &Path) -> anyhow::Result<()> {
-    let nodes = call(socket, "GET", "/v1/nodes", None)?;
-    for n in nodes.as_array().into_iter().flatten() {
+    for n in get::<Vec<NodeView>>(socket, "/v1/nodes")? {
         println!(
             "     {:<4} {:<9} routes {:>3}",
-            n["name"].as_str().unwrap_or("?"),
-            n["state"].as_str().unwrap_or("?"),
-            n["routes"]
+            n.name,
+            n.state.to_string(),
+            n.routes
         );
     }
     Ok(())

@@ -8,10 +8,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
-use fep_tools::admin_client::{call, Endpoint};
+use clap::{Parser, Subcommand};
+use fep_shared::api::{
+    BackendAddArg, BackendRemoveArg, BackendView, NodeAddArg, NodeArg, NodeState, NodeView, Pin,
+    PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
+};
+use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
+use fep_tools::admin_client::{get, post, Endpoint};
 use fep_tools::top;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
@@ -169,39 +175,6 @@ enum ServiceCmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PinState {
-    Up,
-    Down,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Protocol {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Scheduler {
-    Ratio,
-    LeastRoutes,
-    Load,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Affinity {
-    Port,
-    Client,
-}
-
-/// The value's command-line name (as the config file spells it).
-fn name<T: ValueEnum>(v: T) -> String {
-    v.to_possible_value()
-        .expect("no skipped values")
-        .get_name()
-        .to_string()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
@@ -227,92 +200,88 @@ fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
     }
 }
 
+/// The API's answer, as `--json` prints it.
+fn json(v: &impl Serialize) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(v)?)
+}
+
+/// Posts a command; its answer as `--json` prints it.
+fn command(to: &Endpoint, path: &str, body: &impl Serialize) -> anyhow::Result<Value> {
+    json(&post(to, path, body)?)
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let to = endpoint(cli)?;
-    let get = |path: &str| call(&to, "GET", path, None);
-    let post = |path: &str, body: Value| call(&to, "POST", path, Some(body));
     // Each arm returns the API's answer and the line a person reads.
     let (out, said): (Value, String) = match &cli.cmd {
         Cmd::Status => {
-            let v = get("/v1/status")?;
-            let text = status_text(&v);
-            (v, text)
+            let v: StatusView = get(&to, "/v1/status")?;
+            (json(&v)?, status_text(&v))
         }
         Cmd::Nodes => {
-            let v = get("/v1/nodes")?;
-            let text = nodes_text(&v);
-            (v, text)
+            let v: Vec<NodeView> = get(&to, "/v1/nodes")?;
+            (json(&v)?, nodes_text(&v))
         }
         Cmd::Services => {
-            let v = get("/v1/services")?;
-            let text = services_text(&v);
-            (v, text)
+            let v: Vec<ServiceView> = get(&to, "/v1/services")?;
+            (json(&v)?, services_text(&v))
         }
         Cmd::Routes { service, node, client, limit } => {
-            let mut q = format!("/v1/routes?limit={limit}");
-            let filters = [("service", service.clone()), ("node", node.clone()), ("client", client.map(|c| c.to_string()))];
-            for (k, v) in filters {
-                if let Some(v) = v {
-                    q.push_str(&format!("&{k}={v}"));
-                }
-            }
-            let v = get(&q)?;
+            let q = RouteQuery { service: service.clone(), node: node.clone(), client: *client, limit: Some(*limit) };
+            let v: Vec<RouteView> = get(&to, &format!("/v1/routes?{}", serde_urlencoded::to_string(&q)?))?;
             let mut text = routes_text(&v);
-            if !cli.json && v.as_array().is_some_and(|a| a.len() == *limit) {
+            if !cli.json && v.len() == *limit {
                 // The table's size is a counter: no second listing.
-                let total = &get("/v1/status")?["routes"];
+                let total = get::<StatusView>(&to, "/v1/status")?.routes;
                 text += &format!("the first {limit} shown; {total} route(s) in the table (--limit K for more)\n");
             }
-            (v, text)
+            (json(&v)?, text)
         }
         Cmd::Ratio { service, node, ratio } => (
-            post("/v1/ratio", json!({"service": service, "node": node, "ratio": ratio}))?,
+            command(&to, "/v1/ratio", &RatioArg { service: service.clone(), node: node.clone(), ratio: *ratio })?,
             format!("ratio of {node} in {service} set to {ratio}; new routes follow, idle routes are pruned"),
         ),
         Cmd::Drain { node, wait, timeout } => {
-            let v = post("/v1/drain", json!({"node": node}))?;
+            let v = command(&to, "/v1/drain", &NodeArg { node: node.clone() })?;
             if *wait {
                 return wait_drained(cli, &to, node, Duration::from_secs(*timeout));
             }
             (v, format!("draining {node}; `fepctl drain {node} --wait` waits until it is drained"))
         }
-        Cmd::Undrain { node } => (post("/v1/undrain", json!({"node": node}))?, format!("{node} is back in rotation")),
+        Cmd::Undrain { node } => (command(&to, "/v1/undrain", &NodeArg { node: node.clone() })?, format!("{node} is back in rotation")),
         Cmd::Pin { node, state, load, ratio } => {
-            if state.is_none() && load.is_none() && ratio.is_none() {
+            let pin = Pin { state: *state, load: *load, ratio: *ratio };
+            if pin.is_empty() {
                 bail!("pin what? give --state up|down, --load X or --ratio N");
             }
-            let body = json!({"node": node, "state": state.map(name), "load": load, "ratio": ratio});
-            (post("/v1/pin", body)?, format!("{node} pinned"))
+            (command(&to, "/v1/pin", &PinArg { node: node.clone(), pin })?, format!("{node} pinned"))
         }
-        Cmd::Unpin { node } => (post("/v1/unpin", json!({"node": node}))?, format!("{node} unpinned")),
+        Cmd::Unpin { node } => (command(&to, "/v1/unpin", &NodeArg { node: node.clone() })?, format!("{node} unpinned")),
         Cmd::Node(NodeCmd::Add { name, address }) => (
-            post("/v1/node/add", json!({"name": name, "address": address}))?,
+            command(&to, "/v1/node/add", &NodeAddArg { name: name.clone(), address: *address })?,
             format!("node {name} ({address}) added; `fepctl backend add SERVICE {name} --ratio N` puts it to work"),
         ),
         Cmd::Node(NodeCmd::Remove { name, force }) => (
-            post("/v1/node/remove", json!({"name": name, "force": force}))?,
+            command(&to, "/v1/node/remove", &RemoveArg { name: name.clone(), force: *force })?,
             format!("node {name} removed"),
         ),
         Cmd::Backend(BackendCmd::Add { service, node, ratio, port }) => (
-            post("/v1/backend/add", json!({"service": service, "node": node, "ratio": ratio, "port": port}))?,
+            command(&to, "/v1/backend/add", &BackendAddArg { service: service.clone(), node: node.clone(), ratio: *ratio, port: *port })?,
             format!("{node} added to {service} with ratio {ratio}"),
         ),
         Cmd::Backend(BackendCmd::Remove { service, node, force }) => (
-            post("/v1/backend/remove", json!({"service": service, "node": node, "force": force}))?,
+            command(&to, "/v1/backend/remove", &BackendRemoveArg { service: service.clone(), node: node.clone(), force: *force })?,
             format!("{node} removed from {service}{}", if *force { "" } else { "; its live connections carry on until they end" }),
         ),
-        Cmd::Service(ServiceCmd::Add { name: svc, vip, port, protocol, scheduler, affinity }) => {
-            let body = json!({
-                "name": svc, "vip": vip, "port": port, "protocol": name(*protocol),
-                "scheduler": name(*scheduler), "affinity": name(*affinity),
-            });
-            (post("/v1/service/add", body)?, format!("service {svc} added; `fepctl backend add {svc} NODE --ratio N` gives it back ends"))
+        Cmd::Service(ServiceCmd::Add { name, vip, port, protocol, scheduler, affinity }) => {
+            let svc = ServiceConfig { scheduler: *scheduler, affinity: *affinity, ..ServiceConfig::new(name.clone(), *vip, *port, *protocol) };
+            (command(&to, "/v1/service/add", &svc)?, format!("service {name} added; `fepctl backend add {name} NODE --ratio N` gives it back ends"))
         }
         Cmd::Service(ServiceCmd::Remove { name, force }) => (
-            post("/v1/service/remove", json!({"name": name, "force": force}))?,
+            command(&to, "/v1/service/remove", &RemoveArg { name: name.clone(), force: *force })?,
             format!("service {name} removed"),
         ),
-        Cmd::Reload => (post("/v1/reload", json!({}))?, "config file reloaded".to_string()),
+        Cmd::Reload => (command(&to, "/v1/reload", &serde_json::json!({}))?, "config file reloaded".to_string()),
         Cmd::Top { interval, once } => {
             return top::run(&to, Duration::from_secs_f64(interval.max(0.1)), *once);
         }
@@ -330,14 +299,12 @@ fn wait_drained(cli: &Cli, to: &Endpoint, node: &str, timeout: Duration) -> anyh
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
-        let nodes = call(to, "GET", "/v1/nodes", None)?;
-        let n = nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n["name"] == node))
-            .cloned()
+        let n = get::<Vec<NodeView>>(to, "/v1/nodes")?
+            .into_iter()
+            .find(|n| n.name == node)
             .with_context(|| format!("node '{node}' vanished"))?;
-        let routes = n["routes"].as_u64().unwrap_or(0);
-        if n["state"] == "drained" {
+        let routes = n.routes;
+        if n.state == NodeState::Drained {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&n)?);
             } else {
@@ -359,40 +326,30 @@ fn wait_drained(cli: &Cli, to: &Endpoint, node: &str, timeout: Duration) -> anyh
     }
 }
 
-fn nodes_text(v: &Value) -> String {
+fn nodes_text(nodes: &[NodeView]) -> String {
     let mut out = format!(
         "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)\n",
         "NODE", "ADDRESS", "STATE", "PINNED", "ROUTES", "AGENT", "CPU"
     );
-    for n in v.as_array().into_iter().flatten() {
-        let agent = match (n["agent_connected"].as_bool(), n["report_age_ms"].as_u64()) {
-            (Some(true), Some(age)) => format!("{:.1}s ago", age as f64 / 1000.0),
-            (Some(true), None) => "connected".into(),
-            _ => "none".into(),
+    for n in nodes {
+        let agent = match (n.agent_connected, n.report_age_ms) {
+            (true, Some(age)) => format!("{:.1}s ago", f64::from(age) / 1000.0),
+            (true, None) => "connected".into(),
+            (false, _) => "none".into(),
         };
-        let cpu = n["cpu_percent"]
-            .as_f64()
-            .map_or("-".into(), |c| format!("{c:.0}%"));
-        let ratios: Vec<String> = n["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| {
-                format!(
-                    "{} {}/{}",
-                    top::s(&x["service"]),
-                    x["configured_ratio"],
-                    x["effective_ratio"]
-                )
-            })
+        let cpu = n.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%"));
+        let ratios: Vec<String> = n
+            .services
+            .iter()
+            .map(|x| format!("{} {}/{}", x.service, x.configured_ratio, x.effective_ratio))
             .collect();
         out += &format!(
             "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  {}\n",
-            top::s(&n["name"]),
-            top::s(&n["address"]),
-            top::s(&n["state"]),
-            pin_text(&n["pin"]),
-            n["routes"],
+            n.name,
+            n.address.to_string(),
+            n.state.to_string(),
+            pin_text(&n.pin),
+            n.routes,
             agent,
             cpu,
             ratios.join(", ")
@@ -401,16 +358,17 @@ fn nodes_text(v: &Value) -> String {
     out
 }
 
-/// The values pinned on a node (`state=down,load=0,ratio=3`), or `no`.
-fn pin_text(pin: &Value) -> String {
-    let pinned: Vec<String> = ["state", "load", "ratio"]
-        .iter()
-        .filter_map(|k| match &pin[k] {
-            Value::Null => None,
-            Value::String(v) => Some(format!("{k}={v}")),
-            v => Some(format!("{k}={v}")),
-        })
-        .collect();
+/// The values pinned on a node (`state=down,load=0.0,ratio=3`), or `no`.
+fn pin_text(pin: &Pin) -> String {
+    let pinned: Vec<String> = [
+        pin.state.map(|s| format!("state={s}")),
+        // As JSON writes it: a whole load keeps its `.0`.
+        pin.load.map(|l| format!("load={l:?}")),
+        pin.ratio.map(|r| format!("ratio={r}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if pinned.is_empty() {
         "no".into()
     } else {
@@ -418,18 +376,18 @@ fn pin_text(pin: &Value) -> String {
     }
 }
 
-fn services_text(v: &Value) -> String {
+fn services_text(services: &[ServiceView]) -> String {
     let mut out = String::new();
-    for svc in v.as_array().into_iter().flatten() {
+    for svc in services {
         out += &format!(
             "{} {} {}:{} scheduler {} — {} route(s){}\n",
-            top::s(&svc["name"]),
-            top::s(&svc["protocol"]),
-            top::s(&svc["vip"]),
-            svc["port"],
-            top::s(&svc["scheduler"]),
-            svc["routes"],
-            if svc["pruning"] == true {
+            svc.name,
+            svc.protocol.as_str(),
+            svc.vip,
+            svc.port,
+            svc.scheduler.as_str(),
+            svc.routes,
+            if svc.pruning {
                 ", pruning idle routes"
             } else {
                 ""
@@ -439,58 +397,57 @@ fn services_text(v: &Value) -> String {
             "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} SHARE\n",
             "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE", "LOAD"
         );
-        for b in svc["backends"].as_array().into_iter().flatten() {
-            out += &format!(
-                "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} {}\n",
-                top::s(&b["node"]),
-                b["configured_ratio"],
-                b["effective_ratio"],
-                b["routes"],
-                top::pct(&b["share"]),
-                top::pct(&b["target_share"]),
-                if b["up"] == true { "up" } else { "down" },
-                top::s(&b["spare"]),
-                b["load"].as_f64().map_or("-".into(), |l| format!("{l:.1}")),
-                top::bar(
-                    b["share"].as_f64().unwrap_or(0.0),
-                    b["target_share"].as_f64().unwrap_or(0.0),
-                    20
-                ),
-            );
+        for b in &svc.backends {
+            out += &backend_line(b);
         }
     }
     out
 }
 
-fn routes_text(v: &Value) -> String {
+fn backend_line(b: &BackendView) -> String {
+    format!(
+        "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} {}\n",
+        b.node,
+        b.configured_ratio,
+        b.effective_ratio,
+        b.routes,
+        top::pct(b.share),
+        top::pct(b.target_share),
+        if b.up { "up" } else { "down" },
+        b.spare.to_string(),
+        b.load.map_or("-".into(), |l| format!("{l:.1}")),
+        top::bar(b.share, b.target_share, 20),
+    )
+}
+
+fn routes_text(routes: &[RouteView]) -> String {
     let mut out = format!(
         "{:<10} {:<40} {:<22} {:<8} {:>10}\n",
         "SERVICE", "CLIENT", "NODE", "STATE", "IDLE"
     );
-    for r in v.as_array().into_iter().flatten() {
+    for r in routes {
         out += &format!(
             "{:<10} {:<40} {:<22} {:<8} {:>9.1}s\n",
-            top::s(&r["service"]),
-            format!("{}:{}", top::s(&r["client"]), r["client_port"]),
-            format!("{}:{}", top::s(&r["node"]), r["backend_port"]),
-            top::s(&r["state"]),
-            r["idle_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            r.service,
+            format!("{}:{}", r.client, r.client_port),
+            format!("{}:{}", r.node, r.backend_port),
+            r.state.to_string(),
+            f64::from(r.idle_ms) / 1000.0
         );
     }
     out
 }
 
-fn status_text(v: &Value) -> String {
-    let c = &v["counters"];
+fn status_text(v: &StatusView) -> String {
+    let c = &v.counters;
     let mut out = format!(
         "routes {}   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}\n",
-        v["routes"], c["to_backend_packets"], c["to_backend_bytes"], c["to_client_packets"], c["to_client_bytes"], c["routes_created"]
+        v.routes, c.to_backend_packets, c.to_backend_bytes, c.to_client_packets, c.to_client_bytes, c.routes_created
     );
-    let drops: Vec<String> = c["drops"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, n)| n.as_u64() != Some(0))
+    let drops: Vec<String> = c
+        .drops
+        .iter()
+        .filter(|(_, &n)| n != 0)
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
     out += &format!(
@@ -501,23 +458,22 @@ fn status_text(v: &Value) -> String {
             drops.join(" ")
         }
     );
-    let io = &v["tun_workers"];
-    if io["blocking"].as_u64().unwrap_or(0) > 0 {
+    let io = &v.tun_workers;
+    if io.blocking > 0 {
         // Worth a line only when it is not the norm: a worker that could not
         // batch pays a system call per packet.
         out += &format!(
             "TUN workers: {} batched, {} blocking (one system call per packet; see fep's log)\n",
-            io["batched"], io["blocking"]
+            io.batched, io.blocking
         );
     }
-    let rejects: Vec<String> = v["agent_rejects"]
-        .as_object()
-        .into_iter()
-        .flatten()
+    let rejects: Vec<String> = v
+        .agent_rejects
+        .iter()
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
     if !rejects.is_empty() {
         out += &format!("rejected agent frames: {}\n", rejects.join(" "));
     }
-    out + "\n" + &services_text(&v["services"]) + "\n" + &nodes_text(&v["nodes"])
+    out + "\n" + &services_text(&v.services) + "\n" + &nodes_text(&v.nodes)
 }

@@ -1,0 +1,293 @@
+//! The admin API's views (`fep_shared::api`) built from the control state,
+//! the transfer table and the counters; the HTTP transport (`admin`) only
+//! routes requests here.
+
+use std::ops::ControlFlow;
+
+use fep_shared::api::{
+    BackendView, CountersView, NodeServiceView, NodeView, RouteQuery, RouteState, RouteView,
+    ServiceView, StatusView, TunWorkersView,
+};
+use fep_shared::Protocol;
+
+use crate::control::ControlPlane;
+use crate::counters::{DropReason, Totals, WorkerCounters};
+use crate::dispatcher::Dispatcher;
+use crate::route_table::{idle_since, state};
+use crate::wire::ip_from_addr;
+
+/// Every configured service with its back ends' ratios and shares.
+pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
+    let now = cp.now();
+    let m = cp.model();
+    let table = cp.dispatcher().table();
+    m.services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.removed)
+        .map(|(sid, s)| {
+            let svc = &table.services()[sid];
+            let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
+            let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
+            ServiceView {
+                name: s.name.clone(),
+                vip: ip_from_addr(&svc.vip),
+                port: s.port,
+                protocol: if s.tcp { Protocol::Tcp } else { Protocol::Udp },
+                scheduler: s.scheduler,
+                routes,
+                pruning: s.pruning,
+                backends: m
+                    .backends
+                    .iter()
+                    .filter(|b| usize::from(b.service) == sid)
+                    .map(|b| {
+                        let be = &svc.backends[usize::from(b.index)];
+                        BackendView {
+                            node: be.node.clone(),
+                            port: be.port,
+                            configured_ratio: b.configured,
+                            effective_ratio: be.ratio(),
+                            routes: be.routes(),
+                            share: fraction(be.routes(), routes),
+                            target_share: fraction(be.ratio(), ratio_sum),
+                            up: m.backend_up(b, now),
+                            overloaded: b.overloaded,
+                            spare: b.spare,
+                            load: m.load(b, now),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Every configured node: state, pins, agent, ratios per service.
+pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
+    let now = cp.now();
+    let connected: Vec<u16> = cp.agents().keys().copied().collect();
+    let m = cp.model();
+    let table = cp.dispatcher().table();
+    m.nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.removed)
+        .map(|(id, n)| {
+            let services: Vec<NodeServiceView> = m
+                .backends
+                .iter()
+                .filter(|b| usize::from(b.node) == id)
+                .map(|b| {
+                    let be = &table.service(b.service).backends[usize::from(b.index)];
+                    NodeServiceView {
+                        service: m.services[usize::from(b.service)].name.clone(),
+                        configured_ratio: b.configured,
+                        effective_ratio: be.ratio(),
+                        routes: be.routes(),
+                    }
+                })
+                .collect();
+            NodeView {
+                name: n.name.clone(),
+                address: n.address,
+                state: m.node_state(id as u16, now),
+                pinned: !n.pin.is_empty(),
+                pin: n.pin.clone(),
+                routes: services.iter().map(|s| s.routes).sum(),
+                agent_connected: connected.contains(&(id as u16)),
+                report_age_ms: n.report.as_ref().map(|(at, _)| idle_since(*at, now)),
+                cpu_percent: n.report.as_ref().map(|(_, r)| r.cpu_percent),
+                services,
+            }
+        })
+        .collect()
+}
+
+fn fraction(part: u32, whole: u32) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        f64::from(part) / f64::from(whole)
+    }
+}
+
+/// Services, nodes, the route table's size and the workers' counters.
+pub fn status(cp: &ControlPlane, counters: &[std::sync::Arc<WorkerCounters>]) -> StatusView {
+    let totals = Totals::sum(counters.iter().map(|c| &**c));
+    let dispatcher = cp.dispatcher();
+    let removed = dispatcher.removed_totals();
+    StatusView {
+        routes: dispatcher.routes().len(),
+        routes_expired: removed.expired,
+        routes_evicted: removed.evicted,
+        journal_overflow: dispatcher.journal_overflow(),
+        tun_workers: TunWorkersView {
+            batched: totals.batched_workers,
+            blocking: totals.workers - totals.batched_workers,
+        },
+        counters: counters_view(&totals),
+        agent_rejects: cp
+            .rejects()
+            .into_iter()
+            .map(|(reason, n)| (reason.to_string(), n))
+            .collect(),
+        services: services(cp),
+        nodes: nodes(cp),
+    }
+}
+
+fn counters_view(t: &Totals) -> CountersView {
+    CountersView {
+        drops: DropReason::ALL
+            .iter()
+            .map(|&r| (r.as_str().to_string(), t.drops(r)))
+            .collect(),
+        to_backend_packets: t.all.to_backend_packets,
+        to_backend_bytes: t.all.to_backend_bytes,
+        to_client_packets: t.all.to_client_packets,
+        to_client_bytes: t.all.to_client_bytes,
+        routes_created: t.routes_created,
+        unconfirmed_evicted: t.unconfirmed_evicted,
+        icmp_echo_replies: t.icmp_echo_replies,
+        icmp_errors_translated: t.icmp_errors_translated,
+        tun_read_errors: t.tun_read_errors,
+        tun_write_errors: t.tun_write_errors,
+    }
+}
+
+/// Bytes of JSON handed to `send` at a time by [`list_routes`].
+pub const CHUNK: usize = 64 * 1024;
+
+/// Writes the first `limit` (default [`RouteQuery::DEFAULT_LIMIT`]) routes
+/// matching `q` as a JSON array, in chunks of about [`CHUNK`] bytes given to
+/// `send`; stops after the limit, or once `send` says the reader is gone. A
+/// listing costs what it shows, not the table (only a filter few routes
+/// match looks through it all).
+pub fn list_routes(
+    dispatcher: &Dispatcher,
+    q: &RouteQuery,
+    now: u32,
+    mut send: impl FnMut(Vec<u8>) -> bool,
+) {
+    let table = dispatcher.table();
+    let limit = q.limit.unwrap_or(RouteQuery::DEFAULT_LIMIT);
+    let (mut out, mut listed, mut gone) = (vec![b'['], 0, false);
+    if limit > 0 {
+        dispatcher.routes().scan(|key, route| {
+            let svc = table.service(key.service);
+            let be = &svc.backends[usize::from(route.backend)];
+            let client = ip_from_addr(&key.client);
+            let keep = q.service.as_ref().is_none_or(|s| *s == svc.name)
+                && q.node.as_ref().is_none_or(|n| *n == be.node)
+                && q.client.is_none_or(|c| c == client);
+            if !keep {
+                return ControlFlow::Continue(());
+            }
+            let st = route.state();
+            let view = RouteView {
+                service: svc.name.as_str().into(),
+                client,
+                client_port: key.client_port,
+                node: be.node.as_str().into(),
+                backend_port: be.port,
+                state: if state::is_closed(st) {
+                    RouteState::Closed
+                } else if st & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
+                    RouteState::Closing
+                } else {
+                    RouteState::Open
+                },
+                idle_ms: route.idle_ms(now),
+            };
+            if listed > 0 {
+                out.push(b',');
+            }
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, &view);
+            listed += 1;
+            if out.len() >= CHUNK && !send(std::mem::replace(&mut out, Vec::with_capacity(CHUNK))) {
+                gone = true;
+                return ControlFlow::Break(());
+            }
+            if listed < limit {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        });
+    }
+    if !gone {
+        out.push(b']');
+        send(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fep_shared::FepConfig;
+
+    use super::*;
+    use crate::route_table::FlowKey;
+    use crate::wire::addr_from_ip;
+
+    /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
+    /// 192.0.2.x:port, alternating be1 (port 80) and be2 (port 8080).
+    fn with_routes(n: u16) -> Dispatcher {
+        let d = Dispatcher::new(&FepConfig::parse(crate::testing::CONFIG).unwrap());
+        for i in 0..n {
+            let key = FlowKey {
+                service: 0,
+                client_port: 1000 + i,
+                client: addr_from_ip([192, 0, 2, (i % 200) as u8].into()),
+            };
+            assert!(d.restore_route(key, i % 2, state::ESTABLISHED, 0));
+        }
+        d
+    }
+
+    /// The listing's chunks, how many there were, and the routes they list.
+    fn listing(d: &Dispatcher, query: &str) -> (usize, Vec<RouteView<'static>>) {
+        let q: RouteQuery = serde_json::from_str(query).unwrap();
+        let mut chunks = Vec::new();
+        list_routes(d, &q, 10, |c| {
+            chunks.push(c);
+            true
+        });
+        let json: Vec<u8> = chunks.concat();
+        (chunks.len(), serde_json::from_slice(&json).unwrap())
+    }
+
+    #[test]
+    fn a_listing_stops_at_its_limit_and_filters_while_it_scans() {
+        let d = with_routes(3000);
+        let (chunks, all) = listing(&d, r#"{"limit": 2500}"#);
+        assert_eq!(all.len(), 2500);
+        assert!(chunks > 1, "more than one chunk of 64 KB");
+        assert_eq!(listing(&d, "{}").1.len(), 1000, "the default limit");
+        let (_, be2) = listing(&d, r#"{"node": "be2", "limit": 10}"#);
+        assert_eq!(be2.len(), 10);
+        assert!(be2
+            .iter()
+            .all(|r| r.node == "be2" && r.backend_port == 8080 && r.service == "web"));
+        let (_, one) = listing(&d, r#"{"client": "192.0.2.7", "service": "web"}"#);
+        assert_eq!(one.len(), 15, "ports 1007, 1207, … 2807");
+        assert!(one
+            .iter()
+            .all(|r| r.client.to_string() == "192.0.2.7" && r.state == RouteState::Open));
+        assert!(listing(&d, r#"{"service": "dns"}"#).1.is_empty());
+        assert!(listing(&d, r#"{"limit": 0}"#).1.is_empty());
+    }
+
+    #[test]
+    fn a_listing_whose_reader_is_gone_stops() {
+        let d = with_routes(3000);
+        let q: RouteQuery = serde_json::from_str(r#"{"limit": 3000}"#).unwrap();
+        let mut sent = 0;
+        list_routes(&d, &q, 10, |_| {
+            sent += 1;
+            false
+        });
+        assert_eq!(sent, 1, "nothing after the first refused chunk");
+    }
+}

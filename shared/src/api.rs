@@ -1,0 +1,343 @@
+//! The admin API's requests and views: what `fep` serializes and `fepctl`
+//! and the tests read. The JSON field names are the ones operators' scripts
+//! read; a name changes here or nowhere.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Protocol, Scheduler};
+
+/// Writes a unit enum variant under its serde name, so a state's name is
+/// spelled once (in its `rename_all`) for the JSON, the CLI text and the errors.
+macro_rules! display_as_serde {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.serialize(f)
+            }
+        }
+    )*};
+}
+
+/// A pinned node state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum PinState {
+    Up,
+    Down,
+}
+
+/// Values an operator pinned; each overrides what agents and checks say.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pin {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PinState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<u32>,
+}
+
+impl Pin {
+    pub fn is_empty(&self) -> bool {
+        self.state.is_none() && self.load.is_none() && self.ratio.is_none()
+    }
+}
+
+/// What operators see of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Down,
+    Draining,
+    Drained,
+}
+
+/// Where a spare node stands in scale-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spare {
+    /// A regular back end.
+    No,
+    /// A spare not started.
+    Idle,
+    /// Asked to start; joins once its port listens.
+    Starting,
+    /// Started and in the transfer table.
+    Active,
+}
+
+/// Where a route's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteState {
+    Open,
+    /// One side has sent its FIN.
+    Closing,
+    Closed,
+}
+
+display_as_serde!(PinState, NodeState, Spare, RouteState);
+
+/// `POST /v1/drain`, `/v1/undrain`, `/v1/unpin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeArg {
+    pub node: String,
+}
+
+/// `POST /v1/ratio`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RatioArg {
+    pub service: String,
+    pub node: String,
+    pub ratio: u32,
+}
+
+/// `POST /v1/pin`: the node and the values to pin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinArg {
+    pub node: String,
+    #[serde(flatten)]
+    pub pin: Pin,
+}
+
+/// `POST /v1/node/add`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeAddArg {
+    pub name: String,
+    pub address: IpAddr,
+}
+
+/// `POST /v1/node/remove` and `/v1/service/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveArg {
+    pub name: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/backend/add`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendAddArg {
+    pub service: String,
+    pub node: String,
+    pub ratio: u32,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// `POST /v1/backend/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendRemoveArg {
+    pub service: String,
+    pub node: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to a command that succeeded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    pub ok: bool,
+}
+
+/// The answer to a refused request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `GET /v1/routes` query: filters and how many to list at most.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouteQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl RouteQuery {
+    /// Routes listed when the query gives no limit.
+    pub const DEFAULT_LIMIT: usize = 1000;
+}
+
+/// One route of `GET /v1/routes`. Borrows its names while fep streams a
+/// listing; owns them once read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteView<'a> {
+    pub service: Cow<'a, str>,
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub node: Cow<'a, str>,
+    pub backend_port: u16,
+    pub state: RouteState,
+    pub idle_ms: u32,
+}
+
+/// One back end of a service, as operators see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub node: String,
+    pub port: u16,
+    pub configured_ratio: u32,
+    pub effective_ratio: u32,
+    pub routes: u32,
+    /// Share of the service's live routes.
+    pub share: f64,
+    /// Share the effective ratios aim for.
+    pub target_share: f64,
+    pub up: bool,
+    pub overloaded: bool,
+    pub spare: Spare,
+    pub load: Option<f64>,
+}
+
+/// A service of `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub routes: u32,
+    pub pruning: bool,
+    pub backends: Vec<BackendView>,
+}
+
+/// A node's ratios in one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeServiceView {
+    pub service: String,
+    pub configured_ratio: u32,
+    pub effective_ratio: u32,
+    pub routes: u32,
+}
+
+/// A node of `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: IpAddr,
+    pub state: NodeState,
+    pub pinned: bool,
+    pub pin: Pin,
+    pub routes: u32,
+    pub agent_connected: bool,
+    pub report_age_ms: Option<u32>,
+    pub cpu_percent: Option<f64>,
+    pub services: Vec<NodeServiceView>,
+}
+
+/// The packet counters, summed over the workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersView {
+    pub to_backend_packets: u64,
+    pub to_backend_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+    pub routes_created: u64,
+    pub unconfirmed_evicted: u64,
+    pub icmp_echo_replies: u64,
+    pub icmp_errors_translated: u64,
+    pub tun_read_errors: u64,
+    pub tun_write_errors: u64,
+    /// Dropped packets by reason, every reason listed.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// TUN workers by how they do their I/O.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunWorkersView {
+    pub batched: u64,
+    /// Pays a system call per packet.
+    pub blocking: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Live routes.
+    pub routes: usize,
+    pub routes_expired: usize,
+    pub routes_evicted: usize,
+    pub journal_overflow: u64,
+    pub tun_workers: TunWorkersView,
+    pub counters: CountersView,
+    /// Rejected agent frames by reason.
+    pub agent_rejects: BTreeMap<String, u64>,
+    pub services: Vec<ServiceView>,
+    pub nodes: Vec<NodeView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_is_written_as_its_json_name() {
+        assert_eq!(NodeState::Drained.to_string(), "drained");
+        assert_eq!(
+            serde_json::to_string(&NodeState::Draining).unwrap(),
+            r#""draining""#
+        );
+        assert_eq!(Spare::Starting.to_string(), "starting");
+        assert_eq!(RouteState::Closing.to_string(), "closing");
+        assert_eq!(PinState::Down.to_string(), "down");
+    }
+
+    #[test]
+    fn a_pin_request_flattens_the_pinned_values_and_omits_the_rest() {
+        let arg = PinArg {
+            node: "be1".into(),
+            pin: Pin {
+                state: Some(PinState::Down),
+                load: None,
+                ratio: Some(3),
+            },
+        };
+        let json = serde_json::to_value(&arg).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"node": "be1", "state": "down", "ratio": 3})
+        );
+        let back: PinArg = serde_json::from_value(json).unwrap();
+        assert_eq!(back.pin, arg.pin);
+    }
+
+    #[test]
+    fn a_node_view_reads_back_what_it_wrote() {
+        let view = NodeView {
+            name: "be1".into(),
+            address: "10.0.2.11".parse().unwrap(),
+            state: NodeState::Up,
+            pinned: false,
+            pin: Pin::default(),
+            routes: 2,
+            agent_connected: true,
+            report_age_ms: None,
+            cpu_percent: Some(12.5),
+            services: vec![NodeServiceView {
+                service: "web".into(),
+                configured_ratio: 2,
+                effective_ratio: 1,
+                routes: 2,
+            }],
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["address"], "10.0.2.11");
+        assert_eq!(json["report_age_ms"], serde_json::Value::Null);
+        assert_eq!(json["pin"], serde_json::json!({}));
+        assert_eq!(serde_json::from_value::<NodeView>(json).unwrap(), view);
+    }
+}
