@@ -20,7 +20,7 @@
 //!
 //! Errors answer 400/404 with `{"error": "..."}` naming what exists.
 
-use crate::route_table::idle_since;
+use crate::clock::idle_since;
 use std::ops::ControlFlow;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -44,7 +44,7 @@ use fep_shared::ServiceConfig;
 use crate::control::{CommandError, ControlPlane};
 use crate::counters::{DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
-use crate::route_table::state;
+use crate::routes::state;
 use crate::wire::ip_from_addr;
 
 #[derive(Clone)]
@@ -648,7 +648,7 @@ mod tests {
     use fep_shared::FepConfig;
 
     use super::*;
-    use crate::route_table::FlowKey;
+    use crate::routes::{FlowKey, Route, Row};
     use crate::wire::addr_from_ip;
 
     /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
@@ -661,7 +661,8 @@ mod tests {
                 client_port: 1000 + i,
                 client: addr_from_ip([192, 0, 2, (i % 200) as u8].into()),
             };
-            assert!(d.restore_route(key, i % 2, state::ESTABLISHED, 0));
+            let route = Route::from_parts(i % 2, state::ESTABLISHED, 0);
+            assert_eq!(d.routes().import(&d.table(), [Row { key, route }]), 1);
         }
         d
     }

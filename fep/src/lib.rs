@@ -2,7 +2,8 @@
 //!
 //! Layers, from bytes up:
 //! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
-//! - [`transfer_table`], [`chooser`], [`route_table`]: the tables of
+//! - [`clock`]: times on the dispatcher's wrapping millisecond clock;
+//! - [`transfer_table`], [`chooser`], [`routes`]: the tables of
 //!   document 003 and the choice of a back end;
 //! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
 //! - [`counters`]: per-worker packet and drop counters;
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod atomic_file;
 pub(crate) mod chooser;
+pub mod clock;
 pub mod control;
 pub mod counters;
 pub mod daemon;
@@ -21,8 +23,7 @@ pub(crate) mod endpoint_map;
 pub mod http_server;
 pub mod metrics;
 pub mod netsetup;
-pub mod route_map;
-pub mod route_table;
+pub mod routes;
 pub mod testing;
 pub mod transfer_table;
 pub mod tun_io;

@@ -208,13 +208,16 @@ impl ControlPlane {
                 tokio::task::spawn_blocking(move || {
                     let svc = table.service(service);
                     let be = &svc.backends[usize::from(backend)];
-                    let n = dispatcher.remove_routes(|k, r| {
-                        k.service == service
-                            && r.backend == backend
-                            && dispatcher.table().service(service).backends[usize::from(backend)]
+                    let n = dispatcher
+                        .routes()
+                        .remove_where(&dispatcher.table(), |k, r| {
+                            k.service == service
+                                && r.backend == backend
+                                && dispatcher.table().service(service).backends
+                                    [usize::from(backend)]
                                 .ratio()
-                                == 0
-                    });
+                                    == 0
+                        });
                     tracing::warn!(
                         "node '{}' is down for service '{}': no new routes, {n} route(s) deleted",
                         be.node,
