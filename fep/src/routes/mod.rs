@@ -121,7 +121,6 @@ impl Routes {
     /// A route miss: records a route for `key` to the back end `svc`
     /// chooses (the client's held one under client affinity), or the route
     /// another worker recorded meanwhile.
-    #[inline]
     pub(crate) fn assign(
         &self,
         key: &FlowKey,
@@ -248,7 +247,6 @@ impl Routes {
     /// Inserts `key`'s route within `max_routes` and counts it on its back
     /// end; `make` chooses the back end under the map's writer lock. `None`
     /// when the table is full.
-    #[inline]
     fn insert(
         &self,
         key: &FlowKey,
@@ -298,7 +296,6 @@ impl Routes {
 
     /// Claims room for one more route if the table holds fewer than
     /// `max_routes`, so concurrent workers can never push it past the bound.
-    #[inline]
     fn reserve(&self) -> bool {
         let max = self.max();
         self.len
