@@ -87,7 +87,7 @@ fn insert(c: &mut Criterion) {
                     black_box(d.process(buf, 0, &mut worker));
                 }
                 total += start.elapsed();
-                d.remove_routes(|_, _| true);
+                d.routes().remove_where(&d.table(), |_, _| true);
                 left -= n as u64;
             }
             total

@@ -9,18 +9,16 @@ use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
-use dashmap::mapref::entry::Entry;
 
-use fep_shared::{Affinity, FepConfig};
+use fep_shared::FepConfig;
 
 use crate::counters::{bump, DropReason, WorkerCounters};
-use crate::route_map::{Inserted, RouteRef};
-use crate::route_table::{state, ClientKey, FlowKey, ReplyKey, Route, RouteTable, Sticky};
+use crate::routes::{state, FlowKey, Refused, ReplyKey, Route, RouteRef, Routes};
 use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::icmp::{IcmpKind, IcmpPacket};
 use crate::wire::{tcp_flags, FlowPacket, ParseError};
@@ -120,9 +118,8 @@ pub struct Dispatcher {
     table: ArcSwap<TransferTable>,
     /// Bumped after every new table, so workers know to load it.
     table_version: AtomicU64,
-    routes: RouteTable,
+    routes: Routes,
     idle_timeout_ms: AtomicU32,
-    max_routes: AtomicUsize,
     /// Routes removed by expiry and eviction since the start.
     expired: AtomicU64,
     evicted: AtomicU64,
@@ -146,9 +143,8 @@ impl Dispatcher {
         let d = Dispatcher {
             table: ArcSwap::from_pointee(TransferTable::from_config(cfg)),
             table_version: AtomicU64::new(0),
-            routes: RouteTable::with_room(cfg.max_routes),
+            routes: Routes::with_room(cfg.max_routes),
             idle_timeout_ms: AtomicU32::new(0),
-            max_routes: AtomicUsize::new(0),
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             sweep: Mutex::default(),
@@ -187,11 +183,10 @@ impl Dispatcher {
                 cfg.max_routes
             );
         }
-        self.max_routes
-            .store(cfg.max_routes.min(room), Ordering::Relaxed);
+        self.routes.set_max(cfg.max_routes);
     }
 
-    pub fn routes(&self) -> &RouteTable {
+    pub fn routes(&self) -> &Routes {
         &self.routes
     }
 
@@ -332,7 +327,7 @@ impl Dispatcher {
         let flags = pkt.tcp_flags();
         let closing = close_bits(flags, state::FIN_FROM_CLIENT);
         let confirms = Cell::new(false);
-        let hit = self.routes.map.get_and(&key, |route| {
+        let hit = self.routes.get_and(&key, |route| {
             let st = route.state();
             let set = closing | confirm_bit(svc, flags, st);
             confirms.set(set & !st & state::ESTABLISHED != 0);
@@ -411,7 +406,6 @@ impl Dispatcher {
             };
             let found = self
                 .routes
-                .map
                 .get_and(&key, |r| !holds(r.backend()) || touch(r));
             if found.is_some_and(holds) {
                 return Some(key);
@@ -436,31 +430,18 @@ impl Dispatcher {
         if svc.is_tcp() && !is_bare_syn(flags) {
             return Err(DropReason::NoRoute);
         }
-        let max = self.max_routes.load(Ordering::Relaxed);
         // Room, or room made by evicting a flood's unconfirmed route.
-        let room = self.routes.reserve(max)
-            || (self.evict_unconfirmed(worker, now) && self.routes.reserve(max));
-        if !room {
-            return Err(DropReason::TableFull);
-        }
-        worker.opened(key);
-        match self
-            .routes
-            .map
-            .insert_with(&key, now, 0, || self.choose(&key, svc))
-        {
-            Inserted::New(backend) => {
-                svc.backends[usize::from(backend)].route_added();
-                Ok(backend)
+        let assigned = match self.routes.assign(&key, svc, now) {
+            Err(Refused::Full) if self.evict_unconfirmed(worker, now) => {
+                self.routes.assign(&key, svc, now)
             }
-            // Another worker recorded it meanwhile.
-            Inserted::Existing(backend) => {
-                self.routes.release();
-                Ok(backend)
-            }
-            Inserted::Refused => {
-                self.routes.release();
-                Err(DropReason::NoBackend)
+            assigned => assigned,
+        };
+        match assigned {
+            Err(Refused::Full) => Err(DropReason::TableFull),
+            assigned => {
+                worker.opened(key);
+                assigned.map_err(|_| DropReason::NoBackend)
             }
         }
     }
@@ -492,12 +473,13 @@ impl Dispatcher {
     /// routes with a packet in the last [`UNCONFIRMED_MIN_AGE_MS`] are spared.
     /// A confirmed route is never evicted here.
     fn evict_unconfirmed(&self, worker: &mut Worker, now: u32) -> bool {
+        let table = self.table.load();
         for _ in 0..EVICT_ATTEMPTS {
             let Some(key) = worker.recent.pop_front() else {
                 return false;
             };
             let mut too_young = false;
-            let removed = self.remove_route(&key, |_, r| {
+            let removed = self.routes.remove_if(&table, &key, |r| {
                 let unconfirmed = state::is_unconfirmed(r.state());
                 too_young = unconfirmed && r.idle_ms(now) < UNCONFIRMED_MIN_AGE_MS;
                 unconfirmed && !too_young
@@ -513,27 +495,6 @@ impl Dispatcher {
             }
         }
         false
-    }
-
-    fn choose(&self, key: &FlowKey, svc: &Service) -> Option<BackendId> {
-        if svc.affinity == Affinity::Port {
-            return svc.choose();
-        }
-        let client = ClientKey {
-            service: key.service,
-            client: key.client,
-        };
-        match self.routes.clients.entry(client) {
-            Entry::Occupied(mut e) => {
-                e.get_mut().routes += 1;
-                Some(e.get().backend)
-            }
-            Entry::Vacant(e) => {
-                let backend = svc.choose()?;
-                e.insert(Sticky { backend, routes: 1 });
-                Some(backend)
-            }
-        }
     }
 
     /// One expiry pass over the next [`SWEEP_SLOTS`] slots of the table
@@ -553,9 +514,9 @@ impl Dispatcher {
             expired,
             evict,
         } = &mut *sweep;
-        let slots = self.routes.map.slots();
+        let slots = self.routes.slots();
         let window = slots.min(SWEEP_SLOTS);
-        let max_routes = self.max_routes.load(Ordering::Relaxed);
+        let max_routes = self.routes.max();
         let len = self.routes.len();
         // This window's share of the excess over the low-water mark.
         let quota = if len > max_routes - max_routes / 20 {
@@ -566,7 +527,7 @@ impl Dispatcher {
         };
         expired.clear();
         evict.clear();
-        *cursor = self.routes.map.scan(*cursor, window, |k, r| {
+        *cursor = self.routes.scan_window(*cursor, window, |k, r| {
             if self.is_expired(&table, &k, &r, now) {
                 expired.push(k);
             } else if quota > 0 {
@@ -587,13 +548,19 @@ impl Dispatcher {
         });
         let mut stats = ExpireStats::default();
         for key in expired.iter() {
-            if self.remove_route(key, |k, r| self.is_expired(&table, k, r, now)) {
+            if self
+                .routes
+                .remove_if(&table, key, |r| self.is_expired(&table, key, r, now))
+            {
                 stats.expired += 1;
             }
         }
         for Reverse((_, key, seen)) in evict.drain() {
             // Not if a packet came meanwhile.
-            if self.remove_route(&key, |_, r| r.last_seen() == seen) {
+            if self
+                .routes
+                .remove_if(&table, &key, |r| r.last_seen() == seen)
+            {
                 stats.evicted += 1;
             }
         }
@@ -624,83 +591,6 @@ impl Dispatcher {
         let st = route.state();
         (state::is_closed(st) && idle >= CLOSED_LINGER_MS)
             || (state::is_unconfirmed(st) && idle >= EMBRYONIC_TIMEOUT_MS)
-    }
-
-    /// Puts back a route known from a snapshot or a back end's connection
-    /// table (after a restart); false if the key has a route already, the
-    /// back end is not configured, or the table is full.
-    pub fn restore_route(&self, key: FlowKey, backend: BackendId, state: u8, now: u32) -> bool {
-        let table = self.table.load();
-        let svc = table.service(key.service);
-        let Some(be) = svc
-            .backends
-            .get(usize::from(backend))
-            .filter(|b| !b.removed && !svc.removed)
-        else {
-            return false;
-        };
-        if !self.routes.reserve(self.max_routes.load(Ordering::Relaxed)) {
-            return false;
-        }
-        let inserted = self.routes.map.insert_with(&key, now, state, || {
-            if svc.affinity == Affinity::Client {
-                let client = ClientKey {
-                    service: key.service,
-                    client: key.client,
-                };
-                self.routes
-                    .clients
-                    .entry(client)
-                    .and_modify(|s| s.routes += 1)
-                    .or_insert(Sticky { backend, routes: 1 });
-            }
-            Some(backend)
-        });
-        if inserted != Inserted::New(backend) {
-            self.routes.release();
-            return false;
-        }
-        be.route_added();
-        true
-    }
-
-    /// Removes every route for which `pred` holds (checked again at the
-    /// removal, so a route touched meanwhile is judged afresh).
-    pub fn remove_routes(&self, pred: impl Fn(&FlowKey, &Route) -> bool) -> usize {
-        let mut keys = Vec::new();
-        self.routes.map.for_each(|k, r| {
-            if pred(&k, &r) {
-                keys.push(k);
-            }
-        });
-        keys.iter()
-            .filter(|k| self.remove_route(k, |k, r| pred(k, r)))
-            .count()
-    }
-
-    /// Removes one route (if `cond` still holds) with its share of the
-    /// client-affinity and per-back-end counts.
-    pub fn remove_route(&self, key: &FlowKey, cond: impl FnOnce(&FlowKey, &Route) -> bool) -> bool {
-        let Some(route) = self.routes.map.remove_if(key, |r| cond(key, r)) else {
-            return false;
-        };
-        self.routes.release();
-        let table = self.table.load();
-        let svc = table.service(key.service);
-        svc.backends[usize::from(route.backend)].route_removed();
-        if svc.affinity == Affinity::Client {
-            let client = ClientKey {
-                service: key.service,
-                client: key.client,
-            };
-            if let Entry::Occupied(mut e) = self.routes.clients.entry(client) {
-                e.get_mut().routes -= 1;
-                if e.get().routes == 0 {
-                    e.remove();
-                }
-            }
-        }
-        true
     }
 }
 
@@ -1515,10 +1405,7 @@ backend = [{ node = "b1", ratio = 1, port = 5353 }]
         assert!(r
             .d
             .routes()
-            .sticky(&ClientKey {
-                service: 1,
-                client: addr_from_ip(IpAddr::from(client(1)))
-            })
+            .sticky(1, addr_from_ip(IpAddr::from(client(1))))
             .is_none());
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Layers, from bytes up:
 //! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
-//! - [`transfer_table`], [`chooser`], [`route_table`]: the tables
-//!   that map a client to a back end, and the choice of a back end;
+//! - [`clock`]: times on the dispatcher's wrapping millisecond clock;
+//! - [`transfer_table`], [`chooser`], [`routes`]: the tables that map a
+//!   client to a back end, and the choice of a back end;
 //! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
 //! - [`counters`]: per-worker packet and drop counters;
 //! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
@@ -24,8 +25,7 @@ pub(crate) mod endpoint_map;
 pub(crate) mod http_server;
 pub(crate) mod metrics;
 pub(crate) mod netsetup;
-pub(crate) mod route_map;
-pub(crate) mod route_table;
+pub(crate) mod routes;
 pub mod testing;
 pub(crate) mod transfer_table;
 pub(crate) mod tun_io;

@@ -2,7 +2,7 @@
 //! data path's counters and the control plane at scrape time, so that the
 //! packet path does no metrics work of its own.
 
-use crate::route_table::idle_since;
+use crate::clock::idle_since;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -10,10 +10,11 @@ use fep_shared::api::{
 };
 use fep_shared::Protocol;
 
+use crate::clock::idle_since;
 use crate::control::ControlPlane;
 use crate::counters::{DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
-use crate::route_table::{idle_since, state};
+use crate::routes::state;
 use crate::wire::ip_from_addr;
 
 /// Every configured service with its back ends' ratios and shares.
@@ -228,7 +229,7 @@ mod tests {
     use fep_shared::FepConfig;
 
     use super::*;
-    use crate::route_table::FlowKey;
+    use crate::routes::{FlowKey, Route, Row};
     use crate::wire::addr_from_ip;
 
     /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
@@ -241,7 +242,8 @@ mod tests {
                 client_port: 1000 + i,
                 client: addr_from_ip([192, 0, 2, (i % 200) as u8].into()),
             };
-            assert!(d.restore_route(key, i % 2, state::ESTABLISHED, 0));
+            let route = Route::from_parts(i % 2, state::ESTABLISHED, 0);
+            assert_eq!(d.routes().import(&d.table(), [Row { key, route }]), 1);
         }
         d
     }

@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::model::AgentRefusal;
 use super::ControlPlane;
-use crate::route_table::{idle_since, state, FlowKey};
+use crate::clock::idle_since;
+use crate::routes::{state, FlowKey, Route, Row};
 use crate::transfer_table::{NodeId, ServiceId};
 use crate::wire::{addr_from_ip, Addr};
 
@@ -439,7 +440,7 @@ impl ControlPlane {
     fn rebuild_routes(&self, node: NodeId, conns: &[ConnId]) {
         let table = self.dispatcher().table();
         let now = self.now();
-        let mut restored = 0;
+        let mut rows = Vec::new();
         let mut local: std::collections::HashMap<IpAddr, bool> = Default::default();
         for c in conns {
             if *local.entry(c.client).or_insert_with(|| is_local(c.client)) {
@@ -459,20 +460,16 @@ impl ControlPlane {
             let (Some((service, backend)), None) = (matches.next(), matches.next()) else {
                 continue;
             };
-            let key = FlowKey {
-                service,
-                client_port: c.client_port,
-                client,
-            };
-            if self.dispatcher().restore_route(
-                key,
-                backend,
-                state::REPLIED | state::ESTABLISHED,
-                now,
-            ) {
-                restored += 1;
-            }
+            rows.push(Row {
+                key: FlowKey {
+                    service,
+                    client_port: c.client_port,
+                    client,
+                },
+                route: Route::from_parts(backend, state::REPLIED | state::ESTABLISHED, now),
+            });
         }
+        let restored = self.dispatcher().routes().import(&table, rows);
         if restored > 0 {
             let name = self.model().nodes[usize::from(node)].name.clone();
             tracing::info!(

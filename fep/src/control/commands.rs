@@ -18,7 +18,7 @@ use fep_shared::{BackendConfig, ConfigError, FepConfig, NodeConfig, ServiceConfi
 use super::model::{Model, NodeState, Pin};
 use super::ControlPlane;
 use crate::netsetup::NetError;
-use crate::route_table::{FlowKey, Route};
+use crate::routes::{FlowKey, Route};
 use crate::transfer_table::{NodeId, TransferTable};
 
 /// The config file as last loaded and the config in force.
@@ -163,9 +163,9 @@ impl ControlPlane {
                             .is_none_or(|b| b.removed)
                 })
             };
-            let n = self
-                .dispatcher
-                .remove_routes(|k, r| removed(&table, k, r) && !removed(&previous, k, r));
+            let n = self.dispatcher.routes().remove_where(&table, |k, r| {
+                removed(&table, k, r) && !removed(&previous, k, r)
+            });
             if n > 0 {
                 tracing::warn!("forced: deleted {n} route(s) of removed back ends and services");
             }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::snapshot::{self, put_name, Reader, SNAPSHOT_EVERY};
 use super::state::Unusable;
 use crate::dispatcher::{Confirmed, Dispatcher};
-use crate::route_table::state;
+use crate::routes::state;
 use crate::wire::Addr;
 
 /// How often confirmed routes are appended to the journal.
@@ -111,20 +111,13 @@ pub fn restore(dispatcher: &Dispatcher, dir: &Path, now: u32) -> (usize, bool) {
             }
         }
     }
-    let restored = entries
+    let table = dispatcher.table();
+    let rows = entries
         .iter()
-        .filter(|((service, client, port), node)| {
-            snapshot::restore_named(
-                dispatcher,
-                service,
-                node,
-                *client,
-                *port,
-                RESTORED_STATE,
-                now,
-            )
-        })
-        .count();
+        .filter_map(|((service, client, port), node)| {
+            snapshot::named_row(&table, service, node, *client, *port, RESTORED_STATE, now)
+        });
+    let restored = dispatcher.routes().import(&table, rows);
     if found {
         tracing::info!(
             "restored {restored} route(s) from the route journal ({} record(s))",
@@ -324,7 +317,7 @@ mod tests {
         assert_eq!(from_journal, 3);
         assert_eq!(snapshot::restore(&d2, &dir, 0), 2);
         for n in 0..5u8 {
-            let key = crate::route_table::FlowKey {
+            let key = crate::routes::FlowKey {
                 service: 0,
                 client_port: 1000 + u16::from(n),
                 client: crate::wire::addr_from_ip([192, 0, 2, n].into()),

@@ -211,11 +211,13 @@ impl ControlPlane {
                 tokio::task::spawn_blocking(move || {
                     let svc = table.service(service);
                     let be = table.backend(service, backend);
-                    let n = dispatcher.remove_routes(|k, r| {
-                        k.service == service
-                            && r.backend == backend
-                            && dispatcher.table().backend(service, backend).ratio() == 0
-                    });
+                    let n = dispatcher
+                        .routes()
+                        .remove_where(&dispatcher.table(), |k, r| {
+                            k.service == service
+                                && r.backend == backend
+                                && dispatcher.table().backend(service, backend).ratio() == 0
+                        });
                     tracing::warn!(
                         "node '{}' is down for service '{}': no new routes, {n} route(s) deleted",
                         be.node,

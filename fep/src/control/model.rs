@@ -5,7 +5,7 @@
 //! Pure: no I/O, time passed in, so the unit tests replay failures, load
 //! swings and drains step by step.
 
-use crate::route_table::idle_since;
+use crate::clock::idle_since;
 use std::net::IpAddr;
 
 pub use fep_shared::api::{NodeState, Pin, PinState, Spare};

@@ -6,7 +6,6 @@
 //! the target. A route with a live connection is never deleted; nor is one
 //! whose node has no agent to ask or does not answer.
 
-use crate::route_table::idle_since;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -19,8 +18,8 @@ use tokio::task::JoinSet;
 use super::model::{over_target, Model};
 use super::ControlPlane;
 use crate::dispatcher::Dispatcher;
-use crate::route_table::FlowKey;
-use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
+use crate::routes::{FlowKey, Row};
+use crate::transfer_table::{NodeId, ServiceId, TransferTable};
 use crate::wire::ip_from_addr;
 
 /// A route with a packet this recent is not a candidate at all.
@@ -54,7 +53,7 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     let Ok((ask, mut deleted)) = tokio::task::spawn_blocking(move || {
         let plan = plan(
             &dispatcher.table(),
-            dispatcher.routes().snapshot(),
+            dispatcher.routes().export(|_| true),
             &over,
             now,
         );
@@ -139,8 +138,13 @@ where
 /// Deletes each route that has had no packet since the round began (its
 /// last-seen time unchanged); how many it deleted.
 fn delete(dispatcher: &Dispatcher, routes: impl Iterator<Item = (FlowKey, u32)>) -> usize {
+    let table = dispatcher.table();
     routes
-        .filter(|(key, last_seen)| dispatcher.remove_route(key, |_, r| r.last_seen() == *last_seen))
+        .filter(|(key, last_seen)| {
+            dispatcher
+                .routes()
+                .remove_if(&table, key, |r| r.last_seen() == *last_seen)
+        })
         .count()
 }
 
@@ -157,13 +161,14 @@ pub struct Plan {
 /// service) with no packet for [`MIN_IDLE_MS`].
 pub fn plan(
     table: &TransferTable,
-    routes: Vec<(FlowKey, BackendId, u8, u32)>,
+    routes: Vec<Row>,
     over: &HashMap<ServiceId, Vec<bool>>,
     now: u32,
 ) -> Plan {
     let mut plan = Plan::default();
-    for (key, backend, _, last_seen) in routes {
-        let idle = idle_since(last_seen, now);
+    for Row { key, route } in routes {
+        let (backend, last_seen) = (route.backend, route.last_seen());
+        let idle = route.idle_ms(now);
         let is_over = over
             .get(&key.service)
             .is_some_and(|o| o[usize::from(backend)]);
@@ -220,7 +225,9 @@ mod tests {
     use fep_shared::FepConfig;
 
     use super::*;
+    use crate::routes::Route;
     use crate::testing::CONFIG;
+    use crate::transfer_table::BackendId;
     use crate::wire::addr_from_ip;
 
     fn key(service: ServiceId, n: u8) -> FlowKey {
@@ -228,6 +235,14 @@ mod tests {
             service,
             client_port: 40000 + u16::from(n),
             client: addr_from_ip([192, 0, 2, n].into()),
+        }
+    }
+
+    /// A row of `key` on `backend`, last seen at `last_seen`, no state bits.
+    fn row(key: FlowKey, backend: BackendId, last_seen: u32) -> Row {
+        Row {
+            key,
+            route: Route::from_parts(backend, 0, last_seen),
         }
     }
 
@@ -304,7 +319,7 @@ mod tests {
     fn a_route_idle_exactly_the_minimum_is_a_candidate() {
         let table = TransferTable::from_config(&FepConfig::parse(CONFIG).unwrap());
         let over = HashMap::from([(0, vec![true, true])]);
-        let p = plan(&table, vec![(key(0, 1), 0, 0, 0)], &over, MIN_IDLE_MS);
+        let p = plan(&table, vec![row(key(0, 1), 0, 0)], &over, MIN_IDLE_MS);
         assert_eq!(p.ask[&0].len(), 1);
     }
 
@@ -312,7 +327,17 @@ mod tests {
     fn a_route_seen_since_the_round_began_is_not_deleted() {
         let d = Dispatcher::new(&FepConfig::parse(CONFIG).unwrap());
         for n in 1..=3 {
-            assert!(d.restore_route(key(0, n), 1, 0, 1_000));
+            let route = Route::from_parts(1, 0, 1_000);
+            assert_eq!(
+                d.routes().import(
+                    &d.table(),
+                    [Row {
+                        key: key(0, n),
+                        route
+                    }]
+                ),
+                1
+            );
         }
         // key 2 had a packet after the plan (its last-seen time moved on);
         // key 9 has no route.
@@ -331,11 +356,11 @@ mod tests {
         let over = HashMap::from([(0, vec![false, true]), (1, vec![true, false])]);
         let now = 10_000;
         let routes = vec![
-            (key(0, 1), 1, 0, now - 5_000),           // be2, idle: ask be2's agent
-            (key(0, 2), 1, 0, now - MIN_IDLE_MS + 1), // be2, too recent
-            (key(0, 3), 0, 0, now - 9_000),           // be1 is on target
-            (key(1, 4), 0, 0, now - UDP_IDLE_MS),     // UDP, idle long enough
-            (key(1, 5), 0, 0, now - 2_000),           // UDP, not idle long enough
+            row(key(0, 1), 1, now - 5_000),           // be2, idle: ask be2's agent
+            row(key(0, 2), 1, now - MIN_IDLE_MS + 1), // be2, too recent
+            row(key(0, 3), 0, now - 9_000),           // be1 is on target
+            row(key(1, 4), 0, now - UDP_IDLE_MS),     // UDP, idle long enough
+            row(key(1, 5), 0, now - 2_000),           // UDP, not idle long enough
         ];
         let p = plan(&table, routes, &over, now);
         assert_eq!(p.idle_udp, vec![(key(1, 4), now - UDP_IDLE_MS)]);

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use super::state::Unusable;
 use crate::dispatcher::Dispatcher;
-use crate::route_table::FlowKey;
+use crate::routes::{FlowKey, Route, Row};
+use crate::transfer_table::TransferTable;
 use crate::wire::Addr;
 
 /// How often the route table is saved while fep runs.
@@ -63,16 +64,16 @@ pub fn encode(dispatcher: &Dispatcher) -> Vec<u8> {
     let table = dispatcher.table();
     let (mut services, mut nodes) = (Names::default(), Names::default());
     let mut records = Vec::new();
-    for (key, backend, state, _) in dispatcher.routes().snapshot() {
+    for Row { key, route } in dispatcher.routes().export(|_| true) {
         let svc = table.service(key.service);
-        let Some(be) = svc.backends.get(usize::from(backend)) else {
+        let Some(be) = svc.backends.get(usize::from(route.backend)) else {
             continue;
         };
         records.extend_from_slice(&services.index(&svc.name).to_be_bytes());
         records.extend_from_slice(&nodes.index(&be.node).to_be_bytes());
         records.extend_from_slice(&key.client);
         records.extend_from_slice(&key.client_port.to_be_bytes());
-        records.push(state);
+        records.push(route.state());
     }
     let mut out = Vec::with_capacity(records.len() + 64);
     out.extend_from_slice(MAGIC);
@@ -196,48 +197,42 @@ pub fn decode_into(bytes: &[u8], dispatcher: &Dispatcher, now: u32) -> Result<us
         nodes,
         records,
     } = parse(bytes)?;
-    let mut restored = 0;
-    for rec in records.chunks_exact(RECORD) {
+    let table = dispatcher.table();
+    let rows = records.chunks_exact(RECORD).filter_map(|rec| {
         let service = &services[usize::from(u16::from_be_bytes([rec[0], rec[1]]))];
         let node = &nodes[usize::from(u16::from_be_bytes([rec[2], rec[3]]))];
         let mut client = [0u8; 16];
         client.copy_from_slice(&rec[4..20]);
         let port = u16::from_be_bytes([rec[20], rec[21]]);
-        if restore_named(dispatcher, service, node, client, port, rec[22], now) {
-            restored += 1;
-        }
-    }
-    Ok(restored)
+        named_row(&table, service, node, client, port, rec[22], now)
+    });
+    Ok(dispatcher.routes().import(&table, rows))
 }
 
-/// Puts back one route saved by names (service, node), if both are still
-/// configured and the client has no route yet.
-pub(super) fn restore_named(
-    dispatcher: &Dispatcher,
+/// The row of a route saved by names (service, node), last seen `now`, if
+/// both are still configured.
+pub(super) fn named_row(
+    table: &TransferTable,
     service: &str,
     node: &str,
     client: Addr,
     client_port: u16,
     state: u8,
     now: u32,
-) -> bool {
-    let table = dispatcher.table();
-    let Some(sid) = table.service_id(service) else {
-        return false;
-    };
-    let Some((bid, _)) = table
+) -> Option<Row> {
+    let sid = table.service_id(service)?;
+    let (bid, _) = table
         .service(sid)
         .live_backends()
-        .find(|(_, b)| b.node == node)
-    else {
-        return false;
-    };
-    let key = FlowKey {
-        service: sid,
-        client_port,
-        client,
-    };
-    dispatcher.restore_route(key, bid, state, now)
+        .find(|(_, b)| b.node == node)?;
+    Some(Row {
+        key: FlowKey {
+            service: sid,
+            client_port,
+            client,
+        },
+        route: Route::from_parts(bid, state, now),
+    })
 }
 
 /// Restores the saved route table, if there is one (fep checked it at the
@@ -335,13 +330,15 @@ mod tests {
         let bytes = encode(&d);
         let saved: Vec<_> = d
             .routes()
-            .snapshot()
+            .export(|_| true)
             .into_iter()
-            .map(|(k, b, s, _)| {
+            .map(|Row { key, route }| {
                 (
-                    k,
-                    d.table().service(0).backends[usize::from(b)].node.clone(),
-                    s,
+                    key,
+                    d.table().service(0).backends[usize::from(route.backend)]
+                        .node
+                        .clone(),
+                    route.state(),
                 )
             })
             .collect();
@@ -356,9 +353,9 @@ mod tests {
         assert_eq!(decode_into(&bytes, &d2, 5).unwrap(), 50);
         let restored: HashMap<FlowKey, (BackendId, u8)> = d2
             .routes()
-            .snapshot()
+            .export(|_| true)
             .into_iter()
-            .map(|(k, b, s, _)| (k, (b, s)))
+            .map(|Row { key, route }| (key, (route.backend, route.state())))
             .collect();
         assert_eq!(restored.len(), 50);
         for (key, node, st) in saved {

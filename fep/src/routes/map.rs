@@ -19,7 +19,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::route_table::{FlowKey, Route};
+use super::route::{FlowKey, Route};
 use crate::transfer_table::BackendId;
 
 /// Control word: generation (32) | used (8) | state (8) | back end (16).
@@ -382,26 +382,17 @@ impl RouteMap {
         Some(route)
     }
 
-    /// Calls `f` with every route's key and what it holds, read slot by
-    /// slot without a lock: a route that a concurrent removal shifts across
-    /// the scan can be missed or seen twice (the control plane's passes
-    /// repeat).
-    pub fn for_each(&self, mut f: impl FnMut(FlowKey, Route)) {
-        self.scan(0, self.slots(), |k, r| {
-            f(k, r);
-            ControlFlow::Continue(())
-        });
-    }
-
     /// Number of slots (a power of two).
     pub fn slots(&self) -> usize {
         self.mask + 1
     }
 
-    /// As [`RouteMap::for_each`], over `count` slots from slot `from`
-    /// (wrapping around the end) or until `f` breaks: a pass that stops
-    /// after what it needs costs only that much. Returns the slot after the
-    /// last one read.
+    /// Calls `f` with each route's key and what it holds, over `count`
+    /// slots from slot `from` (wrapping around the end) or until `f` breaks:
+    /// a pass that stops after what it needs costs only that much. Reads
+    /// slot by slot without a lock: a route that a concurrent removal shifts
+    /// across the scan can be missed or seen twice (the control plane's
+    /// passes repeat). Returns the slot after the last one read.
     pub fn scan(
         &self,
         from: usize,
@@ -547,7 +538,10 @@ mod tests {
 
     fn entries(m: &RouteMap) -> Vec<(FlowKey, Route)> {
         let mut out = Vec::new();
-        m.for_each(|k, r| out.push((k, r)));
+        m.scan(0, m.slots(), |k, r| {
+            out.push((k, r));
+            ControlFlow::Continue(())
+        });
         out
     }
 
@@ -567,9 +561,7 @@ mod tests {
             }
         });
         assert_eq!(seen, 10);
-        let mut all = 0;
-        m.for_each(|_, _| all += 1);
-        assert_eq!(all, 50);
+        assert_eq!(entries(&m).len(), 50);
     }
 
     #[test]
@@ -585,7 +577,7 @@ mod tests {
     }
 
     fn state_bit() -> u8 {
-        crate::route_table::state::FIN_FROM_CLIENT
+        super::super::route::state::FIN_FROM_CLIENT
     }
 
     /// Readers look up and touch routes that stay while writers insert and
