@@ -1111,6 +1111,35 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
     }
 
     #[test]
+    fn a_spare_starting_for_one_service_does_not_hold_back_another() {
+        let cfg = format!(
+            "{CFG}[[service]]\nname = \"api\"\nvip = \"10.0.0.100\"\nport = 81\n\
+             protocol = \"tcp\"\nload_metric = \"cpu\"\nhigh_load = 50\n\
+             scale_out_after_ms = 6000\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n\
+             spare = [{{ node = \"be3\", ratio = 1 }}]\n"
+        );
+        let mut m = Model::from_config(&FepConfig::parse(&cfg).unwrap());
+        let busy = |m: &mut Model, t: u32| {
+            for n in 0..2 {
+                let mut r = report(500, true);
+                r.cpu_percent = 90.0;
+                m.nodes[n].report = Some((t, r));
+            }
+            m.tick(t, |_| 0)
+        };
+        busy(&mut m, 0);
+        assert_eq!(
+            busy(&mut m, 5000),
+            [Event::StartSpare { node: 2, port: 80 }]
+        );
+        assert_eq!(
+            busy(&mut m, 6000),
+            [Event::StartSpare { node: 2, port: 81 }],
+            "web's spare is still starting"
+        );
+    }
+
+    #[test]
     fn a_failed_start_resets_only_the_spare_that_was_starting_on_that_port() {
         let mut m = model();
         load_step(&mut m, &[0, 1], 500, 0);
