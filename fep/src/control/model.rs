@@ -237,20 +237,6 @@ impl Model {
             .map(|i| i as NodeId)
     }
 
-    pub fn service_id(&self, name: &str) -> Option<ServiceId> {
-        self.services
-            .iter()
-            .position(|s| s.name == name)
-            .map(|i| i as ServiceId)
-    }
-
-    /// The entry of `node` in `service`'s transfer table.
-    pub fn backend_mut(&mut self, service: ServiceId, node: NodeId) -> Option<&mut Backend> {
-        self.backends
-            .iter_mut()
-            .find(|b| b.service == service && b.node == node)
-    }
-
     /// The agent's last report, if it is recent enough to believe.
     pub fn live_report(&self, node: NodeId, now: u32) -> Option<&Report> {
         match &self.nodes[usize::from(node)].report {
@@ -437,7 +423,7 @@ impl Model {
     }
 
     /// When every serving back end of a service has been overloaded for
-    /// `scale_out_after_ms`, starts the first idle spare whose node is up.
+    /// `scale_out_after_ms` (never without `high_load`), starts the first idle spare whose node is up.
     fn scale_out(&mut self, sid: ServiceId, now: u32) -> Option<Event> {
         let serving: Vec<&Backend> = self
             .backends
@@ -450,7 +436,7 @@ impl Model {
             .collect();
         let all_overloaded = !serving.is_empty() && serving.iter().all(|b| b.overloaded);
         let svc = &mut self.services[usize::from(sid)];
-        if !all_overloaded || svc.high_load.is_none() {
+        if !all_overloaded {
             svc.overloaded_since = None;
             return None;
         }
@@ -511,7 +497,8 @@ pub fn over_target(backends: &[(u32, u32)]) -> Vec<bool> {
             if routes == 0 {
                 return false;
             }
-            if ratio == 0 || total_ratio == 0 {
+            // A ratio above 0 makes the total above 0 too.
+            if ratio == 0 {
                 return true;
             }
             let actual = routes as f64 / total_routes as f64;
@@ -946,5 +933,208 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
         assert_eq!(over_target(&[(1, 56), (1, 44)]), [true, false]);
         assert_eq!(over_target(&[(3, 79), (1, 21)]), [false, false]);
         assert_eq!(over_target(&[(3, 69), (1, 31)]), [false, true]);
+    }
+
+    #[test]
+    fn a_pin_is_empty_only_when_it_pins_nothing() {
+        assert!(Pin::default().is_empty());
+        let pins = [
+            Pin {
+                state: Some(PinState::Up),
+                ..Pin::default()
+            },
+            Pin {
+                load: Some(0.0),
+                ..Pin::default()
+            },
+            Pin {
+                ratio: Some(0),
+                ..Pin::default()
+            },
+        ];
+        for pin in pins {
+            assert!(!pin.is_empty(), "{pin:?}");
+        }
+    }
+
+    #[test]
+    fn nodes_are_found_by_name_and_the_silence_limit_is_the_configured_one() {
+        let m = model();
+        assert_eq!(m.node_id("be1"), Some(0));
+        assert_eq!(m.node_id("be3"), Some(2));
+        assert_eq!(m.node_id("be9"), None);
+        assert_eq!(m.node_dead_after_ms(), 3000);
+    }
+
+    #[test]
+    fn a_health_check_counts_only_for_its_node_and_port() {
+        let mut m = model();
+        for _ in 0..3 {
+            m.health_result(1, 8080, false);
+            m.health_result(0, 80, false);
+        }
+        assert_eq!(ratios(&m, 0), [0, 2, 0], "be2 failed only on port 8080");
+    }
+
+    #[test]
+    fn the_load_marks_themselves_neither_start_nor_end_an_overload() {
+        let mut m = model();
+        let step = |m: &mut Model, conns: u32, t: u32| {
+            m.nodes[0].report = Some((t, report(conns, true)));
+            m.tick(t, |_| 0);
+            ratios(m, t)[0]
+        };
+        assert_eq!(step(&mut m, 100, 0), 4, "at high_load 100: not above");
+        assert_eq!(step(&mut m, 101, 1), 2);
+        assert_eq!(step(&mut m, 50, 2), 2, "at low_load 50: not below");
+        assert_eq!(step(&mut m, 49, 3), 4);
+    }
+
+    #[test]
+    fn overload_does_not_halve_a_ratio_under_the_load_scheduler() {
+        let (mut m, _) = fig6();
+        m.backends[0].overloaded = true;
+        assert_eq!(ratios(&m, 0), [2, 1, 2], "the load itself steers it");
+    }
+
+    /// Reports `conns` connections on port 80 from each of `nodes` at `t`, then ticks.
+    fn load_step(m: &mut Model, nodes: &[usize], conns: u32, t: u32) -> Vec<Event> {
+        for &n in nodes {
+            m.nodes[n].report = Some((t, report(conns, true)));
+        }
+        m.tick(t, |_| 0)
+    }
+
+    #[test]
+    fn scale_out_counts_only_serving_backends() {
+        // be2 drained: be1 alone serves, and its overload is the service's.
+        let mut m = model();
+        m.drain(1);
+        m.tick(0, |_| 0);
+        assert_eq!(load_step(&mut m, &[0], 500, 1), []);
+        assert_eq!(
+            load_step(&mut m, &[0], 500, 5001),
+            [Event::StartSpare { node: 2, port: 80 }]
+        );
+        // Nothing serving at all is no overload.
+        let mut m = model();
+        m.drain(0);
+        m.drain(1);
+        m.tick(0, |_| 0);
+        assert_eq!(load_step(&mut m, &[], 0, 1), []);
+        assert_eq!(load_step(&mut m, &[], 0, 6000), []);
+        // One back end below the mark: no scale-out, however long.
+        let mut m = model();
+        load_step(&mut m, &[0], 500, 0);
+        m.nodes[1].report = Some((0, report(10, true)));
+        assert_eq!(load_step(&mut m, &[0], 500, 1), []);
+        m.nodes[1].report = Some((6000, report(10, true)));
+        assert_eq!(load_step(&mut m, &[0], 500, 6000), []);
+    }
+
+    #[test]
+    fn scale_out_never_starts_a_spare_on_a_node_that_is_down() {
+        let mut m = model();
+        m.nodes[2].pin.state = Some(PinState::Down);
+        assert_eq!(
+            load_step(&mut m, &[0, 1], 500, 0),
+            [],
+            "an idle spare going down is no news"
+        );
+        assert_eq!(load_step(&mut m, &[0, 1], 500, 5000), []);
+        assert_eq!(m.backends[2].spare, Spare::Idle);
+    }
+
+    #[test]
+    fn a_starting_spare_joins_only_once_its_own_port_listens() {
+        let mut m = model();
+        load_step(&mut m, &[0, 1], 500, 0);
+        load_step(&mut m, &[0, 1], 500, 5000);
+        assert_eq!(m.backends[2].spare, Spare::Starting);
+        m.nodes[2].report = Some((5100, report(0, false)));
+        load_step(&mut m, &[0, 1], 500, 5100);
+        assert_eq!(m.backends[2].spare, Spare::Starting, "not listening yet");
+        let mut other_port = report(0, true);
+        other_port.services[0].port = 8080;
+        m.nodes[2].report = Some((5200, other_port));
+        load_step(&mut m, &[0, 1], 500, 5200);
+        assert_eq!(m.backends[2].spare, Spare::Starting, "another port listens");
+    }
+
+    #[test]
+    fn a_spare_starting_for_one_service_does_not_hold_back_another() {
+        let cfg = format!(
+            "{CFG}[[service]]\nname = \"api\"\nvip = \"10.0.0.100\"\nport = 81\n\
+             protocol = \"tcp\"\nload_metric = \"cpu\"\nhigh_load = 50\n\
+             scale_out_after_ms = 6000\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n\
+             spare = [{{ node = \"be3\", ratio = 1 }}]\n"
+        );
+        let mut m = Model::from_config(&FepConfig::parse(&cfg).unwrap());
+        let busy = |m: &mut Model, t: u32| {
+            for n in 0..2 {
+                let mut r = report(500, true);
+                r.cpu_percent = 90.0;
+                m.nodes[n].report = Some((t, r));
+            }
+            m.tick(t, |_| 0)
+        };
+        busy(&mut m, 0);
+        assert_eq!(
+            busy(&mut m, 5000),
+            [Event::StartSpare { node: 2, port: 80 }]
+        );
+        assert_eq!(
+            busy(&mut m, 6000),
+            [Event::StartSpare { node: 2, port: 81 }],
+            "web's spare is still starting"
+        );
+    }
+
+    #[test]
+    fn a_failed_start_resets_only_the_spare_that_was_starting_on_that_port() {
+        let mut m = model();
+        load_step(&mut m, &[0, 1], 500, 0);
+        load_step(&mut m, &[0, 1], 500, 5000);
+        m.spare_failed(2, 8080, 5500);
+        m.spare_failed(1, 80, 5500);
+        assert_eq!(m.backends[2].spare, Spare::Starting, "another port");
+        assert_eq!(m.backends[2].spare_failed_at, None);
+        assert_eq!(m.backends[1].spare, Spare::No, "not a spare");
+        assert_eq!(m.backends[1].spare_failed_at, None);
+        m.spare_failed(2, 80, 5500);
+        assert_eq!(m.backends[2].spare, Spare::Idle);
+        assert_eq!(m.backends[2].spare_failed_at, Some(5500));
+        m.spare_failed(2, 80, 6000);
+        assert_eq!(
+            m.backends[2].spare_failed_at,
+            Some(5500),
+            "an idle spare did not fail again"
+        );
+    }
+
+    #[test]
+    fn publish_returns_each_service_whose_ratios_changed_once_and_marks_it_for_pruning() {
+        let (mut m, d) = fig6();
+        assert_eq!(
+            m.publish(&d.table(), 0),
+            Vec::<ServiceId>::new(),
+            "the table starts with the configured ratios"
+        );
+        assert!(!m.services[0].pruning);
+        m.nodes[0].pin.state = Some(PinState::Down);
+        m.nodes[1].pin.state = Some(PinState::Down);
+        assert_eq!(m.publish(&d.table(), 1), [0]);
+        assert!(m.services[0].pruning);
+        assert!(m.publish(&d.table(), 2).is_empty());
+    }
+
+    #[test]
+    fn over_target_with_a_zero_ratio_or_no_routes() {
+        // Ratio 0 with few routes is still over: none of them should be there.
+        assert_eq!(over_target(&[(0, 1), (1, 100)]), [true, false]);
+        // At exactly target + 5 points (11 of 20 against 50 %) it is not over yet.
+        assert_eq!(over_target(&[(1, 11), (1, 9)]), [false, false]);
+        assert_eq!(over_target(&[(1, 12), (1, 8)]), [true, false]);
+        assert_eq!(over_target(&[]), Vec::<bool>::new());
     }
 }

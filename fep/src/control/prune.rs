@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,17 +40,17 @@ pub async fn run(cp: Arc<ControlPlane>) {
 /// and its last-seen time when the round began.
 pub type Candidate = (ConnId, FlowKey, u32);
 
-/// One pruning round; returns how many routes it deleted.
-pub async fn round(cp: &Arc<ControlPlane>) -> usize {
+/// One pruning round.
+pub async fn round(cp: &Arc<ControlPlane>) {
     let over = services_over_target(&cp.dispatcher().table(), &mut cp.model());
     if over.is_empty() {
-        return 0;
+        return;
     }
     let now = cp.now();
     // Passes over the route table run on the blocking pool: planning (the
     // whole table) and the deletions (possibly many).
     let dispatcher = cp.dispatcher_arc();
-    let Ok((ask, mut deleted)) = tokio::task::spawn_blocking(move || {
+    let Ok((ask, idle_udp)) = tokio::task::spawn_blocking(move || {
         let plan = plan(
             &dispatcher.table(),
             dispatcher.routes().export(|_| true),
@@ -62,10 +62,10 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
     })
     .await
     else {
-        return 0;
+        return;
     };
     let (query_cp, delete_cp) = (cp.clone(), cp.clone());
-    deleted += ask_and_delete(
+    let asked = ask_and_delete(
         ask,
         move |node, conns| {
             let cp = query_cp.clone();
@@ -81,14 +81,31 @@ pub async fn round(cp: &Arc<ControlPlane>) -> usize {
         },
     )
     .await;
-    cp.prune_cycles.fetch_add(1, Ordering::Relaxed);
-    cp.routes_pruned
-        .fetch_add(deleted as u64, Ordering::Relaxed);
-    if deleted > 0 {
-        tracing::info!("pruned {deleted} idle route(s) toward the target shares");
+    let deleted = Deleted { idle_udp, asked };
+    if let Some(line) = deleted.record(&cp.prune_cycles, &cp.routes_pruned) {
+        tracing::info!("{line}");
     }
     cp.tick();
-    deleted
+}
+
+/// What one round deleted: idle UDP routes, and TCP routes whose agent
+/// answered that their connection is not live.
+#[derive(Debug, Clone, Copy)]
+struct Deleted {
+    idle_udp: usize,
+    asked: usize,
+}
+
+impl Deleted {
+    /// Counts the round into `cycles` and its deletions into `pruned` (what
+    /// `fep_prune_cycles_total` and `fep_routes_pruned_total` show); the
+    /// line to log, when it deleted any.
+    fn record(self, cycles: &AtomicU64, pruned: &AtomicU64) -> Option<String> {
+        let total = self.idle_udp + self.asked;
+        cycles.fetch_add(1, Ordering::Relaxed);
+        pruned.fetch_add(total as u64, Ordering::Relaxed);
+        (total > 0).then(|| format!("pruned {total} idle route(s) toward the target shares"))
+    }
 }
 
 /// Asks each node (all at once) about its candidates, in frame-sized parts
@@ -295,6 +312,23 @@ mod tests {
         assert_eq!(deleted.len(), full as usize);
         assert!(!deleted.contains(&0) && !deleted.contains(&full));
         assert!(!deleted.contains(&(1 << 30)));
+    }
+
+    #[test]
+    fn a_round_counts_itself_and_all_it_deleted_and_logs_only_deletions() {
+        let (cycles, pruned) = (AtomicU64::new(0), AtomicU64::new(0));
+        let round = |idle_udp, asked| Deleted { idle_udp, asked }.record(&cycles, &pruned);
+        assert_eq!(
+            round(2, 3).as_deref(),
+            Some("pruned 5 idle route(s) toward the target shares")
+        );
+        assert_eq!(round(0, 0), None, "nothing deleted: nothing to say");
+        assert_eq!(
+            round(0, 1).as_deref(),
+            Some("pruned 1 idle route(s) toward the target shares")
+        );
+        assert_eq!(cycles.load(Ordering::Relaxed), 3);
+        assert_eq!(pruned.load(Ordering::Relaxed), 6);
     }
 
     #[test]
