@@ -40,9 +40,10 @@ pub enum AgentRefusal {
     },
 }
 
-/// The control plane's view of one transfer-table entry.
+/// The control plane's state of one transfer-table back end (the data
+/// path's is [`crate::transfer_table::Backend`]).
 #[derive(Debug, Clone)]
-pub struct Backend {
+pub struct BackendState {
     pub service: ServiceId,
     pub index: BackendId,
     pub node: NodeId,
@@ -61,8 +62,10 @@ pub struct Backend {
     pub down: bool,
 }
 
+/// The control plane's state of one service: its load marks and whether it
+/// is scaling out or being pruned.
 #[derive(Debug, Clone)]
-pub struct Service {
+pub struct ServiceState {
     pub name: String,
     pub port: u16,
     pub tcp: bool,
@@ -100,8 +103,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub nodes: Vec<Node>,
-    pub services: Vec<Service>,
-    pub backends: Vec<Backend>,
+    pub services: Vec<ServiceState>,
+    pub backends: Vec<BackendState>,
     node_dead_after_ms: u32,
     health_fails: u32,
 }
@@ -145,7 +148,7 @@ impl Model {
                     .iter()
                     .find(|s| s.name == slot.name && !s.removed)
             });
-            services.push(Service {
+            services.push(ServiceState {
                 name: slot.name.clone(),
                 port: slot.port,
                 tcp: slot.is_tcp(),
@@ -176,7 +179,7 @@ impl Model {
                     (true, Some(s @ (Spare::Idle | Spare::Starting | Spare::Active))) => s,
                     (true, _) => Spare::Idle,
                 };
-                backends.push(Backend {
+                backends.push(BackendState {
                     service: sid as ServiceId,
                     index: bid,
                     node: be.node_id,
@@ -259,7 +262,7 @@ impl Model {
     /// A back end is up when its node is, its health checks pass and its
     /// agent does not report the port closed; a node pinned up overrides the
     /// last two.
-    pub fn backend_up(&self, b: &Backend, now: u32) -> bool {
+    pub fn backend_up(&self, b: &BackendState, now: u32) -> bool {
         if !self.node_up(b.node, now) {
             return false;
         }
@@ -274,7 +277,7 @@ impl Model {
     }
 
     /// The back end's load under its service's metric: pinned, or reported.
-    pub fn load(&self, b: &Backend, now: u32) -> Option<f64> {
+    pub fn load(&self, b: &BackendState, now: u32) -> Option<f64> {
         let node = &self.nodes[usize::from(b.node)];
         if let Some(l) = node.pin.load {
             return Some(l);
@@ -291,7 +294,7 @@ impl Model {
     /// The ratio the chooser uses: 0 when down, draining or a spare not yet
     /// started; the pinned or configured ratio otherwise, halved (rounded up)
     /// while overloaded.
-    pub fn effective_ratio(&self, b: &Backend, now: u32) -> u32 {
+    pub fn effective_ratio(&self, b: &BackendState, now: u32) -> u32 {
         let node = &self.nodes[usize::from(b.node)];
         if node.draining || node.drained || !self.backend_up(b, now) {
             return 0;
@@ -425,7 +428,7 @@ impl Model {
     /// When every serving back end of a service has been overloaded for
     /// `scale_out_after_ms` (never without `high_load`), starts the first idle spare whose node is up.
     fn scale_out(&mut self, sid: ServiceId, now: u32) -> Option<Event> {
-        let serving: Vec<&Backend> = self
+        let serving: Vec<&BackendState> = self
             .backends
             .iter()
             .filter(|b| {
