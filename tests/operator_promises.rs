@@ -15,7 +15,7 @@ use fep_tests::{
     backend, echo, fepctl, fepctl_json, http, node, open_echo, open_echo_to, sample, scrape,
     skip_without_root, start, start_with_top, status, sysctl, wait_for, Running, TIMEOUT,
 };
-use fep_tools::admin_client::{self, Endpoint};
+use fep_tools::admin_client::{self, AdminAddress};
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
 
 const METRICS: &str = "127.0.0.1:9100";
@@ -309,7 +309,7 @@ fn removals_with_force_delete_routes_and_without_let_connections_carry_on() {
 /// A POST to the admin API over the socket: the status and the JSON body.
 fn post(r: &Running, path: &str, body: &str) -> (u16, serde_json::Value) {
     let (status, text) = admin_client::request(
-        &Endpoint::Socket(r.lab.control_socket()),
+        &AdminAddress::Socket(r.lab.control_socket()),
         "POST",
         path,
         Some(body),

@@ -19,27 +19,27 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where fep's admin API is.
 #[derive(Debug, Clone)]
-pub enum Endpoint {
+pub enum AdminAddress {
     /// The Unix socket (`control_socket`).
     Socket(PathBuf),
     /// `admin_listen`, with the token from `admin_token_file`.
     Tcp { addr: String, token: String },
 }
 
-impl From<&Path> for Endpoint {
+impl From<&Path> for AdminAddress {
     fn from(p: &Path) -> Self {
-        Endpoint::Socket(p.to_path_buf())
+        AdminAddress::Socket(p.to_path_buf())
     }
 }
 
-impl From<&PathBuf> for Endpoint {
+impl From<&PathBuf> for AdminAddress {
     fn from(p: &PathBuf) -> Self {
-        Endpoint::Socket(p.clone())
+        AdminAddress::Socket(p.clone())
     }
 }
 
-impl From<&Endpoint> for Endpoint {
-    fn from(e: &Endpoint) -> Self {
+impl From<&AdminAddress> for AdminAddress {
+    fn from(e: &AdminAddress) -> Self {
         e.clone()
     }
 }
@@ -49,13 +49,13 @@ impl<T: std::io::Read + std::io::Write> Stream for T {}
 
 /// Sends a request; returns the status code and the body.
 pub fn request(
-    to: &Endpoint,
+    to: &AdminAddress,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
     let (mut s, bearer): (Box<dyn Stream>, _) = match to {
-        Endpoint::Socket(socket) => {
+        AdminAddress::Socket(socket) => {
             let s = UnixStream::connect(socket).with_context(|| {
                 format!(
                     "cannot reach fep's admin socket {} (is fep running? is this the right --socket?)",
@@ -65,7 +65,7 @@ pub fn request(
             s.set_read_timeout(Some(TIMEOUT))?;
             (Box::new(s), None)
         }
-        Endpoint::Tcp { addr, token } => {
+        AdminAddress::Tcp { addr, token } => {
             let s = TcpStream::connect(addr).with_context(|| {
                 format!("cannot reach fep's admin API at {addr} (is admin_listen set there?)")
             })?;
@@ -94,7 +94,7 @@ pub fn request(
 /// Sends a request and reads the JSON answer as `T`; a non-2xx answer
 /// becomes an error carrying the API's message.
 fn call<T: DeserializeOwned>(
-    to: impl Into<Endpoint>,
+    to: impl Into<AdminAddress>,
     method: &str,
     path: &str,
     body: Option<String>,
@@ -111,11 +111,15 @@ fn call<T: DeserializeOwned>(
 }
 
 /// `GET path`, its answer read as `T`.
-pub fn get<T: DeserializeOwned>(to: impl Into<Endpoint>, path: &str) -> anyhow::Result<T> {
+pub fn get<T: DeserializeOwned>(to: impl Into<AdminAddress>, path: &str) -> anyhow::Result<T> {
     call(to, "GET", path, None)
 }
 
 /// `POST path` with `body` as JSON: a command, in force once this returns.
-pub fn post(to: impl Into<Endpoint>, path: &str, body: &impl Serialize) -> anyhow::Result<Done> {
+pub fn post(
+    to: impl Into<AdminAddress>,
+    path: &str,
+    body: &impl Serialize,
+) -> anyhow::Result<Done> {
     call(to, "POST", path, Some(serde_json::to_string(body)?))
 }

@@ -14,7 +14,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::{Frame, Terminal};
 
-use crate::admin_client::{get, Endpoint};
+use crate::admin_client::{get, AdminAddress};
 
 /// A 0–1 fraction as a percentage.
 pub fn pct(fraction: f64) -> String {
@@ -44,7 +44,7 @@ struct View {
     rates: Option<(f64, f64, f64)>,
 }
 
-fn sample(to: &Endpoint, last: &mut Option<(Instant, CountersView)>) -> anyhow::Result<View> {
+fn sample(to: &AdminAddress, last: &mut Option<(Instant, CountersView)>) -> anyhow::Result<View> {
     let now: StatusView = get(to, "/v1/status")?;
     let drops = |c: &CountersView| c.drops.values().sum::<u64>() as f64;
     let rates = last.as_ref().map(|(at, prev)| {
@@ -143,7 +143,7 @@ fn draw(f: &mut Frame, view: &View) {
 
 /// Runs the live view until q, Esc or Ctrl-C; with `once`, prints one frame
 /// as text instead.
-pub fn run(to: &Endpoint, every: Duration, once: bool) -> anyhow::Result<()> {
+pub fn run(to: &AdminAddress, every: Duration, once: bool) -> anyhow::Result<()> {
     let mut last = None;
     if once {
         let view = sample(to, &mut last)?;

@@ -14,7 +14,7 @@ use fep_shared::api::{
     PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
-use fep_tools::admin_client::{get, post, Endpoint};
+use fep_tools::admin_client::{get, post, AdminAddress};
 use fep_tools::top;
 use serde::Serialize;
 use serde_json::Value;
@@ -186,17 +186,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
+fn endpoint(cli: &Cli) -> anyhow::Result<AdminAddress> {
     match (&cli.tcp, &cli.token_file) {
         (Some(addr), Some(file)) => {
             let token = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the token file {}", file.display()))?;
-            Ok(Endpoint::Tcp {
+            Ok(AdminAddress::Tcp {
                 addr: addr.clone(),
                 token: token.trim().to_string(),
             })
         }
-        _ => Ok(Endpoint::Socket(cli.socket.clone())),
+        _ => Ok(AdminAddress::Socket(cli.socket.clone())),
     }
 }
 
@@ -206,7 +206,7 @@ fn json(v: &impl Serialize) -> anyhow::Result<Value> {
 }
 
 /// Posts a command; its answer as `--json` prints it.
-fn command(to: &Endpoint, path: &str, body: &impl Serialize) -> anyhow::Result<Value> {
+fn command(to: &AdminAddress, path: &str, body: &impl Serialize) -> anyhow::Result<Value> {
     json(&post(to, path, body)?)
 }
 
@@ -295,7 +295,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// Polls until the node is drained, printing the routes left when they change.
-fn wait_drained(cli: &Cli, to: &Endpoint, node: &str, timeout: Duration) -> anyhow::Result<()> {
+fn wait_drained(cli: &Cli, to: &AdminAddress, node: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
