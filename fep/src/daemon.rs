@@ -40,14 +40,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// the next start (see [`crate::netsetup`]).
 pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<()> {
     let Start { saved, live: cfg } = start;
-    let agent_key = match &cfg.agent_key_file {
-        Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
-    let admin_token = match &cfg.admin_token_file {
-        Some(path) => Some(admin::load_token(path)?),
-        None => None,
-    };
+    let secrets = Secrets::load(&cfg)?;
     let dispatcher = Arc::new(Dispatcher::new(&cfg));
     let queues =
         tun_io::open_queues(&cfg.tun, cfg.workers, cfg.tun_queue_len).with_context(|| {
@@ -60,14 +53,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
-    // The journal is newer than the snapshot: its routes first.
-    let (_, journalled) = journal::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
-    snapshot::restore(&dispatcher, &cfg.state_dir, clock.now_ms());
-    let journal = Journal::open(dispatcher.clone(), &cfg.state_dir, journalled);
-    let journal_stop = Arc::new(AtomicBool::new(false));
-    let journal = journal
-        .spawn(journal_stop.clone())
-        .context("cannot start the journal thread")?;
+    let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock)?;
     let workers = Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
         .context("cannot start worker threads")?;
 
@@ -88,16 +74,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             )
             .context("cannot start the control plane's threads")?,
         );
-        let mut tasks = spawn_tasks(
-            &cp,
-            &cfg,
-            Secrets {
-                agent_key,
-                admin_token,
-            },
-            workers.counters().to_vec(),
-            clock,
-        );
+        let mut tasks = spawn_tasks(&cp, &cfg, secrets, workers.counters().to_vec(), clock);
         // Let every task bind its listener before saying so: "serving" means
         // the data path, the admin socket and the agent port are all up.
         for _ in 0..2 {
@@ -169,6 +146,42 @@ pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
 struct Secrets {
     agent_key: Option<Key>,
     admin_token: Option<String>,
+}
+
+impl Secrets {
+    /// Read at the start, so a missing or bad key file stops fep at once.
+    fn load(cfg: &FepConfig) -> anyhow::Result<Self> {
+        let agent_key = match &cfg.agent_key_file {
+            Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let admin_token = match &cfg.admin_token_file {
+            Some(path) => Some(admin::load_token(path)?),
+            None => None,
+        };
+        Ok(Secrets {
+            agent_key,
+            admin_token,
+        })
+    }
+}
+
+/// Puts back the routes of the last run (the journal is newer than the
+/// snapshot: its routes first) and starts the journal thread, which the
+/// returned flag stops.
+fn restore_routes(
+    dispatcher: &Arc<Dispatcher>,
+    cfg: &FepConfig,
+    clock: Clock,
+) -> anyhow::Result<(std::thread::JoinHandle<Journal>, Arc<AtomicBool>)> {
+    let (_, journalled) = journal::restore(dispatcher, &cfg.state_dir, clock.now_ms());
+    snapshot::restore(dispatcher, &cfg.state_dir, clock.now_ms());
+    let journal = Journal::open(dispatcher.clone(), &cfg.state_dir, journalled);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = journal
+        .spawn(stop.clone())
+        .context("cannot start the journal thread")?;
+    Ok((handle, stop))
 }
 
 /// The control plane's tasks: the agent port, health checks, pruning, route
