@@ -9,10 +9,11 @@ use crate::clock::idle_since;
 use std::net::IpAddr;
 
 pub use fep_shared::api::{NodeState, Pin, PinState, Spare};
+use fep_shared::config::{NodeConfig, ServiceConfig};
 use fep_shared::protocol::Report;
 use fep_shared::{FepConfig, LoadMetric, Scheduler};
 
-use crate::transfer_table::{BackendId, NodeId, ServiceId, TransferTable};
+use crate::transfer_table::{Backend, BackendId, NodeId, Service, ServiceId, TransferTable};
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -109,30 +110,91 @@ pub struct Model {
     health_fails: u32,
 }
 
+impl Node {
+    /// Node `name` as configured (`None`: removed, its slot kept), with what
+    /// the model knew of it before: reports, pins, drains.
+    fn carried(name: &str, conf: Option<&NodeConfig>, old: Option<&Node>) -> Node {
+        Node {
+            name: name.to_string(),
+            address: conf.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.address),
+            agent_address: conf.and_then(|c| c.agent_address),
+            stop_when_drained: conf.is_some_and(|c| c.stop_when_drained),
+            removed: conf.is_none(),
+            report: old.and_then(|o| o.report.clone()),
+            pin: old.map(|o| o.pin.clone()).unwrap_or_default(),
+            draining: old.is_some_and(|o| o.draining),
+            drained: old.is_some_and(|o| o.drained),
+        }
+    }
+}
+
+impl ServiceState {
+    /// The service in `slot` as configured (`None`: removed), keeping its
+    /// overload clock and pruning from before.
+    fn carried(slot: &Service, conf: Option<&ServiceConfig>, old: Option<&ServiceState>) -> Self {
+        ServiceState {
+            name: slot.name.clone(),
+            port: slot.port,
+            tcp: slot.is_tcp(),
+            removed: conf.is_none(),
+            scheduler: conf.map_or(Scheduler::Ratio, |c| c.scheduler),
+            metric: conf.map_or(LoadMetric::Pps, |c| c.load_metric),
+            high_load: conf.and_then(|c| c.high_load),
+            low_load: conf.and_then(|c| c.low_load_mark()),
+            scale_out_after_ms: conf
+                .map_or(0, |c| c.scale_out_after_ms.min(u64::from(u32::MAX)) as u32),
+            overloaded_since: old.and_then(|o| o.overloaded_since),
+            pruning: old.is_some_and(|o| o.pruning),
+        }
+    }
+}
+
+impl BackendState {
+    /// Back end `index` of service `service`, as `conf` configures it,
+    /// keeping its health, overload and spare state from before (a spare
+    /// that was starting or active stays so).
+    fn carried(
+        service: ServiceId,
+        index: BackendId,
+        be: &Backend,
+        conf: &ServiceConfig,
+        old: Option<&BackendState>,
+    ) -> Self {
+        let (b, is_spare) = conf
+            .all_backends()
+            .find(|(b, _)| b.node == be.node)
+            .expect("table built from cfg");
+        let spare = match (is_spare, old.map(|o| o.spare)) {
+            (false, _) => Spare::No,
+            (true, Some(s @ (Spare::Idle | Spare::Starting | Spare::Active))) => s,
+            (true, _) => Spare::Idle,
+        };
+        BackendState {
+            service,
+            index,
+            node: be.node_id,
+            port: be.port,
+            configured: b.ratio,
+            spare,
+            spare_failed_at: old.and_then(|o| o.spare_failed_at),
+            health_fails: old.map_or(0, |o| o.health_fails),
+            overloaded: old.is_some_and(|o| o.overloaded),
+            down: old.is_some_and(|o| o.down),
+        }
+    }
+}
+
 impl Model {
     /// The model for `cfg` over `table`'s slots, carrying what `previous`
     /// knew (reports, pins, drains, health, overload, spares) by name.
     pub fn new(cfg: &FepConfig, table: &TransferTable, previous: Option<&Model>) -> Model {
-        let old_node = |name: &str| {
-            previous.and_then(|p| p.nodes.iter().find(|n| n.name == name && !n.removed))
-        };
         let nodes = table
             .node_names()
             .iter()
             .map(|name| {
-                let old = old_node(name);
-                let conf = cfg.node(name);
-                Node {
-                    name: name.clone(),
-                    address: conf.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.address),
-                    agent_address: conf.and_then(|c| c.agent_address),
-                    stop_when_drained: conf.is_some_and(|c| c.stop_when_drained),
-                    removed: conf.is_none(),
-                    report: old.and_then(|o| o.report.clone()),
-                    pin: old.map(|o| o.pin.clone()).unwrap_or_default(),
-                    draining: old.is_some_and(|o| o.draining),
-                    drained: old.is_some_and(|o| o.drained),
-                }
+                let old =
+                    previous.and_then(|p| p.nodes.iter().find(|n| n.name == *name && !n.removed));
+                Node::carried(name, cfg.node(name), old)
             })
             .collect();
         let mut services = Vec::new();
@@ -148,49 +210,16 @@ impl Model {
                     .iter()
                     .find(|s| s.name == slot.name && !s.removed)
             });
-            services.push(ServiceState {
-                name: slot.name.clone(),
-                port: slot.port,
-                tcp: slot.is_tcp(),
-                removed: conf.is_none(),
-                scheduler: conf.map_or(Scheduler::Ratio, |c| c.scheduler),
-                metric: conf.map_or(LoadMetric::Pps, |c| c.load_metric),
-                high_load: conf.and_then(|c| c.high_load),
-                low_load: conf.and_then(|c| c.low_load_mark()),
-                scale_out_after_ms: conf
-                    .map_or(0, |c| c.scale_out_after_ms.min(u64::from(u32::MAX)) as u32),
-                overloaded_since: old.and_then(|o| o.overloaded_since),
-                pruning: old.is_some_and(|o| o.pruning),
-            });
+            services.push(ServiceState::carried(slot, conf, old));
             let Some(conf) = conf else { continue };
             for (bid, be) in slot.live_backends() {
-                let (b, is_spare) = conf
-                    .all_backends()
-                    .find(|(b, _)| b.node == be.node)
-                    .expect("table built from cfg");
                 let old = previous.and_then(|p| {
                     p.backends.iter().find(|o| {
                         p.services[usize::from(o.service)].name == slot.name
                             && p.nodes[usize::from(o.node)].name == be.node
                     })
                 });
-                let spare = match (is_spare, old.map(|o| o.spare)) {
-                    (false, _) => Spare::No,
-                    (true, Some(s @ (Spare::Idle | Spare::Starting | Spare::Active))) => s,
-                    (true, _) => Spare::Idle,
-                };
-                backends.push(BackendState {
-                    service: sid as ServiceId,
-                    index: bid,
-                    node: be.node_id,
-                    port: be.port,
-                    configured: b.ratio,
-                    spare,
-                    spare_failed_at: old.and_then(|o| o.spare_failed_at),
-                    health_fails: old.map_or(0, |o| o.health_fails),
-                    overloaded: old.is_some_and(|o| o.overloaded),
-                    down: old.is_some_and(|o| o.down),
-                });
+                backends.push(BackendState::carried(sid as ServiceId, bid, be, conf, old));
             }
         }
         Model {
