@@ -20,7 +20,7 @@ use fep_shared::protocol::ProtocolError;
 use crate::admin::Admin;
 use crate::control::agents;
 use crate::control::model::NodeState;
-use crate::counters::{DropReason, Totals};
+use crate::counters::{Count, DropReason, Totals};
 
 /// Every metric fep exports.
 pub struct Metrics {
@@ -137,13 +137,26 @@ impl Metrics {
         for r in ProtocolError::KINDS.iter().chain(&agents::REFUSALS) {
             self.rejects.with_label_values(&[r]);
         }
-        for op in ["read", "write"] {
-            self.tun_errors.with_label_values(&[op]);
+        for e in Count::ALL {
+            self.event_series(e);
         }
         for r in DropReason::ALL {
             self.drops.with_label_values(&[r.as_str()]);
         }
         self
+    }
+
+    /// The series an event counter is exported as.
+    fn event_series(&self, e: Count) -> Option<IntCounter> {
+        match e {
+            // Exported by service and node, as fep_route_assignments_total.
+            Count::RoutesCreated => None,
+            Count::UnconfirmedEvicted => Some(self.unconfirmed_evicted.clone()),
+            Count::IcmpEchoReplies => Some(self.icmp.with_label_values(&["echo_reply"])),
+            Count::IcmpErrorsTranslated => Some(self.icmp.with_label_values(&["error_translated"])),
+            Count::TunReadErrors => Some(self.tun_errors.with_label_values(&["read"])),
+            Count::TunWriteErrors => Some(self.tun_errors.with_label_values(&["write"])),
+        }
     }
 
     /// Brings every metric up to date and renders the text format.
@@ -170,23 +183,11 @@ impl Metrics {
                 totals.drops(r),
             );
         }
-        sync(
-            &self.icmp.with_label_values(&["echo_reply"]),
-            totals.icmp_echo_replies,
-        );
-        sync(
-            &self.icmp.with_label_values(&["error_translated"]),
-            totals.icmp_errors_translated,
-        );
-        sync(&self.unconfirmed_evicted, totals.unconfirmed_evicted);
-        sync(
-            &self.tun_errors.with_label_values(&["read"]),
-            totals.tun_read_errors,
-        );
-        sync(
-            &self.tun_errors.with_label_values(&["write"]),
-            totals.tun_write_errors,
-        );
+        for e in Count::ALL {
+            if let Some(series) = self.event_series(e) {
+                sync(&series, totals.get(e));
+            }
+        }
         self.tun_workers
             .with_label_values(&["batched"])
             .set(totals.batched_workers as i64);
