@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use fep_shared::api::{BackendView, NodeView, ServiceView, StatusView};
+use fep_shared::api::{BackendView, Count, NodeView, ServiceView, StatusView};
 use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
 use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
@@ -637,7 +637,7 @@ pub fn assert_download_through_narrow_link(r: &Running, vip: std::net::IpAddr, m
     let mut want = vec![0u8; LEN as usize];
     pattern::fill(0, &mut want);
     assert!(body.body == want, "bytes differ");
-    let translated = status(r).counters.icmp_errors_translated;
+    let translated = status(r).counters.get(Count::IcmpErrorsTranslated);
     assert!(translated >= 1, "{translated}");
 }
 

@@ -61,7 +61,9 @@ fn assert_split_2_1_1(names: &[String]) {
 
 /// Routes fep created since its start.
 fn routes_created(r: &fep_tests::Running) -> u64 {
-    status(r).counters.routes_created
+    status(r)
+        .counters
+        .get(fep_shared::api::Count::RoutesCreated)
 }
 
 #[test]

@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+pub use fep_shared::api::Count;
+
 /// Why a packet was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -74,13 +76,8 @@ pub struct Traffic {
 pub struct WorkerCounters {
     /// Indexed by service slot.
     traffic: Box<[Traffic]>,
-    pub routes_created: AtomicU64,
-    /// Never-answered routes evicted to make room under a SYN flood.
-    pub unconfirmed_evicted: AtomicU64,
-    pub icmp_echo_replies: AtomicU64,
-    pub icmp_errors_translated: AtomicU64,
-    pub tun_read_errors: AtomicU64,
-    pub tun_write_errors: AtomicU64,
+    /// Indexed by the [`Count`]'s discriminant.
+    events: [AtomicU64; Count::ALL.len()],
     drops: [AtomicU64; DropReason::ALL.len()],
     /// The worker batches its TUN I/O through io_uring (else one system call
     /// per packet read or written).
@@ -91,12 +88,7 @@ impl Default for WorkerCounters {
     fn default() -> Self {
         WorkerCounters {
             traffic: (0..MAX_SERVICE_SLOTS).map(|_| Traffic::default()).collect(),
-            routes_created: AtomicU64::new(0),
-            unconfirmed_evicted: AtomicU64::new(0),
-            icmp_echo_replies: AtomicU64::new(0),
-            icmp_errors_translated: AtomicU64::new(0),
-            tun_read_errors: AtomicU64::new(0),
-            tun_write_errors: AtomicU64::new(0),
+            events: Default::default(),
             drops: Default::default(),
             batched: AtomicBool::new(false),
         }
@@ -105,7 +97,7 @@ impl Default for WorkerCounters {
 
 /// Adds `n` to a counter that has a single writer.
 #[inline]
-pub fn bump(counter: &AtomicU64, n: u64) {
+fn bump(counter: &AtomicU64, n: u64) {
     counter.store(
         counter.load(Ordering::Relaxed).wrapping_add(n),
         Ordering::Relaxed,
@@ -113,6 +105,16 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 }
 
 impl WorkerCounters {
+    /// Counts one `event`.
+    #[inline]
+    pub fn count(&self, event: Count) {
+        bump(&self.events[event as usize], 1);
+    }
+
+    pub fn get(&self, event: Count) -> u64 {
+        self.events[event as usize].load(Ordering::Relaxed)
+    }
+
     #[inline]
     pub fn dropped(&self, reason: DropReason) {
         bump(&self.drops[reason.index()], 1);
@@ -176,13 +178,8 @@ pub struct Totals {
     pub all: TrafficTotals,
     /// By service slot.
     pub services: Vec<TrafficTotals>,
-    pub routes_created: u64,
-    pub unconfirmed_evicted: u64,
-    pub icmp_echo_replies: u64,
-    pub icmp_errors_translated: u64,
-    pub tun_read_errors: u64,
-    pub tun_write_errors: u64,
-    pub drops: [u64; DropReason::ALL.len()],
+    events: [u64; Count::ALL.len()],
+    drops: [u64; DropReason::ALL.len()],
     pub workers: u64,
     /// Workers whose TUN I/O is batched.
     pub batched_workers: u64,
@@ -194,17 +191,13 @@ impl Totals {
             services: vec![TrafficTotals::default(); MAX_SERVICE_SLOTS],
             ..Totals::default()
         };
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for w in workers {
             for (total, traffic) in t.services.iter_mut().zip(w.traffic.iter()) {
                 total.add(traffic);
             }
-            t.routes_created += get(&w.routes_created);
-            t.unconfirmed_evicted += get(&w.unconfirmed_evicted);
-            t.icmp_echo_replies += get(&w.icmp_echo_replies);
-            t.icmp_errors_translated += get(&w.icmp_errors_translated);
-            t.tun_read_errors += get(&w.tun_read_errors);
-            t.tun_write_errors += get(&w.tun_write_errors);
+            for e in Count::ALL {
+                t.events[e as usize] += w.get(e);
+            }
             t.workers += 1;
             t.batched_workers += u64::from(w.batched.load(Ordering::Relaxed));
             for r in DropReason::ALL {
@@ -220,26 +213,25 @@ impl Totals {
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()]
     }
+
+    pub fn get(&self, event: Count) -> u64 {
+        self.events[event as usize]
+    }
 }
 
 impl std::fmt::Display for Totals {
-    /// One log line: `to_backend=… to_client=… routes_created=… drops: reason=n …`.
+    /// One log line: `to_backend=… to_client=… routes_created=… …; drops: reason=n …`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let a = &self.all;
         write!(
             f,
-            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes, routes_created={}, unconfirmed_evicted={}, icmp echo_replies={} errors_translated={}, tun_errors read={} write={}; drops:",
-            a.to_backend_packets,
-            a.to_backend_bytes,
-            a.to_client_packets,
-            a.to_client_bytes,
-            self.routes_created,
-            self.unconfirmed_evicted,
-            self.icmp_echo_replies,
-            self.icmp_errors_translated,
-            self.tun_read_errors,
-            self.tun_write_errors,
+            "to_backend={} pkts/{} bytes, to_client={} pkts/{} bytes",
+            a.to_backend_packets, a.to_backend_bytes, a.to_client_packets, a.to_client_bytes,
         )?;
+        for e in Count::ALL {
+            write!(f, ", {e}={}", self.get(e))?;
+        }
+        write!(f, "; drops:")?;
         for r in DropReason::ALL {
             write!(f, " {}={}", r.as_str(), self.drops(r))?;
         }

@@ -203,13 +203,13 @@ fn spawn_tasks(
     }
     tasks.spawn(forever(prune::run(cp.clone())));
     tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
+    if let Some(listen) = cfg.metrics_listen {
+        tasks.spawn(metrics::serve(cp.clone(), counters.clone(), listen));
+    }
     let admin = Admin {
         cp: cp.clone(),
         counters,
     };
-    if let Some(listen) = cfg.metrics_listen {
-        tasks.spawn(metrics::serve(admin.clone(), listen));
-    }
     if let (Some(listen), Some(token)) = (cfg.admin_listen, secrets.admin_token) {
         tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
     }

@@ -17,7 +17,7 @@ use crossbeam_queue::ArrayQueue;
 
 use fep_shared::FepConfig;
 
-use crate::counters::{bump, DropReason, WorkerCounters};
+use crate::counters::{Count, DropReason, WorkerCounters};
 use crate::routes::{state, FlowKey, Refused, ReplyKey, Route, RouteRef, Routes};
 use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::icmp::{IcmpKind, IcmpPacket};
@@ -249,7 +249,7 @@ impl Dispatcher {
         match pkt.kind() {
             IcmpKind::EchoRequest if table.is_vip(&pkt.dst_addr()) => {
                 pkt.make_echo_reply();
-                bump(&counters.icmp_echo_replies, 1);
+                counters.count(Count::IcmpEchoReplies);
                 Verdict::Forward(pkt.len())
             }
             IcmpKind::Error { .. } => {
@@ -302,7 +302,7 @@ impl Dispatcher {
                         Some((&svc.vip, svc.port)),
                     );
                 }
-                bump(&counters.icmp_errors_translated, 1);
+                counters.count(Count::IcmpErrorsTranslated);
                 Verdict::Forward(pkt.len())
             }
             IcmpKind::EchoRequest => Verdict::Drop(DropReason::UnknownFlow),
@@ -343,7 +343,7 @@ impl Dispatcher {
             }
             None => match self.assign(key, svc, flags, now, worker) {
                 Ok(b) => {
-                    bump(&worker.counters.routes_created, 1);
+                    worker.counters.count(Count::RoutesCreated);
                     b
                 }
                 Err(reason) => return Verdict::Drop(reason),
@@ -485,7 +485,7 @@ impl Dispatcher {
                 unconfirmed && !too_young
             });
             if removed {
-                bump(&worker.counters.unconfirmed_evicted, 1);
+                worker.counters.count(Count::UnconfirmedEvicted);
                 return true;
             }
             if too_young {
@@ -1170,12 +1170,7 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
             .send(client(2), 5000, 8080, SYN, UNCONFIRMED_MIN_AGE_MS)
             .is_ok());
         assert_eq!(r.routes(), 100);
-        assert_eq!(
-            r.counters()
-                .unconfirmed_evicted
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(r.counters().get(Count::UnconfirmedEvicted), 1);
         assert_eq!(
             r.send(client(1), 2000, 8080, ACK, UNCONFIRMED_MIN_AGE_MS + 1),
             Err(DropReason::NoRoute)
@@ -1185,12 +1180,7 @@ backend = [{ node = "E", ratio = 1 }, { node = "F", ratio = 1 }]
         for n in 0..200u16 {
             let _ = r.send(client(3), 6000 + n, 8080, SYN, later);
         }
-        assert!(
-            r.counters()
-                .unconfirmed_evicted
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= 99
-        );
+        assert!(r.counters().get(Count::UnconfirmedEvicted) >= 99);
         assert!(r.send(client(200), 1, 8080, ACK, later).is_ok());
         // … and a handshake younger than UNCONFIRMED_MIN_AGE_MS is not cut.
         let r = rig(GOLDEN);
@@ -1385,10 +1375,7 @@ backend = [{ node = "b1", ratio = 1, port = 5353 }]
         let stranger = packet6(true, vip, 80, client, 40001);
         let (v, _) = r.run(error6(2, "fd00:1::1", vip, &stranger), 1);
         assert_eq!(v, Verdict::Drop(DropReason::UnknownFlow));
-        assert_eq!(
-            r.counters().icmp_errors_translated.load(Ordering::Relaxed),
-            3
-        );
+        assert_eq!(r.counters().get(Count::IcmpErrorsTranslated), 3);
     }
 
     #[test]

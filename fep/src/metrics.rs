@@ -17,10 +17,10 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registr
 
 use fep_shared::protocol::ProtocolError;
 
-use crate::admin::Admin;
-use crate::control::agents;
-use crate::control::model::NodeState;
-use crate::counters::{DropReason, Totals};
+use crate::control::model::{Model, NodeState};
+use crate::control::{agents, ControlPlane};
+use crate::counters::{Count, DropReason, Totals, WorkerCounters};
+use crate::transfer_table::TransferTable;
 
 /// Every metric fep exports.
 pub struct Metrics {
@@ -137,8 +137,8 @@ impl Metrics {
         for r in ProtocolError::KINDS.iter().chain(&agents::REFUSALS) {
             self.rejects.with_label_values(&[r]);
         }
-        for op in ["read", "write"] {
-            self.tun_errors.with_label_values(&[op]);
+        for e in Count::ALL {
+            self.event_series(e);
         }
         for r in DropReason::ALL {
             self.drops.with_label_values(&[r.as_str()]);
@@ -146,11 +146,41 @@ impl Metrics {
         self
     }
 
+    /// The series an event counter is exported as.
+    fn event_series(&self, e: Count) -> Option<IntCounter> {
+        match e {
+            // Exported by service and node, as fep_route_assignments_total.
+            Count::RoutesCreated => None,
+            Count::UnconfirmedEvicted => Some(self.unconfirmed_evicted.clone()),
+            Count::IcmpEchoReplies => Some(self.icmp.with_label_values(&["echo_reply"])),
+            Count::IcmpErrorsTranslated => Some(self.icmp.with_label_values(&["error_translated"])),
+            Count::TunReadErrors => Some(self.tun_errors.with_label_values(&["read"])),
+            Count::TunWriteErrors => Some(self.tun_errors.with_label_values(&["write"])),
+        }
+    }
+
     /// Brings every metric up to date and renders the text format.
-    pub fn render(&self, admin: &Admin) -> String {
-        let cp = &admin.cp;
-        let totals = Totals::sum(admin.counters.iter().map(|c| &**c));
+    pub fn render(&self, cp: &ControlPlane, counters: &[Arc<WorkerCounters>]) -> String {
+        let totals = Totals::sum(counters.iter().map(|c| &**c));
         let table = cp.dispatcher().table();
+        self.sync_traffic(&table, &totals);
+        self.sync_events(&totals);
+        self.sync_control(cp);
+        let now = cp.now();
+        let model = cp.model();
+        self.sync_backends(&model, &table, now);
+        self.sync_nodes(&model, now);
+        drop(model);
+        let mut out = String::new();
+        TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("text encoding of valid metrics");
+        out
+    }
+
+    /// Packets and bytes by service and direction (services that saw none
+    /// have no series).
+    fn sync_traffic(&self, table: &TransferTable, totals: &Totals) {
         for (slot, svc) in table.services().iter().enumerate() {
             let t = &totals.services[slot.min(totals.services.len() - 1)];
             if t.to_backend_packets + t.to_client_packets == 0 {
@@ -164,35 +194,32 @@ impl Metrics {
                 sync(&self.bytes.with_label_values(&[&svc.name, dir]), bytes);
             }
         }
+    }
+
+    /// The data path's drops and events, and its workers' I/O modes.
+    fn sync_events(&self, totals: &Totals) {
         for r in DropReason::ALL {
             sync(
                 &self.drops.with_label_values(&[r.as_str()]),
                 totals.drops(r),
             );
         }
-        sync(
-            &self.icmp.with_label_values(&["echo_reply"]),
-            totals.icmp_echo_replies,
-        );
-        sync(
-            &self.icmp.with_label_values(&["error_translated"]),
-            totals.icmp_errors_translated,
-        );
-        sync(&self.unconfirmed_evicted, totals.unconfirmed_evicted);
-        sync(
-            &self.tun_errors.with_label_values(&["read"]),
-            totals.tun_read_errors,
-        );
-        sync(
-            &self.tun_errors.with_label_values(&["write"]),
-            totals.tun_write_errors,
-        );
+        for e in Count::ALL {
+            if let Some(series) = self.event_series(e) {
+                sync(&series, totals.get(e));
+            }
+        }
         self.tun_workers
             .with_label_values(&["batched"])
             .set(totals.batched_workers as i64);
         self.tun_workers
             .with_label_values(&["blocking"])
             .set((totals.workers - totals.batched_workers) as i64);
+    }
+
+    /// The control plane's own counters: routes removed, pruning, rejected
+    /// agent frames.
+    fn sync_control(&self, cp: &ControlPlane) {
         let removed = cp.dispatcher().removed_totals();
         sync(&self.expired, removed.expired as u64);
         sync(&self.evicted, removed.evicted as u64);
@@ -201,20 +228,15 @@ impl Metrics {
         for (reason, n) in cp.rejects() {
             sync(&self.rejects.with_label_values(&[reason]), n);
         }
+    }
 
-        for g in [
-            &self.routes,
-            &self.configured_ratio,
-            &self.effective_ratio,
-            &self.node_up,
-            &self.node_state,
-        ] {
+    /// Each back end's routes, ratios and load; series of removed back ends
+    /// go.
+    fn sync_backends(&self, m: &Model, table: &TransferTable, now: u32) {
+        for g in [&self.routes, &self.configured_ratio, &self.effective_ratio] {
             g.reset();
         }
         self.load.reset();
-        self.report_age.reset();
-        let now = cp.now();
-        let m = cp.model();
         for b in &m.backends {
             let svc = table.service(b.service);
             let be = table.backend(b.service, b.index);
@@ -233,6 +255,14 @@ impl Metrics {
                 self.load.with_label_values(&labels).set(load);
             }
         }
+    }
+
+    /// Each node's state and the age of its agent's last report; series of
+    /// removed nodes go.
+    fn sync_nodes(&self, m: &Model, now: u32) {
+        self.node_up.reset();
+        self.node_state.reset();
+        self.report_age.reset();
         for (id, n) in m.nodes.iter().enumerate().filter(|(_, n)| !n.removed) {
             let state = m.node_state(id as u16, now);
             self.node_up
@@ -254,12 +284,6 @@ impl Metrics {
                     .set(f64::from(idle_since(*at, now)) / 1000.0);
             }
         }
-        drop(m);
-        let mut out = String::new();
-        TextEncoder::new()
-            .encode_utf8(&self.registry.gather(), &mut out)
-            .expect("text encoding of valid metrics");
-        out
     }
 }
 
@@ -269,20 +293,35 @@ impl Default for Metrics {
     }
 }
 
+/// What a scrape reads and the metrics it brings up to date.
+struct Scrape {
+    cp: Arc<ControlPlane>,
+    counters: Vec<Arc<WorkerCounters>>,
+    metrics: Metrics,
+}
+
 /// Serves `/metrics` on `listen` until the runtime stops.
-pub async fn serve(admin: Admin, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(
+    cp: Arc<ControlPlane>,
+    counters: Vec<Arc<WorkerCounters>>,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for metrics on {listen} (metrics_listen)"))?;
     tracing::info!("metrics on http://{listen}/metrics");
-    let state = Arc::new((admin, Metrics::new()));
+    let state = Arc::new(Scrape {
+        cp,
+        counters,
+        metrics: Metrics::new(),
+    });
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(s): State<Arc<(Admin, Metrics)>>| async move {
+            get(|State(s): State<Arc<Scrape>>| async move {
                 (
                     [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    s.1.render(&s.0),
+                    s.metrics.render(&s.cp, &s.counters),
                 )
                     .into_response()
             }),

@@ -12,7 +12,7 @@ use fep_shared::Protocol;
 
 use crate::clock::idle_since;
 use crate::control::ControlPlane;
-use crate::counters::{DropReason, Totals, WorkerCounters};
+use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
 use crate::routes::state;
 use crate::wire::ip_from_addr;
@@ -148,12 +148,7 @@ fn counters_view(t: &Totals) -> CountersView {
         to_backend_bytes: t.all.to_backend_bytes,
         to_client_packets: t.all.to_client_packets,
         to_client_bytes: t.all.to_client_bytes,
-        routes_created: t.routes_created,
-        unconfirmed_evicted: t.unconfirmed_evicted,
-        icmp_echo_replies: t.icmp_echo_replies,
-        icmp_errors_translated: t.icmp_errors_translated,
-        tun_read_errors: t.tun_read_errors,
-        tun_write_errors: t.tun_write_errors,
+        events: Count::ALL.iter().map(|&e| (e, t.get(e))).collect(),
     }
 }
 

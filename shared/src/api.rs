@@ -239,6 +239,33 @@ pub struct NodeView {
     pub services: Vec<NodeServiceView>,
 }
 
+/// An event the data path counts, one counter per worker; its serde name is
+/// its key in [`CountersView`] and its name in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Count {
+    RoutesCreated,
+    /// Never-answered routes evicted to make room under a SYN flood.
+    UnconfirmedEvicted,
+    IcmpEchoReplies,
+    IcmpErrorsTranslated,
+    TunReadErrors,
+    TunWriteErrors,
+}
+
+impl Count {
+    pub const ALL: [Count; 6] = [
+        Count::RoutesCreated,
+        Count::UnconfirmedEvicted,
+        Count::IcmpEchoReplies,
+        Count::IcmpErrorsTranslated,
+        Count::TunReadErrors,
+        Count::TunWriteErrors,
+    ];
+}
+
+display_as_serde!(Count);
+
 /// The packet counters, summed over the workers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CountersView {
@@ -246,14 +273,17 @@ pub struct CountersView {
     pub to_backend_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
-    pub routes_created: u64,
-    pub unconfirmed_evicted: u64,
-    pub icmp_echo_replies: u64,
-    pub icmp_errors_translated: u64,
-    pub tun_read_errors: u64,
-    pub tun_write_errors: u64,
+    /// Every [`Count`], each under its own key.
+    #[serde(flatten)]
+    pub events: BTreeMap<Count, u64>,
     /// Dropped packets by reason, every reason listed.
     pub drops: BTreeMap<String, u64>,
+}
+
+impl CountersView {
+    pub fn get(&self, count: Count) -> u64 {
+        self.events.get(&count).copied().unwrap_or(0)
+    }
 }
 
 /// TUN workers by how they do their I/O.
@@ -339,5 +369,26 @@ mod tests {
         assert_eq!(json["report_age_ms"], serde_json::Value::Null);
         assert_eq!(json["pin"], serde_json::json!({}));
         assert_eq!(serde_json::from_value::<NodeView>(json).unwrap(), view);
+    }
+
+    #[test]
+    fn the_counters_view_keeps_each_event_under_its_own_key() {
+        let view = CountersView {
+            events: Count::ALL.iter().zip(1..).map(|(&e, n)| (e, n)).collect(),
+            drops: BTreeMap::from([("malformed".to_string(), 7)]),
+            ..CountersView::default()
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["routes_created"], 1);
+        assert_eq!(json["unconfirmed_evicted"], 2);
+        assert_eq!(json["icmp_echo_replies"], 3);
+        assert_eq!(json["icmp_errors_translated"], 4);
+        assert_eq!(json["tun_read_errors"], 5);
+        assert_eq!(json["tun_write_errors"], 6);
+        assert_eq!(json["drops"]["malformed"], 7);
+        assert_eq!(json["to_backend_packets"], 0);
+        let back = serde_json::from_value::<CountersView>(json).unwrap();
+        assert_eq!(back, view);
+        assert_eq!(back.get(Count::TunWriteErrors), 6);
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::clock::Clock;
-use crate::counters::{bump, WorkerCounters};
+use crate::counters::{Count, WorkerCounters};
 use crate::dispatcher::{Dispatcher, Verdict, Worker};
 
 /// Room for the largest read: a 64 KB offloaded segment, its headers and
@@ -183,7 +183,7 @@ fn handle(
     now: u32,
 ) -> Option<usize> {
     if n < hdr {
-        bump(&worker.counters.tun_read_errors, 1);
+        worker.counters.count(Count::TunReadErrors);
         return None;
     }
     // The virtio-net header goes back out as it came: the kernel finishes
@@ -261,7 +261,7 @@ impl IoErrors {
     }
 
     fn read_failed(&mut self, e: &io::Error) {
-        bump(&self.counters.tun_read_errors, 1);
+        self.counters.count(Count::TunReadErrors);
         self.log("read", e);
         self.reads_in_a_row += 1;
         if self.reads_in_a_row > 3 {
@@ -277,7 +277,7 @@ impl IoErrors {
     }
 
     fn write_failed(&mut self, e: &io::Error) {
-        bump(&self.counters.tun_write_errors, 1);
+        self.counters.count(Count::TunWriteErrors);
         self.log("write", e);
     }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, NodeAddArg, NodeArg, NodeState, NodeView, Pin,
-    PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
+    BackendAddArg, BackendRemoveArg, BackendView, Count, NodeAddArg, NodeArg, NodeState, NodeView,
+    Pin, PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
 use fep_tools::admin_client::{get, post, AdminAddress};
@@ -442,7 +442,7 @@ fn status_text(v: &StatusView) -> String {
     let c = &v.counters;
     let mut out = format!(
         "routes {}   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}\n",
-        v.routes, c.to_backend_packets, c.to_backend_bytes, c.to_client_packets, c.to_client_bytes, c.routes_created
+        v.routes, c.to_backend_packets, c.to_backend_bytes, c.to_client_packets, c.to_client_bytes, c.get(Count::RoutesCreated)
     );
     let drops: Vec<String> = c
         .drops
