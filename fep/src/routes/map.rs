@@ -475,6 +475,7 @@ mod tests {
         Insert(u32, u16),
         Remove(u32),
         Touch(u32, u8),
+        Reopen(u32),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -482,6 +483,7 @@ mod tests {
             (0..300u32, 0..8u16).prop_map(|(k, b)| Op::Insert(k, b)),
             (0..300u32).prop_map(Op::Remove),
             (0..300u32, 1..=255u8).prop_map(|(k, s)| Op::Touch(k, s)),
+            (0..300u32).prop_map(Op::Reopen),
         ]
     }
 
@@ -518,6 +520,16 @@ mod tests {
                         if let Some((b, st)) = model.get_mut(&k) {
                             *st |= set;
                             prop_assert_eq!(got, Some(*b));
+                        } else {
+                            prop_assert_eq!(got, None);
+                        }
+                    }
+                    Op::Reopen(k) => {
+                        // A new connection on the port: same back end, no state.
+                        let got = m.get(&key(k)).map(|r| (r.reopen(11), r.backend(), r.state()));
+                        if let Some((b, st)) = model.get_mut(&k) {
+                            *st = 0;
+                            prop_assert_eq!(got, Some((true, *b, 0)));
                         } else {
                             prop_assert_eq!(got, None);
                         }
