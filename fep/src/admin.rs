@@ -46,8 +46,14 @@ use crate::views;
 
 #[derive(Clone)]
 pub struct Admin {
-    pub cp: Arc<ControlPlane>,
-    pub counters: Vec<Arc<WorkerCounters>>,
+    cp: Arc<ControlPlane>,
+    counters: Vec<Arc<WorkerCounters>>,
+}
+
+impl Admin {
+    pub fn new(cp: Arc<ControlPlane>, counters: Vec<Arc<WorkerCounters>>) -> Self {
+        Admin { cp, counters }
+    }
 }
 
 /// Serves the admin API on the Unix socket `path` (mode 0600: root only)

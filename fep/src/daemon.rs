@@ -206,10 +206,7 @@ fn spawn_tasks(
     if let Some(listen) = cfg.metrics_listen {
         tasks.spawn(metrics::serve(cp.clone(), counters.clone(), listen));
     }
-    let admin = Admin {
-        cp: cp.clone(),
-        counters,
-    };
+    let admin = Admin::new(cp.clone(), counters);
     if let (Some(listen), Some(token)) = (cfg.admin_listen, secrets.admin_token) {
         tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
     }

@@ -4,7 +4,6 @@
 
 use crate::clock::idle_since;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -223,8 +222,9 @@ impl Metrics {
         let removed = cp.dispatcher().removed_totals();
         sync(&self.expired, removed.expired as u64);
         sync(&self.evicted, removed.evicted as u64);
-        sync(&self.prune_cycles, cp.prune_cycles.load(Ordering::Relaxed));
-        sync(&self.pruned, cp.routes_pruned.load(Ordering::Relaxed));
+        let (cycles, pruned) = cp.pruning_totals();
+        sync(&self.prune_cycles, cycles);
+        sync(&self.pruned, pruned);
         for (reason, n) in cp.rejects() {
             sync(&self.rejects.with_label_values(&[reason]), n);
         }

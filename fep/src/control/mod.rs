@@ -18,7 +18,7 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fep_shared::protocol::FepMsg;
@@ -58,8 +58,8 @@ pub struct ControlPlane {
     reconciler: Latest<()>,
     pub(crate) prune_interval_ms: u64,
     /// Pruning rounds that had routes to look at, and routes they deleted.
-    pub prune_cycles: AtomicU64,
-    pub routes_pruned: AtomicU64,
+    prune_cycles: AtomicU64,
+    routes_pruned: AtomicU64,
     /// Nodes whose live connections were asked for since the start.
     rebuilt: Mutex<HashSet<NodeId>>,
 }
@@ -143,6 +143,14 @@ impl ControlPlane {
 
     pub fn dispatcher_arc(&self) -> Arc<Dispatcher> {
         self.dispatcher.clone()
+    }
+
+    /// Pruning rounds that had routes to look at, and routes they deleted.
+    pub(crate) fn pruning_totals(&self) -> (u64, u64) {
+        (
+            self.prune_cycles.load(Ordering::Relaxed),
+            self.routes_pruned.load(Ordering::Relaxed),
+        )
     }
 
     pub fn now(&self) -> u32 {
