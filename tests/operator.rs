@@ -276,6 +276,16 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         assert_eq!(assigned, 15.0, "route assignments of {n}");
     }
     assert_eq!(sample(&after, r#"fep_node_up{node="be1"}"#), 1.0);
+    // One series per state, named as the API names it; the node's is 1.
+    for (state, want) in [
+        ("up", 1.0),
+        ("down", 0.0),
+        ("draining", 0.0),
+        ("drained", 0.0),
+    ] {
+        let series = format!(r#"fep_node_state{{node="be1",state="{state}"}}"#);
+        assert_eq!(sample(&after, &series), want, "{series}");
+    }
     // be1's agent reports every 200 ms; be2 has no agent, and a pinned load.
     let age = value(&after, r#"fep_agent_report_age_seconds{node="be1"}"#);
     assert!((0.0..5.0).contains(&age), "be1's report age {age} s");

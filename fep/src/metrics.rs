@@ -268,14 +268,9 @@ impl Metrics {
             self.node_up
                 .with_label_values(&[&n.name])
                 .set(i64::from(m.node_up(id as u16, now)));
-            for (s, name) in [
-                (NodeState::Up, "up"),
-                (NodeState::Down, "down"),
-                (NodeState::Draining, "draining"),
-                (NodeState::Drained, "drained"),
-            ] {
+            for s in NodeState::ALL {
                 self.node_state
-                    .with_label_values(&[&n.name, name])
+                    .with_label_values(&[n.name.as_str(), &s.to_string()])
                     .set(i64::from(state == s));
             }
             if let Some((at, _)) = &n.report {

@@ -59,6 +59,16 @@ pub enum NodeState {
     Drained,
 }
 
+impl NodeState {
+    /// Every state, as the metrics export one series each.
+    pub const ALL: [NodeState; 4] = [
+        NodeState::Up,
+        NodeState::Down,
+        NodeState::Draining,
+        NodeState::Drained,
+    ];
+}
+
 /// Where a spare node stands in scale-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
