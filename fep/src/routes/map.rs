@@ -558,6 +558,19 @@ mod tests {
     }
 
     #[test]
+    fn a_map_made_for_n_routes_holds_n_within_its_80_percent() {
+        for n in [1, 7, 100, 1000, 5000] {
+            let m = RouteMap::with_room(n);
+            assert!(m.room() >= n, "room {} for {n}", m.room());
+            assert!(m.room() * 5 <= m.slots() * 4);
+            for k in 0..n as u32 {
+                assert_eq!(m.insert_with(&key(k), 0, 0, || Some(1)), Inserted::New(1));
+            }
+            assert_eq!(entries(&m).len(), n);
+        }
+    }
+
+    #[test]
     fn a_scan_stops_where_its_callback_breaks() {
         let m = RouteMap::with_room(100);
         for k in 0..50 {
