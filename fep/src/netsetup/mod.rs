@@ -57,8 +57,9 @@ pub enum NetError {
 struct Installed {
     tun: String,
     policy_table: u32,
-    vips: BTreeSet<IpAddr>,
-    rules: BTreeSet<ReturnRule>,
+    /// VIP routes and return-path rules (`vips`, `rules` in the file).
+    #[serde(flatten)]
+    host: Wanted,
     /// Sysctls fep changed, with the values it found before its first start.
     sysctls: BTreeMap<String, String>,
 }
@@ -105,8 +106,7 @@ pub struct NetSetup {
     families: BTreeSet<Family>,
     /// Installed by an earlier fep and not (yet) known to be needed: removed
     /// at the first reconcile unless the transfer table wants them.
-    stale_vips: BTreeSet<IpAddr>,
-    stale_rules: BTreeSet<ReturnRule>,
+    leftovers: Wanted,
     record: Installed,
 }
 
@@ -120,11 +120,10 @@ impl NetSetup {
             policy_table,
             ..Installed::default()
         };
-        let (mut stale_vips, mut stale_rules) = (BTreeSet::new(), BTreeSet::new());
+        let mut leftovers = Wanted::default();
         match Installed::load(state_dir) {
             Some(old) if old.tun == tun && old.policy_table == policy_table => {
-                stale_vips = old.vips;
-                stale_rules = old.rules;
+                leftovers = old.host;
                 record.sysctls = old.sysctls;
             }
             Some(old) => {
@@ -148,8 +147,7 @@ impl NetSetup {
             tun: tun.to_string(),
             table,
             families: BTreeSet::new(),
-            stale_vips,
-            stale_rules,
+            leftovers,
             record,
         }
     }
@@ -164,32 +162,25 @@ impl NetSetup {
                 self.enable(fam)?;
             }
         }
-        let installed = Wanted {
-            vips: self.record.vips.clone(),
-            rules: self.record.rules.clone(),
-        };
-        let leftovers = Wanted {
-            vips: std::mem::take(&mut self.stale_vips),
-            rules: std::mem::take(&mut self.stale_rules),
-        };
-        let changes = plan::changes(&installed, &leftovers, &wanted);
+        let leftovers = std::mem::take(&mut self.leftovers);
+        let changes = plan::changes(&self.record.host, &leftovers, &wanted);
         for change in &changes {
             match *change {
                 Change::AddVip(vip) => {
                     self.vip(vip, "replace")?;
-                    self.record.vips.insert(vip);
+                    self.record.host.vips.insert(vip);
                 }
                 Change::AddRule(rule) => {
                     self.rule(rule, "add")?;
-                    self.record.rules.insert(rule);
+                    self.record.host.rules.insert(rule);
                 }
                 Change::DelRule(rule) => {
                     self.rule(rule, "del")?;
-                    self.record.rules.remove(&rule);
+                    self.record.host.rules.remove(&rule);
                 }
                 Change::DelVip(vip) => {
                     self.vip(vip, "del")?;
-                    self.record.vips.remove(&vip);
+                    self.record.host.vips.remove(&vip);
                 }
             }
         }
@@ -326,7 +317,7 @@ pub fn cleanup(tun: &str, policy_table: u32, state_dir: &Path) -> Vec<String> {
     }
     if let Some(r) = record {
         // VIP routes outlive a device only if someone re-added them elsewhere.
-        for vip in &r.vips {
+        for vip in &r.host.vips {
             let fam = Family::of(*vip);
             let dst = format!("{vip}/{}", fam.host_prefix());
             let _ = run_ip(&[fam.flag(), "route", "del", &dst, "dev", &r.tun]);
@@ -402,5 +393,27 @@ fn run_ip(args: &[&str]) -> Result<(), NetError> {
             cmd,
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_keeps_its_file_format() {
+        let text = r#"{"tun":"fep0","policy_table":100,"vips":["10.0.0.100"],
+            "rules":[["10.0.2.11",1,null],["10.0.2.11",6,80]],
+            "sysctls":{"/proc/sys/net/ipv4/ip_forward":"0"}}"#;
+        let r: Installed = serde_json::from_str(text).unwrap();
+        let be1: IpAddr = "10.0.2.11".parse().unwrap();
+        assert_eq!(r.host.vips.len(), 1);
+        assert!(r.host.rules.contains(&(be1, 6, Some(80))));
+        assert!(r.host.rules.contains(&(be1, 1, None)));
+        let again: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            again,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
     }
 }

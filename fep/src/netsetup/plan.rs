@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use serde::{Deserialize, Serialize};
+
 use crate::transfer_table::TransferTable;
 use crate::wire::icmp::{ICMPV4, ICMPV6};
 use crate::wire::ip_from_addr;
@@ -51,7 +53,7 @@ impl Family {
 pub(crate) type ReturnRule = (IpAddr, u8, Option<u16>);
 
 /// VIP routes into the TUN device and return-path rules.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Wanted {
     pub vips: BTreeSet<IpAddr>,
     pub rules: BTreeSet<ReturnRule>,
