@@ -1,17 +1,12 @@
 //! `fep`, the front-end processor of the cluster dispatcher.
 //!
-//! Layers, from bytes up:
-//! - [`wire`]: typed views over IP/TCP/UDP packets in a buffer;
-//! - [`clock`]: times on the dispatcher's wrapping millisecond clock;
-//! - [`transfer_table`], [`chooser`], [`routes`]: the tables that map a
-//!   client to a back end, and the choice of a back end;
-//! - [`dispatcher`]: the pure data-plane core (`process(packet, now)`);
-//! - [`counters`]: per-worker packet and drop counters;
-//! - I/O shells: [`tun_io`] (workers on the multi-queue TUN device),
-//!   [`netsetup`] (forwarding, routes and policy rules), [`http_server`]
-//!   (the bounded TCP listener of the admin API and metrics) and [`daemon`];
-//! - `views`: the admin API's views built from the control state, which
-//!   [`admin`] serves.
+//! Layers, from bytes up (`ARCHITECTURE.md` has the whole map):
+//! `wire` (packet views); `clock`, `counters`, `atomic_file`,
+//! `http_server`; the tables `endpoint_map`, `chooser`,
+//! `transfer_table`, `routes`; `dispatcher` (the pure data-plane
+//! core); `netsetup` (the host's set-up: a pure plan and its executor);
+//! `control` (everything that decides); `views` and `metrics`;
+//! the I/O shells `tun_io` and `admin`; `daemon` (wiring).
 
 pub(crate) mod admin;
 pub(crate) mod atomic_file;
