@@ -1,0 +1,826 @@
+//! The data-plane core: one packet in, a verdict out, no I/O.
+//!
+//! [`Dispatcher::process`] parses a packet read from the TUN device, follows
+//! or creates its route, rewrites it in place and says whether to write it
+//! back. Time is passed in (milliseconds of a clock the caller owns), so unit
+//! tests replay ageing and closes without sleeping.
+
+mod expiry;
+mod icmp;
+#[cfg(test)]
+mod rig;
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+
+use fep_shared::FepConfig;
+
+use expiry::Expiry;
+
+use crate::counters::{Count, DropReason, WorkerCounters};
+use crate::routes::{state, FlowKey, Refused, ReplyKey, RouteRef, Routes};
+use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
+use crate::wire::{tcp_flags, FlowPacket, ParseError};
+
+/// Under a flood, unconfirmed routes younger than this are not evicted by
+/// the data path, so a real client's handshake or first answer in progress
+/// is not cut.
+pub const UNCONFIRMED_MIN_AGE_MS: u32 = 500;
+/// Routes a worker remembers having opened, for eviction under a flood.
+const RECENT_ROUTES: usize = 65_536;
+/// Keys looked at per eviction before giving up.
+const EVICT_ATTEMPTS: usize = 32;
+/// Confirmed routes the journal has not taken yet; beyond this they wait
+/// for the next route snapshot (counted as `journal_overflow`).
+const JOURNAL_QUEUE: usize = 65_536;
+
+/// What one data-path worker owns: its counters, and the routes it opened
+/// most recently (oldest first), which make room for new clients when a
+/// flood (spoofed SYNs or datagrams) fills the table.
+#[derive(Debug)]
+pub struct Worker {
+    pub counters: Arc<WorkerCounters>,
+    recent: VecDeque<FlowKey>,
+    /// The transfer table this worker last used, with its version: checking
+    /// one shared counter per packet is cheaper than loading the `ArcSwap`.
+    table: Option<(u64, Arc<TransferTable>)>,
+}
+
+impl Worker {
+    pub fn new(counters: Arc<WorkerCounters>) -> Self {
+        Worker {
+            counters,
+            recent: VecDeque::with_capacity(RECENT_ROUTES),
+            table: None,
+        }
+    }
+
+    fn opened(&mut self, key: FlowKey) {
+        if self.recent.len() == RECENT_ROUTES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(key);
+    }
+}
+
+/// What to do with a processed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write the first `len` bytes of the (rewritten) buffer back to the device.
+    Forward(usize),
+    Drop(DropReason),
+}
+
+/// A route that just became confirmed, for the journal that lets a restart
+/// after a crash restore it (see `control::journal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    pub key: FlowKey,
+    pub backend: BackendId,
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    /// Swapped whole when the config changes; each worker keeps the one it
+    /// last loaded until `table_version` moves.
+    table: ArcSwap<TransferTable>,
+    /// Bumped after every new table, so workers know to load it.
+    table_version: AtomicU64,
+    routes: Routes,
+    expiry: Expiry,
+    confirmed: ArrayQueue<Confirmed>,
+    journal_overflow: AtomicU64,
+}
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Malformed => DropReason::Malformed,
+            ParseError::Fragment => DropReason::Fragment,
+            ParseError::UnsupportedProtocol | ParseError::Icmp => DropReason::UnsupportedProtocol,
+        }
+    }
+}
+
+impl Dispatcher {
+    pub fn new(cfg: &FepConfig) -> Self {
+        let d = Dispatcher {
+            table: ArcSwap::from_pointee(TransferTable::from_config(cfg)),
+            table_version: AtomicU64::new(0),
+            routes: Routes::with_room(cfg.max_routes),
+            expiry: Expiry::default(),
+            confirmed: ArrayQueue::new(JOURNAL_QUEUE),
+            journal_overflow: AtomicU64::new(0),
+        };
+        d.set_limits(cfg);
+        d
+    }
+
+    /// The current transfer table.
+    pub fn table(&self) -> Arc<TransferTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a new transfer table (built with [`TransferTable::build`]
+    /// from the current one, so that route slots keep their meaning).
+    pub fn set_table(&self, table: TransferTable) {
+        self.table.store(Arc::new(table));
+        self.table_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Applies `route_idle_timeout_s` and `max_routes` (up to the room the
+    /// route table was given at the start).
+    pub fn set_limits(&self, cfg: &FepConfig) {
+        self.expiry.set_idle_timeout(cfg.route_idle_timeout_s);
+        let room = self.routes.room();
+        if cfg.max_routes > room {
+            tracing::warn!(
+                "max_routes = {} is more than the route table was sized for at the start; \
+                 it holds {room} until fep restarts",
+                cfg.max_routes
+            );
+        }
+        self.routes.set_max(cfg.max_routes);
+    }
+
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// Handles one packet in place and counts what happened.
+    #[inline]
+    pub fn process(&self, buf: &mut [u8], now: u32, worker: &mut Worker) -> Verdict {
+        self.process_offloaded(buf, false, now, worker)
+    }
+
+    /// As [`Dispatcher::process`], for a packet read with checksum offload:
+    /// `partial_csum` says its L4 checksum is a pseudo-header sum the
+    /// device will finish (virtio-net `NEEDS_CSUM`).
+    #[inline]
+    pub fn process_offloaded(
+        &self,
+        buf: &mut [u8],
+        partial_csum: bool,
+        now: u32,
+        worker: &mut Worker,
+    ) -> Verdict {
+        let (version, table) = self.worker_table(worker);
+        let verdict =
+            match FlowPacket::new_checked(buf).map(|p| p.with_partial_checksum(partial_csum)) {
+                Ok(mut pkt) => {
+                    let dst = pkt.dst_addr();
+                    match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
+                        Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
+                        None => self.to_client(&table, &mut pkt, now, &worker.counters),
+                    }
+                }
+                Err(ParseError::Icmp) => self.icmp(&table, buf, &worker.counters),
+                Err(e) => Verdict::Drop(e.into()),
+            };
+        worker.table = Some((version, table));
+        if let Verdict::Drop(reason) = verdict {
+            worker.counters.dropped(reason);
+        }
+        verdict
+    }
+
+    /// The current transfer table, moved out of `worker` (no reference
+    /// count touched) unless a newer one was published; the caller puts it
+    /// back.
+    #[inline]
+    fn worker_table(&self, worker: &mut Worker) -> (u64, Arc<TransferTable>) {
+        let version = self.table_version.load(Ordering::Acquire);
+        match worker.table.take() {
+            Some((v, table)) if v == version => (v, table),
+            _ => (version, self.table.load_full()),
+        }
+    }
+
+    /// Forward direction: client → VIP becomes client → back end.
+    fn to_backend(
+        &self,
+        pkt: &mut FlowPacket,
+        id: ServiceId,
+        svc: &Service,
+        now: u32,
+        worker: &mut Worker,
+    ) -> Verdict {
+        let key = FlowKey {
+            service: id,
+            client_port: pkt.src_port(),
+            client: pkt.src_addr(),
+        };
+        let flags = pkt.tcp_flags();
+        let closing = close_bits(flags, state::FIN_FROM_CLIENT);
+        let confirms = Cell::new(false);
+        let hit = self.routes.get_and(&key, |route| {
+            let st = route.state();
+            let set = closing | confirm_bit(svc, flags, st);
+            confirms.set(set & !st & state::ESTABLISHED != 0);
+            let fresh = !(is_bare_syn(flags) && state::is_closed(st));
+            (fresh || route.reopen(now)) && route.touch(now, set)
+        });
+        let backend = match hit {
+            Some(b) => {
+                if confirms.get() {
+                    self.journal(key, b);
+                }
+                b
+            }
+            None => match self.assign(key, svc, flags, now, worker) {
+                Ok(b) => {
+                    worker.counters.count(Count::RoutesCreated);
+                    b
+                }
+                Err(reason) => return Verdict::Drop(reason),
+            },
+        };
+        let be = &svc.backends[usize::from(backend)];
+        pkt.set_destination(&be.addr, be.port);
+        worker.counters.to_backend(id, pkt.len());
+        Verdict::Forward(pkt.len())
+    }
+
+    /// Reverse direction: back end → client becomes VIP → client.
+    fn to_client(
+        &self,
+        table: &TransferTable,
+        pkt: &mut FlowPacket,
+        now: u32,
+        counters: &WorkerCounters,
+    ) -> Verdict {
+        let reply = ReplyKey {
+            protocol: pkt.protocol(),
+            backend_port: pkt.src_port(),
+            client_port: pkt.dst_port(),
+            backend: pkt.src_addr(),
+            client: pkt.dst_addr(),
+        };
+        let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
+        let Some(key) = self.find_reply(table, &reply, |r| r.touch(now, set)) else {
+            return Verdict::Drop(DropReason::UnknownFlow);
+        };
+        let svc = table.service(key.service);
+        pkt.set_source(&svc.vip, svc.port);
+        counters.to_client(key.service, pkt.len());
+        Verdict::Forward(pkt.len())
+    }
+
+    /// The route a back end's packet (or an ICMP error about one) belongs to:
+    /// in each service behind the back end's endpoint, the route of the
+    /// client's (IP, port), if that back end holds it. `touch` updates the
+    /// route found (false: it moved, look again).
+    #[inline]
+    fn find_reply(
+        &self,
+        table: &TransferTable,
+        reply: &ReplyKey,
+        touch: impl Fn(&RouteRef<'_>) -> bool,
+    ) -> Option<FlowKey> {
+        for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
+            let key = FlowKey {
+                service,
+                client_port: reply.client_port,
+                client: reply.client,
+            };
+            let holds = |b: BackendId| {
+                table
+                    .service(service)
+                    .backends
+                    .get(usize::from(b))
+                    .is_some_and(|be| be.addr == reply.backend && be.port == reply.backend_port)
+            };
+            let found = self
+                .routes
+                .get_and(&key, |r| !holds(r.backend()) || touch(r));
+            if found.is_some_and(holds) {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// A route miss: choose a back end and record the route. Only a SYN opens
+    /// a TCP route, as in IPVS: a stray segment must not claim a back end.
+    fn assign(
+        &self,
+        key: FlowKey,
+        svc: &Service,
+        flags: u8,
+        now: u32,
+        worker: &mut Worker,
+    ) -> Result<BackendId, DropReason> {
+        if svc.removed {
+            return Err(DropReason::UnknownFlow);
+        }
+        if svc.is_tcp() && !is_bare_syn(flags) {
+            return Err(DropReason::NoRoute);
+        }
+        // Room, or room made by evicting a flood's unconfirmed route.
+        let assigned = match self.routes.assign(&key, svc, now) {
+            Err(Refused::Full) if self.evict_unconfirmed(worker, now) => {
+                self.routes.assign(&key, svc, now)
+            }
+            assigned => assigned,
+        };
+        match assigned {
+            Err(Refused::Full) => Err(DropReason::TableFull),
+            assigned => {
+                worker.opened(key);
+                assigned.map_err(|_| DropReason::NoBackend)
+            }
+        }
+    }
+
+    /// Records that a route became confirmed, for the journal; when the
+    /// journal falls behind, the route waits for the next snapshot.
+    #[inline]
+    fn journal(&self, key: FlowKey, backend: BackendId) {
+        if self.confirmed.push(Confirmed { key, backend }).is_err() {
+            self.journal_overflow.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Routes confirmed since the last call, oldest first (for the journal).
+    pub fn take_confirmed(&self, mut f: impl FnMut(Confirmed)) {
+        while let Some(c) = self.confirmed.pop() {
+            f(c);
+        }
+    }
+
+    /// Confirmed routes the journal had no room for since the start.
+    pub fn journal_overflow(&self) -> u64 {
+        self.journal_overflow.load(Ordering::Relaxed)
+    }
+
+    /// With the table full, removes the oldest route this worker opened that
+    /// is still unconfirmed (a flood's: a SYN never completed, a datagram
+    /// never answered and followed up), so a new client can have its place;
+    /// routes with a packet in the last [`UNCONFIRMED_MIN_AGE_MS`] are spared.
+    /// A confirmed route is never evicted here.
+    fn evict_unconfirmed(&self, worker: &mut Worker, now: u32) -> bool {
+        let table = self.table.load();
+        for _ in 0..EVICT_ATTEMPTS {
+            let Some(key) = worker.recent.pop_front() else {
+                return false;
+            };
+            let mut too_young = false;
+            let removed = self.routes.remove_if(&table, &key, |r| {
+                let unconfirmed = state::is_unconfirmed(r.state());
+                too_young = unconfirmed && r.idle_ms(now) < UNCONFIRMED_MIN_AGE_MS;
+                unconfirmed && !too_young
+            });
+            if removed {
+                worker.counters.count(Count::UnconfirmedEvicted);
+                return true;
+            }
+            if too_young {
+                // Seen lately (a retransmitted SYN-ACK, or a handshake in
+                // progress): look at it again later.
+                worker.recent.push_back(key);
+            }
+        }
+        false
+    }
+}
+
+/// A SYN that opens a connection (no ACK, no RST).
+fn is_bare_syn(flags: u8) -> bool {
+    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+}
+
+/// The confirming bit a client packet sets on a route in state `st`: for
+/// TCP, the handshake's last ACK (or any later segment); for UDP, a datagram
+/// after the back end has replied.
+#[inline]
+fn confirm_bit(svc: &Service, flags: u8, st: u8) -> u8 {
+    let confirms = if svc.is_tcp() {
+        flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK
+    } else {
+        st & state::REPLIED != 0
+    };
+    if confirms {
+        state::ESTABLISHED
+    } else {
+        0
+    }
+}
+
+/// The route state bits a segment's FIN/RST set; `fin` says whose FIN it is.
+fn close_bits(flags: u8, fin: u8) -> u8 {
+    let mut bits = 0;
+    if flags & tcp_flags::FIN != 0 {
+        bits |= fin;
+    }
+    if flags & tcp_flags::RST != 0 {
+        bits |= state::RESET;
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use etherparse::PacketBuilder;
+
+    use super::expiry::EMBRYONIC_TIMEOUT_MS;
+    use super::rig::*;
+    use crate::wire::addr_from_ip;
+
+    #[test]
+    fn a_worker_uses_a_new_transfer_table_from_its_next_packet() {
+        let r = rig(GOLDEN);
+        assert_eq!(
+            r.send(client(1), 5000, 9000, SYN, 0),
+            Err(DropReason::UnknownFlow),
+            "no service on 9000 yet"
+        );
+        let added = format!(
+            "{GOLDEN}\n[[service]]\nname = \"s9000\"\nvip = \"10.0.0.100\"\nport = 9000\nprotocol = \"tcp\"\nbackend = [{{ node = \"F\", ratio = 1 }}]\n"
+        );
+        let cfg = FepConfig::parse(&added).unwrap();
+        r.d.set_table(TransferTable::build(&cfg, Some(&r.d.table())));
+        assert_eq!(r.send(client(1), 5000, 9000, SYN, 1).as_deref(), Ok("F"));
+        // Routes made under the old table keep working.
+        assert!(r.send(client(2), 5000, 8080, SYN, 2).is_ok());
+    }
+
+    #[test]
+    fn a_removed_service_keeps_its_live_routes_and_opens_no_new_one() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 5000, 8082, SYN, 0).as_deref(), Ok("E"));
+        let without = GOLDEN
+            .split("[[service]]\nname = \"s8082\"")
+            .next()
+            .unwrap();
+        let cfg = FepConfig::parse(without).unwrap();
+        r.d.set_table(TransferTable::build(&cfg, Some(&r.d.table())));
+        assert_eq!(
+            r.send(client(1), 5000, 8082, ACK, 1).as_deref(),
+            Ok("E"),
+            "the client's segments still reach its back end"
+        );
+        assert_eq!(
+            r.reply([10, 0, 2, 5], 8082, client(1), 5000, ACK, 1),
+            Ok((IpAddr::V4(VIP.into()), 8082))
+        );
+        assert_eq!(
+            r.send(client(2), 5000, 8082, SYN, 2),
+            Err(DropReason::UnknownFlow),
+            "no new route for a removed service"
+        );
+        assert_eq!(r.routes(), 1);
+        // Path MTU discovery still works for the route.
+        let (v, out) = r.run(
+            crate::wire::icmp::tests::error_v4(
+                "10.0.1.1",
+                "10.0.0.100",
+                "10.0.0.100",
+                8082,
+                "192.0.2.1",
+                5000,
+            ),
+            3,
+        );
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[16..20], &[10, 0, 2, 5], "to the back end");
+    }
+
+    #[test]
+    fn replies_find_their_route_when_one_back_end_serves_two_services() {
+        // A serves 8080 and, on the same port, a second VIP's 9090.
+        let r = rig(&GOLDEN.replace(
+            "[[service]]\nname = \"s8081\"",
+            "[[service]]\nname = \"other\"\nvip = \"10.0.0.101\"\nport = 9090\nprotocol = \"tcp\"\nbackend = [{ node = \"A\", ratio = 1, port = 8080 }]\n\n[[service]]\nname = \"s8081\"",
+        ));
+        let a = [10, 0, 2, 1];
+        let other_vip = [10, 0, 0, 101];
+        let mut pkt = tcp(client(1), 5000, other_vip, 9090, SYN);
+        assert!(matches!(r.run(pkt.clone(), 0).0, Verdict::Forward(_)));
+        // Same client, another port, to the first VIP: A or B.
+        let first = r.send(client(1), 5001, 8080, SYN, 0).unwrap();
+        assert_eq!(
+            r.reply(a, 8080, client(1), 5000, ACK, 1),
+            Ok((IpAddr::V4(other_vip.into()), 9090)),
+            "the reply carries the VIP the client used"
+        );
+        let first_ip = if first == "A" { a } else { [10, 0, 2, 2] };
+        assert_eq!(
+            r.reply(first_ip, 8080, client(1), 5001, ACK, 1),
+            Ok((IpAddr::V4(VIP.into()), 8080))
+        );
+        // A back end that does not hold a route cannot answer on it.
+        let not_first = if first == "A" { [10, 0, 2, 2] } else { a };
+        assert_eq!(
+            r.reply(not_first, 8080, client(1), 5001, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        // Nor can anyone answer for a client port without a route.
+        assert_eq!(
+            r.reply(a, 8080, client(1), 5002, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        pkt = tcp(client(1), 5000, other_vip, 9090, ACK);
+        assert!(matches!(r.run(pkt, 2).0, Verdict::Forward(_)));
+    }
+
+    #[test]
+    fn golden_six_new_clients_of_8081_go_c_d_c_c_d_c() {
+        for scheduler in ["ratio", "least-routes"] {
+            let r = rig(&GOLDEN.replace(
+                "port = 8081\n",
+                &format!("port = 8081\nscheduler = \"{scheduler}\"\n"),
+            ));
+            let got: Vec<String> = (1..=6)
+                .map(|n| r.send(client(n), 1000, 8081, SYN, 0).unwrap())
+                .collect();
+            assert_eq!(got, ["C", "D", "C", "C", "D", "C"], "{scheduler}");
+        }
+    }
+
+    #[test]
+    fn golden_one_to_one_service_alternates() {
+        let r = rig(GOLDEN);
+        let got: Vec<String> = (1..=4)
+            .map(|n| r.send(client(n), 1000, 8080, SYN, 0).unwrap())
+            .collect();
+        assert_eq!(got, ["A", "B", "A", "B"]);
+    }
+
+    #[test]
+    fn routes_are_sticky_even_when_ratios_change() {
+        let r = rig(GOLDEN);
+        let first = r.send(client(1), 1000, 8081, SYN, 0).unwrap();
+        assert_eq!(first, "C");
+        r.d.table().service(1).backends[0].set_ratio(0);
+        for t in 1..20 {
+            assert_eq!(r.send(client(1), 1000, 8081, ACK, t).unwrap(), "C");
+        }
+        // Ratio 0: no new routes to C, its existing route keeps working.
+        for n in 2..10 {
+            assert_eq!(r.send(client(n), 1000, 8081, SYN, 30).unwrap(), "D");
+        }
+        assert_eq!(r.send(client(1), 1000, 8081, ACK, 31).unwrap(), "C");
+    }
+
+    #[test]
+    fn two_ports_of_one_client_may_land_on_different_backends() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        assert_eq!(r.send(client(1), 1001, 8080, SYN, 0).unwrap(), "B");
+        assert_eq!(r.routes(), 2);
+    }
+
+    #[test]
+    fn the_service_is_part_of_the_key() {
+        let r = rig(GOLDEN);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        assert_eq!(r.send(client(1), 1000, 8082, SYN, 0).unwrap(), "E");
+        assert_eq!(r.routes(), 2);
+    }
+
+    #[test]
+    fn replies_are_rewritten_to_the_vip_and_service_port() {
+        let r = rig(&GOLDEN.replace(
+            "{ node = \"A\", ratio = 1 }",
+            "{ node = \"A\", ratio = 1, port = 9000 }",
+        ));
+        assert_eq!(r.send(client(1), 1234, 8080, SYN, 0).unwrap(), "A");
+        let seen = r
+            .reply([10, 0, 2, 1], 9000, client(1), 1234, SYN | ACK, 1)
+            .unwrap();
+        assert_eq!(seen, (IpAddr::from(VIP), 8080));
+        // A reply from the wrong port, or to another client, is not ours.
+        assert_eq!(
+            r.reply([10, 0, 2, 1], 8080, client(1), 1234, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.reply([10, 0, 2, 1], 9000, client(2), 1234, ACK, 1),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.counters()
+                .traffic(0)
+                .to_client_packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn unknown_services_stray_segments_and_empty_services_are_dropped_and_counted() {
+        let r = rig(&GOLDEN.replace(
+            "{ node = \"E\", ratio = 1 }, { node = \"F\", ratio = 1 }",
+            "{ node = \"E\", ratio = 0 }",
+        ));
+        assert_eq!(
+            r.send(client(1), 1000, 9999, SYN, 0),
+            Err(DropReason::UnknownFlow)
+        );
+        assert_eq!(
+            r.send(client(1), 1000, 8080, ACK, 0),
+            Err(DropReason::NoRoute)
+        );
+        assert_eq!(
+            r.send(client(1), 1000, 8082, SYN, 0),
+            Err(DropReason::NoBackend)
+        );
+        let (v, _) = r.run(vec![0x45, 0, 0], 0);
+        assert_eq!(v, Verdict::Drop(DropReason::Malformed));
+        for reason in [
+            DropReason::UnknownFlow,
+            DropReason::NoRoute,
+            DropReason::NoBackend,
+            DropReason::Malformed,
+        ] {
+            assert_eq!(r.counters().drops(reason), 1, "{reason:?}");
+        }
+        assert_eq!(r.routes(), 0);
+    }
+
+    #[test]
+    fn a_syn_flood_cannot_crowd_out_new_clients() {
+        let r = rig(GOLDEN);
+        // An established connection, then a flood of SYNs (answered by the
+        // back end, never completed) fills the table.
+        r.send(client(200), 1, 8080, SYN, 0).unwrap();
+        r.reply([10, 0, 2, 1], 8080, client(200), 1, SYN | ACK, 0)
+            .unwrap();
+        r.send(client(200), 1, 8080, ACK, 0).unwrap();
+        for n in 0..99u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
+        }
+        assert_eq!(r.routes(), 100);
+        // A new client a while later takes the oldest flood route's place …
+        assert!(r
+            .send(client(2), 5000, 8080, SYN, UNCONFIRMED_MIN_AGE_MS)
+            .is_ok());
+        assert_eq!(r.routes(), 100);
+        assert_eq!(r.counters().get(Count::UnconfirmedEvicted), 1);
+        assert_eq!(
+            r.send(client(1), 2000, 8080, ACK, UNCONFIRMED_MIN_AGE_MS + 1),
+            Err(DropReason::NoRoute)
+        );
+        // … the established connection is never evicted …
+        let later = 2 * UNCONFIRMED_MIN_AGE_MS;
+        for n in 0..200u16 {
+            let _ = r.send(client(3), 6000 + n, 8080, SYN, later);
+        }
+        assert!(r.counters().get(Count::UnconfirmedEvicted) >= 99);
+        assert!(r.send(client(200), 1, 8080, ACK, later).is_ok());
+        // … and a handshake younger than UNCONFIRMED_MIN_AGE_MS is not cut.
+        let r = rig(GOLDEN);
+        for n in 0..100u16 {
+            r.send(client(1), 2000 + n, 8080, SYN, 0).unwrap();
+        }
+        assert_eq!(
+            r.send(client(2), 5000, 8080, SYN, UNCONFIRMED_MIN_AGE_MS - 1),
+            Err(DropReason::TableFull)
+        );
+        // Never-answered routes expire after EMBRYONIC_TIMEOUT_MS.
+        assert_eq!(r.d.expire(EMBRYONIC_TIMEOUT_MS).expired, 100);
+    }
+
+    #[test]
+    fn client_affinity_keeps_every_connection_of_a_client_on_one_backend() {
+        let r = rig(&GOLDEN.replace("port = 8081\n", "port = 8081\naffinity = \"client\"\n"));
+        let first = r.send(client(1), 1000, 8081, SYN, 0).unwrap();
+        for port in 1001..1010 {
+            assert_eq!(r.send(client(1), port, 8081, SYN, 0).unwrap(), first);
+        }
+        // Another client gets the next choice.
+        assert_eq!(r.send(client(2), 1000, 8081, SYN, 0).unwrap(), "D");
+        // Once all of client 1's routes are gone, it is chosen afresh.
+        assert_eq!(r.d.expire(60_000).expired, 11);
+        assert!(r
+            .d
+            .routes()
+            .sticky(1, addr_from_ip(IpAddr::from(client(1))))
+            .is_none());
+    }
+
+    #[test]
+    fn udp_flows_are_routed_by_source_port() {
+        let r = rig(r#"
+[[node]]
+name = "u1"
+address = "fd00::11"
+[[node]]
+name = "u2"
+address = "fd00::12"
+[[service]]
+name = "dns"
+vip = "fd00::100"
+port = 53
+protocol = "udp"
+backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
+"#);
+        let udp = |sport: u16, now| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv6(
+                [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                64,
+            )
+            .udp(sport, 53)
+            .write(&mut out, b"q")
+            .unwrap();
+            let (v, out) = r.run(out, now);
+            assert!(matches!(v, Verdict::Forward(_)));
+            out[24 + 15]
+        };
+        assert_eq!(udp(5000, 0), 0x11);
+        assert_eq!(udp(5001, 0), 0x12);
+        for t in 1..10 {
+            assert_eq!(udp(5000, t), 0x11);
+        }
+    }
+
+    #[test]
+    fn a_route_is_confirmed_by_the_handshake_or_a_datagram_after_a_reply_and_journaled_once() {
+        let r = with_udp();
+        let be = r.udp(client(1), 1000, 0).unwrap();
+        r.udp(client(1), 1000, 1).unwrap();
+        assert!(r.confirmed().is_empty(), "no reply yet: unconfirmed");
+        r.udp_reply(be, client(1), 1000, 2);
+        assert!(r.confirmed().is_empty(), "a reply alone does not confirm");
+        r.udp(client(1), 1000, 3).unwrap();
+        r.udp(client(1), 1000, 4).unwrap();
+        let udp_key = FlowKey {
+            service: 3,
+            client_port: 1000,
+            client: addr_from_ip(IpAddr::from(client(1))),
+        };
+        assert_eq!(
+            r.confirmed(),
+            [Confirmed {
+                key: udp_key,
+                backend: r.d.routes().backend_of(&udp_key).unwrap()
+            }]
+        );
+        r.send(client(2), 7, 8080, SYN, 5).unwrap();
+        assert!(r.confirmed().is_empty(), "embryonic");
+        r.connect(client(3), 8, 6);
+        r.send(client(3), 8, 8080, ACK, 7).unwrap();
+        let c = r.confirmed();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].key.client, addr_from_ip(IpAddr::from(client(3))));
+        assert_eq!(r.d.journal_overflow(), 0);
+    }
+
+    #[test]
+    fn a_datagram_flood_evicts_its_own_routes_never_confirmed_connections() {
+        let r = with_udp();
+        // Ten confirmed connections, idle since 0 (the longest idle) …
+        for n in 0..10u16 {
+            r.connect(client(100), 100 + n, 0);
+        }
+        // … then spoofed flows fill the table, answered but never followed up.
+        for n in 0..90u16 {
+            let be = r.udp(client(1), 2000 + n, 1_000).unwrap();
+            r.udp_reply(be, client(1), 2000 + n, 1_000);
+        }
+        assert_eq!(r.routes(), 100);
+        // The data path makes room from the flood's routes, once they are old enough.
+        assert_eq!(r.udp(client(2), 1, 1_001), Err(DropReason::TableFull));
+        assert!(r.udp(client(2), 1, 1_000 + UNCONFIRMED_MIN_AGE_MS).is_ok());
+        // The expiry pass evicts toward 90 %: only the flood's routes.
+        let s = r.d.expire(2_000);
+        assert_eq!(s.evicted, 10);
+        for n in 0..10u16 {
+            assert!(
+                r.send(client(100), 100 + n, 8080, ACK, 2_001).is_ok(),
+                "confirmed connection {n} was evicted"
+            );
+        }
+        // Once nothing unconfirmed is left, confirmed routes go, longest idle first.
+        let r = with_udp();
+        for n in 0..95u16 {
+            r.connect(client(100), 100 + n, u32::from(n));
+        }
+        for n in 0..5u16 {
+            r.send(client(5), 100 + n, 8080, SYN, 1_000).unwrap();
+        }
+        assert_eq!(r.d.expire(1_001).evicted, 10);
+        for n in 0..5u16 {
+            assert_eq!(
+                r.send(client(5), 100 + n, 8080, ACK, 1_002),
+                Err(DropReason::NoRoute),
+                "the unconfirmed go first"
+            );
+            assert_eq!(
+                r.send(client(100), 100 + n, 8080, ACK, 1_002),
+                Err(DropReason::NoRoute),
+                "then the longest idle"
+            );
+        }
+        assert!(r.send(client(100), 105, 8080, ACK, 1_002).is_ok());
+    }
+}
