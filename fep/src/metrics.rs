@@ -166,10 +166,11 @@ impl Metrics {
         self.sync_events(&totals);
         self.sync_control(cp);
         let now = cp.now();
-        let model = cp.model();
-        self.sync_backends(&model, &table, now);
-        self.sync_nodes(&model, now);
-        drop(model);
+        let state = cp.state();
+        let model = &state.model;
+        self.sync_backends(model, &table, now);
+        self.sync_nodes(model, now);
+        drop(state);
         let mut out = String::new();
         TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut out)

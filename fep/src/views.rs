@@ -20,7 +20,8 @@ use crate::wire::ip_from_addr;
 /// Every configured service with its back ends' ratios and shares.
 pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
     let now = cp.now();
-    let m = cp.model();
+    let state = cp.state();
+    let m = &state.model;
     let table = cp.dispatcher().table();
     m.services
         .iter()
@@ -68,7 +69,8 @@ pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
 pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
     let now = cp.now();
     let connected: Vec<u16> = cp.agents().keys().copied().collect();
-    let m = cp.model();
+    let state = cp.state();
+    let m = &state.model;
     let table = cp.dispatcher().table();
     m.nodes
         .iter()

@@ -299,7 +299,7 @@ fn kind_of(msg: &AgentMsg) -> &'static str {
 
 /// The node an authenticated agent may speak for, from where it connected.
 fn register(cp: &ControlPlane, name: &str, peer: IpAddr) -> Result<NodeId, String> {
-    match cp.model().agent_node(name, peer) {
+    match cp.state().model.agent_node(name, peer) {
         Ok(node) => Ok(node),
         Err(AgentRefusal::UnknownNode) => {
             cp.reject("unknown_node");
@@ -334,7 +334,7 @@ impl ControlPlane {
     /// refused, not a silent replacement. A silent one is replaced (its
     /// connection ends as its link drops).
     fn link(&self, node: NodeId, name: &str, link: AgentLink) -> Result<(), String> {
-        let (now, dead_after) = (self.now(), self.model().node_dead_after_ms());
+        let (now, dead_after) = (self.now(), self.state().model.node_dead_after_ms());
         let mut agents = self.agents();
         if let Some(old) = agents.get(&node) {
             let silent = idle_since(old.last_heard.load(Ordering::Relaxed), now);
@@ -379,7 +379,7 @@ impl ControlPlane {
             AgentMsg::Register { .. } | AgentMsg::Live { .. } => {}
             AgentMsg::Report(report) => {
                 let now = self.now();
-                self.model().nodes[usize::from(node)].report = Some((now, report));
+                self.state().model.nodes[usize::from(node)].report = Some((now, report));
                 self.tick();
             }
             AgentMsg::LiveList { conns, .. } => self.rebuild_routes(node, &conns),
@@ -389,14 +389,14 @@ impl ControlPlane {
                 ok,
                 message,
             } => {
-                let name = self.model().nodes[usize::from(node)].name.clone();
+                let name = self.state().model.nodes[usize::from(node)].name.clone();
                 let what = if start { "start" } else { "stop" };
                 if ok {
                     tracing::info!("node '{name}': {what} of port {port} done: {message}");
                 } else {
                     tracing::warn!("node '{name}': {what} of port {port} failed: {message}");
                     if start {
-                        self.model().spare_failed(node, port, self.now());
+                        self.state().model.spare_failed(node, port, self.now());
                     }
                 }
                 self.tick();
@@ -410,12 +410,7 @@ impl ControlPlane {
     /// rebuilt from the back ends' connection tables: a restarted front end
     /// keeps every live connection on the back end that serves it.
     fn ask_for_live_connections(&self, node: NodeId) {
-        if !self
-            .rebuilt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node)
-        {
+        if !self.state().rebuilt.insert(node) {
             return;
         }
         let table = self.dispatcher().table();
@@ -471,7 +466,7 @@ impl ControlPlane {
         }
         let restored = self.dispatcher().routes().import(&table, rows);
         if restored > 0 {
-            let name = self.model().nodes[usize::from(node)].name.clone();
+            let name = self.state().model.nodes[usize::from(node)].name.clone();
             tracing::info!(
                 "rebuilt {restored} route(s) from the live connections of node '{name}'"
             );
@@ -522,7 +517,7 @@ impl ControlPlane {
                 agents.remove(&node);
                 drop(agents);
                 self.reject("slow_agent");
-                let name = self.model().nodes[usize::from(node)].name.clone();
+                let name = self.state().model.nodes[usize::from(node)].name.clone();
                 tracing::warn!(
                     "agent of node '{name}' has {OUTGOING_QUEUE} messages queued and reads none: dropped (it reconnects)"
                 );

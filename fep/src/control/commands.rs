@@ -100,22 +100,18 @@ fn service_mut<'a>(
 
 impl ControlPlane {
     /// Has the configs and the model's pins and drains saved (on the
-    /// saver's thread). The copy is taken and handed over under the configs
+    /// saver's thread). The copy is taken and handed over under the state
     /// lock, so saves reach the file in the order they were made.
     pub(crate) fn save(&self) {
-        let configs = self.configs();
-        let m = self.model().clone();
+        let state = self.state();
+        let c = &state.configs;
         self.saver
-            .request((configs.file.clone(), configs.live.clone(), m));
-    }
-
-    fn configs(&self) -> std::sync::MutexGuard<'_, Configs> {
-        self.configs.lock().unwrap_or_else(|e| e.into_inner())
+            .request((c.file.clone(), c.live.clone(), state.model.clone()));
     }
 
     /// The config in force.
     pub fn live_config(&self) -> FepConfig {
-        self.configs().live.clone()
+        self.state().configs.live.clone()
     }
 
     /// Has VIP routes and rules brought to the current table (removed back
@@ -130,8 +126,8 @@ impl ControlPlane {
     /// end.
     pub fn apply(&self, new: FepConfig, force: bool) -> Result<(), CommandError> {
         new.validate().map_err(CommandError::Invalid)?;
-        let mut configs = self.configs();
-        if let Some(key) = configs.live.restart_key_changed(&new) {
+        let mut state = self.state();
+        if let Some(key) = state.configs.live.restart_key_changed(&new) {
             return Err(CommandError::NeedsRestart(key));
         }
         let previous = self.dispatcher.table();
@@ -142,14 +138,10 @@ impl ControlPlane {
         self.dispatcher.set_table(table);
         self.dispatcher.set_limits(&new);
         let table = self.dispatcher.table();
-        {
-            let mut m = self.model();
-            let rebuilt = Model::new(&new, &table, Some(&m));
-            *m = rebuilt;
-        }
-        configs.live = new;
-        drop(configs);
-        // A pass over the whole table, outside the configs lock (a save
+        state.model = Model::new(&new, &table, Some(&state.model));
+        state.configs.live = new;
+        drop(state);
+        // A pass over the whole table, outside the state lock (a save
         // from the control-plane thread takes it). Only what this change
         // removes: back ends and services removed earlier without `force`
         // keep their live connections.
@@ -235,7 +227,7 @@ impl ControlPlane {
     /// `force` (which deletes its routes).
     pub fn node_remove(&self, name: &str, force: bool) -> Result<(), CommandError> {
         let id = self.node_id(name)?;
-        let state = self.model().node_state(id, self.now());
+        let state = self.state().model.node_state(id, self.now());
         let routes = self.routes_of_node(id);
         if !force && (state != NodeState::Drained || routes > 0) {
             return Err(CommandError::NotDrained {
@@ -344,14 +336,14 @@ impl ControlPlane {
     /// refused with the reason and the running config stays.
     pub fn reload(&self) -> Result<(), CommandError> {
         let (path, base, live) = {
-            let c = self.configs();
+            let c = &self.state().configs;
             (c.path.clone(), c.file.clone(), c.live.clone())
         };
         let file = FepConfig::load(&path).map_err(CommandError::Reload)?;
         let merged = FepConfig::merge(&base, &file, &live);
         match self.apply(merged, false) {
             Ok(()) => {
-                self.configs().file = file;
+                self.state().configs.file = file;
                 self.save();
                 tracing::info!("reloaded {}", path.display());
                 Ok(())
@@ -362,9 +354,8 @@ impl ControlPlane {
     }
 
     fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
-        // The model's lock is let go before the configs' is taken: the order
-        // is configs, then model (see `save`).
-        let id = self.model().node_id(name);
+        // The state's lock is let go before `no_node` reads the config.
+        let id = self.state().model.node_id(name);
         id.ok_or_else(|| no_node(&self.live_config(), name))
     }
 
@@ -407,7 +398,7 @@ impl ControlPlane {
         f: impl FnOnce(&mut Model, NodeId),
     ) -> Result<(), CommandError> {
         let id = self.node_id(node)?;
-        f(&mut self.model(), id);
+        f(&mut self.state().model, id);
         self.save();
         self.tick();
         Ok(())

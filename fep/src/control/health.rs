@@ -21,7 +21,8 @@ pub async fn run(cp: Arc<ControlPlane>, interval_ms: u64, timeout_ms: u64) {
     loop {
         tick.tick().await;
         let targets: BTreeSet<(u16, SocketAddr)> = {
-            let m = cp.model();
+            let state = cp.state();
+            let m = &state.model;
             let table = cp.dispatcher().table();
             m.backends
                 .iter()
@@ -46,7 +47,7 @@ pub async fn run(cp: Arc<ControlPlane>, interval_ms: u64, timeout_ms: u64) {
             if !ok {
                 tracing::debug!("health check of {addr} failed");
             }
-            cp.model().health_result(node, addr.port(), ok);
+            cp.state().model.health_result(node, addr.port(), ok);
         }
         cp.tick();
     }

@@ -39,20 +39,20 @@ use model::{Event, Model};
 /// elsewhere: `ip` calls and state-file fsyncs to their own [`Latest`]
 /// threads, passes over the route table to the blocking pool.
 ///
-/// Lock order, where two are held at once: `configs`, then `model`; the
-/// others (`agents`, `rejects`, `rebuilt`) are taken alone.
+/// What decides is behind one lock, [`State`]; the two others, the agent
+/// links and the reject counts, are leaves: never taken while another lock
+/// is held, and nothing is locked while they are, so there is no order to
+/// keep.
 pub struct ControlPlane {
-    model: Mutex<Model>,
+    state: Mutex<State>,
     dispatcher: Arc<Dispatcher>,
     clock: Clock,
-    pub(crate) agents: Mutex<HashMap<NodeId, AgentLink>>,
+    agents: Mutex<HashMap<NodeId, AgentLink>>,
     /// Rejected agent frames and connections, by reason.
     rejects: Mutex<BTreeMap<&'static str, u64>>,
     /// Writes `state_dir/state.json`: the file, the config in force, the
     /// model's pins and drains.
     saver: Latest<(FepConfig, FepConfig, Model)>,
-    /// The config file as last loaded, and the config in force.
-    configs: Mutex<commands::Configs>,
     /// Brings the host's VIP routes and rules to the transfer table in
     /// force when it runs (so never to an older one).
     reconciler: Latest<()>,
@@ -60,8 +60,16 @@ pub struct ControlPlane {
     /// Pruning rounds that had routes to look at, and routes they deleted.
     prune_cycles: AtomicU64,
     routes_pruned: AtomicU64,
+}
+
+/// The control state: the model and the configs it was built from change
+/// together (a config change rebuilds the model), so one lock holds both.
+pub(crate) struct State {
+    pub(crate) model: Model,
+    /// The config file as last loaded, and the config in force.
+    configs: commands::Configs,
     /// Nodes whose live connections were asked for since the start.
-    rebuilt: Mutex<HashSet<NodeId>>,
+    rebuilt: HashSet<NodeId>,
 }
 
 impl ControlPlane {
@@ -77,6 +85,7 @@ impl ControlPlane {
         net: NetSetup,
         clock: Clock,
     ) -> std::io::Result<Self> {
+        let prune_interval_ms = live.prune_interval_ms;
         let mut model = Model::new(&live, &dispatcher.table(), None);
         saved.restore_nodes(&mut model);
         let file_state = state::StateFile::new(&live.state_dir);
@@ -96,22 +105,24 @@ impl ControlPlane {
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
         let cp = ControlPlane {
-            model: Mutex::new(model),
+            state: Mutex::new(State {
+                model,
+                configs: commands::Configs {
+                    path: config_path.to_path_buf(),
+                    file,
+                    live,
+                },
+                rebuilt: HashSet::new(),
+            }),
             dispatcher,
             clock,
             agents: Mutex::new(HashMap::new()),
             rejects: Mutex::new(BTreeMap::new()),
             saver,
             reconciler,
-            prune_interval_ms: live.prune_interval_ms,
-            configs: Mutex::new(commands::Configs {
-                path: config_path.to_path_buf(),
-                file,
-                live,
-            }),
+            prune_interval_ms,
             prune_cycles: AtomicU64::new(0),
             routes_pruned: AtomicU64::new(0),
-            rebuilt: Mutex::new(HashSet::new()),
         };
         cp.save();
         cp.tick();
@@ -133,8 +144,11 @@ impl ControlPlane {
         self.saver.settled().await;
     }
 
-    pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
-        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    /// The control state. Held for one step and let go before anything
+    /// else is locked (the lock is not reentrant: a second `state()` while
+    /// one is held would wait forever).
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
@@ -191,7 +205,8 @@ impl ControlPlane {
     pub fn tick(&self) {
         let now = self.now();
         let (events, changed) = {
-            let mut m = self.model();
+            let mut state = self.state();
+            let m = &mut state.model;
             let events = m.tick(now, |n| self.routes_of_node(n));
             let changed = m.publish(&self.dispatcher.table(), now);
             (events, changed)
@@ -242,16 +257,17 @@ impl ControlPlane {
                 );
             }
             Event::StartSpare { node, port } => {
-                let name = self.model().nodes[usize::from(node)].name.clone();
+                let name = self.state().model.nodes[usize::from(node)].name.clone();
                 tracing::warn!("every back end stays overloaded: asking spare node '{name}' to start port {port}");
                 if !self.send(node, FepMsg::Start { port }) {
                     tracing::warn!("spare node '{name}' has no agent connected; it stays a spare");
-                    self.model().spare_failed(node, port, self.now());
+                    self.state().model.spare_failed(node, port, self.now());
                 }
             }
             Event::NodeDrained { node } => {
                 let (name, stop) = {
-                    let m = self.model();
+                    let state = self.state();
+                    let m = &state.model;
                     let n = &m.nodes[usize::from(node)];
                     (n.name.clone(), n.stop_when_drained)
                 };
@@ -259,7 +275,8 @@ impl ControlPlane {
                 self.save();
                 if stop {
                     let ports: Vec<u16> = self
-                        .model()
+                        .state()
+                        .model
                         .backends
                         .iter()
                         .filter(|b| b.node == node)

@@ -42,7 +42,7 @@ pub type Candidate = (ConnId, FlowKey, u32);
 
 /// One pruning round.
 pub async fn round(cp: &Arc<ControlPlane>) {
-    let over = services_over_target(&cp.dispatcher().table(), &mut cp.model());
+    let over = services_over_target(&cp.dispatcher().table(), &mut cp.state().model);
     if over.is_empty() {
         return;
     }

@@ -28,7 +28,7 @@ use clap::Parser;
 use fep_shared::api::StatusView;
 use fep_shared::cpu::CpuTimes;
 use fep_tools::host::{self, Tool};
-use fep_tools::lab::{self, Lab, VIP_V4};
+use fep_tools::lab::{self, FepProcess, Lab, VIP_V4};
 use fep_tools::{http, netns, pattern};
 
 #[derive(Parser)]
@@ -198,7 +198,50 @@ fn measure(
     } else {
         VIP_V4.into()
     };
-    let _fep = match s {
+    let fep = start_scenario(&mut lab, s, bins)?;
+    for port in [80, 5201, 8000] {
+        wait_port(&lab, SocketAddr::new(target, port))?;
+    }
+    let mut f = Figures::default();
+    let perf = |test: &str| Perf::record(profile, test);
+    let cpu = Cpu::start();
+    let p = perf("bulk1")?;
+    f.bulk1_gbps = Some(iperf_tcp(&lab, target, secs, 1)?);
+    drop(p);
+    f.cpu_pct = cpu.busy_percent();
+    let p = perf("bulk4")?;
+    f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
+    drop(p);
+    let p = perf("conn")?;
+    let (conn, p50, p99) = wrk(&lab, target, secs)?;
+    drop(p);
+    (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
+    f.client_time_wait = Some(time_wait(&lab)? as f64);
+    if s != Scenario::Haproxy {
+        let p = perf("udp")?;
+        udp_figures(&lab, target, secs, &mut f)?;
+        drop(p);
+    }
+    f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &fep {
+        Some(fep) => {
+            let status =
+                fep_tools::admin_client::get::<StatusView>(&lab.control_socket(), "/v1/status")
+                    .map(|v| serde_json::to_string(&v.counters).unwrap_or_default())
+                    .unwrap_or_default();
+            e.context(format!(
+                "fep's counters: {status}\nfep's log:\n{}",
+                fep.log()
+            ))
+        }
+        None => e,
+    })?);
+    Ok(f)
+}
+
+/// Sets up the gateway for scenario `s`: plain forwarding, nftables DNAT,
+/// haproxy on the VIP, or fep (returned, so its log can explain a failure).
+fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Option<FepProcess>> {
+    Ok(match s {
         Scenario::Route => {
             sysctl_forward(&lab)?;
             None
@@ -231,51 +274,21 @@ fn measure(
             &bins.fep,
             &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
         )?),
-    };
-    for port in [80, 5201, 8000] {
-        wait_port(&lab, SocketAddr::new(target, port))?;
+    })
+}
+/// The UDP test's figures: datagrams per second, lost, and lost to the back
+/// ends' full receive buffers (the load generator outrunning the server, not
+/// the path).
+fn udp_figures(lab: &Lab, target: IpAddr, secs: u64, f: &mut Figures) -> anyhow::Result<()> {
+    let udp = iperf_udp(lab, target, secs)?;
+    f.udp_pps = Some(udp.received / udp.seconds);
+    f.udp_lost_pct = Some(100.0 * udp.lost / udp.sent.max(1.0));
+    let mut overflowed = 0.0;
+    for be in &lab.backends {
+        overflowed += rcvbuf_errors(be)?;
     }
-    let mut f = Figures::default();
-    let perf = |test: &str| Perf::record(profile, test);
-    let cpu = Cpu::start();
-    let p = perf("bulk1")?;
-    f.bulk1_gbps = Some(iperf_tcp(&lab, target, secs, 1)?);
-    drop(p);
-    f.cpu_pct = cpu.busy_percent();
-    let p = perf("bulk4")?;
-    f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
-    drop(p);
-    let p = perf("conn")?;
-    let (conn, p50, p99) = wrk(&lab, target, secs)?;
-    drop(p);
-    (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
-    f.client_time_wait = Some(time_wait(&lab)? as f64);
-    if s != Scenario::Haproxy {
-        let p = perf("udp")?;
-        let udp = iperf_udp(&lab, target, secs)?;
-        drop(p);
-        f.udp_pps = Some(udp.received / udp.seconds);
-        f.udp_lost_pct = Some(100.0 * udp.lost / udp.sent.max(1.0));
-        let mut overflowed = 0.0;
-        for be in &lab.backends {
-            overflowed += rcvbuf_errors(be)?;
-        }
-        f.udp_rcvbuf_pct = Some(100.0 * overflowed / udp.sent.max(1.0));
-    }
-    f.bytes_exact = Some(bulk_exact(&lab, target).map_err(|e| match &_fep {
-        Some(fep) => {
-            let status =
-                fep_tools::admin_client::get::<StatusView>(&lab.control_socket(), "/v1/status")
-                    .map(|v| serde_json::to_string(&v.counters).unwrap_or_default())
-                    .unwrap_or_default();
-            e.context(format!(
-                "fep's counters: {status}\nfep's log:\n{}",
-                fep.log()
-            ))
-        }
-        None => e,
-    })?);
-    Ok(f)
+    f.udp_rcvbuf_pct = Some(100.0 * overflowed / udp.sent.max(1.0));
+    Ok(())
 }
 
 /// The client's TIME_WAIT sockets (after the connection test): each is a
@@ -562,42 +575,39 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+type Get = fn(&Figures) -> Option<f64>;
+
+/// The report's rows: name, figure, and which way is better.
+const METRICS: [(&str, Get, &str); 10] = [
+    ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
+    ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
+    (
+        "new connections/s (1 request each)",
+        |f| f.conn_per_s,
+        "higher",
+    ),
+    ("latency p50 (ms)", |f| f.p50_ms, "lower"),
+    ("latency p99 (ms)", |f| f.p99_ms, "lower"),
+    (
+        "client TIME_WAIT sockets after it",
+        |f| f.client_time_wait,
+        "lower",
+    ),
+    ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
+    ("UDP datagrams lost (%)", |f| f.udp_lost_pct, "lower"),
+    (
+        "… dropped by the back end's full socket buffer (%)",
+        |f| f.udp_rcvbuf_pct,
+        "lower",
+    ),
+    (
+        "system CPU during 1-stream bulk (%)",
+        |f| f.cpu_pct,
+        "lower",
+    ),
+];
+
 fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> String {
-    type Get = fn(&Figures) -> Option<f64>;
-    let metrics: [(&str, Get, &str); 10] = [
-        ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
-        ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
-        (
-            "new connections/s (1 request each)",
-            |f| f.conn_per_s,
-            "higher",
-        ),
-        ("latency p50 (ms)", |f| f.p50_ms, "lower"),
-        ("latency p99 (ms)", |f| f.p99_ms, "lower"),
-        (
-            "client TIME_WAIT sockets after it",
-            |f| f.client_time_wait,
-            "lower",
-        ),
-        ("UDP 64 B packets/s received", |f| f.udp_pps, "higher"),
-        ("UDP datagrams lost (%)", |f| f.udp_lost_pct, "lower"),
-        (
-            "… dropped by the back end's full socket buffer (%)",
-            |f| f.udp_rcvbuf_pct,
-            "lower",
-        ),
-        (
-            "system CPU during 1-stream bulk (%)",
-            |f| f.cpu_pct,
-            "lower",
-        ),
-    ];
-    let med = |s: Scenario, get: Get| {
-        results
-            .iter()
-            .find(|(x, _)| *x == s)
-            .and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
-    };
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
@@ -616,28 +626,7 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         "fep binary: `{}`. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
         bins.fep.display()
     );
-    let _ = writeln!(
-        out,
-        "| metric | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    for (name, get, _) in metrics {
-        let cell = |s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}"));
-        let ratio = |peer| match (med(Scenario::Fep, get), med(peer, get)) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-            _ => "n/a".into(),
-        };
-        let _ = writeln!(
-            out,
-            "| {name} | {} | {} | {} | {} | {} | {} |",
-            cell(Scenario::Route),
-            cell(Scenario::Nft),
-            cell(Scenario::Haproxy),
-            cell(Scenario::Fep),
-            ratio(Scenario::Nft),
-            ratio(Scenario::Haproxy)
-        );
-    }
+    out.push_str(&table(results));
     let exact = results
         .iter()
         .all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
@@ -658,6 +647,40 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         fep_services(),
         s = args.seconds
     );
+    out
+}
+
+/// The figures' table: each scenario's median, and fep's against its peers.
+fn table(results: &[(Scenario, Vec<Figures>)]) -> String {
+    let med = |s: Scenario, get: Get| {
+        results
+            .iter()
+            .find(|(x, _)| *x == s)
+            .and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| metric | better | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (name, get, better) in METRICS {
+        let cell = |s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}"));
+        let ratio = |peer| match (med(Scenario::Fep, get), med(peer, get)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {better} | {} | {} | {} | {} | {} | {} |",
+            cell(Scenario::Route),
+            cell(Scenario::Nft),
+            cell(Scenario::Haproxy),
+            cell(Scenario::Fep),
+            ratio(Scenario::Nft),
+            ratio(Scenario::Haproxy)
+        );
+    }
     out
 }
 

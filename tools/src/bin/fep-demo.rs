@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fep_shared::api::{NodeArg, NodeState, NodeView, RatioArg};
 use fep_tools::admin_client::{get, post};
-use fep_tools::lab::{self, Lab, VIP_V4};
+use fep_tools::lab::{self, FepProcess, Lab, VIP_V4};
 use fep_tools::{http, netns};
 
 const TAG: &str = "fepdemo";
@@ -39,6 +39,9 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// The client's ratios for the three back ends, as configured at the start.
+const RATIOS: [u32; 3] = [2, 1, 1];
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !netns::is_root() {
@@ -47,73 +50,23 @@ fn main() -> anyhow::Result<()> {
         );
         std::process::exit(2);
     }
-    let fep = lab::workspace_bin("fep")?;
-    let testsrv = lab::workspace_bin("fep-testsrv")?;
-    let agent = lab::workspace_bin("bep-agent")?;
+    let fep_bin = lab::workspace_bin("fep")?;
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     remove_stale_labs();
-
-    println!(
-        "== building the lab: client 10.0.1.2, gateway (fep), back ends be1-be3 at 10.0.2.11-13"
-    );
-    let mut lab = Lab::new(TAG, 3)?;
-    for i in 0..3 {
-        let mut args = lab::testsrv_args(i, &[80], &[5353]);
-        args.extend(["--echo".into(), "7000".into()]);
-        lab.start_backend_server(i, &testsrv, &args)?;
-    }
-    let key = lab.agent_key(&agent)?;
-    let ratios = [2, 1, 1];
-    let list: Vec<String> = (0..3)
-        .map(|i| {
-            format!(
-                "{{ node = \"{}\", ratio = {} }}",
-                lab::backend_name(i),
-                ratios[i]
-            )
-        })
-        .collect();
-    let service = |name: &str, port: u16, proto: &str| {
-        format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"{VIP_V4}\"\nport = {port}\nprotocol = \"{proto}\"\nbackend = [{}]\n",
-            list.join(", ")
-        )
-    };
-    let services = [
-        service("web", 80, "tcp"),
-        service("echo", 7000, "tcp"),
-        service("dns", 5353, "udp"),
-    ]
-    .join("\n");
-    let top = format!(
-        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 500\n",
-        key.display()
-    );
-    let config = lab.config(false, &top, &services);
-    println!("== fep config:\n{}", indent(&config));
-    let fep_bin = fep;
-    let mut fep = lab.start_fep(&fep_bin, &config)?;
-    for i in 0..3 {
-        lab.start_agent(i, &agent, &[80, 7000, 5353], 500, "")?;
-    }
+    let (lab, mut fep) = start(&fep_bin)?;
     let socket = lab.control_socket();
-    wait(Duration::from_secs(10), "agents to connect", || {
-        let nodes: Vec<NodeView> = get(&socket, "/v1/nodes")?;
-        Ok(nodes.iter().all(|n| n.agent_connected))
-    })?;
-    println!("== fep is serving and the three agents report to it");
 
     println!(
         "\n== {} HTTP requests to {VIP_V4}:80, each a new connection",
         args.requests
     );
-    let counts = lab.client.enter(|| http_rounds(args.requests, &ratios))??;
+    let counts = lab.client.enter(|| http_rounds(args.requests, &RATIOS))??;
     println!(
         "\n   final shares over {} connections:",
         counts.iter().sum::<usize>()
     );
-    print_shares(&counts, &ratios);
+    print_shares(&counts, &RATIOS);
 
     if !interrupted() {
         println!("\n== `fepctl ratio web be1 1`: new connections now split 1:1:1");
@@ -137,9 +90,72 @@ fn main() -> anyhow::Result<()> {
             "   20 datagrams from one port were answered by: {}",
             fixed.join(" ")
         );
-        print_shares(&spread, &ratios);
+        print_shares(&spread, &RATIOS);
     }
+    stop_and_clean_up(&lab, &mut fep, &fep_bin)?;
+    println!("== removing the lab");
+    Ok(())
+}
 
+/// Builds the lab, starts the back ends' servers and agents and fep, and
+/// waits until every agent reports.
+fn start(fep_bin: &Path) -> anyhow::Result<(Lab, FepProcess)> {
+    let testsrv = lab::workspace_bin("fep-testsrv")?;
+    let agent = lab::workspace_bin("bep-agent")?;
+    println!(
+        "== building the lab: client 10.0.1.2, gateway (fep), back ends be1-be3 at 10.0.2.11-13"
+    );
+    let mut lab = Lab::new(TAG, 3)?;
+    for i in 0..3 {
+        let mut args = lab::testsrv_args(i, &[80], &[5353]);
+        args.extend(["--echo".into(), "7000".into()]);
+        lab.start_backend_server(i, &testsrv, &args)?;
+    }
+    let key = lab.agent_key(&agent)?;
+    let list: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "{{ node = \"{}\", ratio = {} }}",
+                lab::backend_name(i),
+                RATIOS[i]
+            )
+        })
+        .collect();
+    let service = |name: &str, port: u16, proto: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{VIP_V4}\"\nport = {port}\nprotocol = \"{proto}\"\nbackend = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let services = [
+        service("web", 80, "tcp"),
+        service("echo", 7000, "tcp"),
+        service("dns", 5353, "udp"),
+    ]
+    .join("\n");
+    let top = format!(
+        "agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 500\n",
+        key.display()
+    );
+    let config = lab.config(false, &top, &services);
+    println!("== fep config:\n{}", indent(&config));
+    let fep = lab.start_fep(fep_bin, &config)?;
+    for i in 0..3 {
+        lab.start_agent(i, &agent, &[80, 7000, 5353], 500, "")?;
+    }
+    let socket = lab.control_socket();
+    wait(Duration::from_secs(10), "agents to connect", || {
+        let nodes: Vec<NodeView> = get(&socket, "/v1/nodes")?;
+        Ok(nodes.iter().all(|n| n.agent_connected))
+    })?;
+    println!("== fep is serving and the three agents report to it");
+    Ok((lab, fep))
+}
+
+/// Stops fep (which holds the TUN device and return-path rules for a
+/// restart, so packets are dropped, not misrouted), then decommissions the
+/// gateway with `fep --cleanup` and shows both.
+fn stop_and_clean_up(lab: &Lab, fep: &mut FepProcess, fep_bin: &Path) -> anyhow::Result<()> {
     println!("\n== stopping fep (SIGTERM)");
     let status = fep.stop()?;
     let log = fep.log();
@@ -152,13 +168,13 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("fep exited with {status}:\n{log}");
     }
-    let held = |lab: &Lab| -> anyhow::Result<(bool, bool)> {
+    let held = || -> anyhow::Result<(bool, bool)> {
         Ok((
             lab.gateway.ip_output(&["link", "show", "fep0"]).is_ok(),
             lab.gateway.ip_output(&["rule"])?.contains("lookup 100"),
         ))
     };
-    let (device, rules) = held(&lab)?;
+    let (device, rules) = held()?;
     println!(
         "   fep exited 0; held for a restart (packets dropped, not misrouted): TUN device {device}, \
          return-path rules {rules}"
@@ -166,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     println!("\n== decommissioning: fep --cleanup");
     let out = lab
         .gateway
-        .command(&fep_bin)
+        .command(fep_bin)
         .arg("--config")
         .arg(lab.dir().join("fep.toml"))
         .arg("--cleanup")
@@ -178,12 +194,11 @@ fn main() -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let (device, rules) = held(&lab)?;
+    let (device, rules) = held()?;
     println!(
         "   TUN device gone: {}, policy rules gone: {}",
         !device, !rules
     );
-    println!("== removing the lab");
     Ok(())
 }
 
