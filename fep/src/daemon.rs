@@ -37,7 +37,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// with the runtime changes saved in its state directory (`start`, checked
 /// under the state directory's [`lock_state_dir`]), until SIGINT or SIGTERM;
 /// then saves the route table and leaves the network set-up in place for
-/// the next start (see [`crate::netsetup`]).
+/// the next start (`fep --cleanup` removes it).
 pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<()> {
     let Start { saved, live: cfg } = start;
     let secrets = Secrets::load(&cfg)?;

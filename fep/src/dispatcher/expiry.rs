@@ -81,7 +81,7 @@ impl Expiry {
 }
 
 impl Dispatcher {
-    /// One expiry pass over the next [`SWEEP_SLOTS`] slots of the table
+    /// One expiry pass over the next `SWEEP_SLOTS` slots of the table
     /// (all of it when smaller): removes routes whose connection is over or
     /// that have been idle past the timeout; above 95 % of `max_routes`, also
     /// evicts toward 90 % — unconfirmed routes first, then confirmed ones
@@ -89,7 +89,7 @@ impl Dispatcher {
     /// first within each kind. Runs on the control plane; reads the routes
     /// without a lock, then removes one at a time (each checked again) so
     /// that new routes never wait long. Its memory is bounded by the window
-    /// and [`EVICT_PER_PASS`], reused from pass to pass.
+    /// and `EVICT_PER_PASS`, reused from pass to pass.
     pub fn expire(&self, now: u32) -> ExpireStats {
         let table = self.table.load();
         let mut sweep = self.expiry.sweep.lock().unwrap_or_else(|e| e.into_inner());

@@ -126,8 +126,8 @@ impl Dispatcher {
         self.table.load_full()
     }
 
-    /// Publishes a new transfer table (built with [`TransferTable::build`]
-    /// from the current one, so that route slots keep their meaning).
+    /// Publishes a new transfer table (built from the current one, so that
+    /// route slots keep their meaning).
     pub fn set_table(&self, table: TransferTable) {
         self.table.store(Arc::new(table));
         self.table_version.fetch_add(1, Ordering::Release);
