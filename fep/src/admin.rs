@@ -32,7 +32,7 @@ use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use fep_shared::api::{
     ApiError, BackendAddArg, BackendRemoveArg, Done, NodeAddArg, NodeArg, PinArg, RatioArg,
@@ -126,6 +126,15 @@ pub fn load_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// A POST route for a command on one node (`{"node": NAME}`).
+fn on_node(f: fn(&ControlPlane, &str) -> Result<(), CommandError>) -> MethodRouter<Admin> {
+    post(
+        move |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
+            command(a, move |cp| f(cp, &n.node)).await
+        },
+    )
+}
+
 fn router(admin: Admin) -> Router {
     Router::new()
         .route("/v1/status", get(status))
@@ -139,31 +148,10 @@ fn router(admin: Admin) -> Router {
         )
         .route("/v1/routes", get(routes))
         .route("/v1/ratio", post(ratio))
-        .route(
-            "/v1/drain",
-            post(
-                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
-                    command(a, move |cp| cp.drain(&n.node)).await
-                },
-            ),
-        )
-        .route(
-            "/v1/undrain",
-            post(
-                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
-                    command(a, move |cp| cp.undrain(&n.node)).await
-                },
-            ),
-        )
+        .route("/v1/drain", on_node(ControlPlane::drain))
+        .route("/v1/undrain", on_node(ControlPlane::undrain))
         .route("/v1/pin", post(pin))
-        .route(
-            "/v1/unpin",
-            post(
-                |State(a): State<Admin>, JsonBody(n): JsonBody<NodeArg>| async move {
-                    command(a, move |cp| cp.unpin(&n.node)).await
-                },
-            ),
-        )
+        .route("/v1/unpin", on_node(ControlPlane::unpin))
         .route("/v1/node/add", post(node_add))
         .route("/v1/node/remove", post(node_remove))
         .route("/v1/backend/add", post(backend_add))

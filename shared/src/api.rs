@@ -225,6 +225,21 @@ pub struct ServiceView {
     pub backends: Vec<BackendView>,
 }
 
+impl ServiceView {
+    /// `NAME PROTOCOL VIP:PORT scheduler SCHEDULER`, as `fepctl services`
+    /// and `fepctl top` head a service.
+    pub fn heading(&self) -> String {
+        format!(
+            "{} {} {}:{} scheduler {}",
+            self.name,
+            self.protocol.as_str(),
+            self.vip,
+            self.port,
+            self.scheduler.as_str()
+        )
+    }
+}
+
 /// A node's ratios in one service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeServiceView {

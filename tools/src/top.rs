@@ -102,12 +102,8 @@ fn draw(f: &mut Frame, view: &View) {
             })
         });
         let title = format!(
-            " {} {} {}:{} ({}){} ",
-            svc.name,
-            svc.protocol.as_str(),
-            svc.vip,
-            svc.port,
-            svc.scheduler.as_str(),
+            " {}{} ",
+            svc.heading(),
             if svc.pruning {
                 " — pruning idle routes"
             } else {

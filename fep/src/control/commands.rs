@@ -11,12 +11,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::MutexGuard;
 
 use fep_shared::config::{MAX_RATIO, MAX_SERVICES};
 use fep_shared::{BackendConfig, ConfigError, FepConfig, NodeConfig, ServiceConfig};
 
 use super::model::{Model, NodeState, Pin};
-use super::ControlPlane;
+use super::{ControlPlane, State};
 use crate::netsetup::NetError;
 use crate::routes::{FlowKey, Route};
 use crate::transfer_table::{NodeId, TransferTable};
@@ -109,11 +110,6 @@ impl ControlPlane {
             .request((c.file.clone(), c.live.clone(), state.model.clone()));
     }
 
-    /// The config in force.
-    pub fn live_config(&self) -> FepConfig {
-        self.state().configs.live.clone()
-    }
-
     /// Has VIP routes and rules brought to the current table (removed back
     /// ends drop out once their last route is gone), on the reconciler's
     /// thread.
@@ -123,10 +119,18 @@ impl ControlPlane {
 
     /// Moves the running system to `new`. With `force`, routes of removed
     /// back ends and services are deleted; without, they live on until they
-    /// end.
-    pub fn apply(&self, new: FepConfig, force: bool) -> Result<(), CommandError> {
+    /// end. `state` was locked before `new` was made from the config in
+    /// force: commands run on the blocking pool, and two edits must not
+    /// start from the same copy (the second would undo the first). `file`:
+    /// the config file just read, the base of the next reload.
+    fn apply_locked(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        new: FepConfig,
+        force: bool,
+        file: Option<FepConfig>,
+    ) -> Result<(), CommandError> {
         new.validate().map_err(CommandError::Invalid)?;
-        let mut state = self.state();
         if let Some(key) = state.configs.live.restart_key_changed(&new) {
             return Err(CommandError::NeedsRestart(key));
         }
@@ -140,6 +144,9 @@ impl ControlPlane {
         let table = self.dispatcher.table();
         state.model = Model::new(&new, &table, Some(&state.model));
         state.configs.live = new;
+        if let Some(file) = file {
+            state.configs.file = file;
+        }
         drop(state);
         // A pass over the whole table, outside the state lock (a save
         // from the control-plane thread takes it). Only what this change
@@ -174,9 +181,10 @@ impl ControlPlane {
         force: bool,
         edit: impl FnOnce(&mut FepConfig) -> Result<(), CommandError>,
     ) -> Result<(), CommandError> {
-        let mut cfg = self.live_config();
+        let state = self.state();
+        let mut cfg = state.configs.live.clone();
         edit(&mut cfg)?;
-        self.apply(cfg, force)
+        self.apply_locked(state, cfg, force, None)
     }
 
     /// `fepctl ratio SERVICE NODE N`: affects new routes; idle routes are
@@ -335,16 +343,13 @@ impl ControlPlane {
     /// last loaded; runtime changes to anything else stay. An invalid file is
     /// refused with the reason and the running config stays.
     pub fn reload(&self) -> Result<(), CommandError> {
-        let (path, base, live) = {
-            let c = &self.state().configs;
-            (c.path.clone(), c.file.clone(), c.live.clone())
-        };
+        let path = self.state().configs.path.clone();
+        // Read outside the lock; merged under it with the configs in force.
         let file = FepConfig::load(&path).map_err(CommandError::Reload)?;
-        let merged = FepConfig::merge(&base, &file, &live);
-        match self.apply(merged, false) {
+        let state = self.state();
+        let merged = FepConfig::merge(&state.configs.file, &file, &state.configs.live);
+        match self.apply_locked(state, merged, false, Some(file)) {
             Ok(()) => {
-                self.state().configs.file = file;
-                self.save();
                 tracing::info!("reloaded {}", path.display());
                 Ok(())
             }
@@ -354,9 +359,11 @@ impl ControlPlane {
     }
 
     fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
-        // The state's lock is let go before `no_node` reads the config.
-        let id = self.state().model.node_id(name);
-        id.ok_or_else(|| no_node(&self.live_config(), name))
+        let state = self.state();
+        state
+            .model
+            .node_id(name)
+            .ok_or_else(|| no_node(&state.configs.live, name))
     }
 
     pub fn drain(&self, node: &str) -> Result<(), CommandError> {
@@ -397,8 +404,16 @@ impl ControlPlane {
         node: &str,
         f: impl FnOnce(&mut Model, NodeId),
     ) -> Result<(), CommandError> {
-        let id = self.node_id(node)?;
-        f(&mut self.state().model, id);
+        {
+            // One lock for the lookup and the change: a node removed meanwhile
+            // would leave the id naming another node.
+            let mut state = self.state();
+            let id = state
+                .model
+                .node_id(node)
+                .ok_or_else(|| no_node(&state.configs.live, node))?;
+            f(&mut state.model, id);
+        }
         self.save();
         self.tick();
         Ok(())

@@ -776,6 +776,19 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
     }
 
     #[test]
+    fn confirmations_the_journal_has_no_room_for_are_counted_not_lost_silently() {
+        let r = rig(&udp_config().replace("max_routes = 100", "max_routes = 70000"));
+        for n in 0..=JOURNAL_QUEUE as u32 {
+            let (c, port) = (client(1 + (n / 60_000) as u8), 1000 + (n % 60_000) as u16);
+            let be = r.udp(c, port, 0).unwrap();
+            r.udp_reply(be, c, port, 0);
+            r.udp(c, port, 0).unwrap();
+        }
+        assert_eq!(r.d.journal_overflow(), 1);
+        assert_eq!(r.confirmed().len(), JOURNAL_QUEUE);
+    }
+
+    #[test]
     fn a_datagram_flood_evicts_its_own_routes_never_confirmed_connections() {
         let r = with_udp();
         // Ten confirmed connections, idle since 0 (the longest idle) …

@@ -162,10 +162,14 @@ impl Rig {
 
 /// GOLDEN with a UDP service on port 53 over A and B.
 pub(super) fn with_udp() -> Rig {
-    rig(&format!(
+    rig(&udp_config())
+}
+
+pub(super) fn udp_config() -> String {
+    format!(
         "{GOLDEN}\n[[service]]\nname = \"s53\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
          backend = [{{ node = \"A\", ratio = 1 }}, {{ node = \"B\", ratio = 1 }}]\n"
-    ))
+    )
 }
 
 pub(super) fn udp_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {

@@ -546,4 +546,74 @@ pub(crate) mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_quoted_header_says_where_the_ports_are_and_whether_they_were_captured() {
+        let error = |inner_l4, inner_proto| {
+            Some(IcmpKind::Error {
+                inner: 0,
+                inner_l4,
+                inner_proto,
+            })
+        };
+        // IPv4 with no options, and with one option word: the ports follow
+        // the header's own length, and need its 8 bytes after it.
+        for (first, hlen) in [(0x45, 20), (0x46, 24), (0x4f, 60)] {
+            let mut q = vec![0u8; hlen + 8];
+            q[0] = first;
+            q[9] = UDP;
+            assert_eq!(inner_of(&q, 0, true), error(hlen, UDP), "{first:#x}");
+            assert_eq!(inner_of(&q[..hlen + 7], 0, true), None, "{first:#x} cut");
+        }
+        // No IPv4 header shorter than 20 bytes, nor another version.
+        for first in [0x40, 0x44, 0x55, 0x65] {
+            let mut q = vec![0u8; 68];
+            q[0] = first;
+            q[9] = TCP;
+            assert_eq!(inner_of(&q, 0, true), None, "{first:#x}");
+        }
+        // IPv6: a fixed 40 bytes, then the ports.
+        let mut q = vec![0u8; 48];
+        q[0] = 0x60;
+        q[6] = TCP;
+        assert_eq!(inner_of(&q, 0, false), error(40, TCP));
+        assert_eq!(inner_of(&q[..47], 0, false), None);
+        q[0] = 0x45;
+        assert_eq!(inner_of(&q, 0, false), None);
+    }
+
+    #[test]
+    fn an_embedded_ipv4_udp_checksum_of_0_means_none_and_stays_0() {
+        let mut inner = Vec::new();
+        PacketBuilder::ipv4(v4("10.0.0.100"), v4("10.0.1.2"), 63)
+            .udp(53, 40000)
+            .write(&mut inner, &[7u8; 100])
+            .unwrap();
+        inner.truncate(20 + 8);
+        let checksum = 20 + 6;
+        for zero in [true, false] {
+            let mut quoted = inner.clone();
+            if zero {
+                quoted[checksum..checksum + 2].fill(0);
+            }
+            let mut b = Vec::new();
+            PacketBuilder::ipv4(v4("10.0.1.1"), v4("10.0.0.100"), 64)
+                .icmpv4_raw(3, 3, [0; 4])
+                .write(&mut b, &quoted)
+                .unwrap();
+            let be = a("10.0.2.11");
+            let mut p = IcmpPacket::new_checked(&mut b).unwrap();
+            p.translate(None, Some(&be), Some((&be, 5353)), None);
+            assert_icmp_checksums(&b);
+            let at = 28 + checksum;
+            let after = u16::from_be_bytes([b[at], b[at + 1]]);
+            if zero {
+                assert_eq!(after, 0, "no checksum: none after the rewrite");
+            } else {
+                let before = u16::from_be_bytes([inner[checksum], inner[checksum + 1]]);
+                assert_ne!(after, before, "a real checksum follows the rewrite");
+                assert_ne!(after, 0, "a real checksum is never sent as 0");
+            }
+        }
+    }
 }

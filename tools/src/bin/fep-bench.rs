@@ -243,11 +243,11 @@ fn measure(
 fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Option<FepProcess>> {
     Ok(match s {
         Scenario::Route => {
-            sysctl_forward(&lab)?;
+            sysctl_forward(lab)?;
             None
         }
         Scenario::Nft => {
-            sysctl_forward(&lab)?;
+            sysctl_forward(lab)?;
             let rules = lab.dir().join("bench.nft");
             std::fs::write(&rules, nft_rules())?;
             netns::run(lab.gateway.command("nft").arg("-f").arg(&rules))?;

@@ -380,12 +380,8 @@ fn services_text(services: &[ServiceView]) -> String {
     let mut out = String::new();
     for svc in services {
         out += &format!(
-            "{} {} {}:{} scheduler {} — {} route(s){}\n",
-            svc.name,
-            svc.protocol.as_str(),
-            svc.vip,
-            svc.port,
-            svc.scheduler.as_str(),
+            "{} — {} route(s){}\n",
+            svc.heading(),
             svc.routes,
             if svc.pruning {
                 ", pruning idle routes"
