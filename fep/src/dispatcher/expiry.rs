@@ -215,6 +215,27 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_from_either_side_ends_an_established_route_after_the_linger() {
+        for from_client in [true, false] {
+            let r = rig(GOLDEN);
+            r.connect(client(1), 1000, 0);
+            let rst = tcp_flags::RST | ACK;
+            if from_client {
+                r.send(client(1), 1000, 8080, rst, 10).unwrap();
+            } else {
+                r.reply([10, 0, 2, 1], 8080, client(1), 1000, rst, 10)
+                    .unwrap();
+            }
+            assert_eq!(r.d.expire(10 + CLOSED_LINGER_MS - 1).expired, 0);
+            assert_eq!(
+                r.d.expire(10 + CLOSED_LINGER_MS).expired,
+                1,
+                "{from_client}"
+            );
+        }
+    }
+
+    #[test]
     fn idle_established_routes_expire_after_the_idle_timeout_and_busy_ones_stay() {
         // GOLDEN: route_idle_timeout_s = 60. Both connections are through
         // their handshake, so neither the embryonic timeout nor the linger

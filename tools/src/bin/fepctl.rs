@@ -228,14 +228,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Cmd::Routes { service, node, client, limit } => {
             let q = RouteQuery { service: service.clone(), node: node.clone(), client: *client, limit: Some(*limit) };
-            let v: Vec<RouteView> = get(&to, &format!("/v1/routes?{}", serde_urlencoded::to_string(&q)?))?;
-            let mut text = routes_text(&v);
-            if !cli.json && v.len() == *limit {
-                // The table's size is a counter: no second listing.
-                let total = get::<StatusView>(&to, "/v1/status")?.routes;
-                text += &format!("the first {limit} shown; {total} route(s) in the table (--limit K for more)\n");
-            }
-            (json(&v)?, text)
+            routes(cli, &to, &q)?
         }
         Cmd::Ratio { service, node, ratio } => (
             command(&to, "/v1/ratio", &RatioArg { service: service.clone(), node: node.clone(), ratio: *ratio })?,
@@ -292,6 +285,24 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         println!("{}", said.trim_end());
     }
     Ok(())
+}
+
+/// `fepctl routes`: the listing, and when it was cut at the limit, how many
+/// routes the table holds (a counter: no second listing).
+fn routes(cli: &Cli, to: &AdminAddress, q: &RouteQuery) -> anyhow::Result<(Value, String)> {
+    let v: Vec<RouteView> = get(
+        to,
+        &format!("/v1/routes?{}", serde_urlencoded::to_string(q)?),
+    )?;
+    let mut text = routes_text(&v);
+    let limit = q.limit.unwrap_or(usize::MAX);
+    if !cli.json && v.len() == limit {
+        let total = get::<StatusView>(to, "/v1/status")?.routes;
+        text += &format!(
+            "the first {limit} shown; {total} route(s) in the table (--limit K for more)\n"
+        );
+    }
+    Ok((json(&v)?, text))
 }
 
 /// Polls until the node is drained, printing the routes left when they change.
