@@ -14,7 +14,7 @@ use fep_shared::protocol::{
     AgentMsg, ConnId, FepMsg, Key, Report, ServiceLoad, MAX_CONNS_PER_FRAME, MAX_FRAME,
 };
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
+    backend, echo, fepctl, http_names, node, open_echo, overload_be1, routes, services,
     skip_without_root, spare_server_start, start_for_agents, start_scale_out, start_with_agents,
     start_with_agents_after, status, wait_for, RawAgent, Running,
 };
@@ -102,8 +102,8 @@ fn a_rogue_agent_from_another_address_is_refused_and_the_nodes_live_connection_s
     assert_eq!(n.state, NodeState::Up, "{n:?}");
     assert!(n.agent_connected, "the real agent stays: {n:?}");
     assert_eq!(backend(&r, "echo", &held).effective_ratio, 1);
-    let routes = fepctl_json(&r, &["routes", "--service", "echo"]);
-    assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
+    let routes = routes(&r, &["--service", "echo"]);
+    assert_eq!(routes.len(), 1, "{routes:?}");
     assert!(
         r.fep.log().contains(&format!(
             "refused an agent registering as node '{held}' from 10.0.1.2"
@@ -169,8 +169,8 @@ fn answers_fep_did_not_ask_for_are_refused_and_counted() {
     });
     assert!(fake.closed(), "fep hangs up on an unsolicited live list");
     assert_eq!(refused(&r, "unsolicited"), 1);
-    let routes = fepctl_json(&r, &["routes"]);
-    assert_eq!(routes.as_array().unwrap().len(), 0, "{routes}");
+    let routes = routes(&r, &[]);
+    assert_eq!(routes.len(), 0, "{routes:?}");
 
     // An answer to a query fep never sent; and a start result never asked.
     let mut fake = RawAgent::connect(&r.lab.backends[0], lab_key(&r));

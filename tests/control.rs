@@ -2,14 +2,14 @@
 //! TCP, fep driven with fepctl.
 
 use std::io::Read;
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::time::Duration;
 
 use fep_shared::api::{NodeState, Spare};
 use fep_shared::protocol::{AgentMsg, Key, Report, ServiceLoad};
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, harmful_report, http_names, node, open_echo, overload_be1,
-    services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
+    backend, echo, fepctl, harmful_report, http_names, node, nodes, open_echo, overload_be1,
+    routes, services, skip_without_root, spare_server_start, start_scale_out, start_with_agents,
     start_with_agents_after, status, tally, wait_for, write_route_snapshot, RawAgent,
 };
 use fep_tools::lab::VIP_V4;
@@ -41,12 +41,8 @@ fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it
     assert_eq!(node(&r, &held).state, NodeState::Draining);
     prune_rounds_pass(&r, &held, 6.0);
     echo(&mut conn, "while draining");
-    let routes = fepctl_json(&r, &["routes", "--node", &held]);
-    assert_eq!(
-        routes.as_array().unwrap().len(),
-        1,
-        "the live route stays: {routes}"
-    );
+    let routes = routes(&r, &["--node", &held]);
+    assert_eq!(routes.len(), 1, "the live route stays: {routes:?}");
     assert_eq!(node(&r, &held).state, NodeState::Draining);
     assert!(
         http_names(&r, VIP_V4.into(), 20).iter().all(|n| n == other),
@@ -306,20 +302,14 @@ fn forged_and_replayed_agent_messages_change_nothing_and_are_counted() {
     garbler.send(&u32::MAX.to_be_bytes());
     assert!(garbler.closed());
 
-    let status = fepctl_json(&r, &["status"]);
-    let rejects = &status["agent_rejects"];
+    let rejects = status(&r).agent_rejects;
     // Each rejection ends its connection: the forger's and the replayer's
     // first frames fail the MAC, one replay, one oversized frame.
-    assert_eq!(rejects["bad_mac"], 2, "{rejects}");
-    assert_eq!(rejects["replay"], 1, "{rejects}");
-    assert_eq!(rejects["oversized"], 1, "{rejects}");
-    let all: u64 = rejects
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(all, 4, "nothing else rejected: {rejects}");
+    assert_eq!(rejects.get("bad_mac"), Some(&2), "{rejects:?}");
+    assert_eq!(rejects.get("replay"), Some(&1), "{rejects:?}");
+    assert_eq!(rejects.get("oversized"), Some(&1), "{rejects:?}");
+    let all: u64 = rejects.values().sum();
+    assert_eq!(all, 4, "nothing else rejected: {rejects:?}");
     // Nothing changed: be1 is up, with its ratio, and serves.
     assert_eq!(backend(&r, "web", "be1").effective_ratio, 1);
     assert_eq!(node(&r, "be1").state, NodeState::Up);
@@ -357,10 +347,9 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
         .enter(|| TcpStream::connect((VIP_V4, 80)).unwrap())
         .unwrap();
     live.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
-    let mine = fepctl_json(&r, &["routes", "--client", "10.0.1.2"]);
-    let mine = mine.as_array().unwrap();
+    let mine = routes(&r, &["--client", "10.0.1.2"]);
     assert_eq!(mine.len(), 1, "{mine:?}");
-    let held = mine[0]["node"].as_str().unwrap().to_string();
+    let held = mine[0].node.to_string();
     let other = if held == "be1" { "be2" } else { "be1" };
     let before = fep_tests::scrape(&r, "127.0.0.1:9100");
     let pruned_before = fep_tests::metric(&before, "fep_routes_pruned_total");
@@ -385,15 +374,14 @@ fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
         "the ten restored routes of {held}, by pruning"
     );
     assert!(fep_tests::metric(&after, "fep_prune_cycles_total").unwrap() >= 1.0);
-    let status = fepctl_json(&r, &["status"]);
-    assert_eq!(status["routes_expired"], 0, "none idled out or closed");
-    assert_eq!(status["routes_evicted"], 0);
+    let status = status(&r);
+    assert_eq!(status.routes_expired, 0, "none idled out or closed");
+    assert_eq!(status.routes_evicted, 0);
     // The live one stays, on its node, and works; the other node, below its
     // target share, was not pruned at all.
-    let left = fepctl_json(&r, &["routes", "--node", &held]);
-    let left = left.as_array().unwrap();
+    let left = routes(&r, &["--node", &held]);
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0]["client"], "10.0.1.2");
+    assert_eq!(left[0].client, IpAddr::from([10, 0, 1, 2]));
     assert_eq!(node(&r, other).routes, 10);
     use std::io::Write;
     live.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
@@ -466,9 +454,9 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         // Meanwhile: the age of every agent's last report, and node states.
         let mut samples = Vec::new();
         while std::time::Instant::now() < until {
-            for n in fepctl_json(&r, &["nodes"]).as_array().unwrap() {
-                let age = n["report_age_ms"].as_u64().expect("a report");
-                samples.push((age, n["name"].to_string(), n["state"].to_string()));
+            for n in nodes(&r) {
+                let age = n.report_age_ms.expect("a report");
+                samples.push((age, n.name, n.state));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -487,7 +475,7 @@ fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
         samples.len()
     );
     let log = r.fep.log();
-    let not_up: Vec<_> = samples.iter().filter(|s| s.2 != "\"up\"").collect();
+    let not_up: Vec<_> = samples.iter().filter(|s| s.2 != NodeState::Up).collect();
     assert!(
         not_up.is_empty(),
         "every node stays up: {not_up:?}\nfep log:\n{log}"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fep_shared::api::{NodeState, PinState, Spare};
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, http_names, node, open_echo, overload_be1, services,
+    backend, echo, fepctl, http_names, node, nodes, open_echo, overload_be1, service, services,
     skip_without_root, start_for_agents, start_for_agents_edited, start_scale_out,
     start_with_agents, start_with_agents_after, tally, wait_for, wait_for_agents,
     write_route_snapshot, Running,
@@ -39,15 +39,9 @@ fn routes(r: &Running, service: &str, node: &str) -> u64 {
     u64::from(backend(r, service, node).routes)
 }
 
-/// Whether `service` is being pruned.
-fn pruning(r: &Running, service: &str) -> bool {
-    fepctl_json(r, &["services"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == service)
-        .expect("service")["pruning"]
-        == true
+/// Whether service `name` is being pruned.
+fn pruning(r: &Running, name: &str) -> bool {
+    service(r, name).pruning
 }
 
 /// `n` connections held open from the gateway straight to back end `i`'s
@@ -535,16 +529,10 @@ fn client_affinity_keeps_every_connection_of_a_client_on_the_backend_of_its_live
         &r,
         "the held connection's route",
         Duration::from_secs(5),
-        |r| {
-            fepctl_json(r, &["routes", "--service", "web"])
-                .as_array()
-                .unwrap()
-                .len()
-                == 1
-        },
+        |r| fep_tests::routes(r, &["--service", "web"]).len() == 1,
     );
-    let route = fepctl_json(&r, &["routes", "--service", "web"])[0].clone();
-    let chosen = route["node"].as_str().unwrap().to_string();
+    let route = fep_tests::routes(&r, &["--service", "web"])[0].clone();
+    let chosen = route.node.to_string();
     let names = http_names(&r, VIP_V4.into(), 10);
     assert!(
         names.iter().all(|n| *n == chosen),
@@ -575,22 +563,14 @@ fn load_metric_cpu_is_the_cpu_use_each_agent_reports() {
         "web's load equal to each node's reported CPU",
         Duration::from_secs(10),
         |r| {
-            let nodes = fepctl_json(r, &["nodes"]);
+            let nodes = nodes(r);
             let loads: Vec<_> = ["be1", "be2"]
                 .iter()
                 .map(|n| backend(r, "web", n).load)
                 .collect();
             let cpus: Vec<_> = ["be1", "be2"]
                 .iter()
-                .map(|n| {
-                    nodes
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|x| x["name"] == *n)
-                        .unwrap()["cpu_percent"]
-                        .as_f64()
-                })
+                .map(|n| nodes.iter().find(|x| x.name == *n).unwrap().cpu_percent)
                 .collect();
             loads == cpus && loads.iter().all(|l| l.is_some_and(|l| l > 0.0))
         },

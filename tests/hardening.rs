@@ -7,9 +7,10 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use fep_shared::api::Count;
 use fep_tests::{
-    fepctl_json, http, http_names, pattern, skip_without_root, start_with_agents, status, tally,
-    wait_for, Running, TIMEOUT,
+    counters, dropped, http, http_names, pattern, skip_without_root, start_with_agents, status,
+    tally, wait_for, Running, TIMEOUT,
 };
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
 use fep_tools::ping;
@@ -27,10 +28,6 @@ fn start(tag: &str, top: &str) -> Running {
         lab::backend_v6(0)
     );
     Running::start(lab, top, &services)
-}
-
-fn counters(r: &Running) -> serde_json::Value {
-    fepctl_json(r, &["status"])["counters"].clone()
 }
 
 #[test]
@@ -62,16 +59,16 @@ fn hostile_packets_are_dropped_and_counted_while_real_clients_are_served() {
     // fep keeps serving real clients and did not fall over.
     assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
     let c = counters(&r);
-    let drops = &c["drops"];
+    let drops = &c.drops;
     assert!(
-        drops["no_route"].as_u64().unwrap() >= 100,
-        "segments without SYN and no route: {drops}"
+        dropped(&c, "no_route") >= 100,
+        "segments without SYN and no route: {drops:?}"
     );
     assert!(
-        drops["unsupported_protocol"].as_u64().unwrap() >= 5,
-        "unknown protocols: {drops}"
+        dropped(&c, "unsupported_protocol") >= 5,
+        "unknown protocols: {drops:?}"
     );
-    assert!(c["routes_created"].as_u64().unwrap() >= 10);
+    assert!(c.get(Count::RoutesCreated) >= 10);
     let status = r.fep.stop().unwrap();
     assert!(status.success(), "fep must survive: {}", r.fep.log());
     assert!(!r.fep.log().contains("panicked"));
@@ -94,7 +91,7 @@ fn echo_requests_to_a_vip_are_answered_by_fep() {
                 });
         }
     }
-    assert!(counters(&r)["icmp_echo_replies"].as_u64().unwrap() >= 4);
+    assert!(counters(&r).get(Count::IcmpEchoReplies) >= 4);
 }
 
 #[test]
@@ -127,7 +124,7 @@ fn a_tun_device_deleted_under_fep_is_logged_and_does_not_spin() {
         r.fep.log()
     );
     assert!(
-        counters(&r)["tun_read_errors"].as_u64().unwrap() > 0,
+        counters(&r).get(Count::TunReadErrors) > 0,
         "the errors are counted"
     );
     r.fep.stop().expect("fep stops");
@@ -237,7 +234,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
             Err(e) => {
                 failed += 1;
                 eprintln!(
-                    "a real request failed during the flood: {e:#}; counters {}",
+                    "a real request failed during the flood: {e:#}; counters {:?}",
                     counters(&r)
                 );
             }
@@ -273,8 +270,8 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
          {served} real requests served during the flood ({failed} failed); embryonic evictions {}, table_full drops {}",
         rss_before as f64 / 1e6,
         peak_rss as f64 / 1e6,
-        c["unconfirmed_evicted"],
-        c["drops"]["table_full"]
+        c.get(Count::UnconfirmedEvicted),
+        dropped(&c, "table_full")
     );
     // Two shared cores run the flood, the gateway, fep (a debug build) and
     // the back ends: a request may time out, few may. A request and an echo
@@ -290,7 +287,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_real_clients_served() {
         (MAX_ROUTES * 95 / 100..=MAX_ROUTES).contains(&peak_routes),
         "the route table filled up to max_routes, no more: peak {peak_routes}"
     );
-    let evicted = c["unconfirmed_evicted"].as_u64().unwrap();
+    let evicted = c.get(Count::UnconfirmedEvicted);
     assert!(
         evicted >= 100_000,
         "flood routes evicted to make room: {evicted}"

@@ -6,7 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use fep_shared::api::{BackendView, Count, NodeView, ServiceView, StatusView};
+use fep_shared::api::{
+    BackendView, Count, CountersView, NodeView, RouteView, ServiceView, StatusView,
+};
 use fep_shared::protocol::{self, AgentMsg, FepMsg, Message, Report, ServiceLoad, Session};
 use fep_tools::lab::VIP_V4;
 use fep_tools::lab::{self, FepProcess, Lab};
@@ -182,12 +184,9 @@ pub fn start_with_agents_after(
 /// Waits until every node's agent is connected and has reported.
 pub fn wait_for_agents(r: &Running) {
     wait_for(r, "every agent connected", Duration::from_secs(10), |r| {
-        let nodes = fepctl_json(r, &["nodes"]);
-        nodes
-            .as_array()
-            .unwrap()
+        nodes(r)
             .iter()
-            .all(|n| n["agent_connected"] == true && !n["report_age_ms"].is_null())
+            .all(|n| n.agent_connected && n.report_age_ms.is_some())
     });
 }
 
@@ -327,16 +326,6 @@ pub fn fepctl(r: &Running, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
 }
 
-/// `fepctl --json ARGS`, which must succeed, parsed.
-pub fn fepctl_json(r: &Running, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, out) = fepctl(r, &all);
-    assert_eq!(code, 0, "fepctl {args:?} failed: {out}");
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("fepctl {args:?} printed no JSON ({e}): {out}"))
-}
-
 /// Polls `cond` every 100 ms until it holds; panics with `what` and fep's
 /// log after `limit`.
 pub fn wait_for(r: &Running, what: &str, limit: Duration, mut cond: impl FnMut(&Running) -> bool) {
@@ -361,10 +350,19 @@ pub fn metric(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// `fepctl --json ARGS`, which must succeed, read as the API's view `T`.
+/// `fepctl --json ARGS`, which must succeed, read as the API's view `T`
+/// (every field the view has must be there, with its type).
 pub fn fepctl_view<T: serde::de::DeserializeOwned>(r: &Running, args: &[&str]) -> T {
-    serde_json::from_value(fepctl_json(r, args))
-        .unwrap_or_else(|e| panic!("fepctl {args:?} printed another view: {e}"))
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out) = fepctl(r, &all);
+    assert_eq!(code, 0, "fepctl {args:?} failed: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "fepctl {args:?} printed no {} ({e}): {out}",
+            std::any::type_name::<T>()
+        )
+    })
 }
 
 /// `fepctl status --json`.
@@ -372,17 +370,55 @@ pub fn status(r: &Running) -> StatusView {
     fepctl_view(r, &["status"])
 }
 
+/// The packet counters of `fepctl status --json`.
+pub fn counters(r: &Running) -> CountersView {
+    status(r).counters
+}
+
+/// The packets `counters` dropped for `reason` (every reason is listed).
+pub fn dropped(counters: &CountersView, reason: &str) -> u64 {
+    *counters
+        .drops
+        .get(reason)
+        .unwrap_or_else(|| panic!("no drop reason {reason}: {:?}", counters.drops))
+}
+
+/// `fepctl nodes --json`.
+pub fn nodes(r: &Running) -> Vec<NodeView> {
+    fepctl_view(r, &["nodes"])
+}
+
 /// The entry of `node` in `fepctl nodes --json`.
 pub fn node(r: &Running, name: &str) -> NodeView {
-    fepctl_view::<Vec<NodeView>>(r, &["nodes"])
+    nodes(r)
         .into_iter()
         .find(|n| n.name == name)
         .unwrap_or_else(|| panic!("no node {name}"))
 }
 
+/// `fepctl services --json`.
+pub fn service_views(r: &Running) -> Vec<ServiceView> {
+    fepctl_view(r, &["services"])
+}
+
+/// The entry of `service` in `fepctl services --json`.
+pub fn service(r: &Running, name: &str) -> ServiceView {
+    service_views(r)
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
+}
+
+/// `fepctl routes --json` with `filter` (e.g. `["--node", "be2"]`).
+pub fn routes(r: &Running, filter: &[&str]) -> Vec<RouteView<'static>> {
+    let mut args = vec!["routes"];
+    args.extend_from_slice(filter);
+    fepctl_view(r, &args)
+}
+
 /// The entry of back end `node` in service `service` of `fepctl services --json`.
 pub fn backend(r: &Running, service: &str, node: &str) -> BackendView {
-    fepctl_view::<Vec<ServiceView>>(r, &["services"])
+    service_views(r)
         .into_iter()
         .find(|s| s.name == service)
         .expect("service")
@@ -562,11 +598,7 @@ pub fn start_scale_out(
     }
     let r = Running { lab, fep };
     wait_for(&r, "agents connected", Duration::from_secs(10), |r| {
-        fepctl_json(r, &["nodes"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["agent_connected"] == true)
+        nodes(r).iter().all(|n| n.agent_connected)
     });
     r
 }

@@ -5,8 +5,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use fep_tests::{
-    expected_io, fepctl_json, http, pattern, skip_without_root, start, start_with_top, status,
-    tally, TIMEOUT,
+    expected_io, http, pattern, skip_without_root, start, start_with_top, status, tally, TIMEOUT,
 };
 use fep_tools::lab::{VIP_V4, VIP_V6};
 
@@ -170,8 +169,13 @@ fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
         "first differing chunk starts at this offset"
     );
     assert_eq!(hash, pattern::expected_hash(LEN));
-    let workers = &fepctl_json(&r, &["status"])["tun_workers"];
-    assert_eq!(workers[io.0], io.1, "fep's workers: {workers}");
+    let workers = fep_tests::status(&r).tun_workers;
+    let running = match io.0 {
+        "batched" => workers.batched,
+        "blocking" => workers.blocking,
+        other => panic!("no I/O mode {other}"),
+    };
+    assert_eq!(running, io.1, "fep's workers: {workers:?}");
     assert!(r.fep.stop().unwrap().success());
 }
 

@@ -3,12 +3,13 @@
 //! that keeps runtime changes, damaged state that stops fep, and reloads
 //! good and bad.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use fep_shared::api::{NodeState, StatusView};
 use fep_tests::{
-    backend, fepctl, fepctl_json, http, http_names, metric, node, sample, skip_without_root, tally,
-    wait_for, Running, TIMEOUT,
+    backend, fepctl, http, http_names, metric, node, nodes, routes, sample, skip_without_root,
+    tally, wait_for, Running, TIMEOUT,
 };
 use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
@@ -69,23 +70,17 @@ fn every_fepctl_command_against_a_running_fep() {
     let r = start("fop");
     let vip = VIP_V4.into();
 
-    // Views, human and JSON.
-    let nodes = fepctl_json(&r, &["nodes"]);
-    let be1 = &nodes.as_array().unwrap()[0];
-    for key in ["name", "address", "state", "pinned", "routes", "services"] {
-        assert!(!be1[key].is_null(), "nodes --json lacks {key}: {be1}");
-    }
+    // Views, human and JSON (a node lacking a field of its view, such as
+    // name, address, state, pinned, routes or services, does not read).
+    let listed = nodes(&r);
+    let be1 = &listed[0];
     assert_eq!(
-        (
-            be1["name"].as_str(),
-            be1["address"].as_str(),
-            be1["state"].as_str()
-        ),
-        (Some("be1"), Some("10.0.2.11"), Some("up"))
+        (be1.name.as_str(), be1.address, be1.state),
+        ("be1", IpAddr::from([10, 0, 2, 11]), NodeState::Up)
     );
-    assert_eq!(be1["pinned"], false);
-    assert_eq!(be1["services"][0]["configured_ratio"], 1);
-    assert_eq!(be1["services"][0]["effective_ratio"], 1);
+    assert!(!be1.pinned);
+    assert_eq!(be1.services[0].configured_ratio, 1);
+    assert_eq!(be1.services[0].effective_ratio, 1);
     assert!(ok(&r, &["status"]).contains("web tcp 10.0.0.100:80"));
     assert!(ok(&r, &["services"]).contains("be2"));
     assert!(ok(&r, &["nodes"]).contains("10.0.2.12"));
@@ -93,7 +88,8 @@ fn every_fepctl_command_against_a_running_fep() {
     let socket = r.lab.control_socket();
     let (code, out) = fepctl(&r, &["status", "--json"]);
     assert_eq!(code, 0, "{out}");
-    assert!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["services"].is_array());
+    serde_json::from_str::<StatusView>(&out)
+        .unwrap_or_else(|e| panic!("status --json printed no status view ({e}): {out}"));
     let direct = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())
         .args(["nodes", "--socket"])
         .arg(&socket)
@@ -123,29 +119,18 @@ fn every_fepctl_command_against_a_running_fep() {
                 .collect()
         })
         .unwrap();
-    let routes = fepctl_json(&r, &["routes", "--service", "web", "--client", "10.0.1.2"]);
-    let routes = routes.as_array().unwrap();
-    assert!(
-        routes.len() >= 2,
-        "the held connections' routes: {routes:?}"
-    );
-    assert!(routes
+    let mine = routes(&r, &["--service", "web", "--client", "10.0.1.2"]);
+    assert!(mine.len() >= 2, "the held connections' routes: {mine:?}");
+    assert!(mine
         .iter()
-        .all(|x| x["client"] == "10.0.1.2" && x["service"] == "web"));
-    let none = fepctl_json(&r, &["routes", "--client", "10.0.1.99"]);
-    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
-    assert_eq!(
-        fepctl_json(&r, &["routes", "--limit", "1"])
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+        .all(|x| x.client == IpAddr::from([10, 0, 1, 2]) && x.service == "web"));
+    let none = routes(&r, &["--client", "10.0.1.99"]);
+    assert_eq!(none.len(), 0, "{none:?}");
+    assert_eq!(routes(&r, &["--limit", "1"]).len(), 1);
     for n in ["be1", "be2"] {
-        let routes = fepctl_json(&r, &["routes", "--node", n]);
-        let routes = routes.as_array().unwrap();
-        assert!(!routes.is_empty(), "a held connection is on {n}");
-        assert!(routes.iter().all(|x| x["node"] == n), "{routes:?}");
+        let on = routes(&r, &["--node", n]);
+        assert!(!on.is_empty(), "a held connection is on {n}");
+        assert!(on.iter().all(|x| x.node == n), "{on:?}");
     }
     drop(held);
 
@@ -168,12 +153,7 @@ fn every_fepctl_command_against_a_running_fep() {
     assert!(out.contains("drain it first"), "{out}");
     ok(&r, &["drain", "be3", "--wait", "--timeout", "15"]);
     ok(&r, &["node", "remove", "be3"]);
-    let left: Vec<_> = fepctl_json(&r, &["nodes"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap().to_string())
-        .collect();
+    let left: Vec<_> = nodes(&r).into_iter().map(|n| n.name).collect();
     assert_eq!(left, ["be1", "be2"]);
     fep_tests::wait_rule_gone(&r, "10.0.2.13");
 

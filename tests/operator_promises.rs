@@ -10,10 +10,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use fep_shared::api::NodeState;
+use fep_shared::api::{ApiError, Count, Done, NodeState};
+use fep_shared::config::{Protocol, Scheduler};
 use fep_tests::{
-    backend, echo, fepctl, fepctl_json, http, node, open_echo, open_echo_to, sample, scrape,
-    skip_without_root, start, start_with_top, status, sysctl, wait_for, Running, TIMEOUT,
+    backend, counters, dropped, echo, fepctl, http, node, open_echo, open_echo_to, sample, scrape,
+    service, service_views, skip_without_root, start, start_with_top, status, sysctl, wait_for,
+    Running, TIMEOUT,
 };
 use fep_tools::admin_client::{self, AdminAddress};
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
@@ -25,10 +27,6 @@ fn ok(r: &Running, args: &[&str]) -> String {
     let (code, out) = fepctl(r, args);
     assert_eq!(code, 0, "fepctl {args:?}: {out}\nfep log:\n{}", r.fep.log());
     out
-}
-
-fn counters(r: &Running) -> serde_json::Value {
-    fepctl_json(r, &["status"])["counters"].clone()
 }
 
 fn routes(r: &Running) -> u64 {
@@ -114,9 +112,7 @@ fn broken(conn: &mut BufReader<TcpStream>) -> bool {
 
 /// The routes `fepctl routes --json` lists with `filter` (e.g. `--node be2`).
 fn listed(r: &Running, filter: &[&str]) -> usize {
-    let mut args = vec!["routes"];
-    args.extend_from_slice(filter);
-    fepctl_json(r, &args).as_array().unwrap().len()
+    fep_tests::routes(r, filter).len()
 }
 
 #[test]
@@ -213,19 +209,16 @@ fn routes_are_evicted_near_max_routes_which_a_reload_lowers_but_cannot_raise() {
     // 90 + 300 flows would fit under 1000; under 204 the table made room.
     wait_for(&r, "the new flows handled", Duration::from_secs(10), |r| {
         let c = counters(r);
-        c["routes_created"].as_u64().unwrap() + c["drops"]["table_full"].as_u64().unwrap()
-            >= before["routes_created"].as_u64().unwrap()
-                + before["drops"]["table_full"].as_u64().unwrap()
-                + 300
+        c.get(Count::RoutesCreated) + dropped(&c, "table_full")
+            >= before.get(Count::RoutesCreated) + dropped(&before, "table_full") + 300
     });
     let n = routes(&r);
     assert!(n <= 204, "{n} routes under max_routes 204");
     let c = counters(&r);
-    let made_room = c["unconfirmed_evicted"].as_u64().unwrap()
-        + c["drops"]["table_full"].as_u64().unwrap()
-        - before["unconfirmed_evicted"].as_u64().unwrap()
-        - before["drops"]["table_full"].as_u64().unwrap();
-    assert!(made_room >= 100, "the table was full: {c}");
+    let made_room = c.get(Count::UnconfirmedEvicted) + dropped(&c, "table_full")
+        - before.get(Count::UnconfirmedEvicted)
+        - dropped(&before, "table_full");
+    assert!(made_room >= 100, "the table was full: {c:?}");
 }
 
 #[test]
@@ -306,8 +299,9 @@ fn removals_with_force_delete_routes_and_without_let_connections_carry_on() {
     echo(&mut conns[0].0, "be1 unaffected to the end");
 }
 
-/// A POST to the admin API over the socket: the status and the JSON body.
-fn post(r: &Running, path: &str, body: &str) -> (u16, serde_json::Value) {
+/// A POST to the admin API over the socket: the status and the body, read
+/// as the API's view `T`.
+fn post<T: serde::de::DeserializeOwned>(r: &Running, path: &str, body: &str) -> (u16, T) {
     let (status, text) = admin_client::request(
         &AdminAddress::Socket(r.lab.control_socket()),
         "POST",
@@ -315,17 +309,20 @@ fn post(r: &Running, path: &str, body: &str) -> (u16, serde_json::Value) {
         Some(body),
     )
     .unwrap();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{path} {body}: not JSON ({e}): {text:?}"));
-    (status, value)
+    let view = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "{path} {body}: not {} ({e}): {text:?}",
+            std::any::type_name::<T>()
+        )
+    });
+    (status, view)
 }
 
 /// The request is answered `code` with `{"error": …}` containing `says`.
 fn refused(r: &Running, path: &str, body: &str, code: u16, says: &str) {
-    let (status, value) = post(r, path, body);
-    let error = value["error"].as_str().unwrap_or_default();
-    assert_eq!(status, code, "{path} {body}: {value}");
-    assert!(error.contains(says), "{path} {body}: {value}");
+    let (status, answer) = post::<ApiError>(r, path, body);
+    assert_eq!(status, code, "{path} {body}: {answer:?}");
+    assert!(answer.error.contains(says), "{path} {body}: {answer:?}");
 }
 
 #[test]
@@ -427,10 +424,7 @@ fn the_admin_api_answers_400_or_404_with_an_error_and_every_fepctl_flag_works() 
     // fepctl: --json after a subcommand with arguments, and on a change.
     let (code, out) = fepctl(&r, &["ratio", "echo", "be2", "2", "--json"]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["ok"],
-        true
-    );
+    assert!(serde_json::from_str::<Done>(&out).unwrap().ok);
     assert_eq!(backend(&r, "echo", "be2").configured_ratio, 2);
     // pin --ratio and --load, one after the other: both stay pinned.
     ok(&r, &["pin", "be1", "--ratio", "3"]);
@@ -499,14 +493,8 @@ fn the_admin_api_answers_400_or_404_with_an_error_and_every_fepctl_flag_works() 
         names.iter().all(|n| *n == names[0]) && ["be2", "be3"].contains(&names[0].as_str()),
         "one back end (port 80) serves every connection of the client: {names:?}"
     );
-    let services = fepctl_json(&r, &["services"]);
-    let alt = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "alt")
-        .unwrap();
-    assert_eq!(alt["scheduler"], "least-routes", "{alt}");
+    let alt = service(&r, "alt");
+    assert_eq!(alt.scheduler, Scheduler::LeastRoutes, "{alt:?}");
     ok(
         &r,
         &[
@@ -521,12 +509,9 @@ fn the_admin_api_answers_400_or_404_with_an_error_and_every_fepctl_flag_works() 
             "udp",
         ],
     );
-    let services = fepctl_json(&r, &["services"]);
-    assert!(services
-        .as_array()
-        .unwrap()
+    assert!(service_views(&r)
         .iter()
-        .any(|s| s["name"] == "dns" && s["protocol"] == "udp"));
+        .any(|s| s.name == "dns" && s.protocol == Protocol::Udp));
     // routes: the human listing says how many the table holds when cut.
     for _ in 0..3 {
         open_echo(&r);
@@ -636,12 +621,7 @@ fn reloads_refuse_restart_only_keys_and_apply_what_the_file_changed() {
         4,
         "the runtime value stays for what the file did not change"
     );
-    let names: Vec<String> = fepctl_json(&r, &["services"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> = service_views(&r).into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["echo"]);
     // Their live connections carry on; no new one goes to them.
     echo(

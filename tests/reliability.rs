@@ -8,8 +8,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use fep_shared::api::Count;
 use fep_tests::{
-    fepctl_json, http, pattern, skip_without_root, sysctl, wait_for, Running, TIMEOUT,
+    dropped, http, pattern, skip_without_root, status, sysctl, wait_for, Running, TIMEOUT,
 };
 use fep_tools::lab::{self, Lab, VIP_V4};
 use fep_tools::netns::Netns;
@@ -337,14 +338,13 @@ fn a_udp_flood_on_a_full_table_evicts_no_established_connection() {
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!("{said} ({:.1} s)", started.elapsed().as_secs_f64());
-    let status = fepctl_json(&r, &["status"]);
-    let c = &status["counters"];
-    eprintln!("after the flood: {status}");
+    let after = status(&r);
+    let c = &after.counters;
+    eprintln!("after the flood: {after:?}");
     // The table came under pressure: full, and made room from the flood.
-    let evicted =
-        c["unconfirmed_evicted"].as_u64().unwrap() + status["routes_evicted"].as_u64().unwrap_or(0);
+    let evicted = c.get(Count::UnconfirmedEvicted) + after.routes_evicted as u64;
     assert!(
-        evicted >= 4000 && c["drops"]["table_full"].as_u64().unwrap() > 0,
+        evicted >= 4000 && dropped(c, "table_full") > 0,
         "the table came under pressure: full, and the flood's routes evicted for each other"
     );
     for (i, c) in conns.iter_mut().enumerate() {
@@ -363,7 +363,9 @@ fn a_udp_flood_on_a_full_table_evicts_no_established_connection() {
         }
         assert!(back == block);
     }
+    // A status that reads is an answer.
     wait_for(&r, "fep still answers", Duration::from_secs(5), |r| {
-        fepctl_json(r, &["status"])["routes"].as_u64().is_some()
+        status(r);
+        true
     });
 }
