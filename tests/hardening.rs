@@ -389,3 +389,42 @@ fn the_admin_socket_refuses_other_users() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_admin_socket_holds_a_bounded_number_of_connections_and_frees_idle_ones() {
+    if skip_without_root(
+        "the_admin_socket_holds_a_bounded_number_of_connections_and_frees_idle_ones",
+    ) {
+        return;
+    }
+    use std::os::unix::net::UnixStream;
+    let r = start("fas", "");
+    let socket = r.lab.control_socket();
+    // Connections that send nothing hold every slot (64, the README's bound) …
+    let mut idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&socket).expect("connecting to the admin socket"))
+        .collect();
+    // … so one more is closed without an answer …
+    let mut extra = UnixStream::connect(&socket).unwrap();
+    extra.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = extra.write_all(b"GET /v1/status HTTP/1.1\r\nHost: fep\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = extra.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty(),
+        "answered past the limit: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // … until fep closes the idle ones for sending no request in time.
+    let first = &mut idle[0];
+    first.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        first.read(&mut byte).ok(),
+        Some(0),
+        "an idle connection stayed open"
+    );
+    wait_for(&r, "the admin API to answer again", TIMEOUT, |r| {
+        fep_tests::fepctl(r, &["status"]).0 == 0
+    });
+}

@@ -71,9 +71,7 @@ pub async fn serve_socket(admin: Admin, path: &Path) -> anyhow::Result<()> {
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!("admin API on {}", path.display());
-    axum::serve(listener, router(admin))
-        .await
-        .context("admin API")
+    crate::http_server::serve(listener, router(admin), "admin API (socket)").await
 }
 
 /// Serves the admin API on TCP; every request must carry
