@@ -281,6 +281,11 @@ mod tests {
         assert_eq!(r.d.expire(89_999).expired, 0);
         assert_eq!(r.d.expire(90_000).expired, 1);
         assert_eq!(r.routes(), 0);
+        assert_eq!(
+            r.d.removed_totals().expired,
+            3,
+            "the totals add up the passes"
+        );
     }
 
     #[test]
@@ -345,6 +350,13 @@ mod tests {
             r.d.expire(203),
             ExpireStats::default(),
             "at 90 %: nothing more"
+        );
+        assert_eq!(
+            r.d.removed_totals(),
+            ExpireStats {
+                expired: 0,
+                evicted: 6
+            }
         );
     }
 

@@ -775,6 +775,55 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
         assert_eq!(r.d.journal_overflow(), 0);
     }
 
+    /// What `f` logs, as text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = capture.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn max_routes_beyond_the_room_the_table_was_given_warns_and_holds_the_room() {
+        let r = rig(GOLDEN);
+        let room = r.d.routes().room();
+        let limits = |max: usize| {
+            FepConfig::parse(&GOLDEN.replace("max_routes = 100", &format!("max_routes = {max}")))
+                .unwrap()
+        };
+        assert_eq!(
+            logged(|| r.d.set_limits(&limits(room))),
+            "",
+            "up to the room: quiet"
+        );
+        assert_eq!(r.d.routes().max(), room);
+        let said = logged(|| r.d.set_limits(&limits(room + 1)));
+        assert!(
+            said.contains(&format!("max_routes = {}", room + 1))
+                && said.contains(&format!("it holds {room} until fep restarts")),
+            "{said}"
+        );
+        assert_eq!(r.d.routes().max(), room);
+        assert_eq!(logged(|| r.d.set_limits(&limits(10))), "");
+        assert_eq!(r.d.routes().max(), 10);
+    }
+
     #[test]
     fn confirmations_the_journal_has_no_room_for_are_counted_not_lost_silently() {
         let r = rig(&udp_config().replace("max_routes = 100", "max_routes = 70000"));
