@@ -348,6 +348,7 @@ mod tests {
         assert_eq!(r.set_max(2), 2);
         let web = t.service(0);
         let first = r.assign(&key(0, 1, 1), web, 0).unwrap();
+        assert!(!r.is_empty());
         assert!(r.assign(&key(0, 2, 1), web, 0).is_ok());
         assert_eq!(r.assign(&key(0, 3, 1), web, 0), Err(Refused::Full));
         assert_eq!(r.len(), 2);
@@ -427,5 +428,25 @@ mod tests {
             to.sticky(1, dns.key.client).map(|s| (s.backend, s.routes)),
             Some((dns.route.backend, 1))
         );
+    }
+
+    #[test]
+    fn rows_of_a_removed_back_end_or_service_are_not_imported() {
+        let t = table();
+        // be2 leaves web; dns goes (both stay as tombstones).
+        let cfg = crate::testing::CONFIG
+            .replace(", { node = \"be2\", ratio = 1, port = 8080 }", "")
+            .replace("name = \"dns\"", "name = \"dns-gone\"");
+        let cfg = FepConfig::parse(&cfg).unwrap();
+        let after = TransferTable::build(&cfg, Some(&t));
+        assert!(after.service(0).backends[1].removed && !after.service(0).removed);
+        assert!(after.service(1).removed);
+        let r = Routes::with_room(8);
+        let row = |service, backend| Row {
+            key: key(service, 1, 1000),
+            route: Route::from_parts(backend, 0, 0),
+        };
+        assert_eq!(r.import(&after, [row(0, 1), row(1, 0)]), 0);
+        assert_eq!(r.import(&after, [row(0, 0)]), 1, "be1 in web stays");
     }
 }
