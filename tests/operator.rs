@@ -135,7 +135,33 @@ fn every_fepctl_command_against_a_running_fep() {
     drop(held);
 
     // A node joins at runtime: its return path is set up and it gets its share.
-    ok(&r, &["node", "add", "be3", "10.0.2.13"]);
+    let (code, out) = fepctl(
+        &r,
+        &[
+            "node",
+            "add",
+            "be3",
+            "10.0.2.13",
+            "--agent-address",
+            "224.0.0.1",
+        ],
+    );
+    assert!(code == 1 && out.contains("agent_address"), "{code}: {out}");
+    ok(
+        &r,
+        &[
+            "node",
+            "add",
+            "be3",
+            "10.0.2.13",
+            "--agent-address",
+            "10.0.2.23",
+        ],
+    );
+    assert_eq!(
+        node(&r, "be3").agent_address,
+        Some("10.0.2.23".parse().unwrap())
+    );
     ok(&r, &["backend", "add", "web", "be3", "--ratio", "1"]);
     assert_eq!(tally(&http_names(&r, vip, 30), 3), [10, 10, 10]);
     assert!(r

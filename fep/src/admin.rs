@@ -217,7 +217,10 @@ fn refused(code: StatusCode, error: String) -> Response {
 }
 
 async fn node_add(State(a): State<Admin>, JsonBody(n): JsonBody<NodeAddArg>) -> Response {
-    command(a, move |cp| cp.node_add(&n.name, n.address)).await
+    command(a, move |cp| {
+        cp.node_add(&n.name, n.address, n.agent_address)
+    })
+    .await
 }
 
 async fn node_remove(State(a): State<Admin>, JsonBody(n): JsonBody<RemoveArg>) -> Response {

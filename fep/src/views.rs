@@ -94,6 +94,7 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
             NodeView {
                 name: n.name.clone(),
                 address: n.address,
+                agent_address: n.agent_address,
                 state: m.node_state(id as u16, now),
                 pinned: !n.pin.is_empty(),
                 pin: n.pin.clone(),

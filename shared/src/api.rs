@@ -122,6 +122,9 @@ pub struct PinArg {
 pub struct NodeAddArg {
     pub name: String,
     pub address: IpAddr,
+    /// Another address its agent may connect from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_address: Option<IpAddr>,
 }
 
 /// `POST /v1/node/remove` and `/v1/service/remove`.
@@ -254,6 +257,8 @@ pub struct NodeServiceView {
 pub struct NodeView {
     pub name: String,
     pub address: IpAddr,
+    /// Another address its agent may connect from.
+    pub agent_address: Option<IpAddr>,
     pub state: NodeState,
     pub pinned: bool,
     pub pin: Pin,
@@ -375,6 +380,7 @@ mod tests {
         let view = NodeView {
             name: "be1".into(),
             address: "10.0.2.11".parse().unwrap(),
+            agent_address: Some("10.9.0.11".parse().unwrap()),
             state: NodeState::Up,
             pinned: false,
             pin: Pin::default(),

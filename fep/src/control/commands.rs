@@ -214,7 +214,12 @@ impl ControlPlane {
         Ok(())
     }
 
-    pub fn node_add(&self, name: &str, address: IpAddr) -> Result<(), CommandError> {
+    pub fn node_add(
+        &self,
+        name: &str,
+        address: IpAddr,
+        agent_address: Option<IpAddr>,
+    ) -> Result<(), CommandError> {
         self.change(false, |cfg| {
             if cfg.node(name).is_some() {
                 return Err(CommandError::Exists(format!("node '{name}'")));
@@ -222,7 +227,7 @@ impl ControlPlane {
             cfg.nodes.push(NodeConfig {
                 name: name.into(),
                 address,
-                agent_address: None,
+                agent_address,
                 stop_when_drained: false,
             });
             Ok(())

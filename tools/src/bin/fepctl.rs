@@ -118,6 +118,9 @@ enum NodeCmd {
     Add {
         name: String,
         address: std::net::IpAddr,
+        /// Another address its agent may connect from (besides ADDRESS).
+        #[arg(long)]
+        agent_address: Option<std::net::IpAddr>,
     },
     /// Remove a node from fep and every service; refused unless drained.
     Remove {
@@ -250,8 +253,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             (command(&to, "/v1/pin", &PinArg { node: node.clone(), pin })?, format!("{node} pinned"))
         }
         Cmd::Unpin { node } => (command(&to, "/v1/unpin", &NodeArg { node: node.clone() })?, format!("{node} unpinned")),
-        Cmd::Node(NodeCmd::Add { name, address }) => (
-            command(&to, "/v1/node/add", &NodeAddArg { name: name.clone(), address: *address })?,
+        Cmd::Node(NodeCmd::Add { name, address, agent_address }) => (
+            command(&to, "/v1/node/add", &NodeAddArg { name: name.clone(), address: *address, agent_address: *agent_address })?,
             format!("node {name} ({address}) added; `fepctl backend add SERVICE {name} --ratio N` puts it to work"),
         ),
         Cmd::Node(NodeCmd::Remove { name, force }) => (
