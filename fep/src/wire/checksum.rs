@@ -85,8 +85,10 @@ pub(super) enum L4Checksum {
 /// Rewrites one end's address and port, keeping the L4 checksum (where the
 /// buffer holds it) and the IPv4 header checksum right. Returns the change
 /// of every byte written, for a checksum that covers the whole packet (the
-/// ICMP message an embedded packet sits in).
-#[inline]
+/// ICMP message an embedded packet sits in). Always inlined: where the
+/// caller drops that record (every forwarded packet), its upkeep is dead
+/// code the compiler removes — 8 % of a route hit's instructions otherwise.
+#[inline(always)]
 pub(super) fn rewrite_end(
     buf: &mut [u8],
     at: Headers,
