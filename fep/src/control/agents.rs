@@ -158,7 +158,7 @@ pub async fn serve(cp: Arc<ControlPlane>, listen: SocketAddr, key: Key) -> anyho
 
 /// One agent connection; returns the node's name when it ends cleanly.
 async fn connection(
-    cp: &ControlPlane,
+    cp: &Arc<ControlPlane>,
     mut stream: TcpStream,
     peer: IpAddr,
     key: Key,
@@ -356,7 +356,7 @@ impl ControlPlane {
     /// Takes one message of `node`'s agent (connection `generation`); an
     /// answer the FEP did not ask for is refused.
     pub(crate) fn on_agent_msg(
-        &self,
+        self: &Arc<Self>,
         node: NodeId,
         generation: u64,
         msg: AgentMsg,
@@ -382,7 +382,12 @@ impl ControlPlane {
                 self.state().model.nodes[usize::from(node)].report = Some((now, report));
                 self.tick();
             }
-            AgentMsg::LiveList { conns, .. } => self.rebuild_routes(node, &conns),
+            AgentMsg::LiveList { conns, .. } => {
+                // A local-address check and a service match for each of up
+                // to MAX_CONNS_PER_FRAME connections: on the blocking pool.
+                let cp = self.clone();
+                tokio::task::spawn_blocking(move || cp.rebuild_routes(node, &conns));
+            }
             AgentMsg::Control {
                 port,
                 start,
