@@ -56,7 +56,7 @@ pub struct ControlPlane {
     /// Brings the host's VIP routes and rules to the transfer table in
     /// force when it runs (so never to an older one).
     reconciler: Latest<()>,
-    pub(crate) prune_interval_ms: u64,
+    prune_interval_ms: u64,
     /// Pruning rounds that had routes to look at, and routes they deleted.
     prune_cycles: AtomicU64,
     routes_pruned: AtomicU64,
