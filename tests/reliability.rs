@@ -12,8 +12,9 @@ use fep_shared::api::Count;
 use fep_tests::{
     dropped, http, pattern, skip_without_root, status, sysctl, wait_for, Running, TIMEOUT,
 };
+use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
-use fep_tools::netns::Netns;
+use fep_tools::netns::{self, Netns};
 
 const STREAM: u16 = 7100;
 const ECHO: u16 = 7000;
@@ -368,4 +369,66 @@ fn a_udp_flood_on_a_full_table_evicts_no_established_connection() {
         status(r);
         true
     });
+}
+
+#[test]
+fn a_handshake_in_flight_at_a_kill_9_completes_after_the_start() {
+    if skip_without_root("a_handshake_in_flight_at_a_kill_9_completes_after_the_start") {
+        return;
+    }
+    host::ensure(&[host::NFT]).expect("nftables, to hold back the handshake's last ACK");
+    let mut r = start("fhs", "");
+    // The client's last ACK of the handshake never reaches fep: the route
+    // stays unconfirmed, so it is neither journaled nor, without a
+    // snapshot, known after the kill; the back end keeps the connection
+    // half-open and retries its SYN-ACK.
+    let rules = r.lab.dir().join("drop-ack.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "table inet fhs {{\n  chain out {{\n    type filter hook output priority 0;\n    \
+             ip daddr {VIP_V4} tcp dport {ECHO} tcp flags & (fin | syn | rst | psh | ack) == ack drop\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    netns::run(r.lab.client.command("nft").arg("-f").arg(&rules)).unwrap();
+    let conn = r
+        .lab
+        .client
+        .enter(|| TcpStream::connect((VIP_V4, ECHO)).unwrap())
+        .unwrap();
+    r.fep.signal(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let state = r.lab.dir().join("state");
+    let _ = std::fs::remove_file(state.join("routes.bin"));
+    let _ = std::fs::remove_file(state.join("routes.journal"));
+    netns::run(
+        r.lab
+            .client
+            .command("nft")
+            .args(["delete", "table", "inet", "fhs"]),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+    r.fep = r
+        .lab
+        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
+        .unwrap();
+    // The back end's next SYN-ACK makes the route; the client's answer to
+    // it completes the handshake, and the server's greeting and the echo
+    // arrive.
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = BufReader::new(conn);
+    let mut greeting = String::new();
+    lines
+        .read_line(&mut greeting)
+        .expect("the server's greeting after the start");
+    assert!(greeting.starts_with("be"), "{greeting:?}");
+    lines.get_mut().write_all(b"still here\n").unwrap();
+    let mut echo = String::new();
+    lines.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "still here\n");
+    let c = fep_tests::counters(&r);
+    assert_eq!(c.get(Count::HandshakesAdopted), 1, "{c:?}");
 }

@@ -28,6 +28,10 @@ use crate::tun_io::{self, Workers};
 
 /// How often routes are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// How long after a start a back end's SYN-ACK without a route makes one
+/// (see `Dispatcher::adopt_handshakes`): a back end retries a SYN-ACK for
+/// about a minute (5 retries by default).
+const ADOPT_HANDSHAKES_FOR: Duration = Duration::from_secs(60);
 /// How often the control plane re-evaluates node states and ratios.
 const TICK_EVERY: Duration = Duration::from_millis(200);
 /// How often the counters are logged while traffic flows.
@@ -54,6 +58,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
     let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock)?;
+    dispatcher.adopt_handshakes(true);
     let workers = Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
         .context("cannot start worker threads")?;
 
@@ -203,6 +208,12 @@ fn spawn_tasks(
     }
     tasks.spawn(forever(prune::run(cp.clone())));
     tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
+    let dispatcher = cp.dispatcher_arc();
+    tasks.spawn(forever(async move {
+        tokio::time::sleep(ADOPT_HANDSHAKES_FOR).await;
+        dispatcher.adopt_handshakes(false);
+        std::future::pending().await
+    }));
     if let Some(listen) = cfg.metrics_listen {
         tasks.spawn(metrics::serve(cp.clone(), counters.clone(), listen));
     }

@@ -44,6 +44,7 @@ pub struct Metrics {
     rejects: IntCounterVec,
     icmp: IntCounterVec,
     unconfirmed_evicted: IntCounter,
+    handshakes_adopted: IntCounter,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -125,6 +126,10 @@ impl Metrics {
                 "fep_unconfirmed_routes_evicted_total",
                 "Unconfirmed routes (a SYN never completed, a datagram never followed up after a reply) evicted to make room for new clients under a flood.",
             ),
+            handshakes_adopted: counter(
+                "fep_handshakes_adopted_total",
+                "Routes made from a back end's SYN-ACK in the first minute after a start (handshakes in flight across a restart).",
+            ),
             registry,
         }
         .with_zero_series()
@@ -151,6 +156,7 @@ impl Metrics {
             // Exported by service and node, as fep_route_assignments_total.
             Count::RoutesCreated => None,
             Count::UnconfirmedEvicted => Some(self.unconfirmed_evicted.clone()),
+            Count::HandshakesAdopted => Some(self.handshakes_adopted.clone()),
             Count::IcmpEchoReplies => Some(self.icmp.with_label_values(&["echo_reply"])),
             Count::IcmpErrorsTranslated => Some(self.icmp.with_label_values(&["error_translated"])),
             Count::TunReadErrors => Some(self.tun_errors.with_label_values(&["read"])),

@@ -277,6 +277,9 @@ pub enum Count {
     RoutesCreated,
     /// Never-answered routes evicted to make room under a SYN flood.
     UnconfirmedEvicted,
+    /// Routes made from a back end's SYN-ACK in the first minute after a
+    /// start: handshakes the previous run forwarded but had not journaled.
+    HandshakesAdopted,
     IcmpEchoReplies,
     IcmpErrorsTranslated,
     TunReadErrors,
@@ -284,9 +287,10 @@ pub enum Count {
 }
 
 impl Count {
-    pub const ALL: [Count; 6] = [
+    pub const ALL: [Count; 7] = [
         Count::RoutesCreated,
         Count::UnconfirmedEvicted,
+        Count::HandshakesAdopted,
         Count::IcmpEchoReplies,
         Count::IcmpErrorsTranslated,
         Count::TunReadErrors,

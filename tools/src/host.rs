@@ -25,6 +25,11 @@ pub const IP: Tool = Tool {
     program: "ip",
     package: "iproute2",
 };
+/// nftables: the benchmark's DNAT peer, and tests that drop chosen packets.
+pub const NFT: Tool = Tool {
+    program: "nft",
+    package: "nftables",
+};
 /// `promtool check metrics`: the metrics test checks fep's exposition format with it.
 pub const PROMTOOL: Tool = Tool {
     program: "promtool",

@@ -12,7 +12,7 @@ mod rig;
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -23,7 +23,7 @@ use fep_shared::FepConfig;
 use expiry::Expiry;
 
 use crate::counters::{Count, DropReason, WorkerCounters};
-use crate::routes::{state, FlowKey, Refused, ReplyKey, RouteRef, Routes};
+use crate::routes::{state, FlowKey, Refused, ReplyKey, Route, RouteRef, Routes, Row};
 use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::{tcp_flags, FlowPacket, ParseError};
 
@@ -95,6 +95,9 @@ pub struct Dispatcher {
     expiry: Expiry,
     confirmed: ArrayQueue<Confirmed>,
     journal_overflow: AtomicU64,
+    /// Whether a back end's SYN-ACK with no route makes one (see
+    /// [`Dispatcher::adopt_handshakes`]).
+    adopting: AtomicBool,
 }
 
 impl From<ParseError> for DropReason {
@@ -116,6 +119,7 @@ impl Dispatcher {
             expiry: Expiry::default(),
             confirmed: ArrayQueue::new(JOURNAL_QUEUE),
             journal_overflow: AtomicU64::new(0),
+            adopting: AtomicBool::new(false),
         };
         d.set_limits(cfg);
         d
@@ -261,14 +265,70 @@ impl Dispatcher {
             backend: pkt.src_addr(),
             client: pkt.dst_addr(),
         };
-        let set = close_bits(pkt.tcp_flags(), state::FIN_FROM_BACKEND) | state::REPLIED;
-        let Some(key) = self.find_reply(table, &reply, |r| r.touch(now, set)) else {
+        let flags = pkt.tcp_flags();
+        let set = close_bits(flags, state::FIN_FROM_BACKEND) | state::REPLIED;
+        let found = self.find_reply(table, &reply, |r| r.touch(now, set));
+        let Some(key) = found.or_else(|| self.adopt(table, &reply, flags, now, counters)) else {
             return Verdict::Drop(DropReason::UnknownFlow);
         };
         let svc = table.service(key.service);
         pkt.set_source(&svc.vip, svc.port);
         counters.to_client(key.service, pkt.len());
         Verdict::Forward(pkt.len())
+    }
+
+    /// For the first minute after a start: a back end's SYN-ACK without a
+    /// route answers a SYN the previous run forwarded and had not journaled
+    /// yet (a route is journaled once confirmed). Its route is made from the
+    /// reply, so the client's ACK reaches the back end holding the half-open
+    /// connection instead of both sides retrying until they give up.
+    pub fn adopt_handshakes(&self, on: bool) {
+        self.adopting.store(on, Ordering::Relaxed);
+    }
+
+    /// The route for a SYN-ACK while adopting, when exactly one live service
+    /// has the replying back end.
+    #[cold]
+    fn adopt(
+        &self,
+        table: &TransferTable,
+        reply: &ReplyKey,
+        flags: u8,
+        now: u32,
+        counters: &WorkerCounters,
+    ) -> Option<FlowKey> {
+        let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+        if !self.adopting.load(Ordering::Relaxed)
+            || flags & (syn_ack | tcp_flags::RST | tcp_flags::FIN) != syn_ack
+        {
+            return None;
+        }
+        let mut found = None;
+        for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
+            let svc = table.service(service);
+            let live = svc
+                .live_backends()
+                .find(|(_, b)| b.addr == reply.backend && b.port == reply.backend_port);
+            if let (Some((backend, _)), false) = (live, svc.removed) {
+                if found.replace((service, backend)).is_some() {
+                    return None; // two services behind it: which one is unknown
+                }
+            }
+        }
+        let (service, backend) = found?;
+        let key = FlowKey {
+            service,
+            client_port: reply.client_port,
+            client: reply.client,
+        };
+        let row = Row {
+            key,
+            route: Route::from_parts(backend, state::REPLIED, now),
+        };
+        (self.routes.import(table, [row]) == 1).then(|| {
+            counters.count(Count::HandshakesAdopted);
+            key
+        })
     }
 
     /// The route a back end's packet (or an ICMP error about one) belongs to:
@@ -822,6 +882,57 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
         assert_eq!(r.d.routes().max(), room);
         assert_eq!(logged(|| r.d.set_limits(&limits(10))), "");
         assert_eq!(r.d.routes().max(), 10);
+    }
+
+    #[test]
+    fn after_a_start_a_syn_ack_without_a_route_makes_one_and_the_handshake_completes() {
+        let r = with_udp();
+        let a = [10, 0, 2, 1];
+        let syn_ack = SYN | ACK;
+        let vip = Ok((IpAddr::from(VIP), 8080));
+        assert_eq!(
+            r.reply(a, 8080, client(1), 1000, syn_ack, 0),
+            Err(DropReason::UnknownFlow),
+            "not adopting"
+        );
+        r.d.adopt_handshakes(true);
+        for flags in [ACK, tcp_flags::RST | ACK, FIN_ACK, SYN] {
+            assert_eq!(
+                r.reply(a, 8080, client(1), 1000, flags, 1),
+                Err(DropReason::UnknownFlow),
+                "only a SYN-ACK makes a route: {flags:#x}"
+            );
+        }
+        // A UDP reply makes none either.
+        let (v, _) = r.run(udp_v4(a, 53, client(1), 1000), 1);
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownFlow));
+        assert_eq!(r.routes(), 0);
+        assert_eq!(r.reply(a, 8080, client(1), 1000, syn_ack, 1), vip);
+        assert_eq!(r.counters().get(Count::HandshakesAdopted), 1);
+        assert_eq!(
+            r.reply(a, 8080, client(1), 1000, syn_ack, 2),
+            vip,
+            "a retransmission"
+        );
+        assert_eq!(r.counters().get(Count::HandshakesAdopted), 1);
+        // The client's ACK reaches that back end and confirms the route.
+        assert_eq!(r.send(client(1), 1000, 8080, ACK, 3).unwrap(), "A");
+        assert_eq!(r.confirmed().len(), 1);
+        r.d.adopt_handshakes(false);
+        assert_eq!(
+            r.reply(a, 8080, client(1), 1001, syn_ack, 4),
+            Err(DropReason::UnknownFlow)
+        );
+        // A back end two services share: which one the SYN was for is unknown.
+        let r = rig(&format!(
+            "{GOLDEN}\n[[service]]\nname = \"alt\"\nvip = \"10.0.0.100\"\nport = 9000\nprotocol = \"tcp\"\n\
+             backend = [{{ node = \"A\", ratio = 1, port = 8080 }}]\n"
+        ));
+        r.d.adopt_handshakes(true);
+        assert_eq!(
+            r.reply(a, 8080, client(1), 1000, syn_ack, 0),
+            Err(DropReason::UnknownFlow)
+        );
     }
 
     #[test]

@@ -106,7 +106,7 @@ const TOOLS: [Tool; 7] = [
     tool("wrk", "wrk"),
     tool("nginx", "nginx-light"),
     tool("haproxy", "haproxy"),
-    tool("nft", "nftables"),
+    host::NFT,
     tool("sysctl", "procps"),
     host::IP,
 ];
