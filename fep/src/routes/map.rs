@@ -560,6 +560,36 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_returns_the_slot_after_the_last_it_read_wrapping_at_the_end() {
+        let m = RouteMap::with_room(8);
+        let slots = m.slots();
+        let none = |_, _| ControlFlow::Continue(());
+        assert_eq!(m.scan(5, 3, none), 8);
+        assert_eq!(m.scan(slots - 2, 5, none), 3, "wraps");
+        assert_eq!(
+            m.scan(0, slots, none),
+            0,
+            "a whole pass ends where it began"
+        );
+        for k in 0..3 {
+            m.insert_with(&key(k), 0, 0, || Some(0));
+        }
+        let mut seen = 0;
+        let stopped = m.scan(0, slots, |_, _| {
+            seen += 1;
+            ControlFlow::Break(())
+        });
+        assert_eq!(seen, 1);
+        // The rest of the table, from there, holds the other two.
+        let mut rest = 0;
+        m.scan(stopped, slots - 1, |_, _| {
+            rest += 1;
+            ControlFlow::Continue(())
+        });
+        assert_eq!(rest, 2);
+    }
+
+    #[test]
     fn a_map_made_for_n_routes_holds_n_within_its_80_percent() {
         for n in 0..20_000 {
             let m = RouteMap::with_room(n);
