@@ -416,10 +416,11 @@ mod tests {
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["routes_created"], 1);
         assert_eq!(json["unconfirmed_evicted"], 2);
-        assert_eq!(json["icmp_echo_replies"], 3);
-        assert_eq!(json["icmp_errors_translated"], 4);
-        assert_eq!(json["tun_read_errors"], 5);
-        assert_eq!(json["tun_write_errors"], 6);
+        assert_eq!(json["handshakes_adopted"], 3);
+        assert_eq!(json["icmp_echo_replies"], 4);
+        assert_eq!(json["icmp_errors_translated"], 5);
+        assert_eq!(json["tun_read_errors"], 6);
+        assert_eq!(json["tun_write_errors"], 7);
         assert_eq!(json["drops"]["malformed"], 7);
         assert_eq!(json["to_backend_packets"], 0);
         let back = serde_json::from_value::<CountersView>(json).unwrap();

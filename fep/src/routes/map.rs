@@ -460,6 +460,54 @@ mod tests {
 
     use super::*;
 
+    /// The unit tests' allocator: the system's, counting each thread's
+    /// live bytes, so a test can see a map give back exactly what it took.
+    struct Counting;
+
+    thread_local! {
+        static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn count(bytes: isize) {
+        let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+    }
+
+    // SAFETY: every call goes to the system allocator unchanged.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count(layout.size() as isize);
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count(layout.size() as isize);
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            count(-(layout.size() as isize));
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+            count(new as isize - layout.size() as isize);
+            unsafe { std::alloc::System.realloc(ptr, layout, new) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    #[test]
+    fn a_map_gives_back_all_it_took_and_says_its_size() {
+        let m = RouteMap::with_room(8);
+        assert_eq!(format!("{m:?}"), format!("RouteMap {{ slots: {} }}", m.slots()));
+        drop(m); // and the hasher's seed, made once, is in place
+        let before = LIVE.with(|l| l.get());
+        let m = RouteMap::with_room(1000);
+        let taken = LIVE.with(|l| l.get()) - before;
+        assert!(taken >= (m.slots() * size_of::<Slot>()) as isize, "{taken} B");
+        drop(m);
+        assert_eq!(LIVE.with(|l| l.get()), before, "freed");
+    }
+
     fn key(n: u32) -> FlowKey {
         let mut client = [0u8; 16];
         client[10] = 0xff;
