@@ -425,6 +425,6 @@ mod tests {
         assert_eq!(json["to_backend_packets"], 0);
         let back = serde_json::from_value::<CountersView>(json).unwrap();
         assert_eq!(back, view);
-        assert_eq!(back.get(Count::TunWriteErrors), 6);
+        assert_eq!(back.get(Count::TunWriteErrors), 7);
     }
 }
