@@ -896,7 +896,14 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
             "not adopting"
         );
         r.d.adopt_handshakes(true);
-        for flags in [ACK, tcp_flags::RST | ACK, FIN_ACK, SYN] {
+        for flags in [
+            ACK,
+            tcp_flags::RST | ACK,
+            FIN_ACK,
+            SYN,
+            syn_ack | tcp_flags::FIN,
+            syn_ack | tcp_flags::RST,
+        ] {
             assert_eq!(
                 r.reply(a, 8080, client(1), 1000, flags, 1),
                 Err(DropReason::UnknownFlow),

@@ -498,12 +498,18 @@ mod tests {
     #[test]
     fn a_map_gives_back_all_it_took_and_says_its_size() {
         let m = RouteMap::with_room(8);
-        assert_eq!(format!("{m:?}"), format!("RouteMap {{ slots: {} }}", m.slots()));
+        assert_eq!(
+            format!("{m:?}"),
+            format!("RouteMap {{ slots: {} }}", m.slots())
+        );
         drop(m); // and the hasher's seed, made once, is in place
         let before = LIVE.with(|l| l.get());
         let m = RouteMap::with_room(1000);
         let taken = LIVE.with(|l| l.get()) - before;
-        assert!(taken >= (m.slots() * size_of::<Slot>()) as isize, "{taken} B");
+        assert!(
+            taken >= (m.slots() * size_of::<Slot>()) as isize,
+            "{taken} B"
+        );
         drop(m);
         assert_eq!(LIVE.with(|l| l.get()), before, "freed");
     }
