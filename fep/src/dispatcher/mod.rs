@@ -925,6 +925,12 @@ backend = [{ node = "u1", ratio = 1 }, { node = "u2", ratio = 1 }]
         // The client's ACK reaches that back end and confirms the route.
         assert_eq!(r.send(client(1), 1000, 8080, ACK, 3).unwrap(), "A");
         assert_eq!(r.confirmed().len(), 1);
+        // The other back end of the service (same port, its own address).
+        assert_eq!(
+            r.reply([10, 0, 2, 2], 8080, client(2), 1000, syn_ack, 3),
+            vip
+        );
+        assert_eq!(r.send(client(2), 1000, 8080, ACK, 3).unwrap(), "B");
         r.d.adopt_handshakes(false);
         assert_eq!(
             r.reply(a, 8080, client(1), 1001, syn_ack, 4),
