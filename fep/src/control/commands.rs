@@ -364,11 +364,7 @@ impl ControlPlane {
     }
 
     fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
-        let state = self.state();
-        state
-            .model
-            .node_id(name)
-            .ok_or_else(|| no_node(&state.configs.live, name))
+        self.state().node_id(name)
     }
 
     pub fn drain(&self, node: &str) -> Result<(), CommandError> {
@@ -413,14 +409,20 @@ impl ControlPlane {
             // One lock for the lookup and the change: a node removed meanwhile
             // would leave the id naming another node.
             let mut state = self.state();
-            let id = state
-                .model
-                .node_id(node)
-                .ok_or_else(|| no_node(&state.configs.live, node))?;
+            let id = state.node_id(node)?;
             f(&mut state.model, id);
         }
         self.save();
         self.tick();
         Ok(())
+    }
+}
+
+impl State {
+    /// The id of node `name`, or an error naming the nodes there are.
+    fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
+        self.model
+            .node_id(name)
+            .ok_or_else(|| no_node(&self.configs.live, name))
     }
 }

@@ -306,21 +306,17 @@ impl Dispatcher {
         let mut found = None;
         for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
             let svc = table.service(service);
-            let live = svc
-                .live_backends()
-                .find(|(_, b)| b.addr == reply.backend && b.port == reply.backend_port);
-            if let (Some((backend, _)), false) = (live, svc.removed) {
+            if svc.removed {
+                continue;
+            }
+            if let Some((backend, _)) = svc.live_backends().find(|(_, b)| reply.is_from(b)) {
                 if found.replace((service, backend)).is_some() {
                     return None; // two services behind it: which one is unknown
                 }
             }
         }
         let (service, backend) = found?;
-        let key = FlowKey {
-            service,
-            client_port: reply.client_port,
-            client: reply.client,
-        };
+        let key = reply.key(service);
         let row = Row {
             key,
             route: Route::from_parts(backend, state::REPLIED, now),
@@ -343,17 +339,13 @@ impl Dispatcher {
         touch: impl Fn(&RouteRef<'_>) -> bool,
     ) -> Option<FlowKey> {
         for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
-            let key = FlowKey {
-                service,
-                client_port: reply.client_port,
-                client: reply.client,
-            };
+            let key = reply.key(service);
             let holds = |b: BackendId| {
                 table
                     .service(service)
                     .backends
                     .get(usize::from(b))
-                    .is_some_and(|be| be.addr == reply.backend && be.port == reply.backend_port)
+                    .is_some_and(|be| reply.is_from(be))
             };
             let found = self
                 .routes

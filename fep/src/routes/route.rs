@@ -4,7 +4,7 @@
 use std::hash::{Hash, Hasher};
 
 use crate::clock::idle_since;
-use crate::transfer_table::{BackendId, ServiceId};
+use crate::transfer_table::{Backend, BackendId, ServiceId};
 use crate::wire::Addr;
 
 /// Key of a route: the service and the client's (IP, port).
@@ -34,6 +34,24 @@ pub struct ReplyKey {
     pub client_port: u16,
     pub backend: Addr,
     pub client: Addr,
+}
+
+impl ReplyKey {
+    /// The route key the reply has in `service`.
+    #[inline]
+    pub fn key(&self, service: ServiceId) -> FlowKey {
+        FlowKey {
+            service,
+            client_port: self.client_port,
+            client: self.client,
+        }
+    }
+
+    /// Whether `backend` is the endpoint the reply comes from.
+    #[inline]
+    pub fn is_from(&self, backend: &Backend) -> bool {
+        backend.addr == self.backend && backend.port == self.backend_port
+    }
 }
 
 /// Key of a client-affinity entry: the service and the client's IP.
