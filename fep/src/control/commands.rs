@@ -238,25 +238,29 @@ impl ControlPlane {
 
     /// Removes a node and its back ends; refused unless it is drained or
     /// `force` (which deletes its routes).
+    /// Removes a node, its back ends and spares. Without `force` the node
+    /// must be drained with no routes left; the check and the removal
+    /// happen under one hold of the state lock, so an `undrain` cannot come
+    /// between them and have its new connections cut.
     pub fn node_remove(&self, name: &str, force: bool) -> Result<(), CommandError> {
-        let id = self.node_id(name)?;
-        let state = self.state().model.node_state(id, self.now());
+        let state = self.state();
+        let id = state.node_id(name)?;
+        let node_state = state.model.node_state(id, self.now());
         let routes = self.routes_of_node(id);
-        if !force && (state != NodeState::Drained || routes > 0) {
+        if !force && (node_state != NodeState::Drained || routes > 0) {
             return Err(CommandError::NotDrained {
                 node: name.into(),
-                state,
+                state: node_state,
                 routes,
             });
         }
-        self.change(true, |cfg| {
-            cfg.nodes.retain(|n| n.name != name);
-            for s in &mut cfg.services {
-                s.backends.retain(|b| b.node != name);
-                s.spares.retain(|b| b.node != name);
-            }
-            Ok(())
-        })?;
+        let mut cfg = state.configs.live.clone();
+        cfg.nodes.retain(|n| n.name != name);
+        for s in &mut cfg.services {
+            s.backends.retain(|b| b.node != name);
+            s.spares.retain(|b| b.node != name);
+        }
+        self.apply_locked(state, cfg, true, None)?;
         tracing::info!("node '{name}' removed");
         Ok(())
     }
@@ -361,10 +365,6 @@ impl ControlPlane {
             Err(CommandError::Invalid(e)) => Err(CommandError::Reload(e)),
             Err(e) => Err(e),
         }
-    }
-
-    fn node_id(&self, name: &str) -> Result<NodeId, CommandError> {
-        self.state().node_id(name)
     }
 
     pub fn drain(&self, node: &str) -> Result<(), CommandError> {
