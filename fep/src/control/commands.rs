@@ -181,7 +181,17 @@ impl ControlPlane {
         force: bool,
         edit: impl FnOnce(&mut FepConfig) -> Result<(), CommandError>,
     ) -> Result<(), CommandError> {
-        let state = self.state();
+        self.change_locked(self.state(), force, edit)
+    }
+
+    /// As [`ControlPlane::change`], for a caller that already holds the
+    /// state lock (to check something the edit depends on).
+    fn change_locked(
+        &self,
+        state: MutexGuard<'_, State>,
+        force: bool,
+        edit: impl FnOnce(&mut FepConfig) -> Result<(), CommandError>,
+    ) -> Result<(), CommandError> {
         let mut cfg = state.configs.live.clone();
         edit(&mut cfg)?;
         self.apply_locked(state, cfg, force, None)
@@ -236,8 +246,6 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Removes a node and its back ends; refused unless it is drained or
-    /// `force` (which deletes its routes).
     /// Removes a node, its back ends and spares. Without `force` the node
     /// must be drained with no routes left; the check and the removal
     /// happen under one hold of the state lock, so an `undrain` cannot come
@@ -254,13 +262,14 @@ impl ControlPlane {
                 routes,
             });
         }
-        let mut cfg = state.configs.live.clone();
-        cfg.nodes.retain(|n| n.name != name);
-        for s in &mut cfg.services {
-            s.backends.retain(|b| b.node != name);
-            s.spares.retain(|b| b.node != name);
-        }
-        self.apply_locked(state, cfg, true, None)?;
+        self.change_locked(state, true, |cfg| {
+            cfg.nodes.retain(|n| n.name != name);
+            for s in &mut cfg.services {
+                s.backends.retain(|b| b.node != name);
+                s.spares.retain(|b| b.node != name);
+            }
+            Ok(())
+        })?;
         tracing::info!("node '{name}' removed");
         Ok(())
     }
