@@ -5,6 +5,7 @@
 //! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
 //! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
 //! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
+//! | GET | `/v1/cluster` | | every VIP group: master here or not, held or not, routes, last hold |
 //! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | the first `limit` (1000) matching routes, streamed |
 //! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
 //! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
@@ -145,6 +146,10 @@ fn router(admin: Admin) -> Router {
             get(|State(a): State<Admin>| async move { Json(views::services(&a.cp)) }),
         )
         .route("/v1/routes", get(routes))
+        .route(
+            "/v1/cluster",
+            get(|State(a): State<Admin>| async move { Json(a.cp.groups_view()) }),
+        )
         .route("/v1/ratio", post(ratio))
         .route("/v1/drain", on_node(ControlPlane::drain))
         .route("/v1/undrain", on_node(ControlPlane::undrain))

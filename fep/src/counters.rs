@@ -25,10 +25,12 @@ pub enum DropReason {
     NoBackend,
     /// The assigned-route table is at `max_routes`.
     TableFull,
+    /// A held VIP group's buffer (`hold_max_bytes`) is full.
+    HoldFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::UnsupportedProtocol,
@@ -36,6 +38,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoBackend,
         DropReason::TableFull,
+        DropReason::HoldFull,
     ];
 
     /// The name used in logs and metric labels.
@@ -48,6 +51,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoBackend => "no_backend",
             DropReason::TableFull => "table_full",
+            DropReason::HoldFull => "hold_full",
         }
     }
 
@@ -82,6 +86,9 @@ pub struct WorkerCounters {
     /// The worker batches its TUN I/O through io_uring (else one system call
     /// per packet read or written).
     pub batched: AtomicBool,
+    /// A TUN queue's worker, not the replayer of held packets (which
+    /// forwards, and is counted, but serves no queue).
+    serves_queue: bool,
 }
 
 impl Default for WorkerCounters {
@@ -91,6 +98,17 @@ impl Default for WorkerCounters {
             events: Default::default(),
             drops: Default::default(),
             batched: AtomicBool::new(false),
+            serves_queue: true,
+        }
+    }
+}
+
+impl WorkerCounters {
+    /// The counters of the replayer of held packets.
+    pub fn replayer() -> Self {
+        WorkerCounters {
+            serves_queue: false,
+            ..WorkerCounters::default()
         }
     }
 }
@@ -180,6 +198,7 @@ pub struct Totals {
     pub services: Vec<TrafficTotals>,
     events: [u64; Count::ALL.len()],
     drops: [u64; DropReason::ALL.len()],
+    /// Workers serving a TUN queue.
     pub workers: u64,
     /// Workers whose TUN I/O is batched.
     pub batched_workers: u64,
@@ -198,8 +217,10 @@ impl Totals {
             for e in Count::ALL {
                 t.events[e as usize] += w.get(e);
             }
-            t.workers += 1;
-            t.batched_workers += u64::from(w.batched.load(Ordering::Relaxed));
+            if w.serves_queue {
+                t.workers += 1;
+                t.batched_workers += u64::from(w.batched.load(Ordering::Relaxed));
+            }
             for r in DropReason::ALL {
                 t.drops[r.index()] += w.drops(r);
             }

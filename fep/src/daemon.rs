@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::control::journal::{self, Journal};
 use crate::control::snapshot;
 use crate::control::startup::Start;
-use crate::control::{agents, health, prune, ControlPlane};
+use crate::control::{agents, health, prune, ControlPlane, DataPath};
 use crate::counters::{Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
 use crate::metrics;
@@ -59,8 +59,9 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     let clock = Clock::start();
     let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock)?;
     dispatcher.adopt_handshakes(true);
-    let workers = Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
-        .context("cannot start worker threads")?;
+    let (workers, mut replayer) =
+        Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
+            .context("cannot start worker threads")?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,7 +74,10 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
                 file,
                 cfg.clone(),
                 &saved,
-                dispatcher.clone(),
+                DataPath {
+                    dispatcher: dispatcher.clone(),
+                    replayer: Box::new(move |group| replayer.release(group)),
+                },
                 net,
                 clock,
             )
@@ -207,6 +211,9 @@ fn spawn_tasks(
         tasks.spawn(forever(health::run(cp.clone(), every, timeout)));
     }
     tasks.spawn(forever(prune::run(cp.clone())));
+    if let Some(cluster) = &cfg.cluster {
+        tasks.spawn(cp.clone().follow_keepalived(cluster.notify_fifo.clone()));
+    }
     tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
     let dispatcher = cp.dispatcher_arc();
     tasks.spawn(forever(async move {

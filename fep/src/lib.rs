@@ -3,7 +3,7 @@
 //! Layers, from bytes up (`ARCHITECTURE.md` has the whole map):
 //! `wire` (packet views); `clock`, `counters`, `atomic_file`,
 //! `http_server`; the tables `endpoint_map`, `chooser`,
-//! `transfer_table`, `routes`; `dispatcher` (the pure data-plane
+//! `holds`, `transfer_table`, `routes`; `dispatcher` (the pure data-plane
 //! core); `netsetup` (the host's set-up: a pure plan and its executor);
 //! `control` (everything that decides); `views` and `metrics`;
 //! the I/O shells `tun_io` and `admin`; `daemon` (wiring).
@@ -17,6 +17,7 @@ pub(crate) mod counters;
 pub mod daemon;
 pub(crate) mod dispatcher;
 pub(crate) mod endpoint_map;
+pub(crate) mod holds;
 pub(crate) mod http_server;
 pub(crate) mod metrics;
 pub(crate) mod netsetup;

@@ -45,6 +45,7 @@ pub struct Metrics {
     icmp: IntCounterVec,
     unconfirmed_evicted: IntCounter,
     handshakes_adopted: IntCounter,
+    packets_held: IntCounter,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -130,6 +131,10 @@ impl Metrics {
                 "fep_handshakes_adopted_total",
                 "Routes made from a back end's SYN-ACK in the first minute after a start (handshakes in flight across a restart).",
             ),
+            packets_held: counter(
+                "fep_packets_held_total",
+                "Packets of a VIP group stored while the group's routes came to this gateway, replayed when they were back (fep_dropped_packets_total{reason=\"hold_full\"}: those that did not fit).",
+            ),
             registry,
         }
         .with_zero_series()
@@ -161,6 +166,7 @@ impl Metrics {
             Count::IcmpErrorsTranslated => Some(self.icmp.with_label_values(&["error_translated"])),
             Count::TunReadErrors => Some(self.tun_errors.with_label_values(&["read"])),
             Count::TunWriteErrors => Some(self.tun_errors.with_label_values(&["write"])),
+            Count::PacketsHeld => Some(self.packets_held.clone()),
         }
     }
 

@@ -12,6 +12,7 @@ use fep_shared::{Affinity, FepConfig, Scheduler, ServiceConfig};
 
 use crate::chooser::{Candidate, Chooser};
 use crate::endpoint_map::{Endpoint, EndpointMap};
+use crate::holds::GroupId;
 use crate::wire::{addr_from_ip, Addr};
 
 /// Slot of a service (see [`TransferTable`]); part of every route key.
@@ -118,6 +119,8 @@ pub struct Service {
     /// IP protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
     pub affinity: Affinity,
+    /// The VIP group the service's VIP moves with between gateways.
+    pub group: Option<GroupId>,
     /// No longer configured (its slot is never reused).
     pub removed: bool,
     /// Indexed by [`BackendId`]; removed back ends stay as tombstones.
@@ -216,6 +219,11 @@ impl TransferTable {
                 port: s.port,
                 protocol,
                 affinity: s.affinity,
+                group: cfg
+                    .vip_groups
+                    .iter()
+                    .position(|g| g.vips.contains(&s.vip))
+                    .map(|g| g as GroupId),
                 removed: false,
                 chooser: Chooser::new(s.scheduler, backends.len()),
                 backends,
@@ -319,6 +327,7 @@ fn tombstone(s: &Service) -> Service {
         port: s.port,
         protocol: s.protocol,
         affinity: s.affinity,
+        group: s.group,
         removed: true,
         backends: s
             .backends
@@ -340,6 +349,7 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
         port,
         protocol,
         affinity: Affinity::Port,
+        group: None,
         removed: true,
         backends: Vec::new(),
         chooser: Chooser::new(Scheduler::Ratio, 0),

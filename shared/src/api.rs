@@ -215,6 +215,28 @@ pub struct BackendView {
     pub load: Option<f64>,
 }
 
+/// A VIP group of `GET /v1/cluster`: whether this gateway is its master
+/// (keepalived's word) and whether its packets are held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    pub master: bool,
+    /// Its packets are stored while its routes come to this gateway.
+    pub holding: bool,
+    /// Live routes of the group's services.
+    pub routes: u64,
+    pub last_hold: Option<HoldView>,
+}
+
+/// How a group's last hold went: how long it lasted, what it replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldView {
+    pub held_ms: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// A service of `GET /v1/services`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceView {
@@ -284,10 +306,12 @@ pub enum Count {
     IcmpErrorsTranslated,
     TunReadErrors,
     TunWriteErrors,
+    /// Packets of a held VIP group stored for replay.
+    PacketsHeld,
 }
 
 impl Count {
-    pub const ALL: [Count; 7] = [
+    pub const ALL: [Count; 8] = [
         Count::RoutesCreated,
         Count::UnconfirmedEvicted,
         Count::HandshakesAdopted,
@@ -295,6 +319,7 @@ impl Count {
         Count::IcmpErrorsTranslated,
         Count::TunReadErrors,
         Count::TunWriteErrors,
+        Count::PacketsHeld,
     ];
 }
 

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_config::{ClusterConfig, VipGroupConfig};
+
 /// Largest ratio accepted; keeps the chooser's weight sums far from overflow.
 pub const MAX_RATIO: u32 = 1_000_000;
 /// Most services (and service slots over a run of fep, removed ones included).
@@ -241,6 +243,11 @@ pub struct FepConfig {
     pub nodes: Vec<NodeConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// This gateway's part in a cluster of front ends; none for a single gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+    #[serde(default, rename = "vip_group", skip_serializing_if = "Vec::is_empty")]
+    pub vip_groups: Vec<VipGroupConfig>,
 }
 
 fn default_tun() -> String {
@@ -337,7 +344,8 @@ impl FepConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_settings()?;
         self.validate_nodes()?;
-        self.validate_services()
+        self.validate_services()?;
+        crate::cluster_config::validate(self.cluster.as_ref(), &self.vip_groups)
     }
 
     /// The single-valued keys: ranges, reserved values, keys that need another.
@@ -622,7 +630,7 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 15] = [
+        let keys: [(&'static str, bool); 17] = [
             ("admin_listen", self.admin_listen != new.admin_listen),
             (
                 "admin_token_file",
@@ -650,6 +658,8 @@ impl FepConfig {
                 "prune_interval_ms",
                 self.prune_interval_ms != new.prune_interval_ms,
             ),
+            ("cluster", self.cluster != new.cluster),
+            ("vip_group", self.vip_groups != new.vip_groups),
         ];
         keys.into_iter()
             .find(|(_, changed)| *changed)

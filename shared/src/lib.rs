@@ -5,6 +5,7 @@
 
 pub mod agent_config;
 pub mod api;
+pub mod cluster_config;
 pub mod config;
 pub mod cpu;
 pub mod protocol;
@@ -24,6 +25,7 @@ pub fn init_logging() {
 }
 
 pub use agent_config::{AgentConfig, AgentService};
+pub use cluster_config::{ClusterConfig, VipGroupConfig};
 pub use config::{
     Affinity, BackendConfig, ConfigError, FepConfig, LoadMetric, NodeConfig, Protocol, Scheduler,
     ServiceConfig,

@@ -382,11 +382,16 @@ impl ControlPlane {
                 self.state().model.nodes[usize::from(node)].report = Some((now, report));
                 self.tick();
             }
-            AgentMsg::LiveList { conns, .. } => {
+            AgentMsg::LiveList { conns, done } => {
                 // A local-address check and a service match for each of up
                 // to MAX_CONNS_PER_FRAME connections: on the blocking pool.
                 let cp = self.clone();
-                tokio::task::spawn_blocking(move || cp.rebuild_routes(node, &conns));
+                tokio::task::spawn_blocking(move || {
+                    cp.rebuild_routes(node, &conns);
+                    if done {
+                        cp.node_reported(node);
+                    }
+                });
             }
             AgentMsg::Control {
                 port,
@@ -413,8 +418,9 @@ impl ControlPlane {
     /// After a start, asks each node's agent once for its live connections,
     /// so that routes the snapshot missed (or all of them, without one) are
     /// rebuilt from the back ends' connection tables: a restarted front end
-    /// keeps every live connection on the back end that serves it.
-    fn ask_for_live_connections(&self, node: NodeId) {
+    /// keeps every live connection on the back end that serves it. Asked
+    /// again when a VIP group of the node arrives from another gateway.
+    pub(super) fn ask_for_live_connections(&self, node: NodeId) {
         if !self.state().rebuilt.insert(node) {
             return;
         }

@@ -6,6 +6,7 @@
 //! nodes, pruning of idle routes).
 
 pub mod agents;
+pub mod cluster;
 pub mod commands;
 pub mod health;
 pub mod journal;
@@ -28,6 +29,7 @@ pub use commands::CommandError;
 
 use crate::clock::Clock;
 use crate::dispatcher::Dispatcher;
+use crate::holds::{GroupId, Replayed};
 use crate::netsetup::NetSetup;
 use crate::transfer_table::NodeId;
 use agents::AgentLink;
@@ -60,6 +62,18 @@ pub struct ControlPlane {
     /// Pruning rounds that had routes to look at, and routes they deleted.
     prune_cycles: AtomicU64,
     routes_pruned: AtomicU64,
+    /// Ends a VIP group's hold, replaying its packets into the TUN device.
+    replayer: Mutex<Replayer>,
+}
+
+/// Replays a held VIP group's packets (the TUN shell's replayer).
+pub type Replayer = Box<dyn FnMut(GroupId) -> Replayed + Send>;
+
+/// What the control plane drives in the data path: the dispatcher's
+/// tables, and the replay of held packets into the TUN device.
+pub struct DataPath {
+    pub dispatcher: Arc<Dispatcher>,
+    pub replayer: Replayer,
 }
 
 /// The control state: the model and the configs it was built from change
@@ -68,24 +82,32 @@ pub(crate) struct State {
     pub(crate) model: Model,
     /// The config file as last loaded, and the config in force.
     configs: commands::Configs,
-    /// Nodes whose live connections were asked for since the start.
+    /// Nodes whose live connections were asked for since the start (or
+    /// since a VIP group of theirs arrived).
     rebuilt: HashSet<NodeId>,
+    groups: cluster::Groups,
 }
 
 impl ControlPlane {
     /// The control plane for `live` (the config in force: `file`, read from
-    /// `config_path`, plus saved runtime changes), with the host's network
-    /// set up by `net`. Fails only if its threads cannot be started.
+    /// `config_path`, plus saved runtime changes), driving `data`, with the
+    /// host's network set up by `net`. Fails only if its threads cannot be
+    /// started.
     pub fn new(
         config_path: &Path,
         file: FepConfig,
         live: FepConfig,
         saved: &state::Saved,
-        dispatcher: Arc<Dispatcher>,
+        data: DataPath,
         net: NetSetup,
         clock: Clock,
     ) -> std::io::Result<Self> {
+        let DataPath {
+            dispatcher,
+            replayer,
+        } = data;
         let prune_interval_ms = live.prune_interval_ms;
+        let groups = cluster::Groups::new(&live);
         let mut model = Model::new(&live, &dispatcher.table(), None);
         saved.restore_nodes(&mut model);
         let file_state = state::StateFile::new(&live.state_dir);
@@ -113,6 +135,7 @@ impl ControlPlane {
                     live,
                 },
                 rebuilt: HashSet::new(),
+                groups,
             }),
             dispatcher,
             clock,
@@ -123,6 +146,7 @@ impl ControlPlane {
             prune_interval_ms,
             prune_cycles: AtomicU64::new(0),
             routes_pruned: AtomicU64::new(0),
+            replayer: Mutex::new(replayer),
         };
         cp.save();
         cp.tick();
@@ -165,6 +189,11 @@ impl ControlPlane {
             self.prune_cycles.load(Ordering::Relaxed),
             self.routes_pruned.load(Ordering::Relaxed),
         )
+    }
+
+    /// Ends a VIP group's hold: its held packets replayed in order.
+    fn replay(&self, group: GroupId) -> Replayed {
+        (self.replayer.lock().unwrap_or_else(|e| e.into_inner()))(group)
     }
 
     pub fn now(&self) -> u32 {

@@ -859,6 +859,7 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
                     .clone())
             }
             Verdict::Drop(r) => Err(r),
+            Verdict::Hold(g) => panic!("held by group {g}"),
         }
     }
 

@@ -23,6 +23,7 @@ use fep_shared::FepConfig;
 use expiry::Expiry;
 
 use crate::counters::{Count, DropReason, WorkerCounters};
+use crate::holds::{GroupId, Holds};
 use crate::routes::{state, FlowKey, Refused, ReplyKey, Route, RouteRef, Routes, Row};
 use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
 use crate::wire::{tcp_flags, FlowPacket, ParseError};
@@ -49,6 +50,9 @@ pub struct Worker {
     /// The transfer table this worker last used, with its version: checking
     /// one shared counter per packet is cheaper than loading the `ArcSwap`.
     table: Option<(u64, Arc<TransferTable>)>,
+    /// Replays held packets: a held group's packets go through, not back
+    /// into the hold.
+    replaying: bool,
 }
 
 impl Worker {
@@ -57,6 +61,15 @@ impl Worker {
             counters,
             recent: VecDeque::with_capacity(RECENT_ROUTES),
             table: None,
+            replaying: false,
+        }
+    }
+
+    /// The worker that replays a group's held packets when its hold ends.
+    pub fn replayer(counters: Arc<WorkerCounters>) -> Self {
+        Worker {
+            replaying: true,
+            ..Worker::new(counters)
         }
     }
 
@@ -74,6 +87,9 @@ pub enum Verdict {
     /// Write the first `len` bytes of the (rewritten) buffer back to the device.
     Forward(usize),
     Drop(DropReason),
+    /// The packet's VIP group is held: store the packet as read, untouched,
+    /// for [`Holds::release`] to replay.
+    Hold(GroupId),
 }
 
 /// A route that just became confirmed, for the journal that lets a restart
@@ -98,6 +114,7 @@ pub struct Dispatcher {
     /// Whether a back end's SYN-ACK with no route makes one (see
     /// [`Dispatcher::adopt_handshakes`]).
     adopting: AtomicBool,
+    holds: Holds,
 }
 
 impl From<ParseError> for DropReason {
@@ -120,6 +137,10 @@ impl Dispatcher {
             confirmed: ArrayQueue::new(JOURNAL_QUEUE),
             journal_overflow: AtomicU64::new(0),
             adopting: AtomicBool::new(false),
+            holds: Holds::new(
+                cfg.vip_groups.len(),
+                cfg.cluster.as_ref().map_or(0, |c| c.hold_max_bytes),
+            ),
         };
         d.set_limits(cfg);
         d
@@ -156,6 +177,10 @@ impl Dispatcher {
         &self.routes
     }
 
+    pub fn holds(&self) -> &Holds {
+        &self.holds
+    }
+
     /// Handles one packet in place and counts what happened.
     #[inline]
     pub fn process(&self, buf: &mut [u8], now: u32, worker: &mut Worker) -> Verdict {
@@ -179,8 +204,14 @@ impl Dispatcher {
                 Ok(mut pkt) => {
                     let dst = pkt.dst_addr();
                     match table.lookup(pkt.protocol(), &dst, pkt.dst_port()) {
-                        Some((id, svc)) => self.to_backend(&mut pkt, id, svc, now, worker),
-                        None => self.to_client(&table, &mut pkt, now, &worker.counters),
+                        Some((id, svc)) => match self.held(svc, worker) {
+                            Some(group) => Verdict::Hold(group),
+                            None => self.to_backend(&mut pkt, id, svc, now, worker),
+                        },
+                        None => match self.held_reply(&table, &pkt, worker) {
+                            Some(group) => Verdict::Hold(group),
+                            None => self.to_client(&table, &mut pkt, now, &worker.counters),
+                        },
                     }
                 }
                 Err(ParseError::Icmp) => self.icmp(&table, buf, &worker.counters),
@@ -203,6 +234,31 @@ impl Dispatcher {
             Some((v, table)) if v == version => (v, table),
             _ => (version, self.table.load_full()),
         }
+    }
+
+    /// The held group of a client packet to `svc`, unless `worker` replays.
+    #[inline]
+    fn held(&self, svc: &Service, worker: &Worker) -> Option<GroupId> {
+        svc.group
+            .filter(|&g| !worker.replaying && self.holds.is_held(g))
+    }
+
+    /// The held group of a back end's packet: one of a service behind its
+    /// endpoint.
+    #[inline]
+    fn held_reply(
+        &self,
+        table: &TransferTable,
+        pkt: &FlowPacket,
+        worker: &Worker,
+    ) -> Option<GroupId> {
+        if !self.holds.any() || worker.replaying {
+            return None;
+        }
+        table
+            .services_behind(pkt.protocol(), &pkt.src_addr(), pkt.src_port())
+            .iter()
+            .find_map(|&s| self.held(table.service(s), worker))
     }
 
     /// Forward direction: client → VIP becomes client → back end.
@@ -501,6 +557,68 @@ mod tests {
         assert_eq!(r.send(client(1), 5000, 9000, SYN, 1).as_deref(), Ok("F"));
         // Routes made under the old table keep working.
         assert!(r.send(client(2), 5000, 8080, SYN, 2).is_ok());
+    }
+
+    /// GOLDEN's services, their VIP in group G1 of a cluster.
+    fn grouped() -> Rig {
+        rig(&format!(
+            "{GOLDEN}\n[cluster]\nnotify_fifo = \"/run/x\"\nhold_max_bytes = 131072\n\
+             [[vip_group]]\nname = \"G1\"\nvips = [\"10.0.0.100\"]\n"
+        ))
+    }
+
+    /// Ends group 0's hold through a replaying worker; what it forwarded,
+    /// rewritten, in order.
+    fn release(r: &Rig) -> Vec<Vec<u8>> {
+        let mut w = Worker::replayer(Arc::default());
+        let mut out = Vec::new();
+        r.d.holds().release(0, |p| {
+            if let Verdict::Forward(len) = r.d.process(p, 10, &mut w) {
+                out.push(p[..len].to_vec());
+            }
+        });
+        out
+    }
+
+    fn dst_of(pkt: &[u8]) -> std::net::Ipv4Addr {
+        etherparse::Ipv4HeaderSlice::from_slice(pkt)
+            .unwrap()
+            .destination_addr()
+    }
+
+    #[test]
+    fn a_held_groups_packets_wait_in_both_directions_and_open_no_route() {
+        let r = grouped();
+        assert!(r.d.holds().hold(0));
+        let syn = tcp(client(1), 5000, VIP, 8080, SYN);
+        assert_eq!(r.run(syn.clone(), 0), (Verdict::Hold(0), syn), "untouched");
+        let reply = tcp([10, 0, 2, 1], 8080, client(1), 5000, ACK);
+        assert_eq!(r.run(reply, 0).0, Verdict::Hold(0));
+        assert_eq!(r.routes(), 0, "no row is made while held");
+        let unrelated = tcp([10, 0, 9, 9], 8080, client(1), 5000, ACK);
+        assert_eq!(
+            r.run(unrelated, 0).0,
+            Verdict::Drop(DropReason::UnknownFlow)
+        );
+    }
+
+    #[test]
+    fn a_released_hold_replays_in_order_through_the_routes_made_meanwhile() {
+        let r = grouped();
+        r.d.holds().hold(0);
+        let mut held = Vec::new();
+        for flags in [SYN, ACK] {
+            let (v, pkt) = r.run(tcp(client(1), 5000, VIP, 8080, flags), 0);
+            assert_eq!(v, Verdict::Hold(0));
+            assert_eq!(r.d.holds().store(0, &pkt), crate::holds::Stored::Held);
+            held.push(pkt);
+        }
+        let out = release(&r);
+        assert_eq!(out.len(), 2, "the SYN opened the route the ACK follows");
+        assert_eq!(dst_of(&out[0]), dst_of(&out[1]));
+        assert_eq!(r.routes(), 1);
+        // Normal again: the next packet goes straight through.
+        assert!(r.send(client(1), 5000, 8080, ACK, 20).is_ok());
     }
 
     #[test]

@@ -123,6 +123,7 @@ impl Rig {
                 Ok(node.node.clone())
             }
             (Verdict::Drop(r), _) => Err(r),
+            (Verdict::Hold(g), _) => panic!("held by group {g}"),
         }
     }
 
@@ -148,6 +149,7 @@ impl Rig {
                 Ok((IpAddr::V4(ip.header().source_addr()), t.source_port()))
             }
             (Verdict::Drop(r), _) => Err(r),
+            (Verdict::Hold(g), _) => panic!("held by group {g}"),
         }
     }
 
@@ -187,6 +189,7 @@ impl Rig {
         match self.run(udp_v4(client, sport, VIP, 53), now) {
             (Verdict::Forward(_), out) => Ok(out[16..20].try_into().unwrap()),
             (Verdict::Drop(r), _) => Err(r),
+            (Verdict::Hold(g), _) => panic!("held by group {g}"),
         }
     }
 

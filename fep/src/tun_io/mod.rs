@@ -11,7 +11,7 @@
 mod uring;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +21,9 @@ use std::time::Duration;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::clock::Clock;
-use crate::counters::{Count, WorkerCounters};
+use crate::counters::{Count, DropReason, WorkerCounters};
 use crate::dispatcher::{Dispatcher, Verdict, Worker};
+use crate::holds::{GroupId, Replayed, Stored};
 
 /// Room for the largest read: a 64 KB offloaded segment, its headers and
 /// the virtio-net header.
@@ -92,18 +93,31 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one worker per queue, batching its I/O if `batching`.
+    /// Starts one worker per queue, batching its I/O if `batching`; and
+    /// makes the replayer of held packets, for the control plane.
     pub fn spawn(
         queues: Queues,
         dispatcher: Arc<Dispatcher>,
         clock: Clock,
         batching: bool,
-    ) -> io::Result<Self> {
+    ) -> io::Result<(Self, Replayer)> {
         install_wake_handler()?;
         let offload = queues.offload;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let mut counters = Vec::new();
+        let replayer_counters = Arc::new(WorkerCounters::replayer());
+        let first = queues
+            .devices
+            .first()
+            .ok_or_else(|| io::Error::other("no TUN queue"))?;
+        let replayer = Replayer {
+            fd: first.as_fd().try_clone_to_owned()?,
+            hdr: if offload { VNET_HDR } else { 0 },
+            dispatcher: dispatcher.clone(),
+            worker: Worker::replayer(replayer_counters.clone()),
+            clock,
+        };
+        let mut counters = vec![replayer_counters];
         for (i, queue) in queues.devices.into_iter().enumerate() {
             let c = Arc::new(WorkerCounters::default());
             counters.push(c.clone());
@@ -116,13 +130,17 @@ impl Workers {
                     })?,
             );
         }
-        Ok(Workers {
-            stop,
-            threads,
-            counters,
-        })
+        Ok((
+            Workers {
+                stop,
+                threads,
+                counters,
+            },
+            replayer,
+        ))
     }
 
+    /// Every worker's counters, the replayer's first.
     pub fn counters(&self) -> &[Arc<WorkerCounters>] {
         &self.counters
     }
@@ -189,9 +207,65 @@ fn handle(
     // The virtio-net header goes back out as it came: the kernel finishes
     // the checksum and segments as it asked to.
     let partial = hdr > 0 && buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
-    match dispatcher.process_offloaded(&mut buf[hdr..n], partial, now, worker) {
-        Verdict::Forward(len) => Some(hdr + len),
-        Verdict::Drop(_) => None,
+    loop {
+        match dispatcher.process_offloaded(&mut buf[hdr..n], partial, now, worker) {
+            Verdict::Forward(len) => return Some(hdr + len),
+            Verdict::Drop(_) => return None,
+            // Held as read, the virtio-net header with it, so the replay
+            // handles it as this read would have. The packet is untouched
+            // (a held verdict comes before any rewrite).
+            Verdict::Hold(group) => match dispatcher.holds().store(group, &buf[..n]) {
+                Stored::Held => {
+                    worker.counters.count(Count::PacketsHeld);
+                    return None;
+                }
+                Stored::Full => {
+                    worker.counters.dropped(DropReason::HoldFull);
+                    return None;
+                }
+                // The hold ended since the verdict: process it as usual.
+                // (Holds start and end on an operator's or keepalived's
+                // word, not per packet: this repeats once, not forever.)
+                Stored::NotHeld => {}
+            },
+        }
+    }
+}
+
+/// Replays a VIP group's held packets when its hold ends: through its own
+/// [`Worker`] (whose counters join the workers'), written to the TUN device
+/// on a descriptor of its own.
+pub struct Replayer {
+    fd: OwnedFd,
+    hdr: usize,
+    dispatcher: Arc<Dispatcher>,
+    worker: Worker,
+    clock: Clock,
+}
+
+impl Replayer {
+    /// Ends `group`'s hold (see [`Holds::release`](crate::holds::Holds::release)).
+    pub fn release(&mut self, group: GroupId) -> Replayed {
+        let Replayer {
+            fd,
+            hdr,
+            dispatcher,
+            worker,
+            clock,
+        } = self;
+        let mut errors = IoErrors::new(worker.counters.clone());
+        let d: &Dispatcher = dispatcher;
+        d.holds().release(group, |packet| {
+            let n = packet.len();
+            if let Some(len) = handle(packet, n, *hdr, d, worker, clock.now_ms()) {
+                // SAFETY: writes `len` initialised bytes from a live slice
+                // to a descriptor this replayer owns.
+                let written = unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), len) };
+                if written < 0 {
+                    errors.write_failed(&io::Error::last_os_error());
+                }
+            }
+        })
     }
 }
 

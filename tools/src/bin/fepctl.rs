@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, Count, NodeAddArg, NodeArg, NodeState, NodeView,
-    Pin, PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
+    BackendAddArg, BackendRemoveArg, BackendView, Count, GroupView, NodeAddArg, NodeArg, NodeState,
+    NodeView, Pin, PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView,
+    StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
 use fep_tools::admin_client::{get, post, AdminAddress};
@@ -49,6 +50,9 @@ enum Cmd {
     Nodes,
     /// Every service: its back ends with ratios and shares.
     Services,
+    /// Every VIP group: whether this gateway is its master, whether its
+    /// packets are held, its routes, its last hold.
+    Cluster,
     /// The assigned routes.
     Routes {
         #[arg(long)]
@@ -229,6 +233,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let v: Vec<ServiceView> = get(&to, "/v1/services")?;
             (json(&v)?, services_text(&v))
         }
+        Cmd::Cluster => {
+            let v: Vec<GroupView> = get(&to, "/v1/cluster")?;
+            (json(&v)?, cluster_text(&v))
+        }
         Cmd::Routes { service, node, client, limit } => {
             let q = RouteQuery { service: service.clone(), node: node.clone(), client: *client, limit: Some(*limit) };
             routes(cli, &to, &q)?
@@ -388,6 +396,29 @@ fn pin_text(pin: &Pin) -> String {
     } else {
         pinned.join(",")
     }
+}
+
+fn cluster_text(groups: &[GroupView]) -> String {
+    if groups.is_empty() {
+        return "no VIP groups (this fep has no [[vip_group]])\n".into();
+    }
+    let mut out = format!(
+        "{:<16} {:<7} {:<8} {:>8}  {}\n",
+        "GROUP", "ROLE", "MODE", "ROUTES", "LAST HOLD"
+    );
+    for g in groups {
+        let last = g.last_hold.map_or("-".into(), |h| {
+            format!("{} ms, {} packet(s) replayed", h.held_ms, h.packets)
+        });
+        out += &format!(
+            "{:<16} {:<7} {:<8} {:>8}  {last}\n",
+            g.name,
+            if g.master { "master" } else { "backup" },
+            if g.holding { "holding" } else { "normal" },
+            g.routes
+        );
+    }
+    out
 }
 
 fn services_text(services: &[ServiceView]) -> String {

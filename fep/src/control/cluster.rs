@@ -1,0 +1,368 @@
+//! VIP groups arriving on this gateway. keepalived moves a group's
+//! addresses and says so on its `notify_fifo`; when this gateway becomes a
+//! group's master, the group's packets are held (see [`crate::holds`])
+//! while its routes come back — each back-end node of the group reports its
+//! live connections, and routes are rebuilt from them — and then replayed
+//! in order. A hold ends when every such node has reported, when keepalived
+//! takes the group away again, or after `hold_max_ms`, whichever is first.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fep_shared::api::{GroupView, HoldView};
+use fep_shared::FepConfig;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use super::ControlPlane;
+use crate::holds::{GroupId, Replayed};
+use crate::transfer_table::NodeId;
+
+/// Longest line keepalived writes (`INSTANCE "NAME" FAULT 255`, with room).
+const MAX_LINE: u64 = 512;
+
+/// What keepalived says of one of its VRRP instances or sync groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice<'a> {
+    pub name: &'a str,
+    pub master: bool,
+}
+
+/// One `notify_fifo` line: `INSTANCE "G1" MASTER 100` (or `GROUP`, for a
+/// sync group); `None` for lines about anything else (`MASTER_RX_LOWER_PRI`,
+/// a virtual server's checker).
+pub fn parse_notice(line: &str) -> Option<Notice<'_>> {
+    let mut words = line.split_whitespace();
+    if !matches!(words.next()?, "INSTANCE" | "GROUP") {
+        return None;
+    }
+    let name = words.next()?.strip_prefix('"')?.strip_suffix('"')?;
+    let master = match words.next()? {
+        "MASTER" => true,
+        "BACKUP" | "FAULT" | "STOP" | "DELETED" => false,
+        _ => return None,
+    };
+    Some(Notice { name, master })
+}
+
+/// The VIP groups as this gateway sees them.
+#[derive(Debug, Default)]
+pub(crate) struct Groups {
+    groups: Vec<Group>,
+    hold_max_ms: u64,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: String,
+    /// keepalived made this gateway the group's master (last word heard).
+    master: bool,
+    hold: Option<Hold>,
+    last: Option<HoldDone>,
+}
+
+#[derive(Debug)]
+struct Hold {
+    since: u32,
+    /// Nodes of the group whose live connections are still to come.
+    waiting: HashSet<NodeId>,
+}
+
+/// How the last hold of a group went.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HoldDone {
+    pub held_ms: u32,
+    pub replayed: Replayed,
+}
+
+impl Groups {
+    pub(crate) fn new(cfg: &FepConfig) -> Self {
+        Groups {
+            groups: cfg
+                .vip_groups
+                .iter()
+                .map(|g| Group {
+                    name: g.name.clone(),
+                    master: false,
+                    hold: None,
+                    last: None,
+                })
+                .collect(),
+            hold_max_ms: cfg.cluster.as_ref().map_or(0, |c| c.hold_max_ms),
+        }
+    }
+
+    fn id(&self, name: &str) -> Option<GroupId> {
+        self.groups
+            .iter()
+            .position(|g| g.name == name)
+            .map(|i| i as GroupId)
+    }
+
+    /// Ends the wait for `node` in every hold; the groups left waiting for
+    /// nobody.
+    fn reported(&mut self, node: NodeId) -> Vec<GroupId> {
+        let mut done = Vec::new();
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            if let Some(h) = &mut g.hold {
+                if h.waiting.remove(&node) && h.waiting.is_empty() {
+                    done.push(i as GroupId);
+                }
+            }
+        }
+        done
+    }
+}
+
+impl ControlPlane {
+    /// Every VIP group: mastership, hold, route count, last hold.
+    pub fn groups_view(&self) -> Vec<GroupView> {
+        let table = self.dispatcher().table();
+        let holds = self.dispatcher().holds();
+        let state = self.state();
+        let vips = &state.configs.live.vip_groups;
+        state
+            .groups
+            .groups
+            .iter()
+            .zip(vips)
+            .enumerate()
+            .map(|(i, (g, cfg))| GroupView {
+                name: g.name.clone(),
+                vips: cfg.vips.clone(),
+                master: g.master,
+                holding: holds.is_held(i as GroupId),
+                routes: table
+                    .services()
+                    .iter()
+                    .filter(|s| s.group == Some(i as GroupId))
+                    .flat_map(|s| s.live_backends())
+                    .map(|(_, b)| u64::from(b.routes()))
+                    .sum(),
+                last_hold: g.last.map(|d| HoldView {
+                    held_ms: d.held_ms,
+                    packets: d.replayed.packets,
+                    bytes: d.replayed.bytes,
+                }),
+            })
+            .collect()
+    }
+
+    /// Follows keepalived's `notify_fifo` (created if missing, so fep may
+    /// start first). Lines keepalived wrote while no fep read are read
+    /// first, in order: the last one says what this gateway is now.
+    pub async fn follow_keepalived(self: Arc<Self>, fifo: PathBuf) -> anyhow::Result<()> {
+        let fifo = fifo.as_path();
+        make_fifo(fifo)?;
+        // Read and write: the FIFO never reports end-of-file when
+        // keepalived restarts and closes its end.
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(fifo)
+            .with_context(|| format!("cannot open keepalived's notify_fifo {}", fifo.display()))?;
+        let mut rx = BufReader::new(rx);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = (&mut rx)
+                .take(MAX_LINE)
+                .read_line(&mut line)
+                .await
+                .with_context(|| format!("reading {} failed", fifo.display()))?;
+            if n == 0 {
+                anyhow::bail!("{} was closed", fifo.display());
+            }
+            match parse_notice(&line) {
+                Some(n) => self.keepalived_said(n.name, n.master),
+                None => tracing::debug!("notify_fifo: ignored {:?}", line.trim_end()),
+            }
+        }
+    }
+
+    /// keepalived made this gateway master of the group `name`, or took it
+    /// away.
+    pub(crate) fn keepalived_said(self: &Arc<Self>, name: &str, master: bool) {
+        let mut state = self.state();
+        let Some(id) = state.groups.id(name) else {
+            tracing::debug!("keepalived's instance '{name}' is no VIP group of this fep");
+            return;
+        };
+        let g = &mut state.groups.groups[usize::from(id)];
+        if g.master == master {
+            return;
+        }
+        g.master = master;
+        tracing::info!(
+            "VIP group '{name}': this gateway is {} (keepalived)",
+            if master { "master" } else { "backup" }
+        );
+        if !master {
+            drop(state);
+            self.end_hold(id);
+            return;
+        }
+        // The group's TCP back-end nodes, each asked (again) for its live
+        // connections; agents not connected yet are asked when they are.
+        let table = self.dispatcher().table();
+        let waiting: HashSet<NodeId> = table
+            .services()
+            .iter()
+            .filter(|s| !s.removed && s.is_tcp() && s.group == Some(id))
+            .flat_map(|s| s.live_backends().map(|(_, b)| b.node_id))
+            .collect();
+        for node in &waiting {
+            state.rebuilt.remove(node);
+        }
+        let hold_max_ms = state.groups.hold_max_ms;
+        let since = self.now();
+        state.groups.groups[usize::from(id)].hold = Some(Hold {
+            since,
+            waiting: waiting.clone(),
+        });
+        drop(state);
+        self.dispatcher().holds().hold(id);
+        let connected: Vec<NodeId> = waiting
+            .iter()
+            .copied()
+            .filter(|n| self.agents().contains_key(n))
+            .collect();
+        for node in connected {
+            self.ask_for_live_connections(node);
+        }
+        if waiting.is_empty() {
+            self.end_hold(id);
+            return;
+        }
+        let cp = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(hold_max_ms)).await;
+            let late = cp.state().groups.groups[usize::from(id)]
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.since == since);
+            if late {
+                tracing::warn!(
+                    "VIP group '{}': not every back-end node reported its connections within hold_max_ms = {hold_max_ms}; replaying what is held",
+                    cp.state().groups.groups[usize::from(id)].name
+                );
+                cp.end_hold(id);
+            }
+        });
+    }
+
+    /// A node's live connections are in: holds waiting only for it end.
+    pub(crate) fn node_reported(self: &Arc<Self>, node: NodeId) {
+        let done = self.state().groups.reported(node);
+        for id in done {
+            self.end_hold(id);
+        }
+    }
+
+    /// Ends a group's hold, if it has one: its packets are replayed (on the
+    /// blocking pool: the replay writes to the TUN device).
+    fn end_hold(self: &Arc<Self>, id: GroupId) {
+        let Some(hold) = self.state().groups.groups[usize::from(id)].hold.take() else {
+            return;
+        };
+        let cp = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let replayed = cp.replay(id);
+            let held_ms = cp.now().wrapping_sub(hold.since);
+            let mut state = cp.state();
+            let g = &mut state.groups.groups[usize::from(id)];
+            tracing::info!(
+                "VIP group '{}': held {held_ms} ms, {} packet(s) ({} bytes) replayed",
+                g.name,
+                replayed.packets,
+                replayed.bytes
+            );
+            g.last = Some(HoldDone { held_ms, replayed });
+        });
+    }
+}
+
+/// Creates the FIFO keepalived writes to, mode 0600, unless it exists.
+fn make_fifo(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_fifo() => return Ok(()),
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a FIFO: point cluster.notify_fifo and keepalived's notify_fifo at a free path",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .context("notify_fifo path with a NUL byte")?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e).with_context(|| format!("cannot create the FIFO {}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalived_lines_name_the_instance_and_whether_this_gateway_is_master() {
+        assert_eq!(
+            parse_notice("INSTANCE \"G1\" MASTER 100\n"),
+            Some(Notice {
+                name: "G1",
+                master: true
+            })
+        );
+        for state in ["BACKUP", "FAULT", "STOP"] {
+            let line = format!("INSTANCE \"G1\" {state} 100");
+            assert_eq!(parse_notice(&line).map(|n| n.master), Some(false), "{line}");
+        }
+        assert_eq!(
+            parse_notice("GROUP \"SG\" MASTER").map(|n| n.name),
+            Some("SG")
+        );
+        for other in [
+            "",
+            "INSTANCE G1 MASTER 100",
+            "INSTANCE \"G1\" MASTER_RX_LOWER_PRI 100",
+            "VS \"10.0.0.1:80\" UP",
+            "garbage",
+        ] {
+            assert_eq!(parse_notice(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_hold_ends_when_the_last_node_it_waits_for_reports() {
+        let cfg = FepConfig::parse(
+            "[cluster]\nnotify_fifo = \"/x\"\n[[vip_group]]\nname = \"G1\"\nvips = [\"10.0.0.1\"]\n\
+             [[vip_group]]\nname = \"G2\"\nvips = [\"10.0.0.2\"]\n",
+        )
+        .unwrap();
+        let mut g = Groups::new(&cfg);
+        for (i, nodes) in [[1, 2], [2, 3]].iter().enumerate() {
+            g.groups[i].hold = Some(Hold {
+                since: 0,
+                waiting: nodes.iter().copied().collect(),
+            });
+        }
+        assert_eq!(g.reported(2), Vec::<GroupId>::new());
+        assert_eq!(
+            g.reported(9),
+            Vec::<GroupId>::new(),
+            "no group waits for it"
+        );
+        assert_eq!(g.reported(3), vec![1]);
+        assert_eq!(g.reported(1), vec![0]);
+    }
+}
