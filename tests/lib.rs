@@ -315,9 +315,14 @@ pub fn open_echo_to(r: &Running, addr: std::net::SocketAddr) -> (BufReader<TcpSt
 
 /// Runs `fepctl --socket <lab's> ARGS`; returns the exit code and stdout.
 pub fn fepctl(r: &Running, args: &[&str]) -> (i32, String) {
+    fepctl_at(&r.lab.control_socket(), args)
+}
+
+/// Runs `fepctl --socket SOCKET ARGS`; returns the exit code and stdout.
+pub fn fepctl_at(socket: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(lab::workspace_bin("fepctl").unwrap())
         .arg("--socket")
-        .arg(r.lab.control_socket())
+        .arg(socket)
         .args(args)
         .output()
         .expect("running fepctl");

@@ -30,6 +30,11 @@ pub const NFT: Tool = Tool {
     program: "nft",
     package: "nftables",
 };
+/// keepalived (VRRP): moves VIP groups' addresses between the cluster lab's gateways.
+pub const KEEPALIVED: Tool = Tool {
+    program: "keepalived",
+    package: "keepalived",
+};
 /// `promtool check metrics`: the metrics test checks fep's exposition format with it.
 pub const PROMTOOL: Tool = Tool {
     program: "promtool",

@@ -160,24 +160,8 @@ impl Lab {
         testsrv: &Path,
         args: &[String],
     ) -> anyhow::Result<()> {
-        let mut child = self.backends[i]
-            .command(testsrv)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", testsrv.display()))?;
-        let stdout = child.stdout.take().expect("piped");
+        let child = spawn_testsrv(&self.backends[i], &backend_name(i), testsrv, args)?;
         self.children.push((Some(i), child));
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!(
-                "fep-testsrv on {} did not start (said {line:?})",
-                backend_name(i)
-            );
-        }
         Ok(())
     }
 
@@ -258,25 +242,15 @@ impl Lab {
         extra: &str,
     ) -> anyhow::Result<()> {
         let key = self.agent_key(agent)?;
-        let config = self.dir.join(format!("agent-{}.toml", backend_name(i)));
-        std::fs::write(
-            &config,
-            format!(
-                "node = \"{}\"\nfep = \"10.0.2.1:9441\"\nkey_file = \"{}\"\nreport_interval_ms = {interval_ms}\nwatch_ports = {watch:?}\n{extra}\n",
-                backend_name(i),
-                key.display()
-            ),
-        )?;
-        let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", backend_name(i))))?;
-        let child = self.backends[i]
-            .command(agent)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", agent.display()))?;
+        let agent_cfg = AgentSpec {
+            node: &backend_name(i),
+            fep: "10.0.2.1:9441",
+            key: &key,
+            watch,
+            interval_ms,
+            extra,
+        };
+        let child = agent_cfg.spawn(&self.backends[i], &self.dir, agent)?;
         self.children.push((Some(i), child));
         Ok(())
     }
@@ -331,43 +305,81 @@ impl Lab {
         args: &[&str],
     ) -> anyhow::Result<FepProcess> {
         let mut p = self.spawn_fep(fep, config, args)?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !p.log().contains("serving") {
-            if let Some(status) = p.child.as_mut().expect("running").try_wait()? {
-                bail!("fep exited with {status} before serving:\n{}", p.log());
-            }
-            if Instant::now() > deadline {
-                bail!("fep did not start serving within 15 s:\n{}", p.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        p.wait_serving()?;
         Ok(p)
     }
 
     /// Starts fep in the gateway with `config` (written to `fep.toml` in the
     /// lab) and `args`, logging to `fep.log`, without waiting for it.
     pub fn spawn_fep(&self, fep: &Path, config: &str, args: &[&str]) -> anyhow::Result<FepProcess> {
-        let config_path = self.dir.join("fep.toml");
-        std::fs::write(&config_path, config)?;
-        let log_path = self.dir.join("fep.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = self
-            .gateway
-            .command(fep)
+        FepProcess::spawn(&self.gateway, &self.dir, "fep", fep, config, args)
+    }
+}
+
+/// Starts `fep-testsrv ARGS` in `ns` (for node `name`) and waits until it
+/// listens.
+pub fn spawn_testsrv(
+    ns: &Netns,
+    name: &str,
+    testsrv: &Path,
+    args: &[String],
+) -> anyhow::Result<Child> {
+    let mut child = ns
+        .command(testsrv)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", testsrv.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("fep-testsrv on {name} did not start (said {line:?})");
+    }
+    Ok(child)
+}
+
+/// A `bep-agent` for node `node`, reporting to the fep at `fep` every
+/// `interval_ms`; `extra` is appended to its config.
+pub struct AgentSpec<'a> {
+    pub node: &'a str,
+    pub fep: &'a str,
+    pub key: &'a Path,
+    pub watch: &'a [u16],
+    pub interval_ms: u64,
+    pub extra: &'a str,
+}
+
+impl AgentSpec<'_> {
+    /// Writes its config to `dir` and starts it in `ns`, logging to
+    /// `dir/agent-NODE.log`.
+    pub fn spawn(&self, ns: &Netns, dir: &Path, agent: &Path) -> anyhow::Result<Child> {
+        let config = dir.join(format!("agent-{}.toml", self.node));
+        std::fs::write(
+            &config,
+            format!(
+                "node = \"{}\"\nfep = \"{}\"\nkey_file = \"{}\"\nreport_interval_ms = {}\nwatch_ports = {:?}\n{}\n",
+                self.node,
+                self.fep,
+                self.key.display(),
+                self.interval_ms,
+                self.watch,
+                self.extra
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join(format!("agent-{}.log", self.node)))?;
+        ns.command(agent)
             .arg("--config")
-            .arg(&config_path)
-            .args(args)
-            // Failed health checks too, which fep logs at debug.
-            .env("RUST_LOG", "info,fep::control::health=debug")
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", fep.display()))?;
-        Ok(FepProcess {
-            child: Some(child),
-            log_path,
-        })
+            .with_context(|| format!("starting {}", agent.display()))
     }
 }
 
@@ -390,6 +402,53 @@ pub struct FepProcess {
 }
 
 impl FepProcess {
+    /// Starts fep in `ns` with `config` (written to `dir/NAME.toml`) and
+    /// `args`, logging to `dir/NAME.log`, without waiting for it.
+    pub fn spawn(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        fep: &Path,
+        config: &str,
+        args: &[&str],
+    ) -> anyhow::Result<FepProcess> {
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config)?;
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = ns
+            .command(fep)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            // Failed health checks too, which fep logs at debug.
+            .env("RUST_LOG", "info,fep::control::health=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", fep.display()))?;
+        Ok(FepProcess {
+            child: Some(child),
+            log_path,
+        })
+    }
+
+    /// Waits up to 15 s until fep says it serves.
+    pub fn wait_serving(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains("serving") {
+            if let Some(status) = self.child.as_mut().context("fep stopped")?.try_wait()? {
+                bail!("fep exited with {status} before serving:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("fep did not start serving within 15 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// fep's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

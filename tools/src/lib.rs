@@ -3,6 +3,7 @@
 //! (`fep-demo`) and the integration tests.
 
 pub mod admin_client;
+pub mod cluster_lab;
 pub mod craft;
 pub mod host;
 pub mod http;

@@ -72,8 +72,8 @@ pub(crate) struct AgentLink {
     last_heard: Arc<AtomicU32>,
     /// Highest query id sent: an answer to a higher one was never asked.
     last_query: u64,
-    /// A live list was asked for and its last part has not come.
-    live_list_asked: bool,
+    /// Live lists asked for whose last part has not come.
+    live_lists_asked: u32,
     /// Start (true) / stop commands sent, by port, not answered yet.
     commands: HashSet<(u16, bool)>,
     /// The connection's loop ends when this is dropped.
@@ -85,7 +85,7 @@ impl AgentLink {
     fn asked(&mut self, msg: &FepMsg) {
         match msg {
             FepMsg::Query { id, .. } => self.last_query = self.last_query.max(*id),
-            FepMsg::ListLive { .. } => self.live_list_asked = true,
+            FepMsg::ListLive { .. } => self.live_lists_asked += 1,
             FepMsg::Start { port } => {
                 self.commands.insert((*port, true));
             }
@@ -105,11 +105,11 @@ impl AgentLink {
                 unsolicited(format!("an answer to query {id}, never sent"))
             }
             AgentMsg::Live { .. } => Ok(()),
-            AgentMsg::LiveList { .. } if !self.live_list_asked => {
+            AgentMsg::LiveList { .. } if self.live_lists_asked == 0 => {
                 unsolicited("a live-connection list the FEP did not ask for".into())
             }
             AgentMsg::LiveList { done, .. } => {
-                self.live_list_asked = !done;
+                self.live_lists_asked -= u32::from(*done);
                 Ok(())
             }
             AgentMsg::Control { port, start, .. } => {
@@ -186,7 +186,7 @@ async fn connection(
         pending: Default::default(),
         last_heard: last_heard.clone(),
         last_query: 0,
-        live_list_asked: false,
+        live_lists_asked: 0,
         commands: HashSet::new(),
         _close: close,
     };
@@ -232,7 +232,13 @@ async fn connection(
         .get(&node)
         .is_some_and(|a| a.generation == generation)
     {
-        agents.remove(&node);
+        let unanswered = agents.remove(&node).is_some_and(|a| a.live_lists_asked > 0);
+        drop(agents);
+        // Asked over a connection that is gone (an agent that moved to
+        // another gateway and back): asked again when it reconnects.
+        if unanswered {
+            cp.state().rebuilt.remove(&node);
+        }
     }
     result
 }
@@ -546,6 +552,39 @@ fn is_local(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link() -> AgentLink {
+        AgentLink {
+            generation: 1,
+            tx: mpsc::channel(1).0,
+            pending: Default::default(),
+            last_heard: Default::default(),
+            last_query: 0,
+            live_lists_asked: 0,
+            commands: HashSet::new(),
+            _close: oneshot::channel().0,
+        }
+    }
+
+    fn part(done: bool) -> AgentMsg {
+        AgentMsg::LiveList {
+            conns: Vec::new(),
+            done,
+        }
+    }
+
+    #[test]
+    fn every_live_list_asked_for_is_taken_and_no_more() {
+        let mut l = link();
+        assert!(l.answered(&part(true)).is_err(), "never asked");
+        let ask = FepMsg::ListLive { ports: vec![80] };
+        l.asked(&ask);
+        l.asked(&ask); // asked again (a VIP group arrived) before the answer
+        for p in [part(false), part(true), part(true)] {
+            assert!(l.answered(&p).is_ok());
+        }
+        assert!(l.answered(&part(true)).is_err(), "both answered");
+    }
 
     #[test]
     fn only_this_hosts_addresses_count_as_local() {

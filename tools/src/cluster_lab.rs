@@ -1,0 +1,422 @@
+//! A lab of several front ends: a client behind an upstream router, two
+//! gateways (`gwa`, `gwb`) on a shared client-side segment and a shared
+//! back-end segment (bridges in a switch namespace), and back ends per VIP
+//! group. keepalived on each gateway moves each group's two floating
+//! addresses: the next hop the router sends the group's VIP to, and the
+//! default gateway of the group's back ends.
+//!
+//! ```text
+//! client 10.0.1.2 ─ router 10.0.3.254 ─┬─ gwa 10.0.3.252 ─┬─ 10.0.4.252 gwa ─┬─ be1 10.0.4.11 (group 0)
+//!   (VIP of group g: 10.0.0.(100+g),   └─ gwb 10.0.3.253 ─┘   10.0.4.253 gwb └─ be2 10.0.4.12 …
+//!    via 10.0.3.(1+g))                  back ends of group g: default via 10.0.4.(1+g)
+//! ```
+//!
+//! Everything (processes, namespaces, files) goes away with the lab.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::Context;
+
+use crate::lab::{spawn_testsrv, AgentSpec, FepProcess};
+use crate::netns::Netns;
+
+/// The gateways' names, in order.
+pub const GATEWAYS: [&str; 2] = ["gwa", "gwb"];
+/// Each gateway's link to the client-side and to the back-end segment.
+pub const CLIENT_SIDE: &str = "cli";
+pub const BACKEND_SIDE: &str = "srv";
+/// Where each fep listens for agents (on every address, the floating ones
+/// included).
+pub const AGENT_PORT: u16 = 9441;
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// The VIP of group `g`.
+pub fn vip(g: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 100 + g as u8)
+}
+
+/// Group `g`'s floating next hop on the client side.
+pub fn next_hop(g: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 3, 1 + g as u8)
+}
+
+/// Group `g`'s floating gateway on the back-end side.
+pub fn backend_gateway(g: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 4, 1 + g as u8)
+}
+
+/// The keepalived instance (and fep VIP group) name of group `g`.
+pub fn group_name(g: usize) -> String {
+    format!("G{g}")
+}
+
+pub struct ClusterLab {
+    pub client: Netns,
+    pub router: Netns,
+    _switch: Netns,
+    pub gateways: Vec<Netns>,
+    pub backends: Vec<Netns>,
+    groups: usize,
+    per_group: usize,
+    dir: PathBuf,
+    /// Processes the lab started, with the gateway they belong to.
+    children: Vec<(Option<usize>, Child)>,
+}
+
+impl ClusterLab {
+    /// `groups` VIP groups with `per_group` back ends each; `tag` goes into
+    /// the namespaces' names (`<tag><pid>x<n>-…`).
+    pub fn new(tag: &str, groups: usize, per_group: usize) -> anyhow::Result<ClusterLab> {
+        crate::host::prepare_lab()?;
+        crate::host::ensure(&[crate::host::KEEPALIVED])?;
+        let prefix = format!(
+            "{tag}{}x{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ns = |n: &str| Netns::create(&format!("{prefix}-{n}"));
+        let mut lab = ClusterLab {
+            client: ns("cl")?,
+            router: ns("rt")?,
+            _switch: ns("sw")?,
+            gateways: GATEWAYS.iter().map(|g| ns(g)).collect::<Result<_, _>>()?,
+            backends: (0..groups * per_group)
+                .map(|i| ns(&format!("b{}", i + 1)))
+                .collect::<Result<_, _>>()?,
+            groups,
+            per_group,
+            dir,
+            children: Vec::new(),
+        };
+        lab.wire_up().context("wiring the cluster lab")?;
+        Ok(lab)
+    }
+
+    fn wire_up(&mut self) -> anyhow::Result<()> {
+        let sw = &self._switch;
+        for br in ["brc", "brb"] {
+            sw.ip(&["link", "add", br, "type", "bridge"])?;
+            sw.ip(&["link", "set", br, "up"])?;
+        }
+        let plug = |ns: &Netns, name: &str, port: &str, bridge: &str| -> anyhow::Result<()> {
+            ns.ip(&[
+                "link",
+                "add",
+                name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                sw.name(),
+            ])?;
+            sw.ip(&["link", "set", port, "master", bridge, "up"])?;
+            ns.ip(&["link", "set", name, "up"])
+        };
+        let (cl, rt) = (&self.client, &self.router);
+        rt.ip(&[
+            "link",
+            "add",
+            "cl",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            cl.name(),
+        ])?;
+        rt.ip(&["addr", "add", "10.0.1.1/24", "dev", "cl"])?;
+        rt.ip(&["link", "set", "cl", "up"])?;
+        cl.ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"])?;
+        cl.ip(&["link", "set", "eth0", "up"])?;
+        cl.ip(&["route", "add", "default", "via", "10.0.1.1"])?;
+        plug(rt, "ups", "rt", "brc")?;
+        rt.ip(&["addr", "add", "10.0.3.254/24", "dev", "ups"])?;
+        sysctl(rt, "net.ipv4.ip_forward", "1")?;
+        for g in 0..self.groups {
+            rt.ip(&[
+                "route",
+                "add",
+                &format!("{}/32", vip(g)),
+                "via",
+                &next_hop(g).to_string(),
+            ])?;
+        }
+        for (k, gw) in self.gateways.iter().enumerate() {
+            plug(gw, CLIENT_SIDE, &format!("g{k}c"), "brc")?;
+            plug(gw, BACKEND_SIDE, &format!("g{k}b"), "brb")?;
+            gw.ip(&[
+                "addr",
+                "add",
+                &format!("10.0.3.{}/24", 252 + k),
+                "dev",
+                CLIENT_SIDE,
+            ])?;
+            gw.ip(&[
+                "addr",
+                "add",
+                &format!("10.0.4.{}/24", 252 + k),
+                "dev",
+                BACKEND_SIDE,
+            ])?;
+            gw.ip(&["route", "add", "10.0.1.0/24", "via", "10.0.3.254"])?;
+            // Neighbours learn at once when a floating address arrives.
+            sysctl(gw, "net.ipv4.conf.all.arp_notify", "1")?;
+        }
+        for (i, be) in self.backends.iter().enumerate() {
+            plug(be, "eth0", &format!("e{}", i + 1), "brb")?;
+            be.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", self.backend(i)),
+                "dev",
+                "eth0",
+            ])?;
+            be.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &backend_gateway(i / self.per_group).to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// A scratch directory that goes away with the lab.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Back end `i`'s address (back ends of group g are g·per_group …).
+    pub fn backend(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 4, 11 + i as u8)
+    }
+
+    /// Back end `i`'s node name: be1, be2, …
+    pub fn backend_name(&self, i: usize) -> String {
+        format!("be{}", i + 1)
+    }
+
+    /// The back ends of group `g`.
+    pub fn group_backends(&self, g: usize) -> std::ops::Range<usize> {
+        g * self.per_group..(g + 1) * self.per_group
+    }
+
+    /// fep's admin socket on gateway `k`.
+    pub fn control_socket(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("{}.sock", GATEWAYS[k]))
+    }
+
+    /// The fep config of gateway `k`: every back end a node, for each group
+    /// a TCP service on its VIP per port of `ports` (named `g<G>-<PORT>`)
+    /// and its VIP group, the agent port open; `top` adds top-level keys.
+    pub fn fep_config(&self, k: usize, ports: &[u16], top: &str) -> String {
+        let dir = self.dir.display();
+        let name = GATEWAYS[k];
+        let mut s = format!(
+            "tun = \"fep0\"\nworkers = 2\nroute_idle_timeout_s = 60\n\
+             control_socket = \"{}\"\nstate_dir = \"{dir}/{name}-state\"\n\
+             agent_listen = \"0.0.0.0:{AGENT_PORT}\"\nagent_key_file = \"{dir}/agent.key\"\n\
+             node_dead_after_ms = 1500\nhealth_check_interval_ms = 500\n{top}\n\
+             [cluster]\nnotify_fifo = \"{dir}/{name}.fifo\"\nhold_max_ms = 3000\n",
+            self.control_socket(k).display(),
+        );
+        for g in 0..self.groups {
+            s += &format!(
+                "\n[[vip_group]]\nname = \"{}\"\nvips = [\"{}\"]\n",
+                group_name(g),
+                vip(g)
+            );
+        }
+        for i in 0..self.backends.len() {
+            s += &format!(
+                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\n",
+                self.backend_name(i),
+                self.backend(i)
+            );
+        }
+        for g in 0..self.groups {
+            for port in ports {
+                s += &format!(
+                    "\n[[service]]\nname = \"g{g}-{port}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"tcp\"\n",
+                    vip(g)
+                );
+                for i in self.group_backends(g) {
+                    s += &format!(
+                        "[[service.backend]]\nnode = \"{}\"\nratio = 1\n",
+                        self.backend_name(i)
+                    );
+                }
+            }
+        }
+        s
+    }
+
+    /// keepalived's config for gateway `k`: per group a VRRP instance
+    /// (VRRPv3, 100 ms adverts) moving the group's two floating addresses,
+    /// at `priority[g]`, telling fep through its notify FIFO.
+    pub fn keepalived_config(&self, k: usize, priority: &[u8]) -> String {
+        let name = GATEWAYS[k];
+        let mut s = format!(
+            "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  notify_fifo {}/{name}.fifo\n}}\n",
+            self.dir.display()
+        );
+        assert_eq!(priority.len(), self.groups, "a priority per group");
+        for (g, prio) in priority.iter().enumerate() {
+            s += &format!(
+                "vrrp_instance {} {{\n  state BACKUP\n  interface {CLIENT_SIDE}\n  virtual_router_id {}\n  \
+                 priority {}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {}/24 dev {CLIENT_SIDE}\n    {}/24 dev {BACKEND_SIDE}\n  }}\n}}\n",
+                group_name(g),
+                50 + g,
+                prio,
+                next_hop(g),
+                backend_gateway(g)
+            );
+        }
+        s
+    }
+
+    /// Starts keepalived (VRRP only, in the foreground) on gateway `k`.
+    pub fn start_keepalived(&mut self, k: usize, priority: &[u8]) -> anyhow::Result<()> {
+        let name = GATEWAYS[k];
+        let conf = self.dir.join(format!("keepalived-{name}.conf"));
+        std::fs::write(&conf, self.keepalived_config(k, priority))?;
+        let log = std::fs::File::create(self.dir.join(format!("keepalived-{name}.log")))?;
+        let child = self.gateways[k]
+            .command("keepalived")
+            .args(["--vrrp", "--dont-fork", "--log-console", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(self.keepalived_pid(k, false))
+            .arg("-r")
+            .arg(self.keepalived_pid(k, true))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting keepalived")?;
+        self.children.push((Some(k), child));
+        Ok(())
+    }
+
+    fn keepalived_pid(&self, k: usize, vrrp: bool) -> PathBuf {
+        let which = if vrrp { "vrrp" } else { "main" };
+        self.dir
+            .join(format!("keepalived-{}-{which}.pid", GATEWAYS[k]))
+    }
+
+    /// keepalived's log on gateway `k`.
+    pub fn keepalived_log(&self, k: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("keepalived-{}.log", GATEWAYS[k])))
+            .unwrap_or_default()
+    }
+
+    /// Starts fep on gateway `k` with `config` and waits until it serves.
+    pub fn start_fep(&self, k: usize, fep: &Path, config: &str) -> anyhow::Result<FepProcess> {
+        let mut p = FepProcess::spawn(&self.gateways[k], &self.dir, GATEWAYS[k], fep, config, &[])?;
+        p.wait_serving()?;
+        Ok(p)
+    }
+
+    /// Starts `fep-testsrv ARGS` on back end `i`.
+    pub fn start_backend_server(
+        &mut self,
+        i: usize,
+        testsrv: &Path,
+        args: &[String],
+    ) -> anyhow::Result<()> {
+        let child = spawn_testsrv(&self.backends[i], &self.backend_name(i), testsrv, args)?;
+        self.children.push((None, child));
+        Ok(())
+    }
+
+    /// Starts `bep-agent` on back end `i`, reporting every `interval_ms`
+    /// to its group's floating gateway address (whichever gateway holds it).
+    pub fn start_agent(
+        &mut self,
+        i: usize,
+        agent: &Path,
+        watch: &[u16],
+        interval_ms: u64,
+    ) -> anyhow::Result<()> {
+        let key = self.agent_key(agent)?;
+        let fep = SocketAddr::new(backend_gateway(i / self.per_group).into(), AGENT_PORT);
+        let spec = AgentSpec {
+            node: &self.backend_name(i),
+            fep: &fep.to_string(),
+            key: &key,
+            watch,
+            interval_ms,
+            extra: "",
+        };
+        let child = spec.spawn(&self.backends[i], &self.dir, agent)?;
+        self.children.push((None, child));
+        Ok(())
+    }
+
+    /// Writes the agents' key (before fep starts, which reads it).
+    pub fn agent_key(&self, agent: &Path) -> anyhow::Result<PathBuf> {
+        let key = self.dir.join("agent.key");
+        if !key.exists() {
+            crate::netns::run(Command::new(agent).arg("--gen-key").arg(&key))?;
+        }
+        Ok(key)
+    }
+
+    /// A host crash of gateway `k`, as far as the cluster sees it:
+    /// keepalived (both its processes) killed with SIGKILL, so it sends no
+    /// last advert and releases nothing. The caller kills fep.
+    pub fn kill_keepalived(&mut self, k: usize) {
+        self.kill_pidfile(&self.keepalived_pid(k, true));
+        for (_, c) in self.children.iter_mut().filter(|(o, _)| *o == Some(k)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.retain(|(o, _)| *o != Some(k));
+        self.kill_pidfile(&self.keepalived_pid(k, false));
+    }
+
+    fn kill_pidfile(&self, path: &Path) {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on a pid keepalived of this lab recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for ClusterLab {
+    fn drop(&mut self) {
+        for k in 0..GATEWAYS.len() {
+            self.kill_pidfile(&self.keepalived_pid(k, true));
+        }
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The namespaces are deleted as the fields drop.
+    }
+}
+
+/// Sets the sysctl `key` (dotted) to `value` inside `ns` (through
+/// `/proc/sys`: no procps needed).
+fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    crate::netns::run(
+        ns.command("sh")
+            .arg("-c")
+            .arg(format!("echo {value} > {path}")),
+    )
+}
