@@ -3,13 +3,17 @@
 //! moving each VIP group's floating addresses between them (see
 //! `fep_tools::cluster_lab`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fep_shared::api::{GroupView, NodeView};
-use fep_tests::{fepctl_at, http, skip_without_root};
+use fep_shared::api::{ClusterView, MoveReport, NodeView};
+use fep_shared::peer::PeerRequest;
+use fep_shared::protocol::{self, Key, Session};
+use fep_tests::{fepctl_at, http, pattern, skip_without_root};
 use fep_tools::cluster_lab::{self, ClusterLab};
 use fep_tools::lab::{self, FepProcess};
 
@@ -19,6 +23,8 @@ const STREAM: u16 = 7100;
 const PORTS: [u16; 3] = [WEB, ECHO, STREAM];
 /// Idle keep-alive connections that must work when next used.
 const IDLE: usize = 20;
+/// Idle connections through a planned move.
+const IDLE_MANY: usize = 200;
 
 fn view<T: serde::de::DeserializeOwned>(socket: &Path, args: &[&str]) -> T {
     let mut all = vec!["--json"];
@@ -41,60 +47,78 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, logs: impl 
     }
 }
 
-/// One group of two back ends (HTTP, echo, stream, each with an agent),
-/// keepalived on both gateways with gwa preferred, fep on both; returns
-/// once gwa is the group's master and every agent reports to it.
-fn start(tag: &str) -> (ClusterLab, Vec<FepProcess>) {
-    let mut lab = ClusterLab::new(tag, 1, 2).expect("building the cluster lab");
+/// `groups` VIP groups of two back ends each (HTTP, echo, stream, each
+/// with an agent), keepalived on both gateways (gateway k preferred for
+/// group k, started in turn so that neither takes the other's group for a
+/// moment), fep on both; returns once each group's preferred gateway is its
+/// master, its hold over, its agents reporting to it.
+fn start(tag: &str, groups: usize) -> (ClusterLab, Vec<FepProcess>) {
+    let mut lab = ClusterLab::new(tag, groups, 2).expect("building the cluster lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     let agent = lab::workspace_bin("bep-agent").unwrap();
     let fep = lab::workspace_bin("fep").unwrap();
-    for i in 0..2 {
+    for i in 0..groups * 2 {
         let mut args = lab::testsrv_args(i, &[WEB], &[]);
         args.extend(["--echo", "7000", "--stream", "7100"].map(String::from));
         lab.start_backend_server(i, &testsrv, &args).unwrap();
     }
     lab.agent_key(&agent).unwrap();
-    // gwa first, master before gwb's keepalived starts (two starting
-    // together may both be master for a moment).
-    lab.start_keepalived(0, &[150]).unwrap();
-    wait(
-        "gwa's keepalived master of G0",
-        Duration::from_secs(10),
-        || lab.keepalived_log(0).contains("(G0) Entering MASTER STATE"),
-        || lab.keepalived_log(0),
-    );
-    lab.start_keepalived(1, &[100]).unwrap();
+    for k in 0..2 {
+        let priority: Vec<u8> = (0..groups)
+            .map(|g| if g == k { 150 } else { 100 })
+            .collect();
+        lab.start_keepalived(k, &priority).unwrap();
+        if k < groups {
+            let says = format!("({}) Entering MASTER STATE", cluster_lab::group_name(k));
+            wait(
+                &format!(
+                    "{}'s keepalived master of its group",
+                    cluster_lab::GATEWAYS[k]
+                ),
+                Duration::from_secs(10),
+                || lab.keepalived_log(k).contains(&says),
+                || lab.keepalived_log(k),
+            );
+        }
+    }
     let feps: Vec<FepProcess> = (0..2)
         .map(|k| {
             lab.start_fep(k, &fep, &lab.fep_config(k, &PORTS, ""))
                 .expect("starting fep")
         })
         .collect();
-    for i in 0..2 {
+    for i in 0..groups * 2 {
         lab.start_agent(i, &agent, &PORTS, 200).unwrap();
     }
-    let socket = lab.control_socket(0);
-    let logs = || format!("{}\n{}", feps[0].log(), lab.keepalived_log(0));
-    wait(
-        "gwa master of G0, its hold over, both agents reporting to it",
-        Duration::from_secs(20),
-        || {
-            let groups: Vec<GroupView> = view(&socket, &["cluster"]);
-            let nodes: Vec<NodeView> = view(&socket, &["nodes"]);
-            groups[0].master
-                && !groups[0].holding
-                && nodes
-                    .iter()
-                    .all(|n| n.agent_connected && n.report_age_ms.is_some())
-        },
-        logs,
-    );
+    for (g, holder) in feps.iter().enumerate().take(groups) {
+        let socket = lab.control_socket(g);
+        let names: Vec<String> = lab.group_backends(g).map(|i| lab.backend_name(i)).collect();
+        wait(
+            "each group's gateway its master, its hold over, its agents reporting to it",
+            Duration::from_secs(20),
+            || {
+                let c: ClusterView = view(&socket, &["cluster"]);
+                let nodes: Vec<NodeView> = view(&socket, &["nodes"]);
+                c.groups[g].master
+                    && !c.groups[g].holding
+                    && nodes
+                        .iter()
+                        .filter(|n| names.contains(&n.name))
+                        .all(|n| n.agent_connected && n.report_age_ms.is_some())
+            },
+            || format!("{}\n{}", holder.log(), lab.keepalived_log(g)),
+        );
+    }
     (lab, feps)
 }
 
 fn connect(lab: &ClusterLab, port: u16) -> BufReader<TcpStream> {
-    let addr = SocketAddr::new(cluster_lab::vip(0).into(), port);
+    connect_to(lab, 0, port)
+}
+
+/// A connection from the client to group `g`'s VIP.
+fn connect_to(lab: &ClusterLab, g: usize, port: u16) -> BufReader<TcpStream> {
+    let addr = SocketAddr::new(cluster_lab::vip(g).into(), port);
     let s = lab
         .client
         .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
@@ -126,7 +150,7 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
     if skip_without_root("a_dead_gateways_connections_resume_on_the_other_one") {
         return;
     }
-    let (mut lab, mut feps) = start("clf");
+    let (mut lab, mut feps) = start("clf", 1);
     let mut stream = connect(&lab, STREAM);
     let mut last = seq(&line(&mut stream).unwrap());
     let mut idle: Vec<_> = (0..IDLE).map(|_| connect(&lab, ECHO)).collect();
@@ -192,7 +216,7 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
         assert_eq!(line(c).unwrap(), "after");
     }
 
-    let groups: Vec<GroupView> = view(&socket, &["cluster"]);
+    let groups = view::<ClusterView>(&socket, &["cluster"]).groups;
     assert!(groups[0].master && !groups[0].holding, "{groups:?}");
     let hold = groups[0]
         .last_hold
@@ -203,5 +227,233 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
         resumed.as_millis(),
         hold.held_ms,
         hold.packets
+    );
+}
+
+/// Reads the stream's lines until `stop`, checking their counters are
+/// consecutive; returns how many and the longest gap between two.
+fn follow(mut conn: BufReader<TcpStream>, stop: Arc<AtomicBool>) -> (u64, Duration) {
+    let mut last = seq(&line(&mut conn).unwrap());
+    let (mut n, mut gap, mut at) = (0, Duration::ZERO, Instant::now());
+    while !stop.load(Ordering::Relaxed) {
+        let next = seq(&line(&mut conn).expect("the stream goes on"));
+        assert_eq!(next, last + 1, "no line lost or repeated");
+        last = next;
+        n += 1;
+        gap = gap.max(at.elapsed());
+        at = Instant::now();
+    }
+    (n, gap)
+}
+
+/// Bulk transfers go at this rate, so that they are in flight during a move.
+const BULK_RATE: f64 = 10e6;
+
+/// Sleeps until `bytes` is not ahead of [`BULK_RATE`] since `start`.
+fn pace(start: Instant, bytes: u64) {
+    let due = Duration::from_secs_f64(bytes as f64 / BULK_RATE);
+    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(ahead);
+    }
+}
+
+/// Sends `len` bytes of the pattern through an echo connection (paced)
+/// while reading them back; both directions must be byte-exact.
+fn echo_bulk(mut conn: BufReader<TcpStream>, len: u64) {
+    conn.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut w = conn.get_ref().try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut off, start) = (0, Instant::now());
+        while off < len {
+            pace(start, off);
+            let n = (len - off).min(buf.len() as u64) as usize;
+            pattern::fill(off, &mut buf[..n]);
+            w.write_all(&buf[..n]).unwrap();
+            off += n as u64;
+        }
+    });
+    let mut h = pattern::Fnv::default();
+    let (mut got, mut buf) = (0u64, vec![0u8; 64 * 1024]);
+    while got < len {
+        let n = conn.read(&mut buf).expect("the echo goes on");
+        assert!(n > 0, "the echo connection closed after {got} bytes");
+        h.write(&buf[..n]);
+        got += n as u64;
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        h.finish(),
+        pattern::expected_hash(len),
+        "echoed bytes differ"
+    );
+}
+
+#[test]
+fn a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone() {
+    if skip_without_root("a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone") {
+        return;
+    }
+    let (lab, feps) = start("clm", 2);
+    let (a, b) = (lab.control_socket(0), lab.control_socket(1));
+    const BULK: u64 = 20_000_000;
+
+    // Group 0 on gwa: a stream, a 20 MB upload + download through the
+    // echo service, a 20 MB HTTP download, 200 idle connections. Group 1
+    // on gwb: a stream of its own.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = std::thread::spawn({
+        let (conn, stop) = (connect(&lab, STREAM), stop.clone());
+        move || follow(conn, stop)
+    });
+    let other = std::thread::spawn({
+        let (conn, stop) = (connect_to(&lab, 1, STREAM), stop.clone());
+        move || follow(conn, stop)
+    });
+    let mut echo = connect(&lab, ECHO);
+    line(&mut echo).unwrap();
+    let upload = std::thread::spawn(move || echo_bulk(echo, BULK));
+    let web = SocketAddr::new(cluster_lab::vip(0).into(), WEB);
+    let download = {
+        let path = format!("/bytes/{BULK}");
+        lab.client
+            .spawn(move || {
+                let mut h = pattern::Fnv::default();
+                let (mut got, start) = (0u64, Instant::now());
+                http::get_with(web, &path, Duration::from_secs(10), |c| {
+                    h.write(c);
+                    got += c.len() as u64;
+                    pace(start, got);
+                    Ok(())
+                })
+                .expect("the download goes on");
+                assert_eq!((got, h.finish()), (BULK, pattern::expected_hash(BULK)));
+            })
+            .unwrap()
+    };
+    let mut idle: Vec<_> = (0..IDLE_MANY).map(|_| connect(&lab, ECHO)).collect();
+    for c in &mut idle {
+        line(c).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let g1_before = view::<ClusterView>(&b, &["cluster"]).groups[1].routes;
+
+    // The move, asked of gwa (the holder), run by gwb.
+    let (code, out) = fepctl_at(&a, &["--json", "vip", "move", "G0", "--to", "gwb"]);
+    assert_eq!(
+        code,
+        0,
+        "the move failed: {out}\n{}\n{}",
+        feps[1].log(),
+        feps[0].log()
+    );
+    let report: MoveReport = serde_json::from_str(&out).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::Relaxed);
+    let (lines, gap) = stream.join().expect("group 0's stream survived");
+    let (other_lines, _) = other.join().expect("group 1's stream survived");
+    upload
+        .join()
+        .expect("the 20 MB upload and its echo are byte-exact");
+    download
+        .join()
+        .expect("the 20 MB download is byte-exact")
+        .unwrap();
+    for c in &mut idle {
+        c.get_mut().write_all(b"after\n").unwrap();
+        assert_eq!(
+            line(c).unwrap(),
+            "after",
+            "an idle connection works after the move"
+        );
+    }
+    assert!(lines > 0 && other_lines > 0);
+    assert!(
+        gap < Duration::from_millis(1200),
+        "the stream stalled {gap:?} (lines come every 200 ms)"
+    );
+    assert!(report.routes_copied >= (IDLE_MANY + 3) as u64, "{report:?}");
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("gwa", "gwb"));
+
+    let (va, vb) = (
+        view::<ClusterView>(&a, &["cluster"]),
+        view::<ClusterView>(&b, &["cluster"]),
+    );
+    assert!(
+        !va.groups[0].master && va.groups[0].routes == 0,
+        "gwa forgot G0: {va:?}"
+    );
+    assert!(vb.groups[0].master && !vb.groups[0].holding, "{vb:?}");
+    assert_eq!(vb.groups[1].routes, g1_before, "group 1's routes untouched");
+    assert_eq!(vb.moves.last(), Some(&report));
+    eprintln!(
+        "planned move: {} route(s) copied, {} packet(s) held and replayed, hold {} ms, \
+         longest stream stall {} ms; phases {:?}",
+        report.routes_copied,
+        report.packets_replayed,
+        report.longest_hold_ms,
+        gap.as_millis().saturating_sub(200),
+        report.phases
+    );
+
+    // A move to an unknown front end is refused, naming the front ends.
+    let (code, out) = fepctl_at(&a, &["vip", "move", "G1", "--to", "gwz"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("gwa (this one), gwb"), "{out}");
+
+    // Frames from a stranger, under a wrong key, and replayed, change
+    // nothing on gwa and are counted.
+    let peer = SocketAddr::new(lab.gateway_address(0).into(), cluster_lab::PEER_PORT);
+    let right = Key::load(&lab.dir().join("cluster.key")).unwrap();
+    let wrong = Key::from_hex(&Key::generate_hex()).unwrap();
+    let hello = |key: &Key, twice: bool| {
+        let mut s = TcpStream::connect_timeout(&peer, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let (frame, nonce) = protocol::hello();
+        s.write_all(&frame)?;
+        let mut theirs = [0u8; protocol::HELLO_LEN];
+        s.read_exact(&mut theirs)?;
+        let theirs = protocol::parse_hello(&theirs).map_err(std::io::Error::other)?;
+        let mut session = Session::new(key.clone(), nonce, theirs);
+        let frame = session.seal(&PeerRequest::Hello { fep: "gwb".into() });
+        s.write_all(&frame)?;
+        if twice {
+            s.write_all(&frame)?;
+        }
+        // gwa closes the connection of a refused frame.
+        let _ = s.read(&mut [0u8; 64]);
+        std::io::Result::Ok(())
+    };
+    let _ = lab
+        .client
+        .enter(|| TcpStream::connect_timeout(&peer, Duration::from_secs(5)));
+    lab.gateways[1]
+        .enter(|| hello(&wrong, false))
+        .unwrap()
+        .unwrap();
+    lab.gateways[1]
+        .enter(|| hello(&right, true))
+        .unwrap()
+        .unwrap();
+    let after = view::<ClusterView>(&a, &["cluster"]);
+    for reason in ["wrong_address", "bad_mac", "replay"] {
+        assert_eq!(
+            after.peer_rejects.get(reason),
+            Some(&1),
+            "{reason}: {after:?}"
+        );
+    }
+    assert_eq!(after.groups, va.groups, "refused frames changed nothing");
+
+    // A move to a front end that is down is refused, naming the front ends.
+    let mut feps = feps;
+    drop(feps.remove(1));
+    let (code, out) = fepctl_at(&a, &["vip", "move", "G1", "--to", "gwb"]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("gwb") && out.contains("the front ends are"),
+        "{out}"
     );
 }

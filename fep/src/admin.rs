@@ -5,7 +5,8 @@
 //! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
 //! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
 //! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
-//! | GET | `/v1/cluster` | | every VIP group: master here or not, held or not, routes, last hold |
+//! | GET | `/v1/cluster` | | this fep, its VIP groups (master here or not, held or not, routes, last hold), last moves, refused peer frames |
+//! | POST | `/v1/vip/move` | `{"group","to"}` | a planned move of a VIP group to a front end; answers with its report |
 //! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | the first `limit` (1000) matching routes, streamed |
 //! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
 //! | POST | `/v1/drain`, `/v1/undrain` | `{"node"}` | start / end a drain |
@@ -36,8 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use fep_shared::api::{
-    ApiError, BackendAddArg, BackendRemoveArg, Done, NodeAddArg, NodeArg, PinArg, RatioArg,
-    RemoveArg, RouteQuery, StatusView,
+    ApiError, BackendAddArg, BackendRemoveArg, Done, MoveArg, NodeAddArg, NodeArg, PinArg,
+    RatioArg, RemoveArg, RouteQuery, StatusView,
 };
 use fep_shared::ServiceConfig;
 
@@ -148,8 +149,9 @@ fn router(admin: Admin) -> Router {
         .route("/v1/routes", get(routes))
         .route(
             "/v1/cluster",
-            get(|State(a): State<Admin>| async move { Json(a.cp.groups_view()) }),
+            get(|State(a): State<Admin>| async move { Json(a.cp.cluster_view()) }),
         )
+        .route("/v1/vip/move", post(vip_move))
         .route("/v1/ratio", post(ratio))
         .route("/v1/drain", on_node(ControlPlane::drain))
         .route("/v1/undrain", on_node(ControlPlane::undrain))
@@ -226,6 +228,14 @@ async fn node_add(State(a): State<Admin>, JsonBody(n): JsonBody<NodeAddArg>) -> 
         cp.node_add(&n.name, n.address, n.agent_address)
     })
     .await
+}
+
+/// A planned move; answered when it is done (or refused), with its report.
+async fn vip_move(State(a): State<Admin>, JsonBody(m): JsonBody<MoveArg>) -> Response {
+    match a.cp.move_group(&m.group, &m.to).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => refused(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
 }
 
 async fn node_remove(State(a): State<Admin>, JsonBody(n): JsonBody<RemoveArg>) -> Response {

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Admin};
 use crate::clock::Clock;
 use crate::control::journal::{self, Journal};
+use crate::control::peers::{self, Peers};
 use crate::control::snapshot;
 use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane, DataPath};
@@ -83,6 +84,12 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             )
             .context("cannot start the control plane's threads")?,
         );
+        if let Some(cluster) = &cfg.cluster {
+            let groups: Vec<String> = cfg.vip_groups.iter().map(|g| g.name.clone()).collect();
+            if let Some(peers) = Peers::new(cluster, &groups)? {
+                cp.set_peers(peers);
+            }
+        }
         let mut tasks = spawn_tasks(&cp, &cfg, secrets, workers.counters().to_vec(), clock);
         // Let every task bind its listener before saying so: "serving" means
         // the data path, the admin socket and the agent port are all up.
@@ -213,6 +220,9 @@ fn spawn_tasks(
     tasks.spawn(forever(prune::run(cp.clone())));
     if let Some(cluster) = &cfg.cluster {
         tasks.spawn(cp.clone().follow_keepalived(cluster.notify_fifo.clone()));
+        if let (Some(listen), Some(_)) = (cluster.listen, cp.peers()) {
+            tasks.spawn(peers::serve(cp.clone(), listen));
+        }
     }
     tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));
     let dispatcher = cp.dispatcher_arc();

@@ -17,7 +17,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registr
 use fep_shared::protocol::ProtocolError;
 
 use crate::control::model::{Model, NodeState};
-use crate::control::{agents, ControlPlane};
+use crate::control::{agents, peers, ControlPlane};
 use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::transfer_table::TransferTable;
 
@@ -42,6 +42,7 @@ pub struct Metrics {
     tun_errors: IntCounterVec,
     tun_workers: IntGaugeVec,
     rejects: IntCounterVec,
+    peer_rejects: IntCounterVec,
     icmp: IntCounterVec,
     unconfirmed_evicted: IntCounter,
     handshakes_adopted: IntCounter,
@@ -118,6 +119,7 @@ impl Metrics {
                 &["io"],
             ),
             rejects: counter_vec("fep_agent_rejected_frames_total", "Agent frames and connections rejected, by reason.", &["reason"]),
+            peer_rejects: counter_vec("fep_peer_rejected_total", "Frames and connections from other front ends (the fep-to-fep channel) rejected, by reason.", &["reason"]),
             icmp: counter_vec(
                 "fep_icmp_total",
                 "ICMP handled: echo replies sent for VIPs, errors translated for tracked flows.",
@@ -145,6 +147,9 @@ impl Metrics {
     fn with_zero_series(self) -> Self {
         for r in ProtocolError::KINDS.iter().chain(&agents::REFUSALS) {
             self.rejects.with_label_values(&[r]);
+        }
+        for r in ProtocolError::KINDS.iter().chain(&peers::REFUSALS) {
+            self.peer_rejects.with_label_values(&[r]);
         }
         for e in Count::ALL {
             self.event_series(e);
@@ -240,6 +245,9 @@ impl Metrics {
         sync(&self.pruned, pruned);
         for (reason, n) in cp.rejects() {
             sync(&self.rejects.with_label_values(&[reason]), n);
+        }
+        for (reason, n) in cp.peers().map(|p| p.rejects()).unwrap_or_default() {
+            sync(&self.peer_rejects.with_label_values(&[reason]), n);
         }
     }
 

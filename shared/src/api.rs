@@ -229,6 +229,39 @@ pub struct GroupView {
     pub last_hold: Option<HoldView>,
 }
 
+/// `GET /v1/cluster`: this front end, its VIP groups, its last planned
+/// moves, and the fep-to-fep frames and connections it refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub fep: Option<String>,
+    pub groups: Vec<GroupView>,
+    /// The last planned moves this front end drove, oldest first.
+    pub moves: Vec<MoveReport>,
+    pub peer_rejects: BTreeMap<String, u64>,
+}
+
+/// What a planned move of a VIP group did, phase by phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveReport {
+    pub group: String,
+    pub from: String,
+    pub to: String,
+    /// Each phase and the milliseconds it took, in order.
+    pub phases: Vec<(String, u64)>,
+    pub routes_copied: u64,
+    pub packets_replayed: u64,
+    pub bytes_replayed: u64,
+    /// How long the group's packets were held on the receiving front end.
+    pub longest_hold_ms: u64,
+}
+
+/// `POST /v1/vip/move`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveArg {
+    pub group: String,
+    pub to: String,
+}
+
 /// How a group's last hold went: how long it lasted, what it replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldView {

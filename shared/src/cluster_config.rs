@@ -7,7 +7,7 @@
 //! the group's routes are back, then replays them in order.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,48 @@ pub struct ClusterConfig {
     /// whatever routes are back by then.
     #[serde(default = "default_hold_max_ms")]
     pub hold_max_ms: u64,
+    /// This front end's name among its peers (planned moves name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the other front ends reach this one (the fep-to-fep channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// The cluster's shared key (64 hex characters, `bep-agent --gen-key`
+    /// writes one), which every frame between front ends is signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Where fep writes one keepalived `track_file` per VIP group (named as
+    /// the group): a planned move raises the receiver's to [`TRACK_HOLD`]
+    /// and lowers the holder's to 0; nothing else writes them (a start
+    /// creates missing ones at 0). Put it on a tmpfs (`/run`), so that a
+    /// rebooted gateway comes back at 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dir: Option<PathBuf>,
+    /// The other front ends.
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Another front end of the cluster: its name and channel address (frames
+/// from it must come from that IP address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+/// What fep writes to a group's track file where this gateway is to hold
+/// it (keepalived adds it to the instance's priority, `weight 1`): base
+/// priorities of the gateways must differ by less.
+pub const TRACK_HOLD: i32 = 100;
+
+impl ClusterConfig {
+    /// Whether planned moves are set up: peers are configured (validation
+    /// then requires a name, a channel, a key and track files).
+    pub fn moves(&self) -> bool {
+        !self.peers.is_empty()
+    }
 }
 
 /// A set of VIPs that moves between gateways as one: the keepalived VRRP
@@ -74,6 +116,30 @@ pub(crate) fn validate(
                 "cluster.hold_max_ms",
                 format!("must be between 1 and {MAX_HOLD_MS}"),
             ));
+        }
+        if c.moves() {
+            for (key, missing) in [
+                ("cluster.name", c.name.is_none()),
+                ("cluster.listen", c.listen.is_none()),
+                ("cluster.key_file", c.key_file.is_none()),
+                ("cluster.track_dir", c.track_dir.is_none()),
+            ] {
+                if missing {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "planned moves between peers need cluster.name, listen, key_file and track_dir",
+                    ));
+                }
+            }
+            for (i, p) in c.peers.iter().enumerate() {
+                if Some(&p.name) == c.name.as_ref() || c.peers[..i].iter().any(|o| o.name == p.name)
+                {
+                    return Err(ConfigError::invalid(
+                        format!("cluster.peer[{i}].name"),
+                        format!("'{}' is this fep's name or another peer's", p.name),
+                    ));
+                }
+            }
         }
     } else if !groups.is_empty() {
         return Err(ConfigError::invalid(
@@ -148,6 +214,21 @@ mod tests {
         let c = cfg.cluster.unwrap();
         assert_eq!((c.hold_max_bytes, c.hold_max_ms), (16 << 20, 2000));
         assert_eq!(cfg.vip_groups[0].vips.len(), 2);
+    }
+
+    #[test]
+    fn peers_need_a_name_a_channel_a_key_and_track_files() {
+        let e = problem(&format!(
+            "{CLUSTER}[[cluster.peer]]\nname = \"gwb\"\naddress = \"10.0.3.253:9443\"\n"
+        ));
+        assert!(e.contains("cluster.name"), "{e}");
+        let full = format!(
+            "{CLUSTER}name = \"gwa\"\nlisten = \"0.0.0.0:9443\"\nkey_file = \"/k\"\ntrack_dir = \"/run/t\"\n\
+             [[cluster.peer]]\nname = \"gwb\"\naddress = \"10.0.3.253:9443\"\n"
+        );
+        assert!(FepConfig::parse(&full).unwrap().cluster.unwrap().moves());
+        let e = problem(&full.replace("\"gwb\"", "\"gwa\""));
+        assert!(e.contains("cluster.peer[0].name"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster_config;
 pub mod config;
 pub mod cpu;
+pub mod peer;
 pub mod protocol;
 
 /// Logs to stderr through `tracing`, at `info` unless `RUST_LOG` says
@@ -25,7 +26,7 @@ pub fn init_logging() {
 }
 
 pub use agent_config::{AgentConfig, AgentService};
-pub use cluster_config::{ClusterConfig, VipGroupConfig};
+pub use cluster_config::{ClusterConfig, PeerConfig, VipGroupConfig};
 pub use config::{
     Affinity, BackendConfig, ConfigError, FepConfig, LoadMetric, NodeConfig, Protocol, Scheduler,
     ServiceConfig,

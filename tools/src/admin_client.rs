@@ -121,5 +121,14 @@ pub fn post(
     path: &str,
     body: &impl Serialize,
 ) -> anyhow::Result<Done> {
+    post_for(to, path, body)
+}
+
+/// As [`post`], for a command that answers with a `T` (a report).
+pub fn post_for<T: DeserializeOwned>(
+    to: impl Into<AdminAddress>,
+    path: &str,
+    body: &impl Serialize,
+) -> anyhow::Result<T> {
     call(to, "POST", path, Some(serde_json::to_string(body)?))
 }

@@ -28,6 +28,8 @@ pub const GATEWAYS: [&str; 2] = ["gwa", "gwb"];
 /// Each gateway's link to the client-side and to the back-end segment.
 pub const CLIENT_SIDE: &str = "cli";
 pub const BACKEND_SIDE: &str = "srv";
+/// Where each fep listens for the other front ends (on its client-side address).
+pub const PEER_PORT: u16 = 9443;
 /// Where each fep listens for agents (on every address, the floating ones
 /// included).
 pub const AGENT_PORT: u16 = 9441;
@@ -211,6 +213,15 @@ impl ClusterLab {
         g * self.per_group..(g + 1) * self.per_group
     }
 
+    /// Gateway `k`'s fixed client-side address (where its fep listens for peers).
+    pub fn gateway_address(&self, k: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 3, 252 + k as u8)
+    }
+
+    fn track_dir(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("{}-track", GATEWAYS[k]))
+    }
+
     /// fep's admin socket on gateway `k`.
     pub fn control_socket(&self, k: usize) -> PathBuf {
         self.dir.join(format!("{}.sock", GATEWAYS[k]))
@@ -227,9 +238,19 @@ impl ClusterLab {
              control_socket = \"{}\"\nstate_dir = \"{dir}/{name}-state\"\n\
              agent_listen = \"0.0.0.0:{AGENT_PORT}\"\nagent_key_file = \"{dir}/agent.key\"\n\
              node_dead_after_ms = 1500\nhealth_check_interval_ms = 500\n{top}\n\
-             [cluster]\nnotify_fifo = \"{dir}/{name}.fifo\"\nhold_max_ms = 3000\n",
+             [cluster]\nnotify_fifo = \"{dir}/{name}.fifo\"\nhold_max_ms = 3000\n\
+             name = \"{name}\"\nlisten = \"{}:{PEER_PORT}\"\nkey_file = \"{dir}/cluster.key\"\n\
+             track_dir = \"{}\"\n",
             self.control_socket(k).display(),
+            self.gateway_address(k),
+            self.track_dir(k).display(),
         );
+        for (j, peer) in GATEWAYS.iter().enumerate().filter(|(j, _)| *j != k) {
+            s += &format!(
+                "[[cluster.peer]]\nname = \"{peer}\"\naddress = \"{}:{PEER_PORT}\"\n",
+                self.gateway_address(j)
+            );
+        }
         for g in 0..self.groups {
             s += &format!(
                 "\n[[vip_group]]\nname = \"{}\"\nvips = [\"{}\"]\n",
@@ -263,18 +284,27 @@ impl ClusterLab {
 
     /// keepalived's config for gateway `k`: per group a VRRP instance
     /// (VRRPv3, 100 ms adverts) moving the group's two floating addresses,
-    /// at `priority[g]`, telling fep through its notify FIFO.
+    /// at `priority[g]` plus what fep writes to the group's track file,
+    /// telling fep through its notify FIFO.
     pub fn keepalived_config(&self, k: usize, priority: &[u8]) -> String {
         let name = GATEWAYS[k];
         let mut s = format!(
             "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  notify_fifo {}/{name}.fifo\n}}\n",
             self.dir.display()
         );
+        for g in 0..self.groups {
+            s += &format!(
+                "track_file fep_{0} {{\n  file {1}/{0}\n  weight 1\n}}\n",
+                group_name(g),
+                self.track_dir(k).display()
+            );
+        }
         assert_eq!(priority.len(), self.groups, "a priority per group");
         for (g, prio) in priority.iter().enumerate() {
             s += &format!(
                 "vrrp_instance {} {{\n  state BACKUP\n  interface {CLIENT_SIDE}\n  virtual_router_id {}\n  \
-                 priority {}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {}/24 dev {CLIENT_SIDE}\n    {}/24 dev {BACKEND_SIDE}\n  }}\n}}\n",
+                 priority {}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {}/24 dev {CLIENT_SIDE}\n    {}/24 dev {BACKEND_SIDE}\n  }}\n  \
+                 track_file {{\n    fep_{0}\n  }}\n}}\n",
                 group_name(g),
                 50 + g,
                 prio,
@@ -288,6 +318,15 @@ impl ClusterLab {
     /// Starts keepalived (VRRP only, in the foreground) on gateway `k`.
     pub fn start_keepalived(&mut self, k: usize, priority: &[u8]) -> anyhow::Result<()> {
         let name = GATEWAYS[k];
+        // The track files at 0 before keepalived reads them (fep, started
+        // later, leaves existing ones alone).
+        std::fs::create_dir_all(self.track_dir(k))?;
+        for g in 0..self.groups {
+            let file = self.track_dir(k).join(group_name(g));
+            if !file.exists() {
+                std::fs::write(file, "0\n")?;
+            }
+        }
         let conf = self.dir.join(format!("keepalived-{name}.conf"));
         std::fs::write(&conf, self.keepalived_config(k, priority))?;
         let log = std::fs::File::create(self.dir.join(format!("keepalived-{name}.log")))?;
@@ -363,13 +402,16 @@ impl ClusterLab {
         Ok(())
     }
 
-    /// Writes the agents' key (before fep starts, which reads it).
+    /// Writes the agents' key and the cluster's (before fep starts, which
+    /// reads them), with `bep-agent --gen-key`.
     pub fn agent_key(&self, agent: &Path) -> anyhow::Result<PathBuf> {
-        let key = self.dir.join("agent.key");
-        if !key.exists() {
-            crate::netns::run(Command::new(agent).arg("--gen-key").arg(&key))?;
+        for name in ["cluster.key", "agent.key"] {
+            let key = self.dir.join(name);
+            if !key.exists() {
+                crate::netns::run(Command::new(agent).arg("--gen-key").arg(&key))?;
+            }
         }
-        Ok(key)
+        Ok(self.dir.join("agent.key"))
     }
 
     /// A host crash of gateway `k`, as far as the cluster sees it:

@@ -82,18 +82,10 @@ impl Netns {
     /// Runs `f` on a thread that has entered the namespace: sockets it opens
     /// live there.
     pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let file = self.open()?;
         std::thread::scope(|s| {
             let thread = s.spawn(|| {
-                // SAFETY: a valid namespace fd; only this thread switches.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!(
-                        "setns into {}: {}",
-                        self.name,
-                        std::io::Error::last_os_error()
-                    );
-                }
+                join(&self.name, &file)?;
                 Ok(f())
             });
             match thread.join() {
@@ -102,6 +94,32 @@ impl Netns {
             }
         })
     }
+
+    /// As [`Netns::enter`], on a thread of its own that runs on.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<R>>> {
+        let (file, name) = (self.open()?, self.name.clone());
+        Ok(std::thread::spawn(move || {
+            join(&name, &file)?;
+            Ok(f())
+        }))
+    }
+
+    fn open(&self) -> anyhow::Result<File> {
+        let path = format!("/run/netns/{}", self.name);
+        File::open(&path).with_context(|| format!("opening {path}"))
+    }
+}
+
+/// Moves the calling thread into the namespace `file` (named `name`).
+fn join(name: &str, file: &File) -> anyhow::Result<()> {
+    // SAFETY: a valid namespace fd; only this thread switches.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fep_shared::api::{GroupView, HoldView};
+use fep_shared::api::{ClusterView, GroupView, HoldView};
 use fep_shared::FepConfig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -66,6 +66,8 @@ struct Group {
 #[derive(Debug)]
 struct Hold {
     since: u32,
+    /// A planned move drives this hold (and ends it), not keepalived.
+    planned: bool,
     /// Nodes of the group whose live connections are still to come.
     waiting: HashSet<NodeId>,
 }
@@ -117,8 +119,24 @@ impl Groups {
 }
 
 impl ControlPlane {
+    /// This front end, its VIP groups, its last moves, its refusals.
+    pub fn cluster_view(&self) -> ClusterView {
+        let peers = self.peers();
+        ClusterView {
+            fep: peers.map(|p| p.me().to_string()),
+            groups: self.groups_view(),
+            moves: peers.map(|p| p.moves()).unwrap_or_default(),
+            peer_rejects: peers
+                .map(|p| p.rejects())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+
     /// Every VIP group: mastership, hold, route count, last hold.
-    pub fn groups_view(&self) -> Vec<GroupView> {
+    fn groups_view(&self) -> Vec<GroupView> {
         let table = self.dispatcher().table();
         let holds = self.dispatcher().holds();
         let state = self.state();
@@ -181,6 +199,33 @@ impl ControlPlane {
         }
     }
 
+    /// The slot of the VIP group `name`.
+    pub(crate) fn group_id(&self, name: &str) -> Option<GroupId> {
+        self.state().groups.id(name)
+    }
+
+    /// Whether keepalived made this gateway the group's master.
+    pub(crate) fn is_master(&self, id: GroupId) -> bool {
+        self.state().groups.groups[usize::from(id)].master
+    }
+
+    /// Starts holding the group for a planned move into this gateway;
+    /// false if it is held already.
+    pub(crate) fn begin_move_in(&self, id: GroupId) -> bool {
+        let mut state = self.state();
+        let g = &mut state.groups.groups[usize::from(id)];
+        if g.hold.is_some() {
+            return false;
+        }
+        g.hold = Some(Hold {
+            since: self.now(),
+            planned: true,
+            waiting: HashSet::new(),
+        });
+        drop(state);
+        self.dispatcher().holds().hold(id)
+    }
+
     /// keepalived made this gateway master of the group `name`, or took it
     /// away.
     pub(crate) fn keepalived_said(self: &Arc<Self>, name: &str, master: bool) {
@@ -194,13 +239,21 @@ impl ControlPlane {
             return;
         }
         g.master = master;
+        let planned = g.hold.as_ref().is_some_and(|h| h.planned);
+        drop(state);
         tracing::info!(
             "VIP group '{name}': this gateway is {} (keepalived)",
             if master { "master" } else { "backup" }
         );
+        if planned {
+            return; // the move drives the hold
+        }
         if !master {
-            drop(state);
             self.end_hold(id);
+            return;
+        }
+        let mut state = self.state();
+        if state.groups.groups[usize::from(id)].hold.is_some() {
             return;
         }
         // The group's TCP back-end nodes, each asked (again) for its live
@@ -219,6 +272,7 @@ impl ControlPlane {
         let since = self.now();
         state.groups.groups[usize::from(id)].hold = Some(Hold {
             since,
+            planned: false,
             waiting: waiting.clone(),
         });
         drop(state);
@@ -260,26 +314,30 @@ impl ControlPlane {
         }
     }
 
-    /// Ends a group's hold, if it has one: its packets are replayed (on the
-    /// blocking pool: the replay writes to the TUN device).
+    /// Ends a group's hold, if it has one, on the blocking pool (see
+    /// [`ControlPlane::finish_hold`]).
     fn end_hold(self: &Arc<Self>, id: GroupId) {
-        let Some(hold) = self.state().groups.groups[usize::from(id)].hold.take() else {
-            return;
-        };
         let cp = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let replayed = cp.replay(id);
-            let held_ms = cp.now().wrapping_sub(hold.since);
-            let mut state = cp.state();
-            let g = &mut state.groups.groups[usize::from(id)];
-            tracing::info!(
-                "VIP group '{}': held {held_ms} ms, {} packet(s) ({} bytes) replayed",
-                g.name,
-                replayed.packets,
-                replayed.bytes
-            );
-            g.last = Some(HoldDone { held_ms, replayed });
-        });
+        tokio::task::spawn_blocking(move || cp.finish_hold(id));
+    }
+
+    /// Ends a group's hold, if it has one: its packets are replayed (this
+    /// blocks: the replay writes to the TUN device).
+    pub(crate) fn finish_hold(&self, id: GroupId) -> Option<HoldDone> {
+        let hold = self.state().groups.groups[usize::from(id)].hold.take()?;
+        let replayed = self.replay(id);
+        let held_ms = self.now().wrapping_sub(hold.since);
+        let mut state = self.state();
+        let g = &mut state.groups.groups[usize::from(id)];
+        tracing::info!(
+            "VIP group '{}': held {held_ms} ms, {} packet(s) ({} bytes) replayed",
+            g.name,
+            replayed.packets,
+            replayed.bytes
+        );
+        let done = HoldDone { held_ms, replayed };
+        g.last = Some(done);
+        Some(done)
     }
 }
 
@@ -353,6 +411,7 @@ mod tests {
         for (i, nodes) in [[1, 2], [2, 3]].iter().enumerate() {
             g.groups[i].hold = Some(Hold {
                 since: 0,
+                planned: false,
                 waiting: nodes.iter().copied().collect(),
             });
         }

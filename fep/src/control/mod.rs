@@ -12,6 +12,7 @@ pub mod health;
 pub mod journal;
 pub mod latest;
 pub mod model;
+pub mod peers;
 pub mod prune;
 pub mod snapshot;
 pub mod startup;
@@ -64,6 +65,9 @@ pub struct ControlPlane {
     routes_pruned: AtomicU64,
     /// Ends a VIP group's hold, replaying its packets into the TUN device.
     replayer: Mutex<Replayer>,
+    /// The other front ends, where planned moves are set up (set once, at
+    /// the start).
+    peers: std::sync::OnceLock<peers::Peers>,
 }
 
 /// Replays a held VIP group's packets (the TUN shell's replayer).
@@ -147,6 +151,7 @@ impl ControlPlane {
             prune_cycles: AtomicU64::new(0),
             routes_pruned: AtomicU64::new(0),
             replayer: Mutex::new(replayer),
+            peers: std::sync::OnceLock::new(),
         };
         cp.save();
         cp.tick();
@@ -189,6 +194,17 @@ impl ControlPlane {
             self.prune_cycles.load(Ordering::Relaxed),
             self.routes_pruned.load(Ordering::Relaxed),
         )
+    }
+
+    /// Sets up planned moves with `peers` (at the start, before serving).
+    pub fn set_peers(&self, peers: peers::Peers) {
+        if self.peers.set(peers).is_err() {
+            tracing::error!("the cluster's peers were set up twice; the first set stays");
+        }
+    }
+
+    pub(crate) fn peers(&self) -> Option<&peers::Peers> {
+        self.peers.get()
     }
 
     /// Ends a VIP group's hold: its held packets replayed in order.

@@ -61,10 +61,15 @@ pub(super) fn put_name(out: &mut Vec<u8>, name: &str) {
 
 /// The route table as bytes.
 pub fn encode(dispatcher: &Dispatcher) -> Vec<u8> {
-    let table = dispatcher.table();
+    encode_rows(&dispatcher.table(), dispatcher.routes().export(|_| true))
+}
+
+/// `rows` (routes of `table`) as a route snapshot: what another front end
+/// imports with [`decode_into`] too.
+pub fn encode_rows(table: &TransferTable, rows: impl IntoIterator<Item = Row>) -> Vec<u8> {
     let (mut services, mut nodes) = (Names::default(), Names::default());
     let mut records = Vec::new();
-    for Row { key, route } in dispatcher.routes().export(|_| true) {
+    for Row { key, route } in rows {
         let svc = table.service(key.service);
         let Some(be) = svc.backends.get(usize::from(route.backend)) else {
             continue;

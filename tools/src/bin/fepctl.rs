@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, Count, GroupView, NodeAddArg, NodeArg, NodeState,
-    NodeView, Pin, PinArg, PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView,
-    StatusView,
+    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, GroupView, MoveArg,
+    MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
+    RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
-use fep_tools::admin_client::{get, post, AdminAddress};
+use fep_tools::admin_client::{get, post, post_for, AdminAddress};
 use fep_tools::top;
 use serde::Serialize;
 use serde_json::Value;
@@ -43,6 +43,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum VipCmd {
+    /// A planned move of a VIP group to front end FEP, no connection
+    /// broken: reports its phases, routes copied, packets held and replayed.
+    Move {
+        group: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Services, nodes, routes and packet counters on one screen.
     Status,
@@ -50,9 +61,14 @@ enum Cmd {
     Nodes,
     /// Every service: its back ends with ratios and shares.
     Services,
-    /// Every VIP group: whether this gateway is its master, whether its
-    /// packets are held, its routes, its last hold.
+    /// This front end's VIP groups (master here or not, held or not,
+    /// routes, last hold), its last planned moves, refused peer frames.
     Cluster,
+    /// VIP groups shared with other front ends.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+    },
     /// The assigned routes.
     Routes {
         #[arg(long)]
@@ -234,8 +250,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             (json(&v)?, services_text(&v))
         }
         Cmd::Cluster => {
-            let v: Vec<GroupView> = get(&to, "/v1/cluster")?;
+            let v: ClusterView = get(&to, "/v1/cluster")?;
             (json(&v)?, cluster_text(&v))
+        }
+        Cmd::Vip {
+            cmd: VipCmd::Move { group, to: fep },
+        } => {
+            let arg = MoveArg { group: group.clone(), to: fep.clone() };
+            let r: MoveReport = post_for(&to, "/v1/vip/move", &arg)?;
+            (json(&r)?, move_text(&r))
         }
         Cmd::Routes { service, node, client, limit } => {
             let q = RouteQuery { service: service.clone(), node: node.clone(), client: *client, limit: Some(*limit) };
@@ -398,7 +421,42 @@ fn pin_text(pin: &Pin) -> String {
     }
 }
 
-fn cluster_text(groups: &[GroupView]) -> String {
+fn move_text(r: &MoveReport) -> String {
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|(p, ms)| format!("{p} {ms} ms"))
+        .collect();
+    format!(
+        "moved {} from {} to {}: {}\n{} route(s) copied, {} packet(s) ({} bytes) held and replayed, held {} ms\n",
+        r.group,
+        r.from,
+        r.to,
+        phases.join(", "),
+        r.routes_copied,
+        r.packets_replayed,
+        r.bytes_replayed,
+        r.longest_hold_ms
+    )
+}
+
+fn cluster_text(v: &ClusterView) -> String {
+    let mut out = format!(
+        "front end {}\n",
+        v.fep.as_deref().unwrap_or("(no [cluster] name)")
+    );
+    out += &groups_text(&v.groups);
+    for m in &v.moves {
+        out += &move_text(m);
+    }
+    let refused: u64 = v.peer_rejects.values().sum();
+    if refused > 0 {
+        out += &format!("refused from peers: {:?}\n", v.peer_rejects);
+    }
+    out
+}
+
+fn groups_text(groups: &[GroupView]) -> String {
     if groups.is_empty() {
         return "no VIP groups (this fep has no [[vip_group]])\n".into();
     }
