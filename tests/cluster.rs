@@ -47,12 +47,14 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, logs: impl 
     }
 }
 
-/// `groups` VIP groups of two back ends each (HTTP, echo, stream, each
-/// with an agent), keepalived on both gateways (gateway k preferred for
-/// group k, started in turn so that neither takes the other's group for a
-/// moment), fep on both; returns once each group's preferred gateway is its
-/// master, its hold over, its agents reporting to it.
-fn start(tag: &str, groups: usize) -> (ClusterLab, Vec<FepProcess>) {
+/// VIP groups of two back ends each (HTTP, echo, stream, each with an
+/// agent), group g preferred by gateway `holders[g]` in keepalived (the
+/// gateways' keepalived started in turn, so that neither takes the other's
+/// group for a moment), fep on both (`cluster`: extra `[cluster]` keys);
+/// returns once each group's gateway is its master, its hold over, its
+/// agents reporting to it.
+fn start(tag: &str, holders: &[usize], cluster: &str) -> (ClusterLab, Vec<FepProcess>) {
+    let groups = holders.len();
     let mut lab = ClusterLab::new(tag, groups, 2).expect("building the cluster lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
     let agent = lab::workspace_bin("bep-agent").unwrap();
@@ -64,16 +66,18 @@ fn start(tag: &str, groups: usize) -> (ClusterLab, Vec<FepProcess>) {
     }
     lab.agent_key(&agent).unwrap();
     for k in 0..2 {
-        let priority: Vec<u8> = (0..groups)
-            .map(|g| if g == k { 150 } else { 100 })
+        let priority: Vec<u8> = holders
+            .iter()
+            .map(|&h| if h == k { 150 } else { 100 })
             .collect();
         lab.start_keepalived(k, &priority).unwrap();
-        if k < groups {
-            let says = format!("({}) Entering MASTER STATE", cluster_lab::group_name(k));
+        for g in (0..groups).filter(|&g| holders[g] == k) {
+            let says = format!("({}) Entering MASTER STATE", cluster_lab::group_name(g));
             wait(
                 &format!(
-                    "{}'s keepalived master of its group",
-                    cluster_lab::GATEWAYS[k]
+                    "{}'s keepalived master of {}",
+                    cluster_lab::GATEWAYS[k],
+                    cluster_lab::group_name(g)
                 ),
                 Duration::from_secs(10),
                 || lab.keepalived_log(k).contains(&says),
@@ -83,15 +87,15 @@ fn start(tag: &str, groups: usize) -> (ClusterLab, Vec<FepProcess>) {
     }
     let feps: Vec<FepProcess> = (0..2)
         .map(|k| {
-            lab.start_fep(k, &fep, &lab.fep_config(k, &PORTS, ""))
+            lab.start_fep(k, &fep, &lab.fep_config(k, &PORTS, "", cluster))
                 .expect("starting fep")
         })
         .collect();
     for i in 0..groups * 2 {
         lab.start_agent(i, &agent, &PORTS, 200).unwrap();
     }
-    for (g, holder) in feps.iter().enumerate().take(groups) {
-        let socket = lab.control_socket(g);
+    for (g, &k) in holders.iter().enumerate() {
+        let socket = lab.control_socket(k);
         let names: Vec<String> = lab.group_backends(g).map(|i| lab.backend_name(i)).collect();
         wait(
             "each group's gateway its master, its hold over, its agents reporting to it",
@@ -106,7 +110,7 @@ fn start(tag: &str, groups: usize) -> (ClusterLab, Vec<FepProcess>) {
                         .filter(|n| names.contains(&n.name))
                         .all(|n| n.agent_connected && n.report_age_ms.is_some())
             },
-            || format!("{}\n{}", holder.log(), lab.keepalived_log(g)),
+            || format!("{}\n{}", feps[k].log(), lab.keepalived_log(k)),
         );
     }
     (lab, feps)
@@ -150,7 +154,7 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
     if skip_without_root("a_dead_gateways_connections_resume_on_the_other_one") {
         return;
     }
-    let (mut lab, mut feps) = start("clf", 1);
+    let (mut lab, mut feps) = start("clf", &[0], "");
     let mut stream = connect(&lab, STREAM);
     let mut last = seq(&line(&mut stream).unwrap());
     let mut idle: Vec<_> = (0..IDLE).map(|_| connect(&lab, ECHO)).collect();
@@ -296,7 +300,7 @@ fn a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone() {
     if skip_without_root("a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone") {
         return;
     }
-    let (lab, feps) = start("clm", 2);
+    let (lab, feps) = start("clm", &[0, 1], "");
     let (a, b) = (lab.control_socket(0), lab.control_socket(1));
     const BULK: u64 = 20_000_000;
 
@@ -456,4 +460,77 @@ fn a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone() {
         out.contains("gwb") && out.contains("the front ends are"),
         "{out}"
     );
+}
+
+#[test]
+fn the_controller_moves_one_of_two_busy_groups_off_a_gateway() {
+    if skip_without_root("the_controller_moves_one_of_two_busy_groups_off_a_gateway") {
+        return;
+    }
+    let (lab, feps) = start("clc", &[0, 0], "controller_interval_ms = 1000");
+    let b = lab.control_socket(1);
+    // Downloads through both groups, on gwa, until the controller has moved
+    // one: every one of them byte-exact, across the move.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..2)
+        .map(|g| {
+            let stop = stop.clone();
+            let vip = SocketAddr::new(cluster_lab::vip(g).into(), WEB);
+            let len: u64 = 400_000 - 100_000 * g as u64;
+            lab.client
+                .spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut h = pattern::Fnv::default();
+                        let r = http::get_with(
+                            vip,
+                            &format!("/bytes/{len}"),
+                            Duration::from_secs(10),
+                            |c| {
+                                h.write(c);
+                                Ok(())
+                            },
+                        )
+                        .expect("every download succeeds");
+                        assert_eq!((r.0, h.finish()), (200, pattern::expected_hash(len)));
+                        n += 1;
+                    }
+                    n
+                })
+                .unwrap()
+        })
+        .collect();
+    wait(
+        "the controller to move one of the groups to gwb",
+        Duration::from_secs(30),
+        || {
+            view::<ClusterView>(&b, &["cluster"])
+                .groups
+                .iter()
+                .any(|g| g.master)
+        },
+        || format!("{}\n{}", feps[0].log(), feps[1].log()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        assert!(l.join().unwrap().unwrap() > 0);
+    }
+    // One group on each gateway now, after one move and no flapping.
+    let a = view::<ClusterView>(&lab.control_socket(0), &["cluster"]);
+    let on_b = view::<ClusterView>(&b, &["cluster"]);
+    let masters: Vec<(bool, bool)> = (0..2)
+        .map(|g| (a.groups[g].master, on_b.groups[g].master))
+        .collect();
+    assert!(
+        masters == [(true, false), (false, true)] || masters == [(false, true), (true, false)],
+        "{masters:?}"
+    );
+    assert_eq!(
+        on_b.moves.len(),
+        1,
+        "one move, no flapping: {:?}",
+        on_b.moves
+    );
+    assert_eq!(on_b.moves[0].from, "gwa");
 }

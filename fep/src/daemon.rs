@@ -86,7 +86,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         );
         if let Some(cluster) = &cfg.cluster {
             let groups: Vec<String> = cfg.vip_groups.iter().map(|g| g.name.clone()).collect();
-            if let Some(peers) = Peers::new(cluster, &groups)? {
+            if let Some(peers) = Peers::new(cluster, &groups, workers.counters().to_vec())? {
                 cp.set_peers(peers);
             }
         }
@@ -222,6 +222,13 @@ fn spawn_tasks(
         tasks.spawn(cp.clone().follow_keepalived(cluster.notify_fifo.clone()));
         if let (Some(listen), Some(_)) = (cluster.listen, cp.peers()) {
             tasks.spawn(peers::serve(cp.clone(), listen));
+            if cluster.controller_interval_ms > 0 {
+                let every = Duration::from_millis(cluster.controller_interval_ms);
+                tasks.spawn(forever(
+                    cp.clone()
+                        .run_controller(every, cluster.controller_hysteresis),
+                ));
+            }
         }
     }
     tasks.spawn(forever(expire_routes(cp.dispatcher_arc(), clock)));

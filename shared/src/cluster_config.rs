@@ -23,7 +23,7 @@ pub const MAX_HOLD_BYTES: usize = 1 << 30;
 /// Longest hold: a client's TCP gives up long before.
 pub const MAX_HOLD_MS: u64 = 60_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// keepalived's `notify_fifo` (in its `global_defs`): the lines
@@ -55,6 +55,14 @@ pub struct ClusterConfig {
     /// rebooted gateway comes back at 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dir: Option<PathBuf>,
+    /// How often the controller weighs each front end's traffic and moves
+    /// groups to even it out; 0 (the default) leaves groups where they are.
+    #[serde(default)]
+    pub controller_interval_ms: u64,
+    /// How much lower (as a fraction) the busiest front end's traffic must
+    /// become before the controller moves anything, so groups do not flap.
+    #[serde(default = "default_hysteresis")]
+    pub controller_hysteresis: f64,
     /// The other front ends.
     #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
@@ -97,6 +105,9 @@ fn default_hold_max_bytes() -> usize {
 fn default_hold_max_ms() -> u64 {
     2000
 }
+fn default_hysteresis() -> f64 {
+    0.2
+}
 
 /// Checks `[cluster]` and the VIP groups together: groups need a cluster,
 /// names are keepalived instance names, and a VIP is in one group at most.
@@ -109,6 +120,18 @@ pub(crate) fn validate(
             return Err(ConfigError::invalid(
                 "cluster.hold_max_bytes",
                 format!("must be between {MIN_HOLD_BYTES} and {MAX_HOLD_BYTES}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&c.controller_hysteresis) {
+            return Err(ConfigError::invalid(
+                "cluster.controller_hysteresis",
+                "must be at least 0 and below 1 (a fraction of the busiest front end's traffic)",
+            ));
+        }
+        if c.controller_interval_ms > 0 && !c.moves() {
+            return Err(ConfigError::invalid(
+                "cluster.controller_interval_ms",
+                "the controller moves groups between peers: configure [[cluster.peer]]",
             ));
         }
         if !(1..=MAX_HOLD_MS).contains(&c.hold_max_ms) {

@@ -32,6 +32,8 @@ pub enum PeerRequest {
     Forget { group: String },
     /// Run a planned move of the group to the receiving front end.
     Move { group: String },
+    /// Which groups the receiver holds, and their traffic so far.
+    Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,9 +50,21 @@ pub enum PeerReply {
         routes: u64,
     },
     Moved(MoveReport),
+    Status {
+        groups: Vec<GroupTraffic>,
+    },
     Refused {
         error: String,
     },
+}
+
+/// A VIP group as one front end sees it: whether it is the master, and
+/// the bytes its services carried there since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupTraffic {
+    pub name: String,
+    pub master: bool,
+    pub bytes: u64,
 }
 
 impl Message for PeerRequest {

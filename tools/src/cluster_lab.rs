@@ -229,8 +229,9 @@ impl ClusterLab {
 
     /// The fep config of gateway `k`: every back end a node, for each group
     /// a TCP service on its VIP per port of `ports` (named `g<G>-<PORT>`)
-    /// and its VIP group, the agent port open; `top` adds top-level keys.
-    pub fn fep_config(&self, k: usize, ports: &[u16], top: &str) -> String {
+    /// and its VIP group, the agent port open, the other gateway its peer;
+    /// `top` adds top-level keys, `cluster` keys of `[cluster]`.
+    pub fn fep_config(&self, k: usize, ports: &[u16], top: &str, cluster: &str) -> String {
         let dir = self.dir.display();
         let name = GATEWAYS[k];
         let mut s = format!(
@@ -240,7 +241,7 @@ impl ClusterLab {
              node_dead_after_ms = 1500\nhealth_check_interval_ms = 500\n{top}\n\
              [cluster]\nnotify_fifo = \"{dir}/{name}.fifo\"\nhold_max_ms = 3000\n\
              name = \"{name}\"\nlisten = \"{}:{PEER_PORT}\"\nkey_file = \"{dir}/cluster.key\"\n\
-             track_dir = \"{}\"\n",
+             track_dir = \"{}\"\n{cluster}\n",
             self.control_socket(k).display(),
             self.gateway_address(k),
             self.track_dir(k).display(),

@@ -96,6 +96,11 @@ impl Groups {
         }
     }
 
+    /// Each group's name and whether this gateway is its master, in slot order.
+    pub(crate) fn names(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.groups.iter().map(|g| (g.name.as_str(), g.master))
+    }
+
     fn id(&self, name: &str) -> Option<GroupId> {
         self.groups
             .iter()
@@ -223,7 +228,34 @@ impl ControlPlane {
             waiting: HashSet::new(),
         });
         drop(state);
+        self.forget_silent_agents(id);
         self.dispatcher().holds().hold(id)
+    }
+
+    /// The back-end nodes of the group's services (only TCP ones if `tcp`).
+    fn group_nodes(&self, id: GroupId, tcp: bool) -> HashSet<NodeId> {
+        self.dispatcher()
+            .table()
+            .services()
+            .iter()
+            .filter(|s| !s.removed && (s.is_tcp() || !tcp) && s.group == Some(id))
+            .flat_map(|s| s.live_backends().map(|(_, b)| b.node_id))
+            .collect()
+    }
+
+    /// A group arrives: its nodes whose agents are not connected here (they
+    /// report to the gateway that held the group, and reconnect as its
+    /// address moves) count as nodes without an agent until they do, not as
+    /// nodes whose agent fell silent (down).
+    fn forget_silent_agents(&self, id: GroupId) {
+        let nodes = self.group_nodes(id, false);
+        let connected: HashSet<NodeId> = self.agents().keys().copied().collect();
+        let mut state = self.state();
+        for n in nodes.difference(&connected) {
+            state.model.nodes[usize::from(*n)].report = None;
+        }
+        drop(state);
+        self.tick();
     }
 
     /// keepalived made this gateway master of the group `name`, or took it
@@ -258,13 +290,7 @@ impl ControlPlane {
         }
         // The group's TCP back-end nodes, each asked (again) for its live
         // connections; agents not connected yet are asked when they are.
-        let table = self.dispatcher().table();
-        let waiting: HashSet<NodeId> = table
-            .services()
-            .iter()
-            .filter(|s| !s.removed && s.is_tcp() && s.group == Some(id))
-            .flat_map(|s| s.live_backends().map(|(_, b)| b.node_id))
-            .collect();
+        let waiting = self.group_nodes(id, true);
         for node in &waiting {
             state.rebuilt.remove(node);
         }
@@ -277,6 +303,7 @@ impl ControlPlane {
         });
         drop(state);
         self.dispatcher().holds().hold(id);
+        self.forget_silent_agents(id);
         let connected: Vec<NodeId> = waiting
             .iter()
             .copied()

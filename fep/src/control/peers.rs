@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::{snapshot, ControlPlane};
+use crate::counters::{Totals, WorkerCounters};
 use crate::holds::GroupId;
 
 /// Peer connections served at once.
@@ -60,13 +61,19 @@ pub struct Peers {
     track_dir: PathBuf,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
     moves: Mutex<VecDeque<MoveReport>>,
+    /// The workers' counters, for each group's traffic.
+    counters: Vec<Arc<WorkerCounters>>,
 }
 
 impl Peers {
     /// From a cluster config with peers (`None` without them), the key file
     /// read and the track directory made, with a 0 file for each group that
     /// has none: a start never raises a group's priority.
-    pub fn new(cfg: &ClusterConfig, groups: &[String]) -> anyhow::Result<Option<Peers>> {
+    pub fn new(
+        cfg: &ClusterConfig,
+        groups: &[String],
+        counters: Vec<Arc<WorkerCounters>>,
+    ) -> anyhow::Result<Option<Peers>> {
         if !cfg.moves() {
             return Ok(None);
         }
@@ -83,6 +90,7 @@ impl Peers {
             track_dir: track_dir.clone(),
             rejects: Mutex::default(),
             moves: Mutex::default(),
+            counters,
         };
         for g in groups {
             if !peers.track_file(g).exists() {
@@ -94,6 +102,15 @@ impl Peers {
 
     pub fn me(&self) -> &str {
         &self.me
+    }
+
+    pub fn list(&self) -> &[PeerConfig] {
+        &self.peers
+    }
+
+    /// The workers' counters, summed.
+    pub fn totals(&self) -> Totals {
+        Totals::sum(self.counters.iter().map(|c| &**c))
     }
 
     fn track_file(&self, group: &str) -> PathBuf {
@@ -149,14 +166,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A connection to a peer, its hello sent.
-struct Link {
+pub(super) struct Link {
     stream: TcpStream,
     session: Session,
     name: String,
 }
 
 impl Link {
-    async fn open(peers: &Peers, peer: &PeerConfig) -> anyhow::Result<Link> {
+    pub(super) async fn open(peers: &Peers, peer: &PeerConfig) -> anyhow::Result<Link> {
         let what = || format!("fep '{}' at {}", peer.name, peer.address);
         let mut stream = tokio::time::timeout(ASK_TIMEOUT, TcpStream::connect(peer.address))
             .await
@@ -196,7 +213,11 @@ impl Link {
         }
     }
 
-    async fn ask(&mut self, req: &PeerRequest, wait: Duration) -> anyhow::Result<PeerReply> {
+    pub(super) async fn ask(
+        &mut self,
+        req: &PeerRequest,
+        wait: Duration,
+    ) -> anyhow::Result<PeerReply> {
         self.send(req).await?;
         self.reply(wait).await
     }
@@ -311,6 +332,7 @@ fn describe(req: &PeerRequest) -> String {
         PeerRequest::TakeRoutes { group } => format!("the routes of {group}"),
         PeerRequest::Forget { group } => format!("forget the routes of {group}"),
         PeerRequest::Move { group } => format!("move {group} here"),
+        PeerRequest::Status => "its status".into(),
     }
 }
 
@@ -325,6 +347,11 @@ impl ControlPlane {
     async fn answer(self: Arc<Self>, from: &str, req: PeerRequest) -> Vec<PeerReply> {
         let group = match &req {
             PeerRequest::Hello { .. } => return vec![refused("a second hello")],
+            PeerRequest::Status => {
+                return vec![PeerReply::Status {
+                    groups: self.group_traffic(),
+                }]
+            }
             PeerRequest::Release { group }
             | PeerRequest::TakeRoutes { group }
             | PeerRequest::Forget { group }
@@ -346,7 +373,7 @@ impl ControlPlane {
             }
             PeerRequest::Forget { .. } => {
                 let cp = self.clone();
-                let n = tokio::task::spawn_blocking(move || cp.forget_group(id))
+                let n = tokio::task::spawn_blocking(move || cp.dispatcher().forget_group(id))
                     .await
                     .unwrap_or(0);
                 tracing::info!("VIP group '{group}': {n} route(s) deleted, copied by fep '{from}'");
@@ -356,7 +383,7 @@ impl ControlPlane {
                 Ok(r) => PeerReply::Moved(r),
                 Err(e) => refused(format!("{e:#}")),
             }],
-            PeerRequest::Hello { .. } => unreachable!("answered above"),
+            PeerRequest::Hello { .. } | PeerRequest::Status => unreachable!("answered above"),
         }
     }
 
@@ -375,10 +402,7 @@ impl ControlPlane {
     /// The group's routes as route-snapshot parts.
     fn group_routes(&self, id: GroupId) -> Vec<PeerReply> {
         let table = self.dispatcher().table();
-        let rows = self
-            .dispatcher()
-            .routes()
-            .export(|r| table.service(r.key.service).group == Some(id));
+        let rows = self.dispatcher().group_rows(id);
         let mut parts: Vec<PeerReply> = rows
             .chunks(ROUTES_PER_PART)
             .map(|chunk| PeerReply::Routes {
@@ -396,14 +420,6 @@ impl ControlPlane {
             *done = true;
         }
         parts
-    }
-
-    /// Deletes every route of the group (copied to its new holder).
-    fn forget_group(&self, id: GroupId) -> usize {
-        let table = self.dispatcher().table();
-        self.dispatcher()
-            .routes()
-            .remove_where(&table, |k, _| table.service(k.service).group == Some(id))
     }
 
     /// Runs a planned move of the group to the front end `to`: here, or
@@ -534,5 +550,178 @@ impl ControlPlane {
         );
         peers.record(&report);
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use etherparse::PacketBuilder;
+    use fep_shared::FepConfig;
+
+    use super::snapshot;
+    use crate::dispatcher::{Dispatcher, Verdict, Worker};
+    use crate::holds::GroupId;
+    use crate::wire::ip_from_addr;
+
+    /// Document 001's Figs. 5-10: external addresses 31a-IP-1, 31a-IP-2
+    /// (on fep a), 31b-IP-1 (on fep b), each a VIP group with its server.
+    const FIGS: &str = r#"
+[cluster]
+notify_fifo = "/run/x"
+[[vip_group]]
+name = "31a-IP-1"
+vips = ["10.0.31.1"]
+[[vip_group]]
+name = "31a-IP-2"
+vips = ["10.0.31.2"]
+[[vip_group]]
+name = "31b-IP-1"
+vips = ["10.0.31.11"]
+[[node]]
+name = "51a"
+address = "10.0.51.1"
+[[node]]
+name = "51b"
+address = "10.0.51.2"
+[[node]]
+name = "51c"
+address = "10.0.51.3"
+[[service]]
+name = "x1"
+vip = "10.0.31.1"
+port = 80
+protocol = "tcp"
+backend = [{ node = "51a", ratio = 1 }]
+[[service]]
+name = "x2"
+vip = "10.0.31.2"
+port = 21
+protocol = "tcp"
+backend = [{ node = "51b", ratio = 1 }]
+[[service]]
+name = "y1"
+vip = "10.0.31.11"
+port = 80
+protocol = "tcp"
+backend = [{ node = "51c", ratio = 1 }]
+"#;
+    const X1: GroupId = 0;
+
+    fn segment(client: [u8; 4], port: u16, vip: [u8; 4], vport: u16, syn: bool) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(client, vip, 64).tcp(port, vport, 1, 1000);
+        b = if syn { b.syn() } else { b.ack(1) };
+        let mut out = Vec::new();
+        b.write(&mut out, b"x").unwrap();
+        out
+    }
+
+    /// Sends a client segment through `d`; the server it went to.
+    fn send(d: &Dispatcher, w: &mut Worker, pkt: &mut [u8]) -> Result<Ipv4Addr, Verdict> {
+        match d.process(pkt, 0, w) {
+            Verdict::Forward(_) => Ok(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19])),
+            other => Err(other),
+        }
+    }
+
+    /// The rows of `d`, as (client, client port, server) sorted.
+    fn rows(d: &Dispatcher) -> Vec<(std::net::IpAddr, u16, String)> {
+        let table = d.table();
+        let mut out: Vec<_> = d
+            .routes()
+            .export(|_| true)
+            .iter()
+            .map(|r| {
+                let be = table.backend(r.key.service, r.route.backend);
+                (
+                    ip_from_addr(&r.key.client),
+                    r.key.client_port,
+                    be.node.clone(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn modes(d: &Dispatcher) -> Vec<bool> {
+        (0..3).map(|g| d.holds().is_held(g)).collect()
+    }
+
+    #[test]
+    fn golden_figs_5_to_10_a_moved_address_takes_its_rows_and_nothing_else() {
+        let cfg = FepConfig::parse(FIGS).unwrap();
+        let (a, b) = (Dispatcher::new(&cfg), Dispatcher::new(&cfg));
+        let (mut wa, mut wb) = (
+            Worker::new(Default::default()),
+            Worker::new(Default::default()),
+        );
+        let (c10a, c10b, c10c) = ([10, 0, 10, 1], [10, 0, 10, 2], [10, 0, 10, 3]);
+        // Before (Fig. 5): a has the 10a and 10b rows, b the 10c row.
+        send(
+            &a,
+            &mut wa,
+            &mut segment(c10a, 1029, [10, 0, 31, 1], 80, true),
+        )
+        .unwrap();
+        send(
+            &a,
+            &mut wa,
+            &mut segment(c10b, 1028, [10, 0, 31, 2], 21, true),
+        )
+        .unwrap();
+        send(
+            &b,
+            &mut wb,
+            &mut segment(c10c, 1050, [10, 0, 31, 11], 80, true),
+        )
+        .unwrap();
+        let before_a = rows(&a);
+        assert_eq!(before_a.len(), 2);
+        assert_eq!(modes(&b), [false, false, false], "all normal");
+
+        // Step 1: b puts 31a-IP-1 in migration mode; its packets are stored.
+        assert!(b.holds().hold(X1));
+        assert_eq!(modes(&b), [true, false, false]);
+        let mut held = segment(c10a, 1029, [10, 0, 31, 1], 80, false);
+        assert_eq!(send(&b, &mut wb, &mut held.clone()), Err(Verdict::Hold(X1)));
+        assert_eq!(b.holds().store(X1, &held), crate::holds::Stored::Held);
+        // a still forwards it (step 2 not done yet).
+        assert_eq!(
+            send(&a, &mut wa, &mut held.clone()),
+            Ok(Ipv4Addr::new(10, 0, 51, 1))
+        );
+
+        // Step 3: every row of 31a-IP-1 is copied to b, then deleted on a.
+        let copy = snapshot::encode_rows(&a.table(), a.group_rows(X1));
+        assert_eq!(snapshot::decode_into(&copy, &b, 0).unwrap(), 1);
+        assert_eq!(a.forget_group(X1), 1);
+
+        // Step 4: b sets it normal and replays the stored packet through the
+        // copied row.
+        let mut replayer = Worker::replayer(Default::default());
+        let mut out = Vec::new();
+        b.holds()
+            .release(X1, |p| out.push(send(&b, &mut replayer, p)));
+        assert_eq!(out, [Ok(Ipv4Addr::new(10, 0, 51, 1))]);
+        assert_eq!(modes(&b), [false, false, false]);
+
+        // After (Fig. 10): a holds only the 10b row; b the 10c and 10a rows.
+        let ip = |c: [u8; 4]| std::net::IpAddr::from(c);
+        assert_eq!(rows(&a), [(ip(c10b), 1028, "51b".to_string())]);
+        assert_eq!(
+            rows(&b),
+            [
+                (ip(c10a), 1029, "51a".to_string()),
+                (ip(c10c), 1050, "51c".to_string())
+            ]
+        );
+        // The 10a connection goes on through b.
+        assert_eq!(
+            send(&b, &mut wb, &mut held),
+            Ok(Ipv4Addr::new(10, 0, 51, 1))
+        );
+        let _ = &mut held;
     }
 }

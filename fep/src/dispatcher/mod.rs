@@ -181,6 +181,21 @@ impl Dispatcher {
         &self.holds
     }
 
+    /// Every route of a VIP group's services: what a planned move copies.
+    pub fn group_rows(&self, group: GroupId) -> Vec<Row> {
+        let table = self.table();
+        self.routes
+            .export(|r| table.service(r.key.service).group == Some(group))
+    }
+
+    /// Deletes every route of a VIP group's services (on the old holder,
+    /// once they are copied); how many.
+    pub fn forget_group(&self, group: GroupId) -> usize {
+        let table = self.table();
+        self.routes
+            .remove_where(&table, |k, _| table.service(k.service).group == Some(group))
+    }
+
     /// Handles one packet in place and counts what happened.
     #[inline]
     pub fn process(&self, buf: &mut [u8], now: u32, worker: &mut Worker) -> Verdict {
