@@ -10,17 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fep_shared::api::{ClusterView, MoveReport, NodeView};
+use fep_shared::api::{ClusterView, MoveReport};
 use fep_shared::peer::PeerRequest;
 use fep_shared::protocol::{self, Key, Session};
 use fep_tests::{fepctl_at, http, pattern, skip_without_root};
-use fep_tools::cluster_lab::{self, ClusterLab};
-use fep_tools::lab::{self, FepProcess};
+use fep_tools::cluster_lab::{self, ClusterLab, ECHO, STREAM, WEB};
+use fep_tools::lab::FepProcess;
 
-const WEB: u16 = 80;
-const ECHO: u16 = 7000;
-const STREAM: u16 = 7100;
-const PORTS: [u16; 3] = [WEB, ECHO, STREAM];
 /// Idle keep-alive connections that must work when next used.
 const IDLE: usize = 20;
 /// Idle connections through a planned move.
@@ -47,73 +43,9 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, logs: impl 
     }
 }
 
-/// VIP groups of two back ends each (HTTP, echo, stream, each with an
-/// agent), group g preferred by gateway `holders[g]` in keepalived (the
-/// gateways' keepalived started in turn, so that neither takes the other's
-/// group for a moment), fep on both (`cluster`: extra `[cluster]` keys);
-/// returns once each group's gateway is its master, its hold over, its
-/// agents reporting to it.
+/// A running cluster lab (see [`ClusterLab::start`]).
 fn start(tag: &str, holders: &[usize], cluster: &str) -> (ClusterLab, Vec<FepProcess>) {
-    let groups = holders.len();
-    let mut lab = ClusterLab::new(tag, groups, 2).expect("building the cluster lab");
-    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = lab::workspace_bin("bep-agent").unwrap();
-    let fep = lab::workspace_bin("fep").unwrap();
-    for i in 0..groups * 2 {
-        let mut args = lab::testsrv_args(i, &[WEB], &[]);
-        args.extend(["--echo", "7000", "--stream", "7100"].map(String::from));
-        lab.start_backend_server(i, &testsrv, &args).unwrap();
-    }
-    lab.agent_key(&agent).unwrap();
-    for k in 0..2 {
-        let priority: Vec<u8> = holders
-            .iter()
-            .map(|&h| if h == k { 150 } else { 100 })
-            .collect();
-        lab.start_keepalived(k, &priority).unwrap();
-        for g in (0..groups).filter(|&g| holders[g] == k) {
-            let says = format!("({}) Entering MASTER STATE", cluster_lab::group_name(g));
-            wait(
-                &format!(
-                    "{}'s keepalived master of {}",
-                    cluster_lab::GATEWAYS[k],
-                    cluster_lab::group_name(g)
-                ),
-                Duration::from_secs(10),
-                || lab.keepalived_log(k).contains(&says),
-                || lab.keepalived_log(k),
-            );
-        }
-    }
-    let feps: Vec<FepProcess> = (0..2)
-        .map(|k| {
-            lab.start_fep(k, &fep, &lab.fep_config(k, &PORTS, "", cluster))
-                .expect("starting fep")
-        })
-        .collect();
-    for i in 0..groups * 2 {
-        lab.start_agent(i, &agent, &PORTS, 200).unwrap();
-    }
-    for (g, &k) in holders.iter().enumerate() {
-        let socket = lab.control_socket(k);
-        let names: Vec<String> = lab.group_backends(g).map(|i| lab.backend_name(i)).collect();
-        wait(
-            "each group's gateway its master, its hold over, its agents reporting to it",
-            Duration::from_secs(20),
-            || {
-                let c: ClusterView = view(&socket, &["cluster"]);
-                let nodes: Vec<NodeView> = view(&socket, &["nodes"]);
-                c.groups[g].master
-                    && !c.groups[g].holding
-                    && nodes
-                        .iter()
-                        .filter(|n| names.contains(&n.name))
-                        .all(|n| n.agent_connected && n.report_age_ms.is_some())
-            },
-            || format!("{}\n{}", feps[k].log(), lab.keepalived_log(k)),
-        );
-    }
-    (lab, feps)
+    ClusterLab::start(tag, holders, cluster).expect("starting the cluster lab")
 }
 
 fn connect(lab: &ClusterLab, port: u16) -> BufReader<TcpStream> {

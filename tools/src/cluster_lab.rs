@@ -17,8 +17,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fep_shared::api::{ClusterView, NodeView};
+
+use crate::admin_client::get;
 
 use crate::lab::{spawn_testsrv, AgentSpec, FepProcess};
 use crate::netns::Netns;
@@ -33,6 +37,12 @@ pub const PEER_PORT: u16 = 9443;
 /// Where each fep listens for agents (on every address, the floating ones
 /// included).
 pub const AGENT_PORT: u16 = 9441;
+
+/// The services' ports on every back end of a started cluster lab.
+pub const WEB: u16 = 80;
+pub const ECHO: u16 = 7000;
+pub const STREAM: u16 = 7100;
+pub const PORTS: [u16; 3] = [WEB, ECHO, STREAM];
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -191,6 +201,82 @@ impl ClusterLab {
             ])?;
         }
         Ok(())
+    }
+
+    /// A running cluster: VIP groups of two back ends each (`fep-testsrv`
+    /// HTTP on [`WEB`], echo on [`ECHO`], a stream on [`STREAM`], and an
+    /// agent), group g preferred by gateway `holders[g]` in keepalived (the
+    /// gateways' keepalived started in turn, so that neither takes the
+    /// other's group for a moment), fep on both gateways (`cluster`: extra
+    /// `[cluster]` keys); returns once each group's gateway is its master,
+    /// its hold over, its agents reporting to it.
+    pub fn start(
+        tag: &str,
+        holders: &[usize],
+        cluster: &str,
+    ) -> anyhow::Result<(ClusterLab, Vec<FepProcess>)> {
+        let groups = holders.len();
+        let mut lab = ClusterLab::new(tag, groups, 2)?;
+        let testsrv = crate::lab::workspace_bin("fep-testsrv")?;
+        let agent = crate::lab::workspace_bin("bep-agent")?;
+        let fep = crate::lab::workspace_bin("fep")?;
+        for i in 0..groups * 2 {
+            let mut args = crate::lab::testsrv_args(i, &[WEB], &[]);
+            args.extend(["--echo", "7000", "--stream", "7100"].map(String::from));
+            lab.start_backend_server(i, &testsrv, &args)?;
+        }
+        lab.agent_key(&agent)?;
+        for (k, gateway) in GATEWAYS.iter().enumerate() {
+            let priority: Vec<u8> = holders
+                .iter()
+                .map(|&h| if h == k { 150 } else { 100 })
+                .collect();
+            lab.start_keepalived(k, &priority)?;
+            for g in (0..groups).filter(|&g| holders[g] == k) {
+                let says = format!("({}) Entering MASTER STATE", group_name(g));
+                wait_until(Duration::from_secs(10), || {
+                    Ok(lab.keepalived_log(k).contains(&says))
+                })
+                .with_context(|| {
+                    format!(
+                        "{}'s keepalived did not become master of {}:\n{}",
+                        gateway,
+                        group_name(g),
+                        lab.keepalived_log(k)
+                    )
+                })?;
+            }
+        }
+        let feps: Vec<FepProcess> = (0..GATEWAYS.len())
+            .map(|k| lab.start_fep(k, &fep, &lab.fep_config(k, &PORTS, "", cluster)))
+            .collect::<anyhow::Result<_>>()?;
+        for i in 0..groups * 2 {
+            lab.start_agent(i, &agent, &PORTS, 200)?;
+        }
+        for (g, &k) in holders.iter().enumerate() {
+            let socket = lab.control_socket(k);
+            let names: Vec<String> = lab.group_backends(g).map(|i| lab.backend_name(i)).collect();
+            wait_until(Duration::from_secs(20), || {
+                let c: ClusterView = get(&socket, "/v1/cluster")?;
+                let nodes: Vec<NodeView> = get(&socket, "/v1/nodes")?;
+                Ok(c.groups[g].master
+                    && !c.groups[g].holding
+                    && nodes
+                        .iter()
+                        .filter(|n| names.contains(&n.name))
+                        .all(|n| n.agent_connected && n.report_age_ms.is_some()))
+            })
+            .with_context(|| {
+                format!(
+                    "{} did not become the ready master of {}:\n{}\n{}",
+                    GATEWAYS[k],
+                    group_name(g),
+                    feps[k].log(),
+                    lab.keepalived_log(k)
+                )
+            })?;
+        }
+        Ok((lab, feps))
     }
 
     /// A scratch directory that goes away with the lab.
@@ -451,6 +537,21 @@ impl Drop for ClusterLab {
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces are deleted as the fields drop.
     }
+}
+
+/// Polls `cond` every 100 ms until it holds; an error after `limit`.
+fn wait_until(
+    limit: Duration,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond()? {
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// Sets the sysctl `key` (dotted) to `value` inside `ns` (through

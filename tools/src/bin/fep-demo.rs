@@ -6,17 +6,26 @@
 //! prints the live share of each node next to its ratio: first 2:1:1, then
 //! after a ratio change, then during a drain that waits for a live
 //! connection; then UDP stickiness. Removes everything again. Needs root.
+//!
+//! `fep-demo --cluster`: two gateways, each with keepalived and fep, and
+//! two VIP groups; a live connection survives a planned move of its group
+//! and then the crash of the gateway it moved to, and the figures of both
+//! are printed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fep_shared::api::{NodeArg, NodeState, NodeView, RatioArg};
-use fep_tools::admin_client::{get, post};
+use fep_shared::api::{
+    ClusterView, Count, MoveArg, MoveReport, NodeArg, NodeState, NodeView, RatioArg, StatusView,
+};
+use fep_tools::admin_client::{get, post, post_for};
+use fep_tools::cluster_lab::{self, ClusterLab};
 use fep_tools::lab::{self, FepProcess, Lab, VIP_V4};
 use fep_tools::{http, netns};
 
@@ -27,6 +36,9 @@ struct Args {
     /// HTTP requests in the first phase, each on a new connection.
     #[arg(long, default_value_t = 400)]
     requests: usize,
+    /// Show several front ends instead: a planned move and a failover.
+    #[arg(long)]
+    cluster: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -54,6 +66,9 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     remove_stale_labs();
+    if args.cluster {
+        return cluster_demo();
+    }
     let (lab, mut fep) = start(&fep_bin)?;
     let socket = lab.control_socket();
 
@@ -367,6 +382,159 @@ fn print_shares(counts: &[usize; 3], ratios: &[u32; 3]) {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("   {l}\n")).collect()
+}
+
+/// Idle connections through the cluster demo's move and failover.
+const IDLE: usize = 1000;
+
+/// A line of the stream through group G0, and when it came.
+type Lines = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+/// The cluster demo (see the module comment).
+fn cluster_demo() -> anyhow::Result<()> {
+    println!("== building the cluster lab: client 10.0.1.2 behind a router; gateways gwa and gwb,");
+    println!(
+        "   each with keepalived and fep; group G0 (VIP {}, back ends be1, be2) on gwa,",
+        cluster_lab::vip(0)
+    );
+    println!(
+        "   group G1 (VIP {}, back ends be3, be4) on gwb",
+        cluster_lab::vip(1)
+    );
+    let (mut lab, mut feps) = ClusterLab::start(TAG, &[0, 1], "")?;
+    println!(
+        "== gwa's keepalived config:\n{}",
+        indent(&lab.keepalived_config(0, &[150, 100]))
+    );
+    let a = lab.control_socket(0);
+
+    let addr = SocketAddr::new(cluster_lab::vip(0).into(), cluster_lab::STREAM);
+    let conn = lab
+        .client
+        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let lines: Lines = Arc::default();
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            let mut conn = BufReader::new(conn);
+            let mut line = String::new();
+            while conn.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let n = line.trim().rsplit(' ').next().and_then(|n| n.parse().ok());
+                lines.lock().unwrap().push((Instant::now(), n.unwrap_or(0)));
+                line.clear();
+            }
+        })
+    };
+    println!("== a connection streams a line every 200 ms from {addr}");
+    let echo = SocketAddr::new(cluster_lab::vip(0).into(), cluster_lab::ECHO);
+    let mut idle = lab.client.enter(|| {
+        (0..IDLE)
+            .map(|_| {
+                let c = TcpStream::connect_timeout(&echo, Duration::from_secs(5))?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut c = BufReader::new(c);
+                c.read_line(&mut String::new())?;
+                Ok(c)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    println!("== and {IDLE} idle connections wait on {echo}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    println!("\n== `fepctl vip move G0 --to gwb` (asked of gwa)");
+    let asked = Instant::now();
+    let report: MoveReport = post_for(
+        &a,
+        "/v1/vip/move",
+        &MoveArg {
+            group: "G0".into(),
+            to: "gwb".into(),
+        },
+    )?;
+    let phases: Vec<String> = report
+        .phases
+        .iter()
+        .map(|(p, ms)| format!("{p} {ms} ms"))
+        .collect();
+    println!("   phases: {}", phases.join(", "));
+    std::thread::sleep(Duration::from_secs(1));
+    let moved_stall = longest_gap(&lines, asked);
+    let copy_ms = report
+        .phases
+        .iter()
+        .find(|(p, _)| p == "copy")
+        .map_or(0, |(_, ms)| *ms);
+
+    println!("\n== gwb crashes: its keepalived and fep killed with SIGKILL");
+    let before = lines.lock().unwrap().len();
+    lab.kill_keepalived(1);
+    let crashed = Instant::now();
+    drop(feps.remove(1));
+    wait(Duration::from_secs(10), "the stream to resume", || {
+        Ok(lines.lock().unwrap().len() > before)
+    })?;
+    let resumed = lines.lock().unwrap()[before].0.duration_since(crashed);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut echoed = 0;
+    for c in &mut idle {
+        let mut back = String::new();
+        c.get_mut().write_all(b"still here\n")?;
+        if c.read_line(&mut back).is_ok() && back == "still here\n" {
+            echoed += 1;
+        }
+    }
+    let seqs: Vec<u64> = lines.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    let intact = seqs.windows(2).all(|w| w[1] == w[0] + 1);
+    let status: StatusView = get(&a, "/v1/status")?;
+    let held = status
+        .counters
+        .events
+        .get(&Count::PacketsHeld)
+        .copied()
+        .unwrap_or(0);
+    let full = status.counters.drops.get("hold_full").copied().unwrap_or(0);
+    let view: ClusterView = get(&a, "/v1/cluster")?;
+
+    println!("\n== figures");
+    println!("   planned move: {} route(s) copied in {copy_ms} ms ({}/s), {} packet(s) held and replayed, held {} ms, longest stream stall {} ms",
+        report.routes_copied,
+        (report.routes_copied * 1000).checked_div(copy_ms).unwrap_or(report.routes_copied),
+        report.packets_replayed, report.longest_hold_ms, moved_stall.as_millis().saturating_sub(200));
+    println!(
+        "   failover: first resumed byte {} ms after the crash; gwa held G0 {} ms",
+        resumed.as_millis(),
+        view.groups[0].last_hold.map_or(0, |h| h.held_ms)
+    );
+    println!("   gwa stored {held} packet(s) in all, dropped {full} for a full hold buffer");
+    println!(
+        "   the stream: {} lines, {}",
+        seqs.len(),
+        if intact {
+            "none lost, none repeated"
+        } else {
+            "LINES MISSING"
+        }
+    );
+    println!("   idle connections that still echo after both: {echoed} of {IDLE}");
+    drop(reader);
+    println!("== removing the lab");
+    drop(feps);
+    drop(lab);
+    if !intact || echoed != IDLE {
+        bail!("a connection did not survive");
+    }
+    Ok(())
+}
+
+/// The longest gap between two stream lines after `since`.
+fn longest_gap(lines: &Lines, since: Instant) -> Duration {
+    let l = lines.lock().unwrap();
+    l.windows(2)
+        .filter(|w| w[1].0 > since)
+        .map(|w| w[1].0.duration_since(w[0].0))
+        .max()
+        .unwrap_or_default()
 }
 
 /// Deletes namespaces an interrupted earlier demo left (its process is gone).
