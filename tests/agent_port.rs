@@ -150,12 +150,14 @@ fn answers_fep_did_not_ask_for_are_refused_and_counted() {
     assert_eq!(
         asked,
         FepMsg::ListLive {
-            ports: vec![80, 7000]
+            ports: vec![80, 7000],
+            udp_ports: vec![]
         },
         "after its start fep asks each node once for its live connections"
     );
     fake.say(&AgentMsg::LiveList {
         conns: Vec::new(),
+        udp: false,
         done: true,
     });
     // Unasked: a list that would give fep a route.
@@ -165,6 +167,7 @@ fn answers_fep_did_not_ask_for_are_refused_and_counted() {
             client_port: 40000,
             port: 7000,
         }],
+        udp: false,
         done: true,
     });
     assert!(fake.closed(), "fep hangs up on an unsolicited live list");
@@ -218,6 +221,7 @@ fn routes_are_rebuilt_from_a_live_list_of_200k_connections_in_parts() {
     for (i, part) in conns.chunks(MAX_CONNS_PER_FRAME).enumerate() {
         fake.say(&AgentMsg::LiveList {
             conns: part.to_vec(),
+            udp: false,
             done: i + 1 == parts,
         });
     }
@@ -569,6 +573,7 @@ fn a_nodes_derived_key_speaks_for_that_node_only() {
     assert!(matches!(be1.receive(), FepMsg::ListLive { .. }));
     be1.say(&AgentMsg::LiveList {
         conns: Vec::new(),
+        udp: false,
         done: true,
     });
     be1.say(&ports_closed(&[7000]));

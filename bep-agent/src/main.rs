@@ -7,6 +7,8 @@
 //!   and at once when a watched port starts or stops listening;
 //! - answers "which of these connections are live?" from the kernel's socket
 //!   table (netlink sock_diag);
+//! - keeps the copies of UDP routes to this node that front ends send, and
+//!   lists them with its live connections to a front end taking over;
 //! - runs a service's `start` / `stop` command when the FEP asks (killed
 //!   and reported failed after `command_timeout_s`), and says when the port
 //!   listens.
@@ -15,6 +17,7 @@
 //! FEP's `agent_key_file`; `bep-agent --derive-key MASTER --node NAME PATH`
 //! writes node NAME's own key, derived from that one.
 
+mod copies;
 mod load;
 mod sockdiag;
 
@@ -26,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use copies::RouteCopies;
 use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, Session, MAX_CONNS_PER_FRAME};
 use fep_shared::AgentConfig;
 use tokio::io::AsyncWriteExt;
@@ -131,8 +135,9 @@ fn write_key(path: &std::path::Path, hex: &str) -> anyhow::Result<()> {
 /// Connects, serves, and reconnects with backoff; never returns.
 async fn run(cfg: AgentConfig, key: Key) {
     let mut backoff = MIN_BACKOFF;
+    let mut copies = RouteCopies::default();
     loop {
-        match session(&cfg, key.clone(), &mut backoff).await {
+        match session(&cfg, key.clone(), &mut backoff, &mut copies).await {
             Ok(()) => tracing::warn!("the fep at {} closed the connection", cfg.fep),
             Err(e) => tracing::warn!("fep at {}: {e:#}", cfg.fep),
         }
@@ -148,8 +153,13 @@ fn next_backoff(backoff: Duration) -> Duration {
 }
 
 /// One connection; `backoff` starts afresh once it is registered, so that a
-/// restarted fep is found again quickly.
-async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow::Result<()> {
+/// restarted fep is found again quickly. `copies` outlive it.
+async fn session(
+    cfg: &AgentConfig,
+    key: Key,
+    backoff: &mut Duration,
+    copies: &mut RouteCopies,
+) -> anyhow::Result<()> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(cfg.fep))
         .await
         .context("connect timed out")?
@@ -179,7 +189,7 @@ async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow:
         let msgs = tokio::select! {
             frame = frames.recv() => match frame {
                 Some(Ok(bytes)) => match session.open::<FepMsg>(&bytes) {
-                    Ok(msg) => handle(cfg, msg, &done_tx),
+                    Ok(msg) => handle(cfg, msg, copies, &done_tx),
                     Err(e) => break Err(anyhow::anyhow!("rejected a frame from the fep: {e}")),
                 },
                 Some(Err(e)) => break Err(anyhow::anyhow!("rejected a frame from the fep: {e}")),
@@ -216,19 +226,39 @@ async fn session(cfg: &AgentConfig, key: Key, backoff: &mut Duration) -> anyhow:
 /// Handles one FEP message; a query is answered at once (a live list in
 /// frame-sized parts), commands report their result through `done` when
 /// they finish.
-fn handle(cfg: &AgentConfig, msg: FepMsg, done: &mpsc::UnboundedSender<AgentMsg>) -> Vec<AgentMsg> {
+fn handle(
+    cfg: &AgentConfig,
+    msg: FepMsg,
+    copies: &mut RouteCopies,
+    done: &mpsc::UnboundedSender<AgentMsg>,
+) -> Vec<AgentMsg> {
     match msg {
         FepMsg::Query { id, conns } => vec![AgentMsg::Live {
             id,
             live: live_of(&conns),
         }],
-        FepMsg::ListLive { ports } => {
+        FepMsg::ListLive { ports, udp_ports } => {
             let conns: Vec<ConnId> = live_table()
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|c| ports.contains(&c.port))
                 .collect();
-            live_list_parts(conns)
+            live_list_parts(conns, copies.on_ports(&udp_ports))
+        }
+        FepMsg::KeepRoutes { conns } => {
+            let refused = copies.keep(&conns);
+            if refused > 0 {
+                tracing::warn!(
+                    "refused {refused} UDP route copies: {} are kept, the most there is room                      for ({} refused since the start); those flows get a new back end if                      their front end fails",
+                    copies.len(),
+                    copies.refused()
+                );
+            }
+            Vec::new()
+        }
+        FepMsg::ForgetRoutes { conns } => {
+            copies.forget(&conns);
+            Vec::new()
         }
         FepMsg::Start { port } | FepMsg::Stop { port } => {
             let start = matches!(msg, FepMsg::Start { .. });
@@ -264,17 +294,31 @@ fn handle(cfg: &AgentConfig, msg: FepMsg, done: &mpsc::UnboundedSender<AgentMsg>
     }
 }
 
-/// A live list as frames of at most [`MAX_CONNS_PER_FRAME`], the last one
-/// marked `done` (one empty frame for no connections).
-fn live_list_parts(conns: Vec<ConnId>) -> Vec<AgentMsg> {
-    let parts = conns.len().div_ceil(MAX_CONNS_PER_FRAME).max(1);
-    let mut chunks = conns.chunks(MAX_CONNS_PER_FRAME);
-    (0..parts)
-        .map(|i| AgentMsg::LiveList {
-            conns: chunks.next().unwrap_or_default().to_vec(),
-            done: i + 1 == parts,
+/// A live list as frames of at most [`MAX_CONNS_PER_FRAME`]: the TCP
+/// connections, then the kept UDP routes, the last frame marked `done` (one
+/// empty frame for none at all).
+fn live_list_parts(tcp: Vec<ConnId>, udp: Vec<ConnId>) -> Vec<AgentMsg> {
+    let mut parts: Vec<AgentMsg> = [(tcp, false), (udp, true)]
+        .iter()
+        .flat_map(|(conns, udp)| {
+            conns
+                .chunks(MAX_CONNS_PER_FRAME)
+                .map(|c| AgentMsg::LiveList {
+                    conns: c.to_vec(),
+                    udp: *udp,
+                    done: false,
+                })
         })
-        .collect()
+        .collect();
+    match parts.last_mut() {
+        Some(AgentMsg::LiveList { done, .. }) => *done = true,
+        _ => parts.push(AgentMsg::LiveList {
+            conns: Vec::new(),
+            udp: false,
+            done: true,
+        }),
+    }
+    parts
 }
 
 /// Every live TCP connection in this host's socket table.
@@ -375,20 +419,24 @@ mod tests {
             port: 80,
         };
         let conns: Vec<ConnId> = (0..2 * MAX_CONNS_PER_FRAME + 5).map(conn).collect();
-        let parts = live_list_parts(conns.clone());
-        let sizes: Vec<(usize, bool)> = parts
-            .iter()
-            .map(|m| match m {
-                AgentMsg::LiveList { conns, done } => (conns.len(), *done),
-                other => panic!("not a live list: {other:?}"),
-            })
-            .collect();
+        let udp: Vec<ConnId> = (0..3).map(conn).collect();
+        let sizes_of = |parts: &[AgentMsg]| -> Vec<(usize, bool, bool)> {
+            parts
+                .iter()
+                .map(|m| match m {
+                    AgentMsg::LiveList { conns, udp, done } => (conns.len(), *udp, *done),
+                    other => panic!("not a live list: {other:?}"),
+                })
+                .collect()
+        };
+        let parts = live_list_parts(conns.clone(), udp.clone());
         assert_eq!(
-            sizes,
+            sizes_of(&parts),
             [
-                (MAX_CONNS_PER_FRAME, false),
-                (MAX_CONNS_PER_FRAME, false),
-                (5, true)
+                (MAX_CONNS_PER_FRAME, false, false),
+                (MAX_CONNS_PER_FRAME, false, false),
+                (5, false, false),
+                (3, true, true)
             ]
         );
         let joined: Vec<ConnId> = parts
@@ -398,11 +446,16 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        assert_eq!(joined, conns);
+        assert_eq!(joined, [conns.clone(), udp].concat());
         assert_eq!(
-            live_list_parts(Vec::new()),
+            sizes_of(&live_list_parts(conns[..5].to_vec(), Vec::new())),
+            [(5, false, true)]
+        );
+        assert_eq!(
+            live_list_parts(Vec::new(), Vec::new()),
             [AgentMsg::LiveList {
                 conns: Vec::new(),
+                udp: false,
                 done: true
             }]
         );

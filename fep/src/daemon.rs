@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
 use crate::clock::Clock;
+use crate::control::copies::Copies;
 use crate::control::journal::{self, Journal};
 use crate::control::peers::{self, Peers};
 use crate::control::snapshot;
@@ -58,7 +59,8 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
     let clock = Clock::start();
-    let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock)?;
+    let copies = cfg.cluster.as_ref().map(|_| Arc::new(Copies::default()));
+    let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock, copies.clone())?;
     dispatcher.adopt_handshakes(true);
     let (workers, mut replayer) =
         Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
@@ -91,6 +93,9 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             }
         }
         let mut tasks = spawn_tasks(&cp, &cfg, secrets, workers.counters().to_vec(), clock);
+        if let Some(copies) = copies {
+            tasks.spawn(forever(cp.clone().send_route_copies(copies)));
+        }
         // Let every task bind its listener before saying so: "serving" means
         // the data path, the admin socket and the agent port are all up.
         for _ in 0..2 {
@@ -183,16 +188,17 @@ impl Secrets {
 }
 
 /// Puts back the routes of the last run (the journal is newer than the
-/// snapshot: its routes first) and starts the journal thread, which the
-/// returned flag stops.
+/// snapshot: its routes first) and starts the journal thread (noting route
+/// copies into `copies`), which the returned flag stops.
 fn restore_routes(
     dispatcher: &Arc<Dispatcher>,
     cfg: &FepConfig,
     clock: Clock,
+    copies: Option<Arc<Copies>>,
 ) -> anyhow::Result<(std::thread::JoinHandle<Journal>, Arc<AtomicBool>)> {
     let (_, journalled) = journal::restore(dispatcher, &cfg.state_dir, clock.now_ms());
     snapshot::restore(dispatcher, &cfg.state_dir, clock.now_ms());
-    let journal = Journal::open(dispatcher.clone(), &cfg.state_dir, journalled);
+    let journal = Journal::open(dispatcher.clone(), &cfg.state_dir, journalled, copies);
     let stop = Arc::new(AtomicBool::new(false));
     let handle = journal
         .spawn(stop.clone())

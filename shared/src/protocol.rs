@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Protocol version carried in the hello frame and every envelope.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame (MAC and body) accepted.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest first frame accepted from an agent: a registration is tiny, so an
@@ -157,10 +157,13 @@ pub enum AgentMsg {
         id: u64,
         live: Vec<ConnId>,
     },
-    /// Answer to [`FepMsg::ListLive`]: live connections on those ports, in
+    /// Answer to [`FepMsg::ListLive`]: live TCP connections on its `ports`
+    /// (`udp` false) and kept UDP routes on its `udp_ports` (`udp` true), in
     /// parts of at most [`MAX_CONNS_PER_FRAME`]; `done` marks the last.
     LiveList {
         conns: Vec<ConnId>,
+        #[serde(default)]
+        udp: bool,
         done: bool,
     },
     /// Result of [`FepMsg::Start`] / [`FepMsg::Stop`].
@@ -179,9 +182,21 @@ pub enum FepMsg {
     /// Which of these connections (at most [`MAX_CONNS_PER_FRAME`]) still
     /// have a live connection here?
     Query { id: u64, conns: Vec<ConnId> },
-    /// Which connections are live on these ports? (After a restart without
-    /// a route snapshot, fep rebuilds its routes from the answers.)
-    ListLive { ports: Vec<u16> },
+    /// Which connections are live on these TCP ports, and which UDP routes
+    /// are kept on these UDP ports? (A front end that restarted, or took
+    /// over the node's VIP group, rebuilds its routes from the answers.)
+    ListLive {
+        ports: Vec<u16>,
+        #[serde(default)]
+        udp_ports: Vec<u16>,
+    },
+    /// Keep these confirmed UDP routes to this node (at most
+    /// [`MAX_CONNS_PER_FRAME`]): a UDP flow leaves no connection table to
+    /// rebuild its route from, so the back end it points at keeps a copy
+    /// for whichever front end holds the flow's VIP next.
+    KeepRoutes { conns: Vec<ConnId> },
+    /// These kept routes have ended.
+    ForgetRoutes { conns: Vec<ConnId> },
     /// Run the start command of the service on `port`.
     Start { port: u16 },
     /// Run the stop command of the service on `port`.
@@ -499,6 +514,7 @@ mod tests {
         let (mut agent, mut fep) = pair();
         let msg = AgentMsg::LiveList {
             conns: vec![conn; MAX_CONNS_PER_FRAME],
+            udp: true,
             done: false,
         };
         let f = agent.seal(&msg);

@@ -92,6 +92,7 @@ impl AgentLink {
             FepMsg::Stop { port } => {
                 self.commands.insert((*port, false));
             }
+            FepMsg::KeepRoutes { .. } | FepMsg::ForgetRoutes { .. } => {}
         }
     }
 
@@ -388,12 +389,12 @@ impl ControlPlane {
                 self.state().model.nodes[usize::from(node)].report = Some((now, report));
                 self.tick();
             }
-            AgentMsg::LiveList { conns, done } => {
+            AgentMsg::LiveList { conns, udp, done } => {
                 // A local-address check and a service match for each of up
                 // to MAX_CONNS_PER_FRAME connections: on the blocking pool.
                 let cp = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    cp.rebuild_routes(node, &conns);
+                    cp.rebuild_routes(node, &conns, udp);
                     if done {
                         cp.node_reported(node);
                     }
@@ -421,35 +422,41 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// After a start, asks each node's agent once for its live connections,
-    /// so that routes the snapshot missed (or all of them, without one) are
-    /// rebuilt from the back ends' connection tables: a restarted front end
-    /// keeps every live connection on the back end that serves it. Asked
-    /// again when a VIP group of the node arrives from another gateway.
+    /// After a start, asks each node's agent once for its live connections
+    /// (and the UDP routes it keeps copies of), so that routes the snapshot
+    /// missed (or all of them, without one) are rebuilt from the back ends:
+    /// a restarted front end keeps every live connection on the back end
+    /// that serves it. Asked again when a VIP group of the node arrives
+    /// from another gateway.
     pub(super) fn ask_for_live_connections(&self, node: NodeId) {
         if !self.state().rebuilt.insert(node) {
             return;
         }
         let table = self.dispatcher().table();
-        let mut ports: Vec<u16> = table
-            .services()
-            .iter()
-            .filter(|s| !s.removed && s.is_tcp())
-            .flat_map(|s| s.live_backends().map(|(_, b)| b))
-            .filter(|b| b.node_id == node)
-            .map(|b| b.port)
-            .collect();
-        ports.sort_unstable();
-        ports.dedup();
-        if !ports.is_empty() {
-            self.send(node, FepMsg::ListLive { ports });
+        let ports = |tcp: bool| {
+            let mut ports: Vec<u16> = table
+                .services()
+                .iter()
+                .filter(|s| !s.removed && s.is_tcp() == tcp)
+                .flat_map(|s| s.live_backends().map(|(_, b)| b))
+                .filter(|b| b.node_id == node)
+                .map(|b| b.port)
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports
+        };
+        let (ports, udp_ports) = (ports(true), ports(false));
+        if !ports.is_empty() || !udp_ports.is_empty() {
+            self.send(node, FepMsg::ListLive { ports, udp_ports });
         }
     }
 
-    /// Restores a route for every live connection a node reports that has
-    /// none, when exactly one service maps it to that node. Connections from
-    /// this host (fep's own health checks) are not clients' and get none.
-    fn rebuild_routes(&self, node: NodeId, conns: &[ConnId]) {
+    /// Restores a route for every live connection (or kept UDP route, if
+    /// `udp`) a node reports that has none, when exactly one service maps
+    /// it to that node. Connections from this host (fep's own health
+    /// checks) are not clients' and get none.
+    fn rebuild_routes(&self, node: NodeId, conns: &[ConnId], udp: bool) {
         let table = self.dispatcher().table();
         let now = self.now();
         let mut rows = Vec::new();
@@ -463,7 +470,7 @@ impl ControlPlane {
                 .services()
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| !s.removed && s.is_tcp() && family_matches(&s.vip, &client))
+                .filter(|(_, s)| !s.removed && s.is_tcp() != udp && family_matches(&s.vip, &client))
                 .flat_map(|(sid, s)| {
                     s.live_backends()
                         .filter(|(_, b)| b.node_id == node && b.port == c.port)
@@ -569,6 +576,7 @@ mod tests {
     fn part(done: bool) -> AgentMsg {
         AgentMsg::LiveList {
             conns: Vec::new(),
+            udp: false,
             done,
         }
     }
@@ -577,7 +585,10 @@ mod tests {
     fn every_live_list_asked_for_is_taken_and_no_more() {
         let mut l = link();
         assert!(l.answered(&part(true)).is_err(), "never asked");
-        let ask = FepMsg::ListLive { ports: vec![80] };
+        let ask = FepMsg::ListLive {
+            ports: vec![80],
+            udp_ports: vec![53],
+        };
         l.asked(&ask);
         l.asked(&ask); // asked again (a VIP group arrived) before the answer
         for p in [part(false), part(true), part(true)] {

@@ -2,9 +2,10 @@
 //! addresses and says so on its `notify_fifo`; when this gateway becomes a
 //! group's master, the group's packets are held (see [`crate::holds`])
 //! while its routes come back — each back-end node of the group reports its
-//! live connections, and routes are rebuilt from them — and then replayed
-//! in order. A hold ends when every such node has reported, when keepalived
-//! takes the group away again, or after `hold_max_ms`, whichever is first.
+//! live connections and the UDP routes it keeps copies of, and routes are
+//! rebuilt from them — and then replayed in order. A hold ends when every
+//! such node has reported, when keepalived takes the group away again, or
+//! after `hold_max_ms`, whichever is first.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -232,13 +233,13 @@ impl ControlPlane {
         self.dispatcher().holds().hold(id)
     }
 
-    /// The back-end nodes of the group's services (only TCP ones if `tcp`).
-    fn group_nodes(&self, id: GroupId, tcp: bool) -> HashSet<NodeId> {
+    /// The back-end nodes of the group's services.
+    fn group_nodes(&self, id: GroupId) -> HashSet<NodeId> {
         self.dispatcher()
             .table()
             .services()
             .iter()
-            .filter(|s| !s.removed && (s.is_tcp() || !tcp) && s.group == Some(id))
+            .filter(|s| !s.removed && s.group == Some(id))
             .flat_map(|s| s.live_backends().map(|(_, b)| b.node_id))
             .collect()
     }
@@ -248,7 +249,7 @@ impl ControlPlane {
     /// address moves) count as nodes without an agent until they do, not as
     /// nodes whose agent fell silent (down).
     fn forget_silent_agents(&self, id: GroupId) {
-        let nodes = self.group_nodes(id, false);
+        let nodes = self.group_nodes(id);
         let connected: HashSet<NodeId> = self.agents().keys().copied().collect();
         let mut state = self.state();
         for n in nodes.difference(&connected) {
@@ -288,9 +289,10 @@ impl ControlPlane {
         if state.groups.groups[usize::from(id)].hold.is_some() {
             return;
         }
-        // The group's TCP back-end nodes, each asked (again) for its live
-        // connections; agents not connected yet are asked when they are.
-        let waiting = self.group_nodes(id, true);
+        // The group's back-end nodes, each asked (again) for its live
+        // connections and kept UDP routes; agents not connected yet are
+        // asked when they are.
+        let waiting = self.group_nodes(id);
         for node in &waiting {
             state.rebuilt.remove(node);
         }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::copies::Copies;
 use super::snapshot::{self, put_name, Reader, SNAPSHOT_EVERY};
 use super::state::Unusable;
 use crate::dispatcher::{Confirmed, Dispatcher};
@@ -136,13 +137,21 @@ pub struct Journal {
     last_checkpoint: Instant,
     /// Write failures are logged once until a write succeeds again.
     failing: bool,
+    /// Where grouped UDP routes are noted for their back ends' copies (with
+    /// VIP groups only).
+    copies: Option<Arc<Copies>>,
 }
 
 impl Journal {
     /// Starts journalling into `dir`. `restored_from_journal` (from
     /// [`restore`]) checkpoints first, so that what was restored is in the
     /// snapshot before the old journal goes.
-    pub fn open(dispatcher: Arc<Dispatcher>, dir: &Path, restored_from_journal: bool) -> Self {
+    pub fn open(
+        dispatcher: Arc<Dispatcher>,
+        dir: &Path,
+        restored_from_journal: bool,
+        copies: Option<Arc<Copies>>,
+    ) -> Self {
         let mut j = Journal {
             dispatcher,
             dir: dir.to_path_buf(),
@@ -150,6 +159,7 @@ impl Journal {
             buf: Vec::new(),
             last_checkpoint: Instant::now(),
             failing: false,
+            copies,
         };
         if restored_from_journal {
             j.checkpoint();
@@ -185,13 +195,18 @@ impl Journal {
         self.failing = true;
     }
 
-    /// Appends the routes confirmed since the last call.
+    /// Appends the routes confirmed since the last call (and notes them,
+    /// and the routes that ended, for the copies).
     pub fn flush(&mut self) {
         let table = self.dispatcher.table();
         let buf = &mut self.buf;
         buf.clear();
+        let copies = self.copies.as_deref();
         self.dispatcher
-            .take_confirmed(|Confirmed { key, backend }| {
+            .take_confirmed(|c @ Confirmed { key, backend }| {
+                if let Some(copies) = copies {
+                    copies.note(&table, c, true);
+                }
                 let svc = table.service(key.service);
                 let Some(be) = svc.backends.get(usize::from(backend)) else {
                     return;
@@ -202,6 +217,10 @@ impl Journal {
                 buf.extend_from_slice(&key.client_port.to_be_bytes());
                 buf.push(RESTORED_STATE);
             });
+        if let Some(copies) = copies {
+            self.dispatcher
+                .take_ended(|c| copies.note(&table, c, false));
+        }
         if self.buf.is_empty() {
             return;
         }
@@ -297,7 +316,7 @@ mod tests {
         let cfg = FepConfig::parse(crate::testing::CONFIG).unwrap();
         let d = Arc::new(Dispatcher::new(&cfg));
         let mut w = Worker::new(Default::default());
-        let mut j = Journal::open(d.clone(), &dir, false);
+        let mut j = Journal::open(d.clone(), &dir, false, None);
         // Two connections before the checkpoint, three after; one embryonic.
         for n in 0..6u8 {
             if n == 2 {
@@ -336,7 +355,7 @@ mod tests {
             Err(Unusable::Newer { found: 2, .. })
         ));
         // A clean stop leaves the snapshot and no journal.
-        let j = Journal::open(Arc::new(d2), &dir, true);
+        let j = Journal::open(Arc::new(d2), &dir, true, None);
         j.finish();
         assert!(!current(&dir).exists() && !old(&dir).exists());
         assert_eq!(

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod cluster;
 pub mod commands;
 pub mod controller;
+pub mod copies;
 pub mod health;
 pub mod journal;
 pub mod latest;

@@ -158,9 +158,7 @@ fn delete(dispatcher: &Dispatcher, routes: impl Iterator<Item = (FlowKey, u32)>)
     let table = dispatcher.table();
     routes
         .filter(|(key, last_seen)| {
-            dispatcher
-                .routes()
-                .remove_if(&table, key, |r| r.last_seen() == *last_seen)
+            dispatcher.end_route_if(&table, key, |r| r.last_seen() == *last_seen)
         })
         .count()
 }

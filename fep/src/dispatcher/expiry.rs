@@ -132,19 +132,13 @@ impl Dispatcher {
         });
         let mut stats = ExpireStats::default();
         for key in expired.iter() {
-            if self
-                .routes
-                .remove_if(&table, key, |r| self.expiry.is_expired(&table, key, r, now))
-            {
+            if self.end_route_if(&table, key, |r| self.expiry.is_expired(&table, key, r, now)) {
                 stats.expired += 1;
             }
         }
         for Reverse((_, key, seen)) in evict.drain() {
             // Not if a packet came meanwhile.
-            if self
-                .routes
-                .remove_if(&table, &key, |r| r.last_seen() == seen)
-            {
+            if self.end_route_if(&table, &key, |r| r.last_seen() == seen) {
                 stats.evicted += 1;
             }
         }

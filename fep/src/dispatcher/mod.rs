@@ -92,8 +92,10 @@ pub enum Verdict {
     Hold(GroupId),
 }
 
-/// A route that just became confirmed, for the journal that lets a restart
-/// after a crash restore it (see `control::journal`).
+/// A route handed from the data path to the journal thread: one that just
+/// became confirmed (journalled, so that a restart after a crash restores
+/// it), or a VIP group's UDP route that just ended (so that the back end's
+/// copy of it goes too, see `control::copies`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Confirmed {
     pub key: FlowKey,
@@ -110,6 +112,8 @@ pub struct Dispatcher {
     routes: Routes,
     expiry: Expiry,
     confirmed: ArrayQueue<Confirmed>,
+    /// VIP groups' UDP routes removed by expiry or pruning.
+    ended: ArrayQueue<Confirmed>,
     journal_overflow: AtomicU64,
     /// Whether a back end's SYN-ACK with no route makes one (see
     /// [`Dispatcher::adopt_handshakes`]).
@@ -135,6 +139,7 @@ impl Dispatcher {
             routes: Routes::with_room(cfg.max_routes),
             expiry: Expiry::default(),
             confirmed: ArrayQueue::new(JOURNAL_QUEUE),
+            ended: ArrayQueue::new(JOURNAL_QUEUE),
             journal_overflow: AtomicU64::new(0),
             adopting: AtomicBool::new(false),
             holds: Holds::new(
@@ -476,7 +481,42 @@ impl Dispatcher {
         }
     }
 
-    /// Confirmed routes the journal had no room for since the start.
+    /// Removes `key`'s route if `cond` holds for it (see
+    /// [`Routes::remove_if`]); a VIP group's UDP route is queued for
+    /// [`Dispatcher::take_ended`]. For the control plane's removals of
+    /// routes whose flow is over; true if it removed one.
+    pub fn end_route_if(
+        &self,
+        table: &TransferTable,
+        key: &FlowKey,
+        cond: impl FnOnce(&Route) -> bool,
+    ) -> bool {
+        let Some(route) = self.routes.remove_if(table, key, cond) else {
+            return false;
+        };
+        let svc = table.service(key.service);
+        if svc.group.is_some() && !svc.is_tcp() {
+            let ended = Confirmed {
+                key: *key,
+                backend: route.backend,
+            };
+            if self.ended.push(ended).is_err() {
+                self.journal_overflow.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    /// VIP groups' UDP routes ended since the last call, oldest first.
+    pub fn take_ended(&self, mut f: impl FnMut(Confirmed)) {
+        while let Some(c) = self.ended.pop() {
+            f(c);
+        }
+    }
+
+    /// Routes the journal thread's queues had no room for since the start:
+    /// a confirmed route then waits for the next snapshot, an ended one's
+    /// copy stays on its back end.
     pub fn journal_overflow(&self) -> u64 {
         self.journal_overflow.load(Ordering::Relaxed)
     }
@@ -498,7 +538,7 @@ impl Dispatcher {
                 too_young = unconfirmed && r.idle_ms(now) < UNCONFIRMED_MIN_AGE_MS;
                 unconfirmed && !too_young
             });
-            if removed {
+            if removed.is_some() {
                 worker.counters.count(Count::UnconfirmedEvicted);
                 return true;
             }

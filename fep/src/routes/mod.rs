@@ -182,17 +182,15 @@ impl Routes {
     }
 
     /// Removes `key`'s route if `cond` holds for it (checked under the
-    /// writer lock), with its share of the counts; true if it did.
+    /// writer lock), with its share of the counts; the route it removed.
     /// `table` is the current transfer table.
     pub fn remove_if(
         &self,
         table: &TransferTable,
         key: &FlowKey,
         cond: impl FnOnce(&Route) -> bool,
-    ) -> bool {
-        let Some(route) = self.map.remove_if(key, cond) else {
-            return false;
-        };
+    ) -> Option<Route> {
+        let route = self.map.remove_if(key, cond)?;
         self.release();
         let svc = table.service(key.service);
         svc.backends[usize::from(route.backend)].route_removed();
@@ -204,7 +202,7 @@ impl Routes {
                 }
             }
         }
-        true
+        Some(route)
     }
 
     /// Removes every route for which `pred` holds (checked again at the
@@ -216,7 +214,10 @@ impl Routes {
     ) -> usize {
         self.export(|row| pred(&row.key, &row.route))
             .iter()
-            .filter(|row| self.remove_if(table, &row.key, |r| pred(&row.key, r)))
+            .filter(|row| {
+                self.remove_if(table, &row.key, |r| pred(&row.key, r))
+                    .is_some()
+            })
             .count()
     }
 
@@ -353,9 +354,17 @@ mod tests {
         assert_eq!(r.assign(&key(0, 3, 1), web, 0), Err(Refused::Full));
         assert_eq!(r.len(), 2);
         assert_eq!(counts(&t, 0).iter().sum::<u32>(), 2);
-        assert!(!r.remove_if(&t, &key(0, 1, 1), |_| false), "cond fails");
-        assert!(r.remove_if(&t, &key(0, 1, 1), |route| route.backend == first));
-        assert!(!r.remove_if(&t, &key(0, 1, 1), |_| true), "already gone");
+        assert!(
+            r.remove_if(&t, &key(0, 1, 1), |_| false).is_none(),
+            "cond fails"
+        );
+        assert!(r
+            .remove_if(&t, &key(0, 1, 1), |route| route.backend == first)
+            .is_some());
+        assert!(
+            r.remove_if(&t, &key(0, 1, 1), |_| true).is_none(),
+            "already gone"
+        );
         assert_eq!(r.len(), 1);
         assert_eq!(counts(&t, 0).iter().sum::<u32>(), 1);
         assert!(r.assign(&key(0, 3, 1), web, 0).is_ok());
@@ -387,7 +396,7 @@ mod tests {
         assert_eq!((held.backend, held.routes), (b, 10));
         assert_eq!(r.remove_where(&t, |k, _| k.client_port != 1000), 9);
         assert_eq!(r.sticky(1, [1; 16]).map(|s| s.routes), Some(1));
-        assert!(r.remove_if(&t, &key(1, 1, 1000), |_| true));
+        assert!(r.remove_if(&t, &key(1, 1, 1000), |_| true).is_some());
         assert!(
             r.sticky(1, [1; 16]).is_none(),
             "released with its last route"
