@@ -43,6 +43,8 @@ pub const WEB: u16 = 80;
 pub const ECHO: u16 = 7000;
 pub const STREAM: u16 = 7100;
 pub const PORTS: [u16; 3] = [WEB, ECHO, STREAM];
+/// The UDP service of every group: `fep-testsrv` answers with its name.
+pub const UDP: u16 = 5300;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -204,8 +206,8 @@ impl ClusterLab {
     }
 
     /// A running cluster: VIP groups of two back ends each (`fep-testsrv`
-    /// HTTP on [`WEB`], echo on [`ECHO`], a stream on [`STREAM`], and an
-    /// agent), group g preferred by gateway `holders[g]` in keepalived (the
+    /// HTTP on [`WEB`], echo on [`ECHO`], a stream on [`STREAM`], its name
+    /// on [`UDP`], and an agent), group g preferred by gateway `holders[g]` in keepalived (the
     /// gateways' keepalived started in turn, so that neither takes the
     /// other's group for a moment), fep on both gateways (`cluster`: extra
     /// `[cluster]` keys); returns once each group's gateway is its master,
@@ -221,7 +223,7 @@ impl ClusterLab {
         let agent = crate::lab::workspace_bin("bep-agent")?;
         let fep = crate::lab::workspace_bin("fep")?;
         for i in 0..groups * 2 {
-            let mut args = crate::lab::testsrv_args(i, &[WEB], &[]);
+            let mut args = crate::lab::testsrv_args(i, &[WEB], &[UDP]);
             args.extend(["--echo", "7000", "--stream", "7100"].map(String::from));
             lab.start_backend_server(i, &testsrv, &args)?;
         }
@@ -314,8 +316,8 @@ impl ClusterLab {
     }
 
     /// The fep config of gateway `k`: every back end a node, for each group
-    /// a TCP service on its VIP per port of `ports` (named `g<G>-<PORT>`)
-    /// and its VIP group, the agent port open, the other gateway its peer;
+    /// a TCP service on its VIP per port of `ports` and a UDP one on [`UDP`]
+    /// (named `g<G>-<PORT>`) and its VIP group, the agent port open, the other gateway its peer;
     /// `top` adds top-level keys, `cluster` keys of `[cluster]`.
     pub fn fep_config(&self, k: usize, ports: &[u16], top: &str, cluster: &str) -> String {
         let dir = self.dir.display();
@@ -353,9 +355,10 @@ impl ClusterLab {
             );
         }
         for g in 0..self.groups {
-            for port in ports {
+            let services = ports.iter().map(|&p| (p, "tcp")).chain([(UDP, "udp")]);
+            for (port, protocol) in services {
                 s += &format!(
-                    "\n[[service]]\nname = \"g{g}-{port}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"tcp\"\n",
+                    "\n[[service]]\nname = \"g{g}-{port}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"{protocol}\"\n",
                     vip(g)
                 );
                 for i in self.group_backends(g) {
