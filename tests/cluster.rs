@@ -21,6 +21,8 @@ use fep_tools::lab::FepProcess;
 const IDLE: usize = 20;
 /// UDP flows (one client port each) through a failover.
 const UDP_FLOWS: usize = 20;
+/// How long balanced traffic must leave the controller still.
+const BALANCED: Duration = Duration::from_secs(60);
 /// Idle connections through a planned move.
 const IDLE_MANY: usize = 200;
 
@@ -493,7 +495,26 @@ fn the_controller_moves_one_of_two_busy_groups_off_a_gateway() {
         },
         || format!("{}\n{}", feps[0].log(), feps[1].log()),
     );
+    // Balanced now, one busy group on each gateway: no move for 60 s.
+    let moves = || {
+        let a = view::<ClusterView>(&lab.control_socket(0), &["cluster"]).moves;
+        let b = view::<ClusterView>(&b, &["cluster"]).moves;
+        (a.len(), b.len())
+    };
     std::thread::sleep(Duration::from_millis(500));
+    let after_move = moves();
+    let balanced = Instant::now();
+    while balanced.elapsed() < BALANCED {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            moves(),
+            after_move,
+            "a move {:?} into balanced traffic:\n{}\n{}",
+            balanced.elapsed(),
+            feps[0].log(),
+            feps[1].log()
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     for l in load {
         assert!(l.join().unwrap().unwrap() > 0);
