@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fep_shared::api::{ClusterView, MoveReport};
+use fep_shared::api::{ClusterView, GroupView, MoveReport};
 use fep_shared::peer::PeerRequest;
 use fep_shared::protocol::{self, Key, Session};
 use fep_tests::{fepctl_at, http, pattern, skip_without_root};
@@ -376,6 +376,29 @@ fn a_planned_move_breaks_no_connection_and_leaves_the_other_group_alone() {
     assert!(vb.groups[0].master && !vb.groups[0].holding, "{vb:?}");
     assert_eq!(vb.groups[1].routes, g1_before, "group 1's routes untouched");
     assert_eq!(vb.moves.last(), Some(&report));
+    // Each front end shows the other's groups as the other sees them.
+    assert_eq!(va.peers.len(), 1, "{va:?}");
+    assert_eq!(va.peers[0].name, "gwb");
+    assert_eq!(va.peers[0].error, None);
+    let roles = |groups: &[GroupView]| -> Vec<(String, bool, bool)> {
+        groups
+            .iter()
+            .map(|g| (g.name.clone(), g.master, g.holding))
+            .collect()
+    };
+    assert_eq!(
+        roles(&va.peers[0].groups),
+        roles(&vb.groups),
+        "gwb seen from gwa"
+    );
+    assert_eq!(
+        roles(&vb.peers[0].groups),
+        roles(&va.groups),
+        "gwa seen from gwb"
+    );
+    let (code, text) = fepctl_at(&a, &["cluster"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("front end gwb at "), "{text}");
     eprintln!(
         "planned move: {} route(s) copied, {} packet(s) held and replayed, hold {} ms, \
          longest stream stall {} ms; phases {:?}",

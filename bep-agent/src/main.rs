@@ -249,7 +249,9 @@ fn handle(
             let refused = copies.keep(&conns);
             if refused > 0 {
                 tracing::warn!(
-                    "refused {refused} UDP route copies: {} are kept, the most there is room                      for ({} refused since the start); those flows get a new back end if                      their front end fails",
+                    "refused {refused} UDP route copies: {} are kept, the most there is room \
+                     for ({} refused since the start); those flows get a new back end if \
+                     their front end fails",
                     copies.len(),
                     copies.refused()
                 );

@@ -5,7 +5,7 @@
 //! | GET | `/v1/status` | | services, nodes, routes, counters, rejected agent frames |
 //! | GET | `/v1/nodes` | | every node: state, pin, routes, load, per-service ratios |
 //! | GET | `/v1/services` | | every service: its transfer table with ratios and shares |
-//! | GET | `/v1/cluster` | | this fep, its VIP groups (master here or not, held or not, routes, last hold), last moves, refused peer frames |
+//! | GET | `/v1/cluster` | | this fep, its VIP groups (master here or not, held or not, routes, last hold), last moves, refused peer frames; each peer's groups as it answers |
 //! | POST | `/v1/vip/move` | `{"group","to"}` | a planned move of a VIP group to a front end; answers with its report |
 //! | GET | `/v1/routes` | `service`, `node`, `client`, `limit` | the first `limit` (1000) matching routes, streamed |
 //! | POST | `/v1/ratio` | `{"service","node","ratio"}` | set a configured ratio |
@@ -149,7 +149,7 @@ fn router(admin: Admin) -> Router {
         .route("/v1/routes", get(routes))
         .route(
             "/v1/cluster",
-            get(|State(a): State<Admin>| async move { Json(a.cp.cluster_view()) }),
+            get(|State(a): State<Admin>| async move { Json(a.cp.cluster_view().await) }),
         )
         .route("/v1/vip/move", post(vip_move))
         .route("/v1/ratio", post(ratio))

@@ -230,7 +230,8 @@ pub struct GroupView {
 }
 
 /// `GET /v1/cluster`: this front end, its VIP groups, its last planned
-/// moves, and the fep-to-fep frames and connections it refused.
+/// moves, the fep-to-fep frames and connections it refused, and its peers'
+/// groups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
     pub fep: Option<String>,
@@ -238,6 +239,19 @@ pub struct ClusterView {
     /// The last planned moves this front end drove, oldest first.
     pub moves: Vec<MoveReport>,
     pub peer_rejects: BTreeMap<String, u64>,
+    /// Every configured peer, as it answered over the fep-to-fep channel.
+    pub peers: Vec<PeerView>,
+}
+
+/// A peer front end's groups, or why it did not say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub address: String,
+    pub groups: Vec<GroupView>,
+    /// Why it could not be asked (unreachable, refused, …); then `groups`
+    /// is empty.
+    pub error: Option<String>,
 }
 
 /// What a planned move of a VIP group did, phase by phase.

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::MoveReport;
+use crate::api::{GroupView, MoveReport};
 use crate::protocol::Message;
 
 /// Routes per [`PeerReply::Routes`] part: 23 bytes each in a route
@@ -32,7 +32,8 @@ pub enum PeerRequest {
     Forget { group: String },
     /// Run a planned move of the group to the receiving front end.
     Move { group: String },
-    /// Which groups the receiver holds, and their traffic so far.
+    /// Which groups the receiver holds, their traffic so far, and their
+    /// mode and routes there.
     Status,
 }
 
@@ -52,6 +53,8 @@ pub enum PeerReply {
     Moved(MoveReport),
     Status {
         groups: Vec<GroupTraffic>,
+        /// Its groups as its `fepctl cluster` shows them.
+        view: Vec<GroupView>,
     },
     Refused {
         error: String,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fep_shared::api::{ClusterView, GroupView, HoldView};
+use fep_shared::api::{ClusterView, GroupView, HoldView, PeerView};
 use fep_shared::FepConfig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -125,8 +125,25 @@ impl Groups {
 }
 
 impl ControlPlane {
-    /// This front end, its VIP groups, its last moves, its refusals.
-    pub fn cluster_view(&self) -> ClusterView {
+    /// This front end, its VIP groups, its last moves, its refusals, and
+    /// each peer's groups as it answers (asked all at once).
+    pub async fn cluster_view(self: &Arc<Self>) -> ClusterView {
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, p) in self
+            .peers()
+            .map_or(&[][..], |p| p.list())
+            .iter()
+            .enumerate()
+        {
+            let (cp, p) = (self.clone(), p.clone());
+            asks.spawn(async move {
+                let peers = cp.peers().expect("peers are set once, before any view");
+                let answer = super::peers::ask_status(peers, &p).await;
+                (i, p, answer)
+            });
+        }
+        let mut answers: Vec<_> = asks.join_all().await;
+        answers.sort_by_key(|(i, ..)| *i);
         let peers = self.peers();
         ClusterView {
             fep: peers.map(|p| p.me().to_string()),
@@ -138,11 +155,26 @@ impl ControlPlane {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
+            peers: answers
+                .into_iter()
+                .map(|(_, p, answer)| {
+                    let (groups, error) = match answer {
+                        Ok((_, view)) => (view, None),
+                        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+                    };
+                    PeerView {
+                        name: p.name,
+                        address: p.address.to_string(),
+                        groups,
+                        error,
+                    }
+                })
+                .collect(),
         }
     }
 
     /// Every VIP group: mastership, hold, route count, last hold.
-    fn groups_view(&self) -> Vec<GroupView> {
+    pub(super) fn groups_view(&self) -> Vec<GroupView> {
         let table = self.dispatcher().table();
         let holds = self.dispatcher().holds();
         let state = self.state();

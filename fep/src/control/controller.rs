@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fep_shared::peer::{GroupTraffic, PeerReply, PeerRequest};
+use fep_shared::peer::GroupTraffic;
 
-use super::peers::Link;
+use super::peers::ask_status;
 use super::ControlPlane;
 
 /// One VIP group as the controller sees it.
@@ -123,11 +123,7 @@ impl ControlPlane {
             let Some(peers) = self.peers() else { return };
             let mut seen = vec![(peers.me().to_string(), self.group_traffic())];
             for p in peers.list() {
-                let status = async {
-                    let mut link = Link::open(peers, p).await?;
-                    link.ask(&PeerRequest::Status, Duration::from_secs(2)).await
-                };
-                if let Ok(PeerReply::Status { groups }) = status.await {
+                if let Ok((groups, _)) = ask_status(peers, p).await {
                     seen.push((p.name.clone(), groups));
                 }
             }

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fep_shared::api::MoveReport;
+use fep_shared::api::{GroupView, MoveReport};
 use fep_shared::cluster_config::TRACK_HOLD;
-use fep_shared::peer::{PeerReply, PeerRequest, ROUTES_PER_PART};
+use fep_shared::peer::{GroupTraffic, PeerReply, PeerRequest, ROUTES_PER_PART};
 use fep_shared::protocol::{io, Key, ProtocolError, Session, MAX_FRAME, MAX_REGISTER_FRAME};
 use fep_shared::{ClusterConfig, PeerConfig};
 use tokio::io::AsyncWriteExt;
@@ -170,6 +170,21 @@ pub(super) struct Link {
     stream: TcpStream,
     session: Session,
     name: String,
+}
+
+/// How long a status request may take (`fepctl cluster` waits for it).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `peer`'s groups: their traffic (for the controller) and their view.
+pub(super) async fn ask_status(
+    peers: &Peers,
+    peer: &PeerConfig,
+) -> anyhow::Result<(Vec<GroupTraffic>, Vec<GroupView>)> {
+    let mut link = Link::open(peers, peer).await?;
+    match link.ask(&PeerRequest::Status, STATUS_TIMEOUT).await? {
+        PeerReply::Status { groups, view } => Ok((groups, view)),
+        other => bail!("fep '{}' answered {other:?} to a status request", peer.name),
+    }
 }
 
 impl Link {
@@ -350,6 +365,7 @@ impl ControlPlane {
             PeerRequest::Status => {
                 return vec![PeerReply::Status {
                     groups: self.group_traffic(),
+                    view: self.groups_view(),
                 }]
             }
             PeerRequest::Release { group }

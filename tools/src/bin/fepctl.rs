@@ -453,6 +453,13 @@ fn cluster_text(v: &ClusterView) -> String {
     if refused > 0 {
         out += &format!("refused from peers: {:?}\n", v.peer_rejects);
     }
+    for p in &v.peers {
+        out += &format!("\nfront end {} at {}\n", p.name, p.address);
+        out += &match &p.error {
+            Some(e) => format!("not answering: {e}\n"),
+            None => groups_text(&p.groups),
+        };
+    }
     out
 }
 
