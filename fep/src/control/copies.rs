@@ -53,36 +53,37 @@ impl Copies {
 
     /// The notes since the last call, as messages per node in their order.
     fn take(&self) -> Vec<(NodeId, FepMsg)> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut nodes: Vec<NodeId> = pending.iter().map(|(n, ..)| *n).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
+        let mut pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        // A stable sort: each node's notes stay in the order they happened.
+        pending.sort_by_key(|(node, ..)| *node);
         let mut out = Vec::new();
-        for node in nodes {
-            let mut run: Option<(bool, Vec<ConnId>)> = None;
-            for &(_, keep, conn) in pending.iter().filter(|(n, ..)| *n == node) {
-                match &mut run {
-                    Some((k, conns)) if *k == keep && conns.len() < MAX_CONNS_PER_FRAME => {
-                        conns.push(conn)
-                    }
-                    _ => {
-                        out.extend(run.take().map(|r| (node, message(r))));
-                        run = Some((keep, vec![conn]));
-                    }
+        let mut run: Option<(NodeId, bool, Vec<ConnId>)> = None;
+        for (node, keep, conn) in pending {
+            match &mut run {
+                Some((n, k, conns))
+                    if *n == node && *k == keep && conns.len() < MAX_CONNS_PER_FRAME =>
+                {
+                    conns.push(conn)
+                }
+                _ => {
+                    out.extend(run.take().map(message));
+                    run = Some((node, keep, vec![conn]));
                 }
             }
-            out.extend(run.map(|r| (node, message(r))));
         }
+        out.extend(run.map(message));
         out
     }
 }
 
-fn message((keep, conns): (bool, Vec<ConnId>)) -> FepMsg {
-    if keep {
+fn message((node, keep, conns): (NodeId, bool, Vec<ConnId>)) -> (NodeId, FepMsg) {
+    let msg = if keep {
         FepMsg::KeepRoutes { conns }
     } else {
         FepMsg::ForgetRoutes { conns }
-    }
+    };
+    (node, msg)
 }
 
 impl ControlPlane {
