@@ -4,7 +4,7 @@
 //! `fep_tools::cluster_lab`).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use fep_shared::api::{ClusterView, GroupView, MoveReport};
 use fep_shared::peer::PeerRequest;
 use fep_shared::protocol::{self, Key, Session};
 use fep_tests::{fepctl_at, http, pattern, skip_without_root};
-use fep_tools::cluster_lab::{self, ClusterLab, ECHO, STREAM, UDP, WEB};
+use fep_tools::cluster_lab::udp_ask;
+use fep_tools::cluster_lab::{self, ClusterLab, ECHO, STREAM, WEB};
 use fep_tools::lab::FepProcess;
 
 /// Idle keep-alive connections that must work when next used.
@@ -68,35 +69,6 @@ fn connect_to(lab: &ClusterLab, g: usize, port: u16) -> BufReader<TcpStream> {
     BufReader::new(s)
 }
 
-/// UDP sockets of the client, each a flow to group 0's UDP service.
-fn udp_flows(lab: &ClusterLab, n: usize) -> Vec<UdpSocket> {
-    lab.client
-        .enter(|| {
-            (0..n)
-                .map(|_| {
-                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                    s
-                })
-                .collect()
-        })
-        .unwrap()
-}
-
-/// The name of the back end that answers a datagram of `sock` (3 tries).
-fn udp_ask(sock: &UdpSocket) -> String {
-    let vip = SocketAddr::new(cluster_lab::vip(0).into(), UDP);
-    let mut buf = [0u8; 64];
-    for _attempt in 0..3 {
-        sock.send_to(b"who?", vip).unwrap();
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            assert_eq!(from, vip, "the reply comes from the VIP");
-            return String::from_utf8_lossy(&buf[..n]).to_string();
-        }
-    }
-    panic!("no UDP answer from {vip} after 3 tries");
-}
-
 fn line(conn: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut l = String::new();
     conn.read_line(&mut l)?;
@@ -131,8 +103,11 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
 
     // UDP flows, each confirmed (a datagram after a reply), spread by the
     // round robin; their routes' copies reach the agents within a flush.
-    let flows = udp_flows(&lab, UDP_FLOWS);
-    let before: Vec<String> = flows.iter().map(|f| (udp_ask(f), udp_ask(f)).1).collect();
+    let flows = lab.udp_flows(UDP_FLOWS).unwrap();
+    let before: Vec<String> = flows
+        .iter()
+        .map(|f| (udp_ask(f).unwrap(), udp_ask(f).unwrap()).1)
+        .collect();
     assert!(
         before.iter().any(|n| *n != before[0]),
         "the flows use both back ends: {before:?}"
@@ -197,7 +172,7 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
 
     // Each UDP flow stays on its back end: asked in reverse order, so that
     // a fresh round robin would have put every one elsewhere.
-    let mut after: Vec<String> = flows.iter().rev().map(udp_ask).collect();
+    let mut after: Vec<String> = flows.iter().rev().map(|f| udp_ask(f).unwrap()).collect();
     after.reverse();
     assert_eq!(after, before, "UDP flows rebuilt from the agents' copies");
 

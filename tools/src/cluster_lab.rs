@@ -13,7 +13,7 @@
 //!
 //! Everything (processes, namespaces, files) goes away with the lab.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -281,6 +281,20 @@ impl ClusterLab {
         Ok((lab, feps))
     }
 
+    /// UDP sockets of the client, each a flow (its own port) to group 0's
+    /// [`UDP`] service.
+    pub fn udp_flows(&self, n: usize) -> anyhow::Result<Vec<UdpSocket>> {
+        self.client.enter(|| {
+            (0..n)
+                .map(|_| {
+                    let s = UdpSocket::bind("0.0.0.0:0")?;
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    Ok(s)
+                })
+                .collect()
+        })?
+    }
+
     /// A scratch directory that goes away with the lab.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -540,6 +554,24 @@ impl Drop for ClusterLab {
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces are deleted as the fields drop.
     }
+}
+
+/// The name of the back end that answers a datagram of `flow` (see
+/// [`ClusterLab::udp_flows`]), from the VIP; 3 tries.
+pub fn udp_ask(flow: &UdpSocket) -> anyhow::Result<String> {
+    let vip = SocketAddr::new(vip(0).into(), UDP);
+    let mut buf = [0u8; 64];
+    for _attempt in 0..3 {
+        flow.send_to(b"who?", vip)?;
+        if let Ok((n, from)) = flow.recv_from(&mut buf) {
+            anyhow::ensure!(
+                from == vip,
+                "a UDP reply from {from}, not from the VIP {vip}"
+            );
+            return Ok(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    anyhow::bail!("no UDP answer from {vip} after 3 tries")
 }
 
 /// Polls `cond` every 100 ms until it holds; an error after `limit`.

@@ -8,9 +8,9 @@
 //! connection; then UDP stickiness. Removes everything again. Needs root.
 //!
 //! `fep-demo --cluster`: two gateways, each with keepalived and fep, and
-//! two VIP groups; a live connection survives a planned move of its group
-//! and then the crash of the gateway it moved to, and the figures of both
-//! are printed.
+//! two VIP groups; a live connection, 1000 idle ones and 20 UDP flows
+//! survive a planned move of their group and then the crash of the gateway
+//! it moved to, and the figures of both are printed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -25,7 +25,7 @@ use fep_shared::api::{
     ClusterView, Count, MoveArg, MoveReport, NodeArg, NodeState, NodeView, RatioArg, StatusView,
 };
 use fep_tools::admin_client::{get, post, post_for};
-use fep_tools::cluster_lab::{self, ClusterLab};
+use fep_tools::cluster_lab::{self, udp_ask, ClusterLab};
 use fep_tools::lab::{self, FepProcess, Lab, VIP_V4};
 use fep_tools::{http, netns};
 
@@ -386,6 +386,8 @@ fn indent(text: &str) -> String {
 
 /// Idle connections through the cluster demo's move and failover.
 const IDLE: usize = 1000;
+/// UDP flows through them.
+const UDP_FLOWS: usize = 20;
 
 /// A line of the stream through group G0, and when it came.
 type Lines = Arc<Mutex<Vec<(Instant, u64)>>>;
@@ -440,6 +442,17 @@ fn cluster_demo() -> anyhow::Result<()> {
             .collect::<std::io::Result<Vec<_>>>()
     })??;
     println!("== and {IDLE} idle connections wait on {echo}");
+    // UDP flows, each confirmed (a datagram after a reply).
+    let flows = lab.udp_flows(UDP_FLOWS)?;
+    let udp_before = flows
+        .iter()
+        .map(|f| udp_ask(f).and_then(|_| udp_ask(f)))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    println!(
+        "== and {UDP_FLOWS} UDP flows to {}:{} answer, each from its back end",
+        cluster_lab::vip(0),
+        cluster_lab::UDP
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     println!("\n== `fepctl vip move G0 --to gwb` (asked of gwa)");
@@ -484,6 +497,13 @@ fn cluster_demo() -> anyhow::Result<()> {
             echoed += 1;
         }
     }
+    // In reverse order, so that a fresh round robin would move every one.
+    let udp_kept = flows
+        .iter()
+        .zip(&udp_before)
+        .rev()
+        .filter(|(f, before)| udp_ask(f).is_ok_and(|now| now == **before))
+        .count();
     let seqs: Vec<u64> = lines.lock().unwrap().iter().map(|(_, n)| *n).collect();
     let intact = seqs.windows(2).all(|w| w[1] == w[0] + 1);
     let status: StatusView = get(&a, "/v1/status")?;
@@ -517,6 +537,7 @@ fn cluster_demo() -> anyhow::Result<()> {
         }
     );
     println!("   idle connections that still echo after both: {echoed} of {IDLE}");
+    println!("   UDP flows answered by the same back end after both: {udp_kept} of {UDP_FLOWS}");
     drop(reader);
     println!("== removing the lab");
     drop(feps);
