@@ -176,7 +176,13 @@ fn a_dead_gateways_connections_resume_on_the_other_one() {
     after.reverse();
     assert_eq!(after, before, "UDP flows rebuilt from the agents' copies");
 
-    let groups = view::<ClusterView>(&socket, &["cluster"]).groups;
+    let cluster = view::<ClusterView>(&socket, &["cluster"]);
+    let dead = &cluster.peers[0];
+    assert!(
+        dead.name == "gwa" && dead.error.is_some() && dead.groups.is_empty(),
+        "the dead gateway is shown as not answering: {dead:?}"
+    );
+    let groups = cluster.groups;
     assert!(groups[0].master && !groups[0].holding, "{groups:?}");
     let hold = groups[0]
         .last_hold

@@ -172,7 +172,8 @@ pub(super) struct Link {
     name: String,
 }
 
-/// How long a status request may take (`fepctl cluster` waits for it).
+/// How long a status request may take, connecting included (`fepctl
+/// cluster` and the controller wait for it, also for a peer that is gone).
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `peer`'s groups: their traffic (for the controller) and their view.
@@ -180,11 +181,22 @@ pub(super) async fn ask_status(
     peers: &Peers,
     peer: &PeerConfig,
 ) -> anyhow::Result<(Vec<GroupTraffic>, Vec<GroupView>)> {
-    let mut link = Link::open(peers, peer).await?;
-    match link.ask(&PeerRequest::Status, STATUS_TIMEOUT).await? {
-        PeerReply::Status { groups, view } => Ok((groups, view)),
-        other => bail!("fep '{}' answered {other:?} to a status request", peer.name),
-    }
+    let ask = async {
+        let mut link = Link::open(peers, peer).await?;
+        match link.ask(&PeerRequest::Status, STATUS_TIMEOUT).await? {
+            PeerReply::Status { groups, view } => Ok((groups, view)),
+            other => bail!("fep '{}' answered {other:?} to a status request", peer.name),
+        }
+    };
+    tokio::time::timeout(STATUS_TIMEOUT, ask)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "fep '{}' at {} did not answer within {STATUS_TIMEOUT:?}",
+                peer.name,
+                peer.address
+            )
+        })?
 }
 
 impl Link {
