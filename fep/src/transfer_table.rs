@@ -139,6 +139,12 @@ impl Service {
         self.protocol == crate::wire::TCP
     }
 
+    /// Whether its routes are copied to the back ends they point at: a VIP
+    /// group's UDP routes, which no socket table on the back end remembers.
+    pub fn copies_routes(&self) -> bool {
+        self.group.is_some() && !self.is_tcp()
+    }
+
     /// The configured back ends (not the tombstones).
     pub fn live_backends(&self) -> impl Iterator<Item = (BackendId, &Backend)> {
         self.backends

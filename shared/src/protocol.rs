@@ -162,7 +162,6 @@ pub enum AgentMsg {
     /// parts of at most [`MAX_CONNS_PER_FRAME`]; `done` marks the last.
     LiveList {
         conns: Vec<ConnId>,
-        #[serde(default)]
         udp: bool,
         done: bool,
     },
@@ -187,7 +186,6 @@ pub enum FepMsg {
     /// over the node's VIP group, rebuilds its routes from the answers.)
     ListLive {
         ports: Vec<u16>,
-        #[serde(default)]
         udp_ports: Vec<u16>,
     },
     /// Keep these confirmed UDP routes to this node (at most

@@ -32,7 +32,7 @@ impl Copies {
     /// group's UDP route.
     pub(crate) fn note(&self, table: &TransferTable, route: Confirmed, keep: bool) {
         let svc = table.service(route.key.service);
-        if svc.group.is_none() || svc.is_tcp() {
+        if !svc.copies_routes() {
             return;
         }
         let Some(be) = svc.backends.get(usize::from(route.backend)) else {

@@ -494,8 +494,7 @@ impl Dispatcher {
         let Some(route) = self.routes.remove_if(table, key, cond) else {
             return false;
         };
-        let svc = table.service(key.service);
-        if svc.group.is_some() && !svc.is_tcp() {
+        if table.service(key.service).copies_routes() {
             let ended = Confirmed {
                 key: *key,
                 backend: route.backend,
