@@ -43,18 +43,17 @@ use fep_shared::api::{
 use fep_shared::ServiceConfig;
 
 use crate::control::{CommandError, ControlPlane};
-use crate::counters::WorkerCounters;
-use crate::views;
+use crate::views::{self, Sources};
 
 #[derive(Clone)]
 pub struct Admin {
     cp: Arc<ControlPlane>,
-    counters: Vec<Arc<WorkerCounters>>,
+    sources: Sources,
 }
 
 impl Admin {
-    pub fn new(cp: Arc<ControlPlane>, counters: Vec<Arc<WorkerCounters>>) -> Self {
-        Admin { cp, counters }
+    pub fn new(cp: Arc<ControlPlane>, sources: Sources) -> Self {
+        Admin { cp, sources }
     }
 }
 
@@ -144,7 +143,7 @@ fn router(admin: Admin) -> Router {
         )
         .route(
             "/v1/services",
-            get(|State(a): State<Admin>| async move { Json(views::services(&a.cp)) }),
+            get(|State(a): State<Admin>| async move { Json(views::services(&a.cp, &a.sources.http)) }),
         )
         .route("/v1/routes", get(routes))
         .route(
@@ -273,7 +272,7 @@ async fn pin(State(a): State<Admin>, JsonBody(p): JsonBody<PinArg>) -> Response 
 }
 
 async fn status(State(a): State<Admin>) -> Json<StatusView> {
-    Json(views::status(&a.cp, &a.counters))
+    Json(views::status(&a.cp, &a.sources))
 }
 
 /// Chunks buffered between the listing's pass and the client: a listing

@@ -22,11 +22,13 @@ use crate::control::peers::{self, Peers};
 use crate::control::snapshot;
 use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane, DataPath};
-use crate::counters::{Totals, WorkerCounters};
+use crate::counters::Totals;
 use crate::dispatcher::Dispatcher;
+use crate::http_mode::HttpFront;
 use crate::metrics;
 use crate::netsetup::NetSetup;
 use crate::tun_io::{self, Workers};
+use crate::views::Sources;
 
 /// How often routes are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -58,6 +60,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         })?;
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
+    let http = Arc::new(HttpFront::start(dispatcher.clone())?);
     let clock = Clock::start();
     let copies = cfg.cluster.as_ref().map(|_| Arc::new(Copies::default()));
     let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock, copies.clone())?;
@@ -92,7 +95,11 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
                 cp.set_peers(peers);
             }
         }
-        let mut tasks = spawn_tasks(&cp, &cfg, secrets, workers.counters().to_vec(), clock);
+        let sources = Sources {
+            workers: workers.counters().to_vec(),
+            http: http.clone(),
+        };
+        let mut tasks = spawn_tasks(&cp, &cfg, secrets, sources, clock);
         if let Some(copies) = copies {
             tasks.spawn(forever(cp.clone().send_route_copies(copies)));
         }
@@ -114,6 +121,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     });
 
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
+    http.stop();
     workers.stop();
     // With no worker left, the last snapshot holds every route.
     journal_stop.store(true, Ordering::Relaxed);
@@ -212,7 +220,7 @@ fn spawn_tasks(
     cp: &Arc<ControlPlane>,
     cfg: &FepConfig,
     secrets: Secrets,
-    counters: Vec<Arc<WorkerCounters>>,
+    sources: Sources,
     clock: Clock,
 ) -> JoinSet<anyhow::Result<()>> {
     let mut tasks = JoinSet::new();
@@ -245,9 +253,9 @@ fn spawn_tasks(
         std::future::pending().await
     }));
     if let Some(listen) = cfg.metrics_listen {
-        tasks.spawn(metrics::serve(cp.clone(), counters.clone(), listen));
+        tasks.spawn(metrics::serve(cp.clone(), sources.clone(), listen));
     }
-    let admin = Admin::new(cp.clone(), counters);
+    let admin = Admin::new(cp.clone(), sources);
     if let (Some(listen), Some(token)) = (cfg.admin_listen, secrets.admin_token) {
         tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
     }

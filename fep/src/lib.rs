@@ -5,7 +5,8 @@
 //! `http_server`; the tables `endpoint_map`, `chooser`,
 //! `holds`, `transfer_table`, `routes`; `dispatcher` (the pure data-plane
 //! core); `netsetup` (the host's set-up: a pure plan and its executor);
-//! `control` (everything that decides); `views` and `metrics`;
+//! `control` (everything that decides); `http_mode` (HTTP services' own
+//! listeners and server-connection pools); `views` and `metrics`;
 //! the I/O shells `tun_io` and `admin`; `daemon` (wiring).
 
 pub(crate) mod admin;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub(crate) mod dispatcher;
 pub(crate) mod endpoint_map;
 pub(crate) mod holds;
+pub(crate) mod http_mode;
 pub(crate) mod http_server;
 pub(crate) mod metrics;
 pub(crate) mod netsetup;

@@ -2,6 +2,8 @@
 //! data path's counters and the control plane at scrape time, so that the
 //! packet path does no metrics work of its own.
 
+mod http;
+
 use crate::clock::idle_since;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +20,10 @@ use fep_shared::protocol::ProtocolError;
 
 use crate::control::model::{Model, NodeState};
 use crate::control::{agents, peers, ControlPlane};
-use crate::counters::{Count, DropReason, Totals, WorkerCounters};
+use crate::counters::{Count, DropReason, Totals};
 use crate::transfer_table::TransferTable;
+use crate::views::Sources;
+use http::HttpMetrics;
 
 /// Every metric fep exports.
 pub struct Metrics {
@@ -47,6 +51,7 @@ pub struct Metrics {
     unconfirmed_evicted: IntCounter,
     handshakes_adopted: IntCounter,
     packets_held: IntCounter,
+    http: HttpMetrics,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -137,6 +142,7 @@ impl Metrics {
                 "fep_packets_held_total",
                 "Packets of a VIP group stored while the group's routes came to this gateway, replayed when they were back (fep_dropped_packets_total{reason=\"hold_full\"}: those that did not fit).",
             ),
+            http: HttpMetrics::new(&registry),
             registry,
         }
         .with_zero_series()
@@ -176,8 +182,8 @@ impl Metrics {
     }
 
     /// Brings every metric up to date and renders the text format.
-    pub fn render(&self, cp: &ControlPlane, counters: &[Arc<WorkerCounters>]) -> String {
-        let totals = Totals::sum(counters.iter().map(|c| &**c));
+    pub fn render(&self, cp: &ControlPlane, sources: &Sources) -> String {
+        let totals = Totals::sum(sources.workers.iter().map(|c| &**c));
         let table = cp.dispatcher().table();
         self.sync_traffic(&table, &totals);
         self.sync_events(&totals);
@@ -188,9 +194,12 @@ impl Metrics {
         self.sync_backends(model, &table, now);
         self.sync_nodes(model, now);
         drop(state);
+        let latency = self.http.sync(&table, &sources.http);
+        let mut families = self.registry.gather();
+        families.extend(latency);
         let mut out = String::new();
         TextEncoder::new()
-            .encode_utf8(&self.registry.gather(), &mut out)
+            .encode_utf8(&families, &mut out)
             .expect("text encoding of valid metrics");
         out
     }
@@ -312,14 +321,14 @@ impl Default for Metrics {
 /// What a scrape reads and the metrics it brings up to date.
 struct Scrape {
     cp: Arc<ControlPlane>,
-    counters: Vec<Arc<WorkerCounters>>,
+    sources: Sources,
     metrics: Metrics,
 }
 
 /// Serves `/metrics` on `listen` until the runtime stops.
 pub async fn serve(
     cp: Arc<ControlPlane>,
-    counters: Vec<Arc<WorkerCounters>>,
+    sources: Sources,
     listen: SocketAddr,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -328,7 +337,7 @@ pub async fn serve(
     tracing::info!("metrics on http://{listen}/metrics");
     let state = Arc::new(Scrape {
         cp,
-        counters,
+        sources,
         metrics: Metrics::new(),
     });
     let app = Router::new()
@@ -337,7 +346,7 @@ pub async fn serve(
             get(|State(s): State<Arc<Scrape>>| async move {
                 (
                     [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    s.metrics.render(&s.cp, &s.counters),
+                    s.metrics.render(&s.cp, &s.sources),
                 )
                     .into_response()
             }),

@@ -5,10 +5,10 @@
 //! can change them without stopping a worker.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fep_shared::{Affinity, FepConfig, Scheduler, ServiceConfig};
+use fep_shared::{Affinity, FepConfig, HttpConfig, Scheduler, ServiceConfig, ServiceMode};
 
 use crate::chooser::{Candidate, Chooser};
 use crate::endpoint_map::{Endpoint, EndpointMap};
@@ -31,6 +31,9 @@ pub struct BackendShared {
     ratio: AtomicU32,
     /// The load the `load` scheduler compares (f64 bits).
     load: AtomicU64,
+    /// Above the service's `high_load` (with its hysteresis): HTTP pools
+    /// keep fewer idle connections to it.
+    overloaded: AtomicBool,
     /// Live routes assigned to this back end.
     routes: AtomicU32,
     /// Routes ever assigned to it.
@@ -76,6 +79,14 @@ impl Backend {
         self.shared.routes.load(Ordering::Relaxed)
     }
 
+    pub fn overloaded(&self) -> bool {
+        self.shared.overloaded.load(Ordering::Relaxed)
+    }
+
+    pub fn set_overloaded(&self, overloaded: bool) {
+        self.shared.overloaded.store(overloaded, Ordering::Relaxed);
+    }
+
     /// Routes ever assigned to this back end.
     pub fn assigned(&self) -> u64 {
         self.shared.assigned.load(Ordering::Relaxed)
@@ -90,9 +101,27 @@ impl Backend {
         self.shared.routes.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Counts an HTTP request in flight to this back end (as a route: the
+    /// chooser's `least-routes`, drain completion and the views see it)
+    /// until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.route_added();
+        InFlight(self.shared.clone())
+    }
+
     /// Same node, address and port: routes to one are routes to the other.
     fn same_endpoint(&self, other: &Backend) -> bool {
         self.node == other.node && self.addr == other.addr && self.port == other.port
+    }
+}
+
+/// One in-flight HTTP request (or upgraded connection) on a back end.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<BackendShared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.routes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -121,6 +150,10 @@ pub struct Service {
     pub affinity: Affinity,
     /// The VIP group the service's VIP moves with between gateways.
     pub group: Option<GroupId>,
+    /// HTTP mode's settings; `None` for a service on the TUN path. An HTTP
+    /// service's packets never reach the TUN path (they are delivered to
+    /// its listener), so it is not in the lookups by endpoint.
+    pub http: Option<Arc<HttpConfig>>,
     /// No longer configured (its slot is never reused).
     pub removed: bool,
     /// Indexed by [`BackendId`]; removed back ends stay as tombstones.
@@ -133,6 +166,13 @@ impl Service {
     /// ratio above 0.
     pub fn choose(&self) -> Option<BackendId> {
         self.chooser.choose(&self.backends).map(|i| i as BackendId)
+    }
+
+    /// Picks among `candidates`, one per back end slot in order (a view of
+    /// the back ends with other ratios or counts, e.g. a content rule's).
+    pub(crate) fn choose_from<C: Candidate>(&self, candidates: &[C]) -> Option<BackendId> {
+        debug_assert_eq!(candidates.len(), self.backends.len());
+        self.chooser.choose(candidates).map(|i| i as BackendId)
     }
 
     pub fn is_tcp(&self) -> bool {
@@ -208,17 +248,23 @@ impl TransferTable {
         for s in &cfg.services {
             let vip = addr_from_ip(s.vip);
             let protocol = s.protocol.ip_number();
+            let http = s.mode == ServiceMode::Http;
             let slot = previous
                 .iter()
                 .position(|p| {
-                    !p.removed && p.name == s.name && p.same_endpoint(vip, s.port, protocol)
+                    !p.removed
+                        && p.name == s.name
+                        && p.same_endpoint(vip, s.port, protocol)
+                        && p.http.is_some() == http
                 })
                 .unwrap_or_else(|| {
                     services.push(tombstone_of(&s.name, vip, s.port, protocol));
                     services.len() - 1
                 });
             let backends = merge_backends(cfg, s, &services[slot].backends, &node_id);
-            by_endpoint.insert(Endpoint::new(protocol, vip, s.port), slot as ServiceId);
+            if !http {
+                by_endpoint.insert(Endpoint::new(protocol, vip, s.port), slot as ServiceId);
+            }
             services[slot] = Service {
                 name: s.name.clone(),
                 vip,
@@ -230,6 +276,7 @@ impl TransferTable {
                     .iter()
                     .position(|g| g.vips.contains(&s.vip))
                     .map(|g| g as GroupId),
+                http: http.then(|| Arc::new(s.http_config())),
                 removed: false,
                 chooser: Chooser::new(s.scheduler, backends.len()),
                 backends,
@@ -246,11 +293,16 @@ impl TransferTable {
         // endpoint wins. Its VIP reaches fep only while it carries routes.
         for (slot, svc) in services.iter().enumerate().rev() {
             let endpoint = Endpoint::new(svc.protocol, svc.vip, svc.port);
-            if svc.removed && by_endpoint.get(&endpoint).is_none() {
+            if svc.removed && svc.http.is_none() && by_endpoint.get(&endpoint).is_none() {
                 by_endpoint.insert(endpoint, slot as ServiceId);
             }
         }
-        let vips = by_endpoint.keys().map(|e| e.addr).collect();
+        let http_vips = services.iter().filter(|s| s.http.is_some() && !s.removed);
+        let vips = by_endpoint
+            .keys()
+            .map(|e| e.addr)
+            .chain(http_vips.map(|s| s.vip))
+            .collect();
         let by_backend = index_by_backend(&services);
         TransferTable {
             services,
@@ -334,6 +386,7 @@ fn tombstone(s: &Service) -> Service {
         protocol: s.protocol,
         affinity: s.affinity,
         group: s.group,
+        http: s.http.clone(),
         removed: true,
         backends: s
             .backends
@@ -356,6 +409,7 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
         protocol,
         affinity: Affinity::Port,
         group: None,
+        http: None,
         removed: true,
         backends: Vec::new(),
         chooser: Chooser::new(Scheduler::Ratio, 0),
@@ -415,7 +469,11 @@ fn merge_backends(
 /// The services each back-end endpoint serves, for matching its replies.
 fn index_by_backend(services: &[Service]) -> EndpointMap<Vec<ServiceId>> {
     let mut by_backend = EndpointMap::default();
-    for (slot, svc) in services.iter().enumerate() {
+    for (slot, svc) in services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.http.is_none())
+    {
         for b in &svc.backends {
             let ids: &mut Vec<ServiceId> = by_backend
                 .get_or_insert_with(Endpoint::new(svc.protocol, b.addr, b.port), Vec::new);

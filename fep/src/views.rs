@@ -3,10 +3,12 @@
 //! routes requests here.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use fep_shared::api::{
-    BackendView, CountersView, NodeServiceView, NodeView, RouteQuery, RouteState, RouteView,
-    ServiceView, StatusView, TunWorkersView,
+    BackendView, CountersView, HttpBackendView, HttpServiceView, NodeServiceView, NodeView,
+    RouteQuery, RouteState, RouteView, ServiceView, StatusView, TunWorkersView,
 };
 use fep_shared::Protocol;
 
@@ -14,11 +16,22 @@ use crate::clock::idle_since;
 use crate::control::ControlPlane;
 use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
+use crate::http_mode::HttpFront;
 use crate::routes::state;
+use crate::transfer_table::ServiceId;
 use crate::wire::ip_from_addr;
 
-/// Every configured service with its back ends' ratios and shares.
-pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
+/// What the views and the metrics read besides the control plane: the TUN
+/// workers' counters and HTTP mode's figures.
+#[derive(Clone)]
+pub struct Sources {
+    pub workers: Vec<Arc<WorkerCounters>>,
+    pub http: Arc<HttpFront>,
+}
+
+/// Every configured service with its back ends' ratios and shares, and
+/// HTTP mode's figures for its HTTP services.
+pub fn services(cp: &ControlPlane, http: &HttpFront) -> Vec<ServiceView> {
     let now = cp.now();
     let state = cp.state();
     let m = &state.model;
@@ -31,6 +44,7 @@ pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
             let svc = &table.services()[sid];
             let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
             let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
+            let (http_service, mut http_backends) = http_views(http, sid as ServiceId);
             ServiceView {
                 name: s.name.clone(),
                 vip: ip_from_addr(&svc.vip),
@@ -57,9 +71,13 @@ pub fn services(cp: &ControlPlane) -> Vec<ServiceView> {
                             overloaded: b.overloaded,
                             spare: b.spare,
                             load: m.load(b, now),
+                            http: http_backends
+                                .get_mut(usize::from(b.index))
+                                .and_then(Option::take),
                         }
                     })
                     .collect(),
+                http: http_service,
             }
         })
         .collect()
@@ -108,6 +126,45 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
         .collect()
 }
 
+/// HTTP mode's figures for the service in `slot` (none for a TCP or UDP
+/// service), its back ends' by back-end slot.
+fn http_views(
+    http: &HttpFront,
+    slot: ServiceId,
+) -> (Option<HttpServiceView>, Vec<Option<HttpBackendView>>) {
+    http.with_service(slot, |front, backends| {
+        let s = &front.stats;
+        let service = HttpServiceView {
+            requests_per_s: s.requests_per_s(),
+            requests: front.requests(),
+            connections: s.open.load(Ordering::Relaxed),
+            refused: s
+                .refusals()
+                .map(|(why, n)| (why.name().to_string(), n))
+                .collect(),
+        };
+        let backends = backends
+            .iter()
+            .map(|snap| {
+                snap.as_ref().map(|snap| {
+                    let b = snap.stats;
+                    HttpBackendView {
+                        requests: b.requests(),
+                        pool_idle: b.idle.load(Ordering::Relaxed),
+                        pool_busy: b.busy.load(Ordering::Relaxed),
+                        connects: b.connects.load(Ordering::Relaxed),
+                        reuse: b.reuse(),
+                        retries: b.retries.load(Ordering::Relaxed),
+                        sessions: snap.sessions,
+                    }
+                })
+            })
+            .collect();
+        (Some(service), backends)
+    })
+    .unwrap_or_default()
+}
+
 fn fraction(part: u32, whole: u32) -> f64 {
     if whole == 0 {
         0.0
@@ -117,8 +174,8 @@ fn fraction(part: u32, whole: u32) -> f64 {
 }
 
 /// Services, nodes, the route table's size and the workers' counters.
-pub fn status(cp: &ControlPlane, counters: &[std::sync::Arc<WorkerCounters>]) -> StatusView {
-    let totals = Totals::sum(counters.iter().map(|c| &**c));
+pub fn status(cp: &ControlPlane, sources: &Sources) -> StatusView {
+    let totals = Totals::sum(sources.workers.iter().map(|c| &**c));
     let dispatcher = cp.dispatcher();
     let removed = dispatcher.removed_totals();
     StatusView {
@@ -136,7 +193,7 @@ pub fn status(cp: &ControlPlane, counters: &[std::sync::Arc<WorkerCounters>]) ->
             .into_iter()
             .map(|(reason, n)| (reason.to_string(), n))
             .collect(),
-        services: services(cp),
+        services: services(cp, &sources.http),
         nodes: nodes(cp),
     }
 }

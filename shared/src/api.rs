@@ -213,6 +213,35 @@ pub struct BackendView {
     pub overloaded: bool,
     pub spare: Spare,
     pub load: Option<f64>,
+    /// HTTP mode's figures, for a back end of an HTTP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpBackendView>,
+}
+
+/// An HTTP-mode back end's requests, pool and sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpBackendView {
+    pub requests: u64,
+    /// Pooled server connections idle now, and taken by a request.
+    pub pool_idle: u64,
+    pub pool_busy: u64,
+    /// Server connections opened so far.
+    pub connects: u64,
+    /// Requests per server connection opened (Pingora's reuse figure).
+    pub reuse: f64,
+    pub retries: u64,
+    pub sessions: u64,
+}
+
+/// An HTTP-mode service's client side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpServiceView {
+    pub requests_per_s: f64,
+    pub requests: u64,
+    /// Client connections open now.
+    pub connections: u64,
+    /// Connections and requests refused, or answered by fep itself, by reason.
+    pub refused: Vec<(String, u64)>,
 }
 
 /// A VIP group of `GET /v1/cluster`: whether this gateway is its master
@@ -295,6 +324,9 @@ pub struct ServiceView {
     pub routes: u32,
     pub pruning: bool,
     pub backends: Vec<BackendView>,
+    /// HTTP mode's figures, for a service with `mode = "http"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpServiceView>,
 }
 
 impl ServiceView {

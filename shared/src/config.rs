@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster_config::{ClusterConfig, VipGroupConfig};
+use crate::http_config::{HttpConfig, ServiceMode};
 
 /// Largest ratio accepted; keeps the chooser's weight sums far from overflow.
 pub const MAX_RATIO: u32 = 1_000_000;
@@ -163,6 +164,13 @@ pub struct ServiceConfig {
     pub scheduler: Scheduler,
     #[serde(default)]
     pub affinity: Affinity,
+    /// `tcp`: packets rewritten on the TUN path; `http`: requests dispatched
+    /// one by one over pooled server connections.
+    #[serde(default, skip_serializing_if = "is_tcp_mode")]
+    pub mode: ServiceMode,
+    /// HTTP mode's pools, sessions, rules and limits (defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
     /// Nodes that may be started for this service when all back ends stay
@@ -248,6 +256,10 @@ pub struct FepConfig {
     pub cluster: Option<ClusterConfig>,
     #[serde(default, rename = "vip_group", skip_serializing_if = "Vec::is_empty")]
     pub vip_groups: Vec<VipGroupConfig>,
+}
+
+fn is_tcp_mode(mode: &ServiceMode) -> bool {
+    *mode == ServiceMode::Tcp
 }
 
 fn default_tun() -> String {
@@ -526,7 +538,52 @@ impl FepConfig {
                 ),
             ));
         }
-        validate_load_marks(key, svc)
+        validate_load_marks(key, svc)?;
+        self.validate_mode(key, svc)
+    }
+
+    /// HTTP mode's keys, and that no TCP service's return path would take
+    /// the replies on an HTTP service's server connections (both match the
+    /// back end's address and port).
+    fn validate_mode(&self, key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+        if svc.mode == ServiceMode::Tcp {
+            if svc.http.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.http"),
+                    "is for mode = \"http\" services",
+                ));
+            }
+            return Ok(());
+        }
+        if svc.protocol != Protocol::Tcp {
+            return Err(ConfigError::invalid(
+                format!("{key}.mode"),
+                "\"http\" needs protocol = \"tcp\"",
+            ));
+        }
+        let nodes: Vec<&str> = svc.all_backends().map(|(b, _)| b.node.as_str()).collect();
+        svc.http_config().validate(key, &nodes)?;
+        let endpoint = |s: &ServiceConfig, b: &BackendConfig| {
+            (self.node(&b.node).map(|n| n.address), s.backend_port(b))
+        };
+        for (be, _) in svc.all_backends() {
+            let mine = endpoint(svc, be);
+            if let Some(other) = self.services.iter().find(|o| {
+                o.mode == ServiceMode::Tcp
+                    && o.protocol == Protocol::Tcp
+                    && o.all_backends().any(|(b, _)| endpoint(o, b) == mine)
+            }) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.backend"),
+                    format!(
+                        "node '{}' port {} also serves TCP-mode service '{}': its return path \
+                         would take the HTTP service's server replies; use another port",
+                        be.node, mine.1, other.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_backends(
@@ -599,6 +656,8 @@ impl ServiceConfig {
             protocol,
             scheduler: Scheduler::default(),
             affinity: Affinity::default(),
+            mode: ServiceMode::default(),
+            http: None,
             backends: Vec::new(),
             spares: Vec::new(),
             load_metric: LoadMetric::default(),
@@ -618,6 +677,11 @@ impl ServiceConfig {
     pub fn all_backends(&self) -> impl Iterator<Item = (&BackendConfig, bool)> {
         let listed = self.backends.iter().map(|b| (b, false));
         listed.chain(self.spares.iter().map(|b| (b, true)))
+    }
+
+    /// The HTTP settings (the defaults where `[service.http]` is absent).
+    pub fn http_config(&self) -> HttpConfig {
+        self.http.clone().unwrap_or_default()
     }
 
     /// The load below which an overloaded back end gets its ratio back.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster_config;
 pub mod config;
 pub mod cpu;
+pub mod http_config;
 pub mod peer;
 pub mod protocol;
 
@@ -31,3 +32,4 @@ pub use config::{
     Affinity, BackendConfig, ConfigError, FepConfig, LoadMetric, NodeConfig, Protocol, Scheduler,
     ServiceConfig,
 };
+pub use http_config::{ContentRule, Forwarded, HttpConfig, ServiceMode};

@@ -447,6 +447,7 @@ impl Model {
                 }
             }
             be.set_load(self.load(b, now).unwrap_or(0.0));
+            be.set_overloaded(b.overloaded);
         }
         for &sid in &changed {
             self.services[usize::from(sid)].pruning = true;

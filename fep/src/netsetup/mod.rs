@@ -6,7 +6,10 @@
 //! - policy routing for the return path: a rule per back-end endpoint
 //!   (`from ADDR ipproto P sport PORT`) sends back ends' replies to
 //!   `policy_table`, whose default route is the TUN device, with a blackhole
-//!   behind it.
+//!   behind it;
+//! - for an HTTP service, a rule (`to VIP ipproto tcp dport PORT`) to a
+//!   local route for the VIP in the same table, so that its connections
+//!   reach fep's listener while the VIP's other ports go into the TUN device.
 //!
 //! A stop leaves all of it in place (the TUN device is persistent): while no
 //! fep reads the device, clients' packets to a VIP and back ends' replies are
@@ -33,7 +36,7 @@ use crate::transfer_table::TransferTable;
 
 mod plan;
 
-use plan::{Change, Family, ReturnRule, Wanted};
+use plan::{Change, Family, Local, ReturnRule, Wanted};
 
 /// Priority of fep's policy rules: after `local` (0), before `main` (32766).
 pub const RULE_PRIORITY: u32 = 1000;
@@ -174,6 +177,15 @@ impl NetSetup {
                     self.rule(rule, "add")?;
                     self.record.host.rules.insert(rule);
                 }
+                Change::AddLocal(local) => {
+                    self.local(local, "add", false)?;
+                    self.record.host.locals.insert(local);
+                }
+                Change::DelLocal(local) => {
+                    let vip_still_local = wanted.locals.iter().any(|l| l.0 == local.0);
+                    self.local(local, "del", vip_still_local)?;
+                    self.record.host.locals.remove(&local);
+                }
                 Change::DelRule(rule) => {
                     self.rule(rule, "del")?;
                     self.record.host.rules.remove(&rule);
@@ -250,6 +262,59 @@ impl NetSetup {
         }
         args.extend(["lookup", self.table.as_str()]);
         run_ip(&args).or_else(absent_is_done(op))
+    }
+
+    /// An HTTP listener's delivery: the VIP's local route in the table,
+    /// then the rule for (VIP, port) to it; removed in the other order, the
+    /// route only when no other port of the VIP stays local (`keep_route`).
+    fn local(&self, (vip, port): Local, op: &str, keep_route: bool) -> Result<(), NetError> {
+        let fam = Family::of(vip);
+        let dst = format!("{vip}/{}", fam.host_prefix());
+        let (prio, port) = (RULE_PRIORITY.to_string(), port.to_string());
+        let table = self.table.as_str();
+        let route = |op: &str| {
+            run_ip(&[
+                fam.flag(),
+                "route",
+                op,
+                "local",
+                &dst,
+                "dev",
+                "lo",
+                "table",
+                table,
+            ])
+            .or_else(absent_is_done(op))
+        };
+        let rule = |op: &str| {
+            run_ip(&[
+                fam.flag(),
+                "rule",
+                op,
+                "priority",
+                &prio,
+                "to",
+                &dst,
+                "ipproto",
+                "tcp",
+                "dport",
+                &port,
+                "lookup",
+                table,
+            ])
+            .or_else(absent_is_done(op))
+        };
+        if op == "add" {
+            route("replace")?;
+            rule("add")
+        } else {
+            rule("del")?;
+            if keep_route {
+                Ok(())
+            } else {
+                route("del")
+            }
+        }
     }
 
     /// Sets a sysctl, remembering the value found before fep's first start.

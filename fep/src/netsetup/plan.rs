@@ -52,11 +52,19 @@ impl Family {
 /// port), the port absent for its ICMP errors.
 pub(crate) type ReturnRule = (IpAddr, u8, Option<u16>);
 
-/// VIP routes into the TUN device and return-path rules.
+/// An HTTP service's (VIP, port): delivered to fep's own listener by a
+/// rule (`to VIP ipproto tcp dport PORT`) to a local route in the policy
+/// table, while the VIP's other ports go into the TUN device.
+pub(crate) type Local = (IpAddr, u16);
+
+/// VIP routes into the TUN device, return-path rules and HTTP listeners'
+/// local delivery.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Wanted {
     pub vips: BTreeSet<IpAddr>,
     pub rules: BTreeSet<ReturnRule>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub locals: BTreeSet<Local>,
 }
 
 impl Wanted {
@@ -74,6 +82,13 @@ impl Wanted {
                 continue;
             }
             wanted.vips.insert(ip_from_addr(&svc.vip));
+            if svc.http.is_some() {
+                // Its server connections are fep's own: no return path.
+                if !svc.removed {
+                    wanted.locals.insert((ip_from_addr(&svc.vip), svc.port));
+                }
+                continue;
+            }
             for b in backends {
                 let addr = ip_from_addr(&b.addr);
                 wanted.rules.insert((addr, svc.protocol, Some(b.port)));
@@ -96,6 +111,8 @@ impl Wanted {
 pub(crate) enum Change {
     AddVip(IpAddr),
     AddRule(ReturnRule),
+    AddLocal(Local),
+    DelLocal(Local),
     DelRule(ReturnRule),
     DelVip(IpAddr),
 }
@@ -110,6 +127,8 @@ pub(crate) fn changes(installed: &Wanted, leftovers: &Wanted, wanted: &Wanted) -
     let mut out = Vec::new();
     out.extend(added(&installed.vips, &wanted.vips).map(Change::AddVip));
     out.extend(added(&installed.rules, &wanted.rules).map(Change::AddRule));
+    out.extend(added(&installed.locals, &wanted.locals).map(Change::AddLocal));
+    out.extend(removed(&installed.locals, &leftovers.locals, &wanted.locals).map(Change::DelLocal));
     out.extend(removed(&installed.rules, &leftovers.rules, &wanted.rules).map(Change::DelRule));
     out.extend(removed(&installed.vips, &leftovers.vips, &wanted.vips).map(Change::DelVip));
     out
@@ -189,14 +208,17 @@ mod tests {
         let installed = Wanted {
             vips: set(&[ip("10.0.0.1")]),
             rules: set(&[(a, 6, Some(80))]),
+            ..Wanted::default()
         };
         let leftovers = Wanted {
             vips: set(&[ip("10.0.0.2")]),
             rules: set(&[(b, 6, Some(80)), (c, 6, Some(80))]),
+            ..Wanted::default()
         };
         let wanted = Wanted {
             vips: set(&[ip("10.0.0.3")]),
             rules: set(&[(b, 6, Some(80))]),
+            ..Wanted::default()
         };
         assert_eq!(
             changes(&installed, &leftovers, &wanted),
