@@ -330,13 +330,17 @@ pub struct ServiceView {
 }
 
 impl ServiceView {
-    /// `NAME PROTOCOL VIP:PORT scheduler SCHEDULER`, as `fepctl services`
-    /// and `fepctl top` head a service.
+    /// `NAME PROTOCOL VIP:PORT scheduler SCHEDULER` (PROTOCOL `http` for
+    /// HTTP mode), as `fepctl services` and `fepctl top` head a service.
     pub fn heading(&self) -> String {
         format!(
             "{} {} {}:{} scheduler {}",
             self.name,
-            self.protocol.as_str(),
+            if self.http.is_some() {
+                "http"
+            } else {
+                self.protocol.as_str()
+            },
             self.vip,
             self.port,
             self.scheduler.as_str()

@@ -1,7 +1,9 @@
-//! The one HTTP client of the tools and the tests: HTTP/1.1 over a stream
-//! the caller connected (TCP, or the admin API's Unix socket), one request
-//! per connection (`Connection: close`), the body handed over as it arrives
-//! (close-delimited or chunked).
+//! The HTTP clients of the tools and the tests: HTTP/1.1 over a stream the
+//! caller connected (TCP, or the admin API's Unix socket), one request per
+//! connection (`Connection: close`), the body handed over as it arrives
+//! (close-delimited or chunked); and [`KeepAlive`], one persistent
+//! connection for many requests (hyper's client), as browsers and HTTP
+//! mode's tests use one.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -156,6 +158,226 @@ pub fn exchange(
         bail!("the chunked body ended early");
     }
     Ok((status, headers))
+}
+
+/// One persistent client connection: requests one after another, each
+/// response read to its end before the next is sent. Blocking, on a runtime
+/// of its own; connect it in the namespace it should come from.
+pub struct KeepAlive {
+    runtime: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http1::SendRequest<ClientBody>,
+    host: String,
+    timeout: Duration,
+}
+
+/// A request body: empty, bytes, or the pattern streamed.
+pub type ClientBody = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Error>;
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the client's runtime")?;
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect to {addr}"))?;
+        s.set_nonblocking(true)?;
+        let sender = runtime.block_on(async {
+            let s = tokio::net::TcpStream::from_std(s)?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            anyhow::Ok(sender)
+        })?;
+        Ok(KeepAlive {
+            runtime,
+            sender,
+            host: addr.to_string(),
+            timeout,
+        })
+    }
+
+    /// `GET path`, the body read into memory.
+    pub fn get(&mut self, path: &str) -> anyhow::Result<Response> {
+        self.request("GET", path, &[], empty())
+    }
+
+    /// `method path` with `headers` and `body`, the answer's body handed to
+    /// `sink` as it arrives.
+    pub fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: ClientBody,
+        mut sink: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(u16, Vec<(String, String)>)> {
+        use http_body_util::BodyExt;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(body).context("building the request")?;
+        let (sender, timeout) = (&mut self.sender, self.timeout);
+        self.runtime.block_on(async {
+            let exchange = async {
+                sender.ready().await.context("the connection is closed")?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .context("sending the request")?;
+                let status = resp.status().as_u16();
+                let headers = resp
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).to_string(),
+                        )
+                    })
+                    .collect();
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    if let Some(data) = frame.context("reading the response body")?.data_ref() {
+                        sink(data)?;
+                    }
+                }
+                anyhow::Ok((status, headers))
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .with_context(|| {
+                    format!("{method} {path}: no complete answer within {timeout:?}")
+                })?
+        })
+    }
+
+    /// As [`KeepAlive::request_with`], the body read into memory.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: ClientBody,
+    ) -> anyhow::Result<Response> {
+        let mut out = Vec::new();
+        let (status, headers) = self.request_with(method, path, headers, body, |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(Response {
+            status,
+            headers,
+            body: out,
+        })
+    }
+
+    /// Sends an upgrade request (`GET path`, `headers`) and, on a 101, hands
+    /// over the connection for the new protocol.
+    pub fn upgrade(
+        mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(Response, Upgraded)> {
+        let mut req = hyper::Request::builder()
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(empty()).context("building the request")?;
+        let sender = &mut self.sender;
+        let (resp, io) = self.runtime.block_on(async {
+            let resp = sender
+                .send_request(req)
+                .await
+                .context("sending the upgrade")?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).to_string(),
+                    )
+                })
+                .collect();
+            let head = Response {
+                status,
+                headers,
+                body: Vec::new(),
+            };
+            if status != 101 {
+                return anyhow::Ok((head, None));
+            }
+            let io = hyper::upgrade::on(resp)
+                .await
+                .context("taking the upgraded connection")?;
+            anyhow::Ok((head, Some(io)))
+        })?;
+        let io = io.with_context(|| format!("the upgrade was refused: {}", resp.status))?;
+        Ok((
+            resp,
+            Upgraded {
+                io: hyper_util::rt::TokioIo::new(io),
+                runtime: self.runtime,
+                timeout: self.timeout,
+            },
+        ))
+    }
+}
+
+/// A connection after a 101: bytes both ways, blocking.
+pub struct Upgraded {
+    io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    runtime: tokio::runtime::Runtime,
+    timeout: Duration,
+}
+
+impl Upgraded {
+    pub fn write_all(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let (io, timeout) = (&mut self.io, self.timeout);
+        self.runtime.block_on(async {
+            tokio::time::timeout(timeout, io.write_all(bytes))
+                .await
+                .context("write timed out")??;
+            anyhow::Ok(())
+        })
+    }
+
+    /// Reads what is there (0 at the end).
+    pub fn read(&mut self, buf: &mut [u8]) -> anyhow::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let (io, timeout) = (&mut self.io, self.timeout);
+        self.runtime.block_on(async {
+            let n = tokio::time::timeout(timeout, io.read(buf))
+                .await
+                .context("read timed out")??;
+            anyhow::Ok(n)
+        })
+    }
+}
+
+/// An empty request body.
+pub fn empty() -> ClientBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A request body of `bytes`.
+pub fn full(bytes: Vec<u8>) -> ClientBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(hyper::body::Bytes::from(bytes))
+        .map_err(|e| match e {})
+        .boxed()
 }
 
 /// Decodes a `Transfer-Encoding: chunked` body piece by piece, however the

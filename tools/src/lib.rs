@@ -9,6 +9,8 @@ pub mod host;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod origin;
 pub mod pattern;
 pub mod ping;
 pub mod top;
+pub mod websocket;

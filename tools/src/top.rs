@@ -91,9 +91,12 @@ fn draw(f: &mut Frame, view: &View) {
                 if b.up { "up".into() } else { "down".into() },
                 format!("{}/{}", b.configured_ratio, b.effective_ratio),
                 b.routes.to_string(),
-                bar(b.share, b.target_share, 30),
+                bar(b.share, b.target_share, 20),
                 format!("{} / {}", pct(b.share), pct(b.target_share)),
                 b.load.map_or("-".into(), |l| format!("{l:.1}")),
+                b.http.as_ref().map_or("-".into(), |h| {
+                    format!("{}/{} x{:.1}", h.pool_idle, h.pool_busy, h.reuse)
+                }),
             ])
             .style(if b.up {
                 Style::default()
@@ -102,8 +105,12 @@ fn draw(f: &mut Frame, view: &View) {
             })
         });
         let title = format!(
-            " {}{} ",
+            " {}{}{} ",
             svc.heading(),
+            svc.http.as_ref().map_or(String::new(), |h| format!(
+                " — {:.0} req/s",
+                h.requests_per_s
+            )),
             if svc.pruning {
                 " — pruning idle routes"
             } else {
@@ -115,9 +122,10 @@ fn draw(f: &mut Frame, view: &View) {
             Constraint::Length(5),
             Constraint::Length(9),
             Constraint::Length(7),
-            Constraint::Length(32),
+            Constraint::Length(22),
             Constraint::Length(16),
-            Constraint::Length(8),
+            Constraint::Length(6),
+            Constraint::Length(14),
         ];
         let table = Table::new(rows, widths)
             .header(
@@ -129,6 +137,7 @@ fn draw(f: &mut Frame, view: &View) {
                     "SHARE",
                     "SHARE / TARGET",
                     "LOAD",
+                    "POOL i/b REUSE",
                 ])
                 .style(Style::default().add_modifier(Modifier::BOLD)),
             )

@@ -29,6 +29,10 @@ use crate::chooser::Candidate;
 use crate::dispatcher::Dispatcher;
 use crate::transfer_table::{BackendId, InFlight, Service, ServiceId};
 
+/// How often a request chooses again when its back end's ratio fell to 0
+/// as it was chosen (a drain or a failure at that moment).
+const CHOOSE_ATTEMPTS: usize = 3;
+
 /// One back end as HTTP mode sees it: its pool and counters, kept across
 /// table rebuilds while its slot is the same endpoint.
 pub struct BackendFront {
@@ -236,6 +240,28 @@ impl ServiceFront {
         }
     }
 
+    /// The back end for a request, with the request counted in flight on
+    /// it. The count is taken before the ratio is read again: a drain that
+    /// saw no request in flight has already set the ratio to 0, so this
+    /// request chooses again instead of reaching a drained node.
+    fn choose_and_hold(
+        &self,
+        svc: &Service,
+        req: &Request<Incoming>,
+        session: Option<u128>,
+    ) -> Option<(BackendId, InFlight)> {
+        for _ in 0..CHOOSE_ATTEMPTS {
+            let backend = self.choose(svc, req, session)?;
+            let be = &svc.backends[usize::from(backend)];
+            let held = be.in_flight();
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if be.ratio() > 0 {
+                return Some((backend, held));
+            }
+        }
+        None
+    }
+
     /// The back end for a request: its session's, or the chooser's among
     /// the back ends its content rule allows.
     fn choose(
@@ -288,7 +314,7 @@ impl ServiceFront {
         } else {
             None
         };
-        let Some(backend) = self.choose(svc, &req, session) else {
+        let Some((backend, in_flight)) = self.choose_and_hold(svc, &req, session) else {
             self.stats.refused(Refusal::NoBackend);
             return Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -330,7 +356,6 @@ impl ServiceFront {
             ReqBody::Stream(body)
         };
         let request = Request::from_parts(parts, body);
-        let in_flight = svc.backends[usize::from(backend)].in_flight();
         let started = Instant::now();
         let stats = front.pool.stats().clone();
         let (mut resp, lease) = match self.send(&front, request, replay).await {

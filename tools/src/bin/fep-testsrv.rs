@@ -5,15 +5,16 @@
 //! port it sends its name and a newline, then echoes every byte until the
 //! client closes (a long-lived connection); on a stream port it sends
 //! `NAME N\n` with N = 0, 1, 2 … every 200 ms until the client closes (data
-//! that flows server to client only). Listens on `[::]` (IPv4 and IPv6);
-//! prints `ready` once every port is bound.
+//! that flows server to client only); on an `--http` port it is a
+//! keep-alive HTTP/1.1 origin server (`fep_tools::origin`). Listens on
+//! `[::]` (IPv4 and IPv6); prints `ready` once every port is bound.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 
 use anyhow::Context;
 use clap::Parser;
-use fep_tools::pattern;
+use fep_tools::{origin, pattern};
 
 #[derive(Parser)]
 struct Args {
@@ -32,6 +33,12 @@ struct Args {
     /// TCP port of the line-every-200-ms stream (repeatable).
     #[arg(long)]
     stream: Vec<u16>,
+    /// TCP port of the keep-alive HTTP/1.1 server (repeatable).
+    #[arg(long)]
+    http: Vec<u16>,
+    /// How long an idle `--http` connection is kept open.
+    #[arg(long, default_value_t = 15_000)]
+    keepalive_ms: u64,
 }
 
 /// What serves one accepted TCP connection.
@@ -55,6 +62,10 @@ fn main() -> anyhow::Result<()> {
                 });
             }
         }));
+    }
+    if !args.http.is_empty() {
+        let keepalive = std::time::Duration::from_millis(args.keepalive_ms);
+        threads.push(origin::serve(args.name.clone(), &args.http, keepalive)?);
     }
     for port in args.udp {
         let sock = UdpSocket::bind(("::", port)).with_context(|| format!("bind udp {port}"))?;

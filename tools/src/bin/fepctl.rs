@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, GroupView, MoveArg,
-    MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
+    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, GroupView, HttpServiceView,
+    MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
     RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
@@ -505,6 +505,50 @@ fn services_text(services: &[ServiceView]) -> String {
         );
         for b in &svc.backends {
             out += &backend_line(b);
+        }
+        if let Some(http) = &svc.http {
+            out += &http_lines(http, &svc.backends);
+        }
+    }
+    out
+}
+
+/// An HTTP service's requests and each back end's pool.
+fn http_lines(http: &HttpServiceView, backends: &[BackendView]) -> String {
+    let refused: Vec<String> = http
+        .refused
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(why, n)| format!("{why} {n}"))
+        .collect();
+    let mut out = format!(
+        "  http: {:.1} req/s, {} request(s), {} client connection(s) open; refused: {}\n",
+        http.requests_per_s,
+        http.requests,
+        http.connections,
+        if refused.is_empty() {
+            "none".into()
+        } else {
+            refused.join(", ")
+        }
+    );
+    out += &format!(
+        "  {:<12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8}\n",
+        "NODE", "REQUESTS", "POOL-IDLE", "POOL-BUSY", "CONNECTS", "REUSE", "RETRIES", "SESSIONS"
+    );
+    for b in backends {
+        if let Some(h) = &b.http {
+            out += &format!(
+                "  {:<12} {:>9} {:>9} {:>9} {:>9} {:>7.1} {:>7} {:>8}\n",
+                b.node,
+                h.requests,
+                h.pool_idle,
+                h.pool_busy,
+                h.connects,
+                h.reuse,
+                h.retries,
+                h.sessions
+            );
         }
     }
     out
