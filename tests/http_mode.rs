@@ -18,9 +18,10 @@ const PORT: u16 = 80;
 const ORIGIN: u16 = 8080;
 
 /// A lab whose back ends run the keep-alive origin on [`ORIGIN`] (idle
-/// connections closed after `keepalive_ms`), and fep with an HTTP service
-/// `web` on VIP:80 over them with `ratios`; `http` is its `[service.http]`
-/// table's keys.
+/// connections closed after `keepalive_ms`) and the echo server on 7000,
+/// and fep with an HTTP service `web` on VIP:80 over them with `ratios`
+/// (`http`: its `[service.http]` keys and rules) beside a TCP-mode service
+/// `echo` on VIP:7000; metrics on the gateway's 127.0.0.1:9100.
 fn start_http(tag: &str, ratios: &[u32], keepalive_ms: u64, http: &str) -> Running {
     let mut lab = Lab::new(tag, ratios.len()).expect("building the lab");
     let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
@@ -32,26 +33,34 @@ fn start_http(tag: &str, ratios: &[u32], keepalive_ms: u64, http: &str) -> Runni
             ORIGIN.to_string(),
             "--keepalive-ms".to_string(),
             keepalive_ms.to_string(),
+            "--echo".to_string(),
+            "7000".to_string(),
         ];
         lab.start_backend_server(i, &testsrv, &args)
             .expect("starting the origin servers");
     }
-    let backends: Vec<String> = ratios
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            format!(
-                "{{ node = \"{}\", port = {ORIGIN}, ratio = {r} }}",
-                backend_name(i)
-            )
-        })
-        .collect();
+    let backends = |port: u16| -> String {
+        let list: Vec<String> = ratios
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                format!(
+                    "{{ node = \"{}\", port = {port}, ratio = {r} }}",
+                    backend_name(i)
+                )
+            })
+            .collect();
+        list.join(", ")
+    };
     let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\nmode = \"http\"\n\
+        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\n\
+         backend = [{}]\n\n\
+         [[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\nmode = \"http\"\n\
          backend = [{}]\n\n[service.http]\n{http}\n",
-        backends.join(", ")
+        backends(7000),
+        backends(ORIGIN)
     );
-    Running::start(lab, "", &services)
+    Running::start(lab, "metrics_listen = \"127.0.0.1:9100\"", &services)
 }
 
 fn vip() -> SocketAddr {
@@ -104,7 +113,13 @@ fn one_keep_alive_connection_spreads_by_ratio() {
     if skip_without_root("one_keep_alive_connection_spreads_by_ratio") {
         return;
     }
-    let r = start_http("hk", &[2, 1, 1], 15_000, "");
+    let rule = "[[service.http.rule]]\npath_prefix = \"/static/\"\nnodes = [\"be3\"]";
+    let r = start_http("hk", &[2, 1, 1], 15_000, rule);
+    // A TCP-mode service on the same VIP, another port, goes through the
+    // TUN path as before.
+    let (mut echo_conn, _) = open_echo(&r);
+    echo(&mut echo_conn, "beside HTTP mode");
+
     let mut conn = connect(&r);
     // The back end sees who the client is; the client's peer is the VIP.
     let head = conn.get("/headers").unwrap().body_text();
@@ -119,6 +134,26 @@ fn one_keep_alive_connection_spreads_by_ratio() {
             backend_name(i)
         );
     }
+    // A content rule keeps its paths on its nodes, on the same connection.
+    let statics = names(&r, &mut conn, "/static/logo.png", 20);
+    assert!(statics.iter().all(|n| n == "be3"), "{statics:?}");
+    echo(&mut echo_conn, "still there");
+
+    let metrics = scrape(&r, "127.0.0.1:9100");
+    let be1_2xx = r#"fep_http_requests_total{class="2xx",node="be1",service="web"}"#;
+    assert!(sample(&metrics, be1_2xx) >= 180.0, "{be1_2xx}:\n{metrics}");
+    for series in [
+        "fep_http_request_duration_seconds_bucket",
+        "fep_http_pool_connections",
+        "fep_http_server_connects_total",
+        "fep_http_retries_total",
+        "fep_http_refused_total",
+    ] {
+        assert!(metrics.contains(series), "{series} is exported");
+    }
+    let count = r#"fep_http_request_duration_seconds_count{node="be3",service="web"}"#;
+    assert!(sample(&metrics, count) >= 100.0, "{count}:\n{metrics}");
+    promtool_check(&metrics);
 }
 
 /// The HTTP view of service `name`.

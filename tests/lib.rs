@@ -697,3 +697,31 @@ pub fn sysctl(ns: &Netns, path: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// `promtool check metrics` on scraped `metrics` (installing promtool where
+/// missing): the exposition format is valid and follows the conventions.
+pub fn promtool_check(metrics: &str) {
+    use fep_tools::host;
+    use std::io::Write as _;
+    host::ensure(&[host::PROMTOOL]).expect("promtool, which checks the metrics format");
+    let mut promtool = std::process::Command::new(host::PROMTOOL.program)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use fep_shared::api::{NodeState, StatusView};
 use fep_tests::{
-    backend, fepctl, http, http_names, metric, node, nodes, routes, sample, skip_without_root,
-    tally, wait_for, Running, TIMEOUT,
+    backend, fepctl, http, http_names, metric, node, nodes, promtool_check, routes, sample,
+    skip_without_root, tally, wait_for, Running, TIMEOUT,
 };
-use fep_tools::host;
 use fep_tools::lab::{self, Lab, VIP_V4};
 
 const WEB_1_1: &str = r#"
@@ -334,28 +333,7 @@ fn metrics_move_with_traffic_and_pass_promtool() {
         );
     }
 
-    host::ensure(&[host::PROMTOOL]).expect("promtool, which checks the metrics format");
-    let mut promtool = std::process::Command::new(host::PROMTOOL.program)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running promtool");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(after.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&after);
 }
 
 #[test]

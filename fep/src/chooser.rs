@@ -17,6 +17,11 @@ pub(crate) trait Candidate {
     fn routes(&self) -> u32;
     /// The load the agent reported, in the service's load metric.
     fn load(&self) -> f64;
+    /// Breaks ties between back ends the scheduler ranks equal: the higher
+    /// wins (HTTP mode: idle pooled connections), then table order.
+    fn preference(&self) -> u32 {
+        0
+    }
 }
 
 #[derive(Debug)]
@@ -51,38 +56,53 @@ impl Chooser {
         match self {
             Chooser::Ratio(current) => {
                 let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
-                smooth_weighted(&mut current, backends.iter().map(C::ratio))
+                smooth_weighted(
+                    &mut current,
+                    backends.iter().map(|b| (b.ratio(), b.preference())),
+                )
             }
-            Chooser::LeastRoutes => least_routes(backends.iter().map(|b| (b.routes(), b.ratio()))),
-            Chooser::Load => least_load(backends.iter().map(|b| (b.load(), b.ratio()))),
+            Chooser::LeastRoutes => least_routes(
+                backends
+                    .iter()
+                    .map(|b| (b.routes(), b.ratio(), b.preference())),
+            ),
+            Chooser::Load => least_load(
+                backends
+                    .iter()
+                    .map(|b| (b.load(), b.ratio(), b.preference())),
+            ),
         }
     }
 }
 
 /// Among running back ends (ratio above 0; a stopped or down
-/// node has ratio 0), the smallest load ÷ ratio wins, first on ties.
-fn least_load(candidates: impl Iterator<Item = (f64, u32)>) -> Option<usize> {
-    let mut best: Option<(usize, f64)> = None;
-    for (i, (load, ratio)) in candidates.enumerate() {
+/// node has ratio 0), the smallest load ÷ ratio wins; on ties the higher
+/// preference, then the first.
+fn least_load(candidates: impl Iterator<Item = (f64, u32, u32)>) -> Option<usize> {
+    let mut best: Option<(usize, f64, u32)> = None;
+    for (i, (load, ratio, pref)) in candidates.enumerate() {
         if ratio == 0 {
             continue;
         }
         let per_ratio = load / f64::from(ratio);
-        if best.is_none_or(|(_, b)| per_ratio < b) {
-            best = Some((i, per_ratio));
+        if best.is_none_or(|(_, b, bp)| per_ratio < b || (per_ratio == b && pref > bp)) {
+            best = Some((i, per_ratio, pref));
         }
     }
-    best.map(|(i, _)| i)
+    best.map(|(i, _, _)| i)
 }
 
 /// nginx's smooth weighted round robin: every back end gains its weight, the
-/// largest current weight wins (first on ties) and pays back the total. Over
-/// any window of Σweights choices each back end is picked exactly `weight`
-/// times, interleaved rather than in runs.
-fn smooth_weighted(current: &mut [i64], weights: impl Iterator<Item = u32>) -> Option<usize> {
+/// largest current weight wins (on ties the higher preference, then the
+/// first) and pays back the total. Over any window of Σweights choices each
+/// back end is picked exactly `weight` times, interleaved rather than in runs.
+fn smooth_weighted(
+    current: &mut [i64],
+    weights: impl Iterator<Item = (u32, u32)>,
+) -> Option<usize> {
     let mut total = 0i64;
-    let mut best: Option<usize> = None;
-    for (i, w) in weights.enumerate() {
+    let mut best: Option<(usize, u32)> = None;
+    for (i, (w, pref)) in weights.enumerate() {
         let w = i64::from(w);
         if w == 0 {
             current[i] = 0;
@@ -90,34 +110,76 @@ fn smooth_weighted(current: &mut [i64], weights: impl Iterator<Item = u32>) -> O
         }
         current[i] += w;
         total += w;
-        if best.is_none_or(|b| current[i] > current[b]) {
-            best = Some(i);
+        if best.is_none_or(|(b, bp)| {
+            current[i] > current[b] || (current[i] == current[b] && pref > bp)
+        }) {
+            best = Some((i, pref));
         }
     }
-    let b = best?;
+    let (b, _) = best?;
     current[b] -= total;
     Some(b)
 }
 
 /// The back end with the lowest routes ÷ ratio (compared by cross
-/// multiplication, so no floating point), first on ties.
-fn least_routes(candidates: impl Iterator<Item = (u32, u32)>) -> Option<usize> {
-    let mut best: Option<(usize, u64, u64)> = None;
-    for (i, (routes, ratio)) in candidates.enumerate() {
+/// multiplication, so no floating point); on ties the higher preference,
+/// then the first.
+fn least_routes(candidates: impl Iterator<Item = (u32, u32, u32)>) -> Option<usize> {
+    let mut best: Option<(usize, u64, u64, u32)> = None;
+    for (i, (routes, ratio, pref)) in candidates.enumerate() {
         if ratio == 0 {
             continue;
         }
         let (routes, ratio) = (u64::from(routes), u64::from(ratio));
-        if best.is_none_or(|(_, br, bw)| routes * bw < br * ratio) {
-            best = Some((i, routes, ratio));
+        let better = |(_, br, bw, bp): (usize, u64, u64, u32)| {
+            let (mine, theirs) = (routes * bw, br * ratio);
+            mine < theirs || (mine == theirs && pref > bp)
+        };
+        if best.is_none_or(better) {
+            best = Some((i, routes, ratio, pref));
         }
     }
-    best.map(|(i, _, _)| i)
+    best.map(|(i, _, _, _)| i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The schedulers with no preference among equals.
+    fn sw(current: &mut [i64], weights: impl Iterator<Item = u32>) -> Option<usize> {
+        smooth_weighted(current, weights.map(|w| (w, 0)))
+    }
+    fn lr(candidates: impl Iterator<Item = (u32, u32)>) -> Option<usize> {
+        least_routes(candidates.map(|(r, w)| (r, w, 0)))
+    }
+    fn ll(candidates: impl Iterator<Item = (f64, u32)>) -> Option<usize> {
+        least_load(candidates.map(|(l, w)| (l, w, 0)))
+    }
+
+    #[test]
+    fn ties_go_to_the_higher_preference_then_the_first() {
+        assert_eq!(
+            least_routes([(1, 1, 0), (1, 1, 5), (1, 1, 5)].into_iter()),
+            Some(1)
+        );
+        assert_eq!(
+            least_routes([(0, 1, 0), (1, 1, 9)].into_iter()),
+            Some(0),
+            "only ties"
+        );
+        assert_eq!(least_load([(2.0, 1, 1), (2.0, 1, 3)].into_iter()), Some(1));
+        let mut current = [0i64; 2];
+        assert_eq!(
+            smooth_weighted(&mut current, [(1, 0), (1, 4)].into_iter()),
+            Some(1)
+        );
+        assert_eq!(
+            smooth_weighted(&mut current, [(1, 0), (1, 4)].into_iter()),
+            Some(0),
+            "still 1:1"
+        );
+    }
 
     /// Runs `n` choices with the given ratios; for least-routes every choice
     /// becomes a live route, as it would for clients that stay connected.
@@ -127,12 +189,8 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..n {
             let pick = match &chooser {
-                Chooser::Ratio(cur) => {
-                    smooth_weighted(&mut cur.lock().unwrap(), ratios.iter().copied())
-                }
-                Chooser::LeastRoutes => {
-                    least_routes(routes.iter().copied().zip(ratios.iter().copied()))
-                }
+                Chooser::Ratio(cur) => sw(&mut cur.lock().unwrap(), ratios.iter().copied()),
+                Chooser::LeastRoutes => lr(routes.iter().copied().zip(ratios.iter().copied())),
                 Chooser::Load => unreachable!("the tests drive load separately"),
             }
             .unwrap();
@@ -176,8 +234,8 @@ mod tests {
 
     #[test]
     fn all_zero_means_no_backend() {
-        assert_eq!(smooth_weighted(&mut [0, 0], [0u32, 0].into_iter()), None);
-        assert_eq!(least_routes([(0u32, 0u32), (5, 0)].into_iter()), None);
+        assert_eq!(sw(&mut [0, 0], [0u32, 0].into_iter()), None);
+        assert_eq!(lr([(0u32, 0u32), (5, 0)].into_iter()), None);
     }
 
     #[test]
@@ -195,12 +253,9 @@ mod tests {
         // The load scheduler's golden example; a stopped host reaches the chooser with
         // effective ratio 0 (the golden Fig. 6 through the model and the
         // dispatcher is in control::model's tests).
-        assert_eq!(
-            least_load([(20.0, 2), (15.0, 1), (0.0, 0)].into_iter()),
-            Some(0)
-        );
+        assert_eq!(ll([(20.0, 2), (15.0, 1), (0.0, 0)].into_iter()), Some(0));
         // No running server: no choice ("no server available").
-        assert_eq!(least_load([(20.0, 0), (15.0, 0)].into_iter()), None);
+        assert_eq!(ll([(20.0, 0), (15.0, 0)].into_iter()), None);
     }
 
     #[test]
@@ -210,16 +265,16 @@ mod tests {
         let mut current = [0i64; 2];
         let mut picks = Vec::new();
         for weights in [[1, 2], [1, 2], [1, 0], [1, 2], [1, 2], [1, 2]] {
-            picks.push(smooth_weighted(&mut current, weights.into_iter()).unwrap());
+            picks.push(sw(&mut current, weights.into_iter()).unwrap());
         }
         assert_eq!(picks, vec![1, 0, 0, 1, 0, 1]);
     }
 
     #[test]
     fn equal_load_per_ratio_goes_to_the_first_and_lower_load_wins() {
-        assert_eq!(least_load([(10.0, 1), (20.0, 2)].into_iter()), Some(0));
-        assert_eq!(least_load([(10.0, 1), (5.0, 1)].into_iter()), Some(1));
-        assert_eq!(least_load([(9.0, 3), (4.0, 1)].into_iter()), Some(0));
+        assert_eq!(ll([(10.0, 1), (20.0, 2)].into_iter()), Some(0));
+        assert_eq!(ll([(10.0, 1), (5.0, 1)].into_iter()), Some(1));
+        assert_eq!(ll([(9.0, 3), (4.0, 1)].into_iter()), Some(0));
     }
 
     /// One service per scheduler, a (ratio 2) and b (ratio 1).
@@ -293,7 +348,7 @@ backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
             let mut routes = [6u32, 0];
             (0..8)
                 .map(|_| {
-                    let p = least_routes(routes.iter().copied().zip([1u32, 1])).unwrap();
+                    let p = lr(routes.iter().copied().zip([1u32, 1])).unwrap();
                     routes[p] += 1;
                     p
                 })
@@ -302,7 +357,7 @@ backend = [{ node = "a", ratio = 2 }, { node = "b", ratio = 1 }]
         assert_eq!(picks, vec![1, 1, 1, 1, 1, 1, 0, 1]);
         // 2 routes at ratio 1 against 0 at ratio 4: the larger share of
         // room wins.
-        assert_eq!(least_routes([(2u32, 1u32), (0, 4)].into_iter()), Some(1));
-        assert_eq!(least_routes([(1u32, 1u32), (3, 4)].into_iter()), Some(1));
+        assert_eq!(lr([(2u32, 1u32), (0, 4)].into_iter()), Some(1));
+        assert_eq!(lr([(1u32, 1u32), (3, 4)].into_iter()), Some(1));
     }
 }

@@ -30,6 +30,8 @@ use crate::dispatcher::Dispatcher;
 use crate::transfer_table::{ServiceId, TransferTable};
 use pool::{Pool, Range};
 use proxy::{BackendFront, ServiceFront};
+
+pub(crate) use proxy::client_edge;
 use stats::BackendStats;
 
 const MAINTAIN_EVERY: Duration = Duration::from_millis(100);

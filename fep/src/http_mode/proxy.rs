@@ -83,6 +83,7 @@ struct View {
     ratio: u32,
     routes: u32,
     load: f64,
+    idle: u32,
 }
 
 impl Candidate for View {
@@ -94,6 +95,9 @@ impl Candidate for View {
     }
     fn load(&self) -> f64 {
         self.load
+    }
+    fn preference(&self) -> u32 {
+        self.idle
     }
 }
 
@@ -196,16 +200,11 @@ impl ServiceFront {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(self.cfg.header_timeout_ms))
-            .max_buf_size(self.cfg.max_header_bytes.max(8192))
-            .max_header_size(self.cfg.max_header_bytes);
         let service = Handler {
             front: self.clone(),
             peer,
         };
-        let mut conn = http
+        let mut conn = client_side(&self.cfg)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         if let Err(e) = (&mut conn).await {
@@ -278,10 +277,16 @@ impl ServiceFront {
         }
         let host = request::host_of(req);
         let rule = request::matching_rule(&self.cfg.rules, host.as_deref(), req.uri().path());
+        let fronts = self.backends.load();
         let views: Vec<View> = svc
             .backends
             .iter()
-            .map(|b| View {
+            .enumerate()
+            .map(|(i, b)| View {
+                idle: fronts
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .map_or(0, |f| f.pool.stats().idle.load(Ordering::Relaxed) as u32),
                 ratio: if rule.is_none_or(|r| r.nodes.contains(&b.node)) {
                     b.ratio()
                 } else {
@@ -496,6 +501,57 @@ fn tunnel(
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         drop(in_flight);
     });
+}
+
+/// hyper's server side of a client connection, within the service's limits
+/// (the head's size and time; hyper caps its read buffer at 8 KiB or more).
+fn client_side(cfg: &HttpConfig) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.header_timeout_ms))
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_header_size(cfg.max_header_bytes);
+    http
+}
+
+/// The client side's edge for the fuzzer: `input` as one client
+/// connection's bytes, parsed with `cfg`'s limits, each request put through
+/// what `handle` does before a back end sees it (session cookie, content
+/// rule, upgrade, hop-by-hop headers, forwarding headers) and its body read;
+/// returns what the client would read.
+pub async fn client_edge(cfg: &HttpConfig, input: &[u8]) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+        let _ = request::session_id(req.headers());
+        let host = request::host_of(&req);
+        let rule = request::matching_rule(&cfg.rules, host.as_deref(), req.uri().path()).is_some();
+        let upgrade = request::is_upgrade(&req);
+        request::strip_hop_by_hop(req.headers_mut(), upgrade);
+        let (client, vip) = (
+            IpAddr::from([10, 0, 1, 2]),
+            SocketAddr::from(([10, 0, 0, 100], 80)),
+        );
+        request::add_forwarded(req.headers_mut(), cfg.forwarded, client, vip);
+        let idempotent = request::is_idempotent(req.method());
+        let mut body = req.into_body();
+        let mut len = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            len += frame.data_ref().map_or(0, |d| d.len());
+        }
+        let text = format!("rule {rule} idempotent {idempotent} body {len}\n");
+        Ok::<_, Infallible>(Answer::new(StatusCode::OK, text).response())
+    });
+    let conn = client_side(cfg).serve_connection(TokioIo::new(server), service);
+    let (mut from_server, mut to_server) = tokio::io::split(client);
+    let feed = async {
+        let _ = to_server.write_all(input).await;
+        let _ = to_server.shutdown().await;
+    };
+    let mut out = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut from_server, &mut out);
+    let _ = tokio::join!(conn, feed, read);
+    out
 }
 
 /// hyper's service for one client connection.

@@ -177,7 +177,8 @@ fn histogram(labels: &[&str; 2], (cumulative, sum): (Vec<u64>, f64), count: u64)
     );
     h.set_sample_count(cumulative.last().copied().unwrap_or(count));
     h.set_sample_sum(sum);
-    let mut m = Metric::from_label(vec![label("service", labels[0]), label("node", labels[1])]);
+    // In name order, as the registry's own series have theirs.
+    let mut m = Metric::from_label(vec![label("node", labels[1]), label("service", labels[0])]);
     m.set_histogram(h);
     m
 }
