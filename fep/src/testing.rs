@@ -116,6 +116,19 @@ pub fn assert_forwardable(bytes: &[u8]) {
     );
 }
 
+/// HTTP mode's client side fed `input` as one connection's bytes, with the
+/// limits of `cfg` (see `http_mode`): what the client would read back.
+/// Nothing leaves the process (no back end is involved).
+pub fn http_client_edge(cfg: &fep_shared::HttpConfig, input: &[u8]) -> Vec<u8> {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+    }
+    RUNTIME.with(|rt| rt.block_on(crate::http_mode::client_edge(cfg, input)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,17 +148,4 @@ mod tests {
         p[8] ^= 1; // TTL: the IPv4 header checksum
         assert_eq!(checksums_ok(&p), Err("IPv4 header checksum".into()));
     }
-}
-
-/// HTTP mode's client side fed `input` as one connection's bytes, with the
-/// limits of `cfg` (see `http_mode`): what the client would read back.
-/// Nothing leaves the process (no back end is involved).
-pub fn http_client_edge(cfg: &fep_shared::HttpConfig, input: &[u8]) -> Vec<u8> {
-    thread_local! {
-        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime");
-    }
-    RUNTIME.with(|rt| rt.block_on(crate::http_mode::client_edge(cfg, input)))
 }
