@@ -580,3 +580,74 @@ fn refused(view: &HttpServiceView, reason: &str) -> u64 {
         .find(|(r, _)| r == reason)
         .map_or(0, |(_, n)| *n)
 }
+
+#[test]
+fn http_services_follow_runtime_changes_restarts_and_cleanup() {
+    if skip_without_root("http_services_follow_runtime_changes_restarts_and_cleanup") {
+        return;
+    }
+    let mut r = start_http("hc", &[1, 1], 15_000, "");
+    // Added at run time: listening within the maintenance pass, its port
+    // delivered locally, its back ends pooled.
+    let vip = VIP_V4.to_string();
+    for args in [
+        &[
+            "service", "add", "api", "--vip", &vip, "--port", "81", "--mode", "http",
+        ][..],
+        &[
+            "backend",
+            "add",
+            "api",
+            "be2",
+            "--ratio",
+            "1",
+            "--port",
+            &ORIGIN.to_string(),
+        ],
+    ] {
+        let (code, out) = fepctl(&r, args);
+        assert_eq!(code, 0, "fepctl {args:?}: {out}");
+    }
+    let api = SocketAddr::new(IpAddr::V4(VIP_V4), 81);
+    let get_api = |r: &Running| {
+        r.lab
+            .client
+            .enter(|| KeepAlive::connect(api, TIMEOUT).and_then(|mut c| c.get("/")))
+            .unwrap()
+    };
+    wait_for(&r, "the new HTTP service answering", TIMEOUT, |r| {
+        get_api(r).is_ok_and(|resp| resp.body_text() == "be2")
+    });
+    let (code, out) = fepctl(&r, &["service", "remove", "api"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for(&r, "the removed service's port closed", TIMEOUT, |r| {
+        get_api(r).is_err()
+    });
+
+    // A restart: the listener is back with the same service, the ratio set
+    // at run time kept.
+    assert_eq!(fepctl(&r, &["ratio", "web", "be1", "3"]).0, 0);
+    assert!(r.fep.stop().unwrap().success());
+    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+    r.fep = r
+        .lab
+        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
+        .unwrap();
+    let got = names(&r, &mut connect(&r), "/", 40);
+    assert_eq!(tally(&got, 2), [30, 10], "3:1 after the restart");
+
+    // Stopped and cleaned up: nothing of HTTP mode's set-up is left.
+    assert!(r.fep.stop().unwrap().success());
+    let out = cleanup(&r);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left(&r.lab.gateway);
+    let rules = r.lab.gateway.ip_output(&["rule"]).unwrap();
+    assert!(
+        !rules.contains("dport 80"),
+        "HTTP mode's rule left behind: {rules}"
+    );
+}

@@ -9,6 +9,7 @@ use crate::config::{check_range, ConfigError};
 
 /// How a service carries its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
     /// Packets rewritten on the TUN path; a client connection stays on one

@@ -14,7 +14,7 @@ use fep_shared::api::{
     MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
     RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
 };
-use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig};
+use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig, ServiceMode};
 use fep_tools::admin_client::{get, post, post_for, AdminAddress};
 use fep_tools::top;
 use serde::Serialize;
@@ -188,6 +188,10 @@ enum ServiceCmd {
         scheduler: Scheduler,
         #[arg(long, default_value = "port")]
         affinity: Affinity,
+        /// `http`: fep ends the clients' connections and dispatches request
+        /// by request (with `[service.http]`'s defaults; TCP only).
+        #[arg(long, default_value = "tcp")]
+        mode: ServiceMode,
     },
     /// Remove a service; its live connections carry on until they end.
     Remove {
@@ -300,8 +304,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             command(&to, "/v1/backend/remove", &BackendRemoveArg { service: service.clone(), node: node.clone(), force: *force })?,
             format!("{node} removed from {service}{}", if *force { "" } else { "; its live connections carry on until they end" }),
         ),
-        Cmd::Service(ServiceCmd::Add { name, vip, port, protocol, scheduler, affinity }) => {
-            let svc = ServiceConfig { scheduler: *scheduler, affinity: *affinity, ..ServiceConfig::new(name.clone(), *vip, *port, *protocol) };
+        Cmd::Service(ServiceCmd::Add { name, vip, port, protocol, scheduler, affinity, mode }) => {
+            let svc = ServiceConfig { scheduler: *scheduler, affinity: *affinity, mode: *mode, ..ServiceConfig::new(name.clone(), *vip, *port, *protocol) };
             (command(&to, "/v1/service/add", &svc)?, format!("service {name} added; `fepctl backend add {name} NODE --ratio N` gives it back ends"))
         }
         Cmd::Service(ServiceCmd::Remove { name, force }) => (
