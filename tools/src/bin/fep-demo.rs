@@ -5,7 +5,9 @@
 //! starts the real `fep` on the gateway, sends real traffic through it and
 //! prints the live share of each node next to its ratio: first 2:1:1, then
 //! after a ratio change, then during a drain that waits for a live
-//! connection; then UDP stickiness. Removes everything again. Needs root.
+//! connection; then HTTP mode: requests of one keep-alive connection spread
+//! by ratio, and a drain that completes while persistent clients keep
+//! sending; then UDP stickiness. Removes everything again. Needs root.
 //!
 //! `fep-demo --cluster`: two gateways, each with keepalived and fep, and
 //! two VIP groups; a live connection, 1000 idle ones and 20 UDP flows
@@ -50,6 +52,9 @@ extern "C" fn on_sigint(_: libc::c_int) {
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
+
+/// HTTP mode's service port on the VIP, and the back ends' origin port.
+const APP_PORT: u16 = 8080;
 
 /// The client's ratios for the three back ends, as configured at the start.
 const RATIOS: [u32; 3] = [2, 1, 1];
@@ -99,6 +104,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     if !interrupted() {
+        http_mode_demo(&lab, &socket)?;
+    }
+
+    if !interrupted() {
         println!("\n== UDP {VIP_V4}:5353: one source port sticks to one node; new ports follow the ratios 2:1:1");
         let (fixed, spread) = lab.client.enter(udp_demo)??;
         println!(
@@ -123,7 +132,12 @@ fn start(fep_bin: &Path) -> anyhow::Result<(Lab, FepProcess)> {
     let mut lab = Lab::new(TAG, 3)?;
     for i in 0..3 {
         let mut args = lab::testsrv_args(i, &[80], &[5353]);
-        args.extend(["--echo".into(), "7000".into()]);
+        args.extend([
+            "--echo".into(),
+            "7000".into(),
+            "--http".into(),
+            APP_PORT.to_string(),
+        ]);
         lab.start_backend_server(i, &testsrv, &args)?;
     }
     let key = lab.agent_key(&agent)?;
@@ -142,10 +156,12 @@ fn start(fep_bin: &Path) -> anyhow::Result<(Lab, FepProcess)> {
             list.join(", ")
         )
     };
+    let app = format!("{}mode = \"http\"\n", service("app", APP_PORT, "tcp"));
     let services = [
         service("web", 80, "tcp"),
         service("echo", 7000, "tcp"),
         service("dns", 5353, "udp"),
+        app,
     ]
     .join("\n");
     let top = format!(
@@ -278,6 +294,89 @@ fn drain_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
     );
     print_nodes(socket)?;
     post(socket, "/v1/undrain", &arg)?;
+    Ok(())
+}
+
+/// HTTP mode: one keep-alive connection's requests follow the ratios;
+/// a drain completes while five persistent clients keep sending, none of
+/// them sees an error, and their next requests go to the other nodes.
+fn http_mode_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(VIP_V4.into(), APP_PORT);
+    let timeout = Duration::from_secs(5);
+    println!("\n== HTTP mode ({VIP_V4}:{APP_PORT}, mode = \"http\"): 200 requests on ONE keep-alive connection");
+    let mut conn = lab
+        .client
+        .enter(|| http::KeepAlive::connect(addr, timeout))??;
+    let mut counts = [0usize; 3];
+    for _ in 0..200 {
+        let name = conn.get("/")?.body_text();
+        match (0..3).find(|&i| lab::backend_name(i) == name) {
+            Some(i) => counts[i] += 1,
+            None => bail!("unexpected answer {name:?}"),
+        }
+    }
+    println!("   fep dispatches each request; in TCP mode all 200 would go to one node:");
+    print_shares(&counts, &RATIOS);
+
+    println!("\n== `fepctl drain be1` while 5 persistent clients keep sending");
+    let clients: Vec<http::KeepAlive> = (0..5)
+        .map(|_| {
+            lab.client
+                .enter(|| http::KeepAlive::connect(addr, timeout))?
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let stop = AtomicBool::new(false);
+    let (drained_after, results) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let workers: Vec<_> = clients
+            .into_iter()
+            .map(|mut c| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let (mut served, mut errors, mut last) = (0, 0, String::new());
+                    while !stop.load(Ordering::Relaxed) && served < 10_000 {
+                        match c.get("/") {
+                            Ok(r) if r.status == 200 => {
+                                served += 1;
+                                last = r.body_text();
+                            }
+                            _ => errors += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (served, errors, last)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let arg = NodeArg { node: "be1".into() };
+        post(socket, "/v1/drain", &arg)?;
+        wait(Duration::from_secs(15), "be1 to drain", || {
+            let nodes: Vec<NodeView> = get(socket, "/v1/nodes")?;
+            Ok(nodes
+                .iter()
+                .any(|n| n.name == "be1" && n.state == NodeState::Drained))
+        })?;
+        let drained_after = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let results: Vec<(usize, usize, String)> = workers
+            .into_iter()
+            .map(|w| w.join().expect("client thread"))
+            .collect();
+        post(socket, "/v1/undrain", &arg)?;
+        Ok((drained_after, results))
+    })?;
+    println!(
+        "   be1 drained {:.1} s after the command, with all 5 clients still connected",
+        drained_after.as_secs_f64()
+    );
+    for (i, (served, errors, last)) in results.iter().enumerate() {
+        println!(
+            "     client {}: {served} requests, {errors} errors, last one served by {last}",
+            i + 1
+        );
+    }
     Ok(())
 }
 
