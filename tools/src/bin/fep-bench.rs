@@ -9,12 +9,22 @@
 //! - `haproxy`: HAProxy `mode tcp`, roundrobin, on the gateway;
 //! - `fep`: this project.
 //!
+//! HTTP keep-alive scenarios, on the same topology with the back ends'
+//! nginx keeping connections open on port 8080:
+//! - `http-haproxy`: HAProxy `mode http`, `http-reuse safe`;
+//! - `http-nginx`: nginx as a reverse proxy with upstream `keepalive`;
+//! - `http-fep`: fep's HTTP mode.
+//!
 //! Figures: TCP bulk Gbit/s with 1 and 4 streams (iperf3), new connections
 //! per second with one request each (wrk, `Connection: close`, against
 //! nginx) with p50/p99 latency, UDP 64-byte packets per second received
 //! (iperf3), the whole system's CPU during the bulk test (all namespaces
 //! share the cores), and a byte-exact check of a 64 MB transfer. Medians, and
 //! fep's ratio to each peer, go to `BENCHMARKS.md` with the exact commands.
+//! HTTP figures: requests per second with p50/p99 over 64 keep-alive
+//! connections (wrk), and the new-client case (one request per client
+//! connection), where a proxy's pool of open server connections saves the
+//! server handshake.
 //! `--smoke`: 2-second measurements, one run (CI checks the tool works).
 
 use std::fmt::Write as _;
@@ -48,7 +58,8 @@ struct Args {
     /// Do not apt-get install missing tools.
     #[arg(long)]
     no_install: bool,
-    /// Only these scenarios (route, nft, haproxy, fep).
+    /// Only these scenarios (route, nft, haproxy, fep, http-haproxy,
+    /// http-nginx, http-fep).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Record a system-wide `perf` profile (with call graphs) of every fep
@@ -64,13 +75,33 @@ enum Scenario {
     Nft,
     Haproxy,
     Fep,
+    HttpHaproxy,
+    HttpNginx,
+    HttpFep,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+/// Every scenario, in the order each run measures them.
+const SCENARIOS: [Scenario; 7] = [
     Scenario::Route,
     Scenario::Nft,
     Scenario::Haproxy,
     Scenario::Fep,
+    Scenario::HttpHaproxy,
+    Scenario::HttpNginx,
+    Scenario::HttpFep,
+];
+
+/// The packet-path table's columns, and the HTTP table's.
+const PACKET_SCENARIOS: [Scenario; 4] = [
+    Scenario::Route,
+    Scenario::Nft,
+    Scenario::Haproxy,
+    Scenario::Fep,
+];
+const HTTP_SCENARIOS: [Scenario; 3] = [
+    Scenario::HttpHaproxy,
+    Scenario::HttpNginx,
+    Scenario::HttpFep,
 ];
 
 impl Scenario {
@@ -80,7 +111,14 @@ impl Scenario {
             Scenario::Nft => "nft",
             Scenario::Haproxy => "haproxy",
             Scenario::Fep => "fep",
+            Scenario::HttpHaproxy => "http-haproxy",
+            Scenario::HttpNginx => "http-nginx",
+            Scenario::HttpFep => "http-fep",
         }
+    }
+
+    fn is_http(self) -> bool {
+        HTTP_SCENARIOS.contains(&self)
     }
 }
 
@@ -98,6 +136,12 @@ struct Figures {
     cpu_pct: Option<f64>,
     client_time_wait: Option<f64>,
     bytes_exact: Option<bool>,
+    keepalive_rps: Option<f64>,
+    keepalive_p50_ms: Option<f64>,
+    keepalive_p99_ms: Option<f64>,
+    new_client_rps: Option<f64>,
+    new_client_p50_ms: Option<f64>,
+    new_client_p99_ms: Option<f64>,
 }
 
 const BULK_BYTES: u64 = 64 << 20;
@@ -144,10 +188,14 @@ fn main() -> anyhow::Result<()> {
             let profile = args
                 .profile
                 .as_deref()
-                .filter(|_| *s == Scenario::Fep)
+                .filter(|_| matches!(*s, Scenario::Fep | Scenario::HttpFep))
                 .map(|dir| dir.join(format!("fep-{run}")));
-            let f = measure(*s, &bins, args.seconds, profile.as_deref())
-                .with_context(|| format!("scenario {}", s.name()))?;
+            let f = if s.is_http() {
+                measure_http(*s, &bins, args.seconds, profile.as_deref())
+            } else {
+                measure(*s, &bins, args.seconds, profile.as_deref())
+            }
+            .with_context(|| format!("scenario {}", s.name()))?;
             eprintln!("   {f:?}");
             figures.push(f);
         }
@@ -213,7 +261,7 @@ fn measure(
     f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
     drop(p);
     let p = perf("conn")?;
-    let (conn, p50, p99) = wrk(&lab, target, secs)?;
+    let (conn, p50, p99) = wrk(&lab, &format!("http://{target}/"), 32, true, secs)?;
     drop(p);
     (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
     f.client_time_wait = Some(time_wait(&lab)? as f64);
@@ -235,6 +283,54 @@ fn measure(
         }
         None => e,
     })?);
+    Ok(f)
+}
+
+/// An HTTP keep-alive scenario on a fresh topology: 64 keep-alive client
+/// connections, then one request per client connection.
+fn measure_http(
+    s: Scenario,
+    bins: &Bins,
+    secs: u64,
+    profile: Option<&std::path::Path>,
+) -> anyhow::Result<Figures> {
+    let mut lab = Lab::new("fh", 2)?;
+    for i in 0..2 {
+        start_backend(&mut lab, i, bins)?;
+    }
+    let fep = start_scenario(&mut lab, s, bins)?;
+    wait_port(&lab, SocketAddr::new(VIP_V4.into(), 80))?;
+    let url = format!("http://{VIP_V4}/");
+    // Every proxy's answers come from both back ends before measuring.
+    let first = lab.client.enter(|| {
+        (0..4)
+            .map(|_| {
+                http::get(
+                    SocketAddr::new(VIP_V4.into(), 80),
+                    "/",
+                    Duration::from_secs(5),
+                )
+            })
+            .map(|r| r.map(|r| r.body_text()))
+            .collect::<anyhow::Result<Vec<String>>>()
+    })?;
+    let first = first.with_context(|| match &fep {
+        Some(fep) => format!("fep's log:\n{}", fep.log()),
+        None => String::new(),
+    })?;
+    if !first.iter().any(|n| n == "be1") || !first.iter().any(|n| n == "be2") {
+        bail!("the proxy does not spread over both back ends: {first:?}");
+    }
+    let mut f = Figures::default();
+    let p = Perf::record(profile, "http-keepalive")?;
+    let (rps, p50, p99) = wrk(&lab, &url, 64, false, secs)?;
+    drop(p);
+    (f.keepalive_rps, f.keepalive_p50_ms, f.keepalive_p99_ms) = (Some(rps), Some(p50), Some(p99));
+    let p = Perf::record(profile, "http-new-client")?;
+    let (rps, p50, p99) = wrk(&lab, &url, 32, true, secs)?;
+    drop(p);
+    (f.new_client_rps, f.new_client_p50_ms, f.new_client_p99_ms) =
+        (Some(rps), Some(p50), Some(p99));
     Ok(f)
 }
 
@@ -274,6 +370,50 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
             &bins.fep,
             &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
         )?),
+        Scenario::HttpHaproxy => {
+            lab.gateway
+                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            let cfg = lab.dir().join("haproxy-http.cfg");
+            std::fs::write(&cfg, haproxy_http_cfg())?;
+            let child = lab
+                .gateway
+                .command("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            lab.adopt(None, child);
+            None
+        }
+        Scenario::HttpNginx => {
+            lab.gateway
+                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            let dir = lab.dir().join("nginx-gw");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("nginx.conf"), nginx_proxy_cfg(&dir))?;
+            let child = lab
+                .gateway
+                .command("nginx")
+                .arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            lab.adopt(None, child);
+            None
+        }
+        Scenario::HttpFep => Some(lab.start_fep(
+            &bins.fep,
+            &lab.config(
+                false,
+                "health_check_interval_ms = 0\n",
+                &fep_http_services(),
+            ),
+        )?),
     })
 }
 /// The UDP test's figures: datagrams per second, lost, and lost to the back
@@ -311,9 +451,12 @@ fn start_backend(lab: &mut Lab, i: usize, bins: &Bins) -> anyhow::Result<()> {
         format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\n\
              events {{ worker_connections 8192; }}\n\
-             http {{ access_log off; keepalive_timeout 0; server {{ listen 80 reuseport backlog=4096; location / {{ return 200 \"be{1}\\n\"; }} }} }}\n",
+             http {{ access_log off; keepalive_timeout 0;\n\
+             server {{ listen 80 reuseport backlog=4096; location / {{ return 200 \"be{1}\\n\"; }} }}\n\
+             server {{ listen {2} reuseport backlog=4096; keepalive_timeout 60s; keepalive_requests 1000000; location / {{ return 200 \"be{1}\\n\"; }} }} }}\n",
             dir.display(),
-            i + 1
+            i + 1,
+            KEEPALIVE_PORT
         ),
     )?;
     let ns = &lab.backends[i];
@@ -362,6 +505,47 @@ fn haproxy_cfg() -> String {
          frontend web\n  bind {VIP_V4}:80\n  default_backend web\nbackend web\n  balance roundrobin\n  server be1 {b1}:80\n  server be2 {b2}:80\n\
          frontend iperf\n  bind {VIP_V4}:5201\n  default_backend iperf\nbackend iperf\n  server be1 {b1}:5201\n\
          frontend bytes\n  bind {VIP_V4}:8000\n  default_backend bytes\nbackend bytes\n  server be1 {b1}:8000\n"
+    )
+}
+
+/// The back ends' nginx port that keeps connections open (the HTTP
+/// scenarios' upstream).
+const KEEPALIVE_PORT: u16 = 8080;
+
+/// HAProxy as an HTTP proxy on the VIP: keep-alive both sides, idle server
+/// connections shared between clients where safe, two threads (as fep's
+/// HTTP mode has).
+fn haproxy_http_cfg() -> String {
+    let (b1, b2) = (lab::backend_v4(0), lab::backend_v4(1));
+    format!(
+        "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse safe\n\
+         \x20 timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n\
+         frontend web\n  bind {VIP_V4}:80\n  default_backend web\nbackend web\n  balance roundrobin\n\
+         \x20 server be1 {b1}:{KEEPALIVE_PORT}\n  server be2 {b2}:{KEEPALIVE_PORT}\n"
+    )
+}
+
+/// nginx as a reverse proxy on the VIP with a pool of upstream keep-alive
+/// connections (`keepalive 64`), two workers.
+fn nginx_proxy_cfg(dir: &std::path::Path) -> String {
+    let (b1, b2) = (lab::backend_v4(0), lab::backend_v4(1));
+    format!(
+        "daemon off;\nworker_processes 2;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{ access_log off; keepalive_timeout 60s; keepalive_requests 1000000;\n\
+         upstream app {{ server {b1}:{KEEPALIVE_PORT}; server {b2}:{KEEPALIVE_PORT}; keepalive 64; keepalive_requests 1000000; }}\n\
+         server {{ listen {VIP_V4}:80 backlog=4096; location / {{ proxy_pass http://app; proxy_http_version 1.1; \
+         proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
+        dir.display()
+    )
+}
+
+/// fep's HTTP mode on the VIP over both back ends' keep-alive port.
+fn fep_http_services() -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"http\"\n\
+         backend = [{{ node = \"be1\", ratio = 1, port = {KEEPALIVE_PORT} }}, {{ node = \"be2\", ratio = 1, port = {KEEPALIVE_PORT} }}]\n\n\
+         [service.http]\npool_idle_timeout_ms = 30000\n"
     )
 }
 
@@ -478,11 +662,22 @@ fn rcvbuf_errors(ns: &netns::Netns) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
-/// New connections per second, p50 and p99 latency in ms.
-fn wrk(lab: &Lab, target: IpAddr, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
-    let mut args = split(&format!("-t 2 -c 32 -d {secs}s --latency -H"));
-    args.push("Connection: close".into());
-    args.push(format!("http://{target}/"));
+/// Requests per second over `conns` connections (each closed after one
+/// request with `close`: then also new connections per second), p50 and p99
+/// latency in ms.
+fn wrk(
+    lab: &Lab,
+    url: &str,
+    conns: u32,
+    close: bool,
+    secs: u64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let mut args = split(&format!("-t 2 -c {conns} -d {secs}s --latency"));
+    if close {
+        args.push("-H".into());
+        args.push("Connection: close".into());
+    }
+    args.push(url.into());
     let out = client_output(lab, "wrk", &args)?;
     let rps = out
         .lines()
@@ -607,6 +802,40 @@ const METRICS: [(&str, Get, &str); 10] = [
     ),
 ];
 
+/// The HTTP table's rows.
+const HTTP_METRICS: [(&str, Get, &str); 6] = [
+    (
+        "keep-alive requests/s (64 connections)",
+        |f| f.keepalive_rps,
+        "higher",
+    ),
+    (
+        "keep-alive latency p50 (ms)",
+        |f| f.keepalive_p50_ms,
+        "lower",
+    ),
+    (
+        "keep-alive latency p99 (ms)",
+        |f| f.keepalive_p99_ms,
+        "lower",
+    ),
+    (
+        "new-client requests/s (1 request per connection)",
+        |f| f.new_client_rps,
+        "higher",
+    ),
+    (
+        "new-client latency p50 (ms)",
+        |f| f.new_client_p50_ms,
+        "lower",
+    ),
+    (
+        "new-client latency p99 (ms)",
+        |f| f.new_client_p99_ms,
+        "lower",
+    ),
+];
+
 fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
@@ -626,7 +855,7 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         "fep binary: `{}`. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
         bins.fep.display()
     );
-    out.push_str(&table(results));
+    out.push_str(&table(results, &PACKET_SCENARIOS, &METRICS, Scenario::Fep));
     let exact = results
         .iter()
         .all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
@@ -647,38 +876,86 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         fep_services(),
         s = args.seconds
     );
+    if results.iter().any(|(s, _)| s.is_http()) {
+        let _ = writeln!(
+            out,
+            "## HTTP keep-alive\n\nThe back ends' nginx keeps client connections open on port {KEEPALIVE_PORT}; each proxy \
+             listens on the VIP's port 80 with two threads or workers.\n"
+        );
+        out.push_str(&table(
+            results,
+            &HTTP_SCENARIOS,
+            &HTTP_METRICS,
+            Scenario::HttpFep,
+        ));
+        let dir = std::path::Path::new("/tmp/nginx-gw");
+        let _ = writeln!(
+            out,
+            "\nCommands (from the client namespace):\n\n```\nwrk -t 2 -c 64 -d {s}s --latency http://{VIP_V4}/\n\
+             wrk -t 2 -c 32 -d {s}s --latency -H 'Connection: close' http://{VIP_V4}/\n```\n\n\
+             HAProxy config:\n\n```\n{}```\n\nnginx config (gateway):\n\n```\n{}```\n\nfep services:\n\n```toml\n{}```\n",
+            haproxy_http_cfg(),
+            nginx_proxy_cfg(dir),
+            fep_http_services(),
+            s = args.seconds
+        );
+    }
     out
 }
 
-/// The figures' table: each scenario's median, and fep's against its peers.
-fn table(results: &[(Scenario, Vec<Figures>)]) -> String {
+/// A figures' table: each of `columns`' medians, then `fep`'s ratio to each
+/// of the others (its peers in the same run).
+fn table(
+    results: &[(Scenario, Vec<Figures>)],
+    columns: &[Scenario],
+    metrics: &[(&str, Get, &str)],
+    fep: Scenario,
+) -> String {
     let med = |s: Scenario, get: Get| {
         results
             .iter()
             .find(|(x, _)| *x == s)
             .and_then(|(_, fs)| median(fs.iter().filter_map(get).collect()))
     };
+    let peers: Vec<Scenario> = columns
+        .iter()
+        .copied()
+        .filter(|&c| c != fep && c != Scenario::Route)
+        .collect();
     let mut out = String::new();
+    let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
+    let ratios: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} ÷ {}", fep.name(), p.name()))
+        .collect();
     let _ = writeln!(
         out,
-        "| metric | better | route | nft | haproxy | fep | fep ÷ nft | fep ÷ haproxy |"
+        "| metric | better | {} | {} |",
+        names.join(" | "),
+        ratios.join(" | ")
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
-    for (name, get, better) in METRICS {
-        let cell = |s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}"));
-        let ratio = |peer| match (med(Scenario::Fep, get), med(peer, get)) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-            _ => "n/a".into(),
-        };
+    let _ = writeln!(
+        out,
+        "|---|---|{}",
+        "---|".repeat(columns.len() + peers.len())
+    );
+    for &(name, get, better) in metrics {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|&s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}")))
+            .collect();
+        let ratios: Vec<String> = peers
+            .iter()
+            .map(|&peer| match (med(fep, get), med(peer, get)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "n/a".into(),
+            })
+            .collect();
         let _ = writeln!(
             out,
-            "| {name} | {better} | {} | {} | {} | {} | {} | {} |",
-            cell(Scenario::Route),
-            cell(Scenario::Nft),
-            cell(Scenario::Haproxy),
-            cell(Scenario::Fep),
-            ratio(Scenario::Nft),
-            ratio(Scenario::Haproxy)
+            "| {name} | {better} | {} | {} |",
+            cells.join(" | "),
+            ratios.join(" | ")
         );
     }
     out
