@@ -1,9 +1,9 @@
 //! HTTP mode: services whose client connections fep ends itself, to
 //! dispatch them request by request over pools of open server connections.
 //!
-//! It runs on a runtime of its own, apart from the TUN workers and the
-//! control plane: a flood of HTTP clients cannot delay an agent report or an
-//! admin command. It reads the same transfer table as the TUN path — ratios,
+//! It runs on threads of its own (`threads`), apart from the TUN workers
+//! and the control plane: a flood of HTTP clients cannot delay an agent
+//! report or an admin command. It reads the same transfer table as the TUN path — ratios,
 //! effective ratios, drains, pins, loads and health all apply — and counts
 //! each request in flight as a route of its back end, so that `least-routes`
 //! weighs in-flight requests and a drain completes when they have.
@@ -18,6 +18,7 @@ mod proxy;
 mod request;
 mod session;
 pub mod stats;
+mod threads;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use threads::Threads;
 
 use crate::dispatcher::Dispatcher;
 use crate::transfer_table::{ServiceId, TransferTable};
@@ -36,18 +38,18 @@ use stats::BackendStats;
 
 const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
 
-/// Threads of HTTP mode's runtime.
+/// HTTP mode's threads.
 const THREADS: usize = 2;
 
-/// A running service's listener task and state.
+/// A running service's listener tasks (one per thread) and state.
 struct Running {
     front: Arc<ServiceFront>,
-    accept: tokio::task::JoinHandle<()>,
+    accepts: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// HTTP mode's services, as the views and metrics read them.
 pub struct HttpFront {
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    threads: Arc<Threads>,
     services: Arc<Mutex<HashMap<ServiceId, Running>>>,
 }
 
@@ -58,35 +60,23 @@ pub struct BackendSnapshot<'a> {
 }
 
 impl HttpFront {
-    /// Starts the runtime and the listeners of the table's HTTP services
+    /// Starts the threads and the listeners of the table's HTTP services
     /// (bound before this returns), then follows the table.
     pub fn start(dispatcher: Arc<Dispatcher>) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(THREADS)
-            .thread_name("fep-http")
-            .enable_all()
-            .build()
-            .context("cannot start HTTP mode's runtime")?;
+        let threads = Arc::new(Threads::start(THREADS)?);
         let services = Arc::new(Mutex::new(HashMap::new()));
-        let first = runtime.block_on(async {
-            let mut last = None;
-            follow(&dispatcher, &services, &mut last)?;
-            anyhow::Ok(last)
-        })?;
-        let shared = services.clone();
-        runtime.spawn(async move {
-            let (services, mut last) = (shared, first);
+        let mut last = None;
+        follow(&dispatcher, &threads, &services, &mut last)?;
+        let (shared, on) = (services.clone(), threads.clone());
+        threads.handle(0).spawn(async move {
             loop {
                 tokio::time::sleep(MAINTAIN_EVERY).await;
-                if let Err(e) = follow(&dispatcher, &services, &mut last) {
+                if let Err(e) = follow(&dispatcher, &on, &shared, &mut last) {
                     tracing::error!("HTTP mode: {e:#}");
                 }
             }
         });
-        Ok(HttpFront {
-            runtime: Mutex::new(Some(runtime)),
-            services,
-        })
+        Ok(HttpFront { threads, services })
     }
 
     /// Calls `f` with the HTTP service in `slot`, if it runs, and its back
@@ -105,7 +95,7 @@ impl HttpFront {
             .zip(&sessions)
             .map(|(b, &sessions)| {
                 b.as_ref().map(|b| BackendSnapshot {
-                    stats: b.pool.stats(),
+                    stats: &b.stats,
                     sessions,
                 })
             })
@@ -121,17 +111,10 @@ impl HttpFront {
         slots
     }
 
-    /// Stops accepting and ends every connection (within a second). Called
-    /// outside any runtime.
+    /// Stops accepting and ends every connection. Called outside any
+    /// runtime.
     pub fn stop(&self) {
-        let runtime = self
-            .runtime
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(rt) = runtime {
-            rt.shutdown_timeout(Duration::from_secs(1));
-        }
+        self.threads.stop();
     }
 }
 
@@ -139,13 +122,14 @@ impl HttpFront {
 /// ranges and sessions always.
 fn follow(
     dispatcher: &Arc<Dispatcher>,
+    threads: &Threads,
     services: &Mutex<HashMap<ServiceId, Running>>,
     last: &mut Option<Arc<TransferTable>>,
 ) -> anyhow::Result<()> {
     let table = dispatcher.table();
     let mut running = services.lock().unwrap_or_else(|e| e.into_inner());
     if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &table)) {
-        reconcile(dispatcher, &table, &mut running)?;
+        reconcile(dispatcher, threads, &table, &mut running)?;
         *last = Some(table.clone());
     }
     let now = Instant::now();
@@ -154,9 +138,11 @@ fn follow(
         for (b, front) in svc.backends.iter().zip(run.front.backends.load().iter()) {
             if let Some(front) = front {
                 let ratio = if b.removed { 0 } else { b.ratio() };
-                front
-                    .pool
-                    .maintain(Range::for_backend(&run.front.cfg, ratio, b.overloaded()));
+                let shares = front.pools.len() as u32;
+                let range = Range::for_backend(&run.front.cfg, ratio, b.overloaded(), shares);
+                for pool in &front.pools {
+                    pool.maintain(range);
+                }
             }
         }
         run.front.sessions.expire(now);
@@ -166,10 +152,11 @@ fn follow(
 }
 
 /// Brings listeners and pools to `table`: a listener per configured HTTP
-/// service (restarted when its settings changed), a pool per back end
-/// (kept while the slot's endpoint is the same).
+/// service and thread (restarted when its settings changed), a pool per
+/// back end and thread (kept while the slot's endpoint is the same).
 fn reconcile(
     dispatcher: &Arc<Dispatcher>,
+    threads: &Threads,
     table: &TransferTable,
     running: &mut HashMap<ServiceId, Running>,
 ) -> anyhow::Result<()> {
@@ -177,7 +164,7 @@ fn reconcile(
         let svc = table.service(*slot);
         let keep = !svc.removed && svc.http.as_ref() == Some(&run.front.cfg);
         if !keep {
-            run.accept.abort();
+            run.accepts.iter().for_each(|a| a.abort());
             tracing::info!("HTTP service '{}': listener closed", run.front.name);
         }
         keep
@@ -194,16 +181,33 @@ fn reconcile(
                 cfg.clone(),
                 dispatcher.clone(),
             ));
-            let listener = proxy::bind(front.vip).with_context(|| {
-                format!(
-                    "HTTP service '{}': cannot listen on {} (fep needs root or CAP_NET_ADMIN \
-                     for a transparent socket, and the port must be free)",
-                    svc.name, front.vip
-                )
-            })?;
+            let mut accepts = Vec::with_capacity(threads.len());
+            for shard in 0..threads.len() {
+                let on = threads.handle(shard);
+                // Registered with that thread's reactor.
+                let bound = {
+                    let _in = on.enter();
+                    proxy::bind(front.vip)
+                };
+                let listener = match bound {
+                    Ok(l) => l,
+                    Err(e) => {
+                        accepts
+                            .iter()
+                            .for_each(|a: &tokio::task::JoinHandle<()>| a.abort());
+                        return Err(e).with_context(|| {
+                            format!(
+                                "HTTP service '{}': cannot listen on {} (fep needs root or \
+                                 CAP_NET_ADMIN for a transparent socket, and the port must be free)",
+                                svc.name, front.vip
+                            )
+                        });
+                    }
+                };
+                accepts.push(on.spawn(front.clone().accept(listener, shard)));
+            }
             tracing::info!("HTTP service '{}': listening on {}", svc.name, front.vip);
-            let accept = tokio::spawn(front.clone().accept(listener));
-            entry.insert(Running { front, accept });
+            entry.insert(Running { front, accepts });
         }
         let front = &running[&slot].front;
         let old = front.backends.load();
@@ -214,29 +218,26 @@ fn reconcile(
             .map(|(i, b)| {
                 let addr = SocketAddr::new(crate::wire::ip_from_addr(&b.addr), b.port);
                 match old.get(i).cloned().flatten() {
-                    Some(f) if f.pool.addr() == addr && f.node == b.node => Some(f),
+                    Some(f) if f.pools[0].addr() == addr && f.node == b.node => Some(f),
                     _ if b.removed => None,
-                    _ => Some(Arc::new(BackendFront {
-                        pool: Arc::new(Pool::new(addr, cfg, Arc::new(BackendStats::default()))),
-                        node: b.node.clone(),
-                    })),
+                    _ => {
+                        let stats = Arc::new(BackendStats::default());
+                        let pools = (0..threads.len())
+                            .map(|t| {
+                                let on = threads.handle(t).clone();
+                                Arc::new(Pool::new(addr, cfg, stats.clone(), on))
+                            })
+                            .collect();
+                        Some(Arc::new(BackendFront {
+                            pools,
+                            stats,
+                            node: b.node.clone(),
+                        }))
+                    }
                 }
             })
             .collect();
         front.backends.store(Arc::new(backends));
     }
     Ok(())
-}
-
-impl Drop for HttpFront {
-    fn drop(&mut self) {
-        let runtime = self
-            .runtime
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(rt) = runtime {
-            rt.shutdown_background();
-        }
-    }
 }

@@ -7,9 +7,14 @@
 //! up to the pool's current range, which follows the back end's state:
 //! none idle for a back end out of the transfer table (down, drained,
 //! draining), fewer for one overloaded.
+//!
+//! Each of HTTP mode's threads has a pool of its own per back end (its
+//! share of the range), so a request, its server connection and the
+//! connection's task run on one thread: no lock or wake-up crosses threads
+//! on a request's way.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,18 +40,20 @@ pub struct Range {
 }
 
 impl Range {
-    /// The range for a back end with `ratio` (its effective ratio: 0 when
-    /// down, draining or drained), `overloaded` or not.
-    pub fn for_backend(cfg: &HttpConfig, ratio: u32, overloaded: bool) -> Range {
+    /// One of `shares` pools' range for a back end with `ratio` (its
+    /// effective ratio: 0 when down, draining or drained), `overloaded` or
+    /// not: the back end's range divided, rounded up.
+    pub fn for_backend(cfg: &HttpConfig, ratio: u32, overloaded: bool, shares: u32) -> Range {
+        let share = |n: u32| n.div_ceil(shares.max(1));
         match (ratio, overloaded) {
             (0, _) => Range { min: 0, max: 0 },
             (_, true) => Range {
                 min: 0,
-                max: cfg.pool_min_idle,
+                max: share(cfg.pool_min_idle),
             },
             _ => Range {
-                min: cfg.pool_min_idle,
-                max: cfg.pool_max_idle,
+                min: share(cfg.pool_min_idle),
+                max: share(cfg.pool_max_idle),
             },
         }
     }
@@ -62,18 +69,31 @@ pub struct Pool {
     /// Oldest first; taken from the end.
     idle: Mutex<Vec<Idle>>,
     connecting: AtomicU32,
+    /// Idle connections now (what `idle` holds), readable without its lock.
+    idle_now: AtomicU64,
     range: Mutex<Range>,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// The back end's counters, shared by its pools on every thread.
     stats: Arc<BackendStats>,
+    /// The thread (runtime) whose requests use this pool: refills open
+    /// connections there.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, cfg: &HttpConfig, stats: Arc<BackendStats>) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        cfg: &HttpConfig,
+        stats: Arc<BackendStats>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         Pool {
             addr,
             idle: Mutex::new(Vec::new()),
             connecting: AtomicU32::new(0),
+            idle_now: AtomicU64::new(0),
+            runtime,
             range: Mutex::new(Range { min: 0, max: 0 }),
             idle_timeout: Duration::from_millis(cfg.pool_idle_timeout_ms),
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
@@ -85,10 +105,6 @@ impl Pool {
         self.addr
     }
 
-    pub fn stats(&self) -> &Arc<BackendStats> {
-        &self.stats
-    }
-
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -97,13 +113,23 @@ impl Pool {
         *self.range.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records `n` idle here, and the change in the back end's total.
     fn set_idle_gauge(&self, n: usize) {
-        self.stats.idle.store(n as u64, Ordering::Relaxed);
+        let before = self.idle_now.swap(n as u64, Ordering::Relaxed);
+        if n as u64 >= before {
+            self.stats
+                .idle
+                .fetch_add(n as u64 - before, Ordering::Relaxed);
+        } else {
+            self.stats
+                .idle
+                .fetch_sub(before - n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Idle connections now.
     pub fn idle_count(&self) -> usize {
-        self.idle().len()
+        self.idle_now.load(Ordering::Relaxed) as usize
     }
 
     /// The newest idle connection that is still open and ready, if any;
@@ -195,7 +221,7 @@ impl Pool {
         for _ in have..min {
             self.connecting.fetch_add(1, Ordering::Relaxed);
             let pool = self.clone();
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 if let Ok(sender) = pool.connect().await {
                     pool.release(sender);
                 }
@@ -267,10 +293,21 @@ mod tests {
             ..HttpConfig::default()
         };
         assert_eq!(
-            Range::for_backend(&cfg, 2, false),
+            Range::for_backend(&cfg, 2, false, 1),
             Range { min: 4, max: 16 }
         );
-        assert_eq!(Range::for_backend(&cfg, 1, true), Range { min: 0, max: 4 });
-        assert_eq!(Range::for_backend(&cfg, 0, false), Range { min: 0, max: 0 });
+        assert_eq!(
+            Range::for_backend(&cfg, 1, true, 1),
+            Range { min: 0, max: 4 }
+        );
+        assert_eq!(
+            Range::for_backend(&cfg, 0, false, 1),
+            Range { min: 0, max: 0 }
+        );
+        // Split over 3 threads, rounded up: never below the configured total.
+        assert_eq!(
+            Range::for_backend(&cfg, 2, false, 3),
+            Range { min: 2, max: 6 }
+        );
     }
 }

@@ -24,7 +24,7 @@ use super::body::{ReqBody, RespBody};
 use super::pool::{Lease, Pool, Sender};
 use super::request;
 use super::session::Sessions;
-use super::stats::{Refusal, ServiceStats};
+use super::stats::{BackendStats, Refusal, ServiceStats};
 use crate::chooser::Candidate;
 use crate::dispatcher::Dispatcher;
 use crate::transfer_table::{BackendId, InFlight, Service, ServiceId};
@@ -33,12 +33,17 @@ use crate::transfer_table::{BackendId, InFlight, Service, ServiceId};
 /// as it was chosen (a drain or a failure at that moment).
 const CHOOSE_ATTEMPTS: usize = 3;
 
-/// One back end as HTTP mode sees it: its pool and counters, kept across
-/// table rebuilds while its slot is the same endpoint.
+/// One back end as HTTP mode sees it: a pool per thread and its counters,
+/// kept across table rebuilds while its slot is the same endpoint.
 pub struct BackendFront {
-    pub pool: Arc<Pool>,
+    /// By thread (`Shard`): each thread's requests use its own pool.
+    pub pools: Vec<Arc<Pool>>,
+    pub stats: Arc<BackendStats>,
     pub node: String,
 }
+
+/// One of HTTP mode's threads, by index.
+pub type Shard = usize;
 
 /// One HTTP service's listener state, shared by its connections.
 pub struct ServiceFront {
@@ -142,15 +147,12 @@ impl ServiceFront {
     /// Responses from (or for) its back ends so far.
     pub fn requests(&self) -> u64 {
         let backends = self.backends.load();
-        backends
-            .iter()
-            .flatten()
-            .map(|b| b.pool.stats().requests())
-            .sum()
+        backends.iter().flatten().map(|b| b.stats.requests()).sum()
     }
 
-    /// Accepts clients until the task is aborted, within the limits.
-    pub async fn accept(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts clients on thread `shard`'s listener until the task is
+    /// aborted, within the limits.
+    pub async fn accept(self: Arc<Self>, listener: TcpListener, shard: Shard) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -170,7 +172,7 @@ impl ServiceFront {
             }
             let front = self.clone();
             tokio::spawn(async move {
-                front.serve(stream, peer).await;
+                front.serve(stream, peer, shard).await;
                 front.leave(peer.ip());
                 drop(permit);
             });
@@ -196,13 +198,14 @@ impl ServiceFront {
     /// Serves one client connection: HTTP/1.1, one request at a time, so a
     /// request goes to its back end only once the previous response is
     /// complete.
-    async fn serve(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn serve(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, shard: Shard) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let service = Handler {
             front: self.clone(),
             peer,
+            shard,
         };
         let mut conn = client_side(&self.cfg)
             .serve_connection(TokioIo::new(stream), service)
@@ -245,12 +248,13 @@ impl ServiceFront {
     /// request chooses again instead of reaching a drained node.
     fn choose_and_hold(
         &self,
+        shard: Shard,
         svc: &Service,
         req: &Request<Incoming>,
         session: Option<u128>,
     ) -> Option<(BackendId, InFlight)> {
         for _ in 0..CHOOSE_ATTEMPTS {
-            let backend = self.choose(svc, req, session)?;
+            let backend = self.choose(shard, svc, req, session)?;
             let be = &svc.backends[usize::from(backend)];
             let held = be.in_flight();
             std::sync::atomic::fence(Ordering::SeqCst);
@@ -262,9 +266,11 @@ impl ServiceFront {
     }
 
     /// The back end for a request: its session's, or the chooser's among
-    /// the back ends its content rule allows.
+    /// the back ends its content rule allows (ties to the one with more
+    /// idle connections in this thread's pools).
     fn choose(
         &self,
+        shard: Shard,
         svc: &Service,
         req: &Request<Incoming>,
         session: Option<u128>,
@@ -286,7 +292,8 @@ impl ServiceFront {
                 idle: fronts
                     .get(i)
                     .and_then(Option::as_ref)
-                    .map_or(0, |f| f.pool.stats().idle.load(Ordering::Relaxed) as u32),
+                    .and_then(|f| f.pools.get(shard))
+                    .map_or(0, |p| p.idle_count() as u32),
                 ratio: if rule.is_none_or(|r| r.nodes.contains(&b.node)) {
                     b.ratio()
                 } else {
@@ -301,6 +308,7 @@ impl ServiceFront {
 
     async fn handle(
         self: Arc<Self>,
+        shard: Shard,
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<RespBody> {
@@ -319,7 +327,7 @@ impl ServiceFront {
         } else {
             None
         };
-        let Some((backend, in_flight)) = self.choose_and_hold(svc, &req, session) else {
+        let Some((backend, in_flight)) = self.choose_and_hold(shard, svc, &req, session) else {
             self.stats.refused(Refusal::NoBackend);
             return Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -332,7 +340,11 @@ impl ServiceFront {
             .response();
         };
         let fronts = self.backends.load();
-        let Some(front) = fronts.get(usize::from(backend)).cloned().flatten() else {
+        let pool = fronts
+            .get(usize::from(backend))
+            .and_then(Option::as_ref)
+            .and_then(|f| Some((f.clone(), f.pools.get(shard)?.clone())));
+        let Some((front, pool)) = pool else {
             self.stats.refused(Refusal::NoBackend);
             return Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -362,8 +374,8 @@ impl ServiceFront {
         };
         let request = Request::from_parts(parts, body);
         let started = Instant::now();
-        let stats = front.pool.stats().clone();
-        let (mut resp, lease) = match self.send(&front, request, replay).await {
+        let stats = front.stats.clone();
+        let (mut resp, lease) = match self.send(&front, &pool, request, replay).await {
             Ok(r) => r,
             Err(answer) => {
                 stats.response(answer.status.as_u16(), started.elapsed());
@@ -423,6 +435,7 @@ impl ServiceFront {
     async fn send(
         &self,
         front: &BackendFront,
+        pool: &Arc<Pool>,
         mut request: Request<ReqBody>,
         replay: Option<Replay>,
     ) -> Result<(Response<Incoming>, Lease), Answer> {
@@ -430,19 +443,16 @@ impl ServiceFront {
         let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
         let mut attempt = 0;
         loop {
-            let sender: Sender = match front.pool.take().await {
+            let sender: Sender = match pool.take().await {
                 Some(s) => s,
-                None => front.pool.connect().await.map_err(|e| {
+                None => pool.connect().await.map_err(|e| {
                     Answer::new(
                         StatusCode::BAD_GATEWAY,
-                        format!(
-                            "cannot connect to back end '{node}' ({}): {e}",
-                            front.pool.addr()
-                        ),
+                        format!("cannot connect to back end '{node}' ({}): {e}", pool.addr()),
                     )
                 })?,
             };
-            let mut lease = Lease::new(front.pool.clone(), sender);
+            let mut lease = Lease::new(pool.clone(), sender);
             let sent =
                 tokio::time::timeout(timeout, lease.sender().try_send_request(request)).await;
             let err = match sent {
@@ -481,7 +491,7 @@ impl ServiceFront {
                     format!("back end '{node}': {attempt} connections failed: {broken}"),
                 ));
             }
-            front.pool.stats().retries.fetch_add(1, Ordering::Relaxed);
+            front.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -558,6 +568,7 @@ pub async fn client_edge(cfg: &HttpConfig, input: &[u8]) -> Vec<u8> {
 struct Handler {
     front: Arc<ServiceFront>,
     peer: SocketAddr,
+    shard: Shard,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Handler {
@@ -566,13 +577,15 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     type Future = Pin<Box<dyn Future<Output = Result<Response<RespBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let (front, peer) = (self.front.clone(), self.peer);
-        Box::pin(async move { Ok(front.handle(peer, req).await) })
+        let (front, peer, shard) = (self.front.clone(), self.peer, self.shard);
+        Box::pin(async move { Ok(front.handle(shard, peer, req).await) })
     }
 }
 
 /// A listener on an HTTP service's (VIP, port): transparent, since the VIP
-/// is not an address of the gateway (a rule delivers its port locally).
+/// is not an address of the gateway (a rule delivers its port locally), and
+/// one per thread on the same port (`SO_REUSEPORT`: the kernel spreads new
+/// connections over them).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use std::os::fd::AsRawFd;
     let socket = if addr.is_ipv4() {
@@ -581,6 +594,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     let (level, name) = if addr.is_ipv4() {
         (libc::SOL_IP, libc::IP_TRANSPARENT)
     } else {
