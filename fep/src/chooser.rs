@@ -24,6 +24,21 @@ pub(crate) trait Candidate {
     }
 }
 
+impl<C: Candidate> Candidate for &C {
+    fn ratio(&self) -> u32 {
+        (*self).ratio()
+    }
+    fn routes(&self) -> u32 {
+        (*self).routes()
+    }
+    fn load(&self) -> f64 {
+        (*self).load()
+    }
+    fn preference(&self) -> u32 {
+        (*self).preference()
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum Chooser {
     /// Smooth weighted round robin; the state is each back end's current weight.
@@ -51,26 +66,26 @@ impl Chooser {
         }
     }
 
-    /// Index of the chosen back end, `None` if every ratio is 0.
-    pub(crate) fn choose<C: Candidate>(&self, backends: &[C]) -> Option<usize> {
+    /// Index of the chosen back end among `backends` (one per back-end
+    /// slot, in order), `None` if every ratio is 0.
+    pub(crate) fn choose<C: Candidate>(
+        &self,
+        backends: impl IntoIterator<Item = C>,
+    ) -> Option<usize> {
+        let backends = backends.into_iter();
         match self {
             Chooser::Ratio(current) => {
                 let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+                let slots = current.len();
                 smooth_weighted(
                     &mut current,
-                    backends.iter().map(|b| (b.ratio(), b.preference())),
+                    backends.take(slots).map(|b| (b.ratio(), b.preference())),
                 )
             }
-            Chooser::LeastRoutes => least_routes(
-                backends
-                    .iter()
-                    .map(|b| (b.routes(), b.ratio(), b.preference())),
-            ),
-            Chooser::Load => least_load(
-                backends
-                    .iter()
-                    .map(|b| (b.load(), b.ratio(), b.preference())),
-            ),
+            Chooser::LeastRoutes => {
+                least_routes(backends.map(|b| (b.routes(), b.ratio(), b.preference())))
+            }
+            Chooser::Load => least_load(backends.map(|b| (b.load(), b.ratio(), b.preference()))),
         }
     }
 }

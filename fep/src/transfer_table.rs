@@ -169,9 +169,12 @@ impl Service {
     }
 
     /// Picks among `candidates`, one per back end slot in order (a view of
-    /// the back ends with other ratios or counts, e.g. a content rule's).
-    pub(crate) fn choose_from<C: Candidate>(&self, candidates: &[C]) -> Option<BackendId> {
-        debug_assert_eq!(candidates.len(), self.backends.len());
+    /// the back ends with other ratios or counts, e.g. a content rule's),
+    /// built as the chooser reads them.
+    pub(crate) fn choose_from<C: Candidate>(
+        &self,
+        candidates: impl IntoIterator<Item = C>,
+    ) -> Option<BackendId> {
         self.chooser.choose(candidates).map(|i| i as BackendId)
     }
 

@@ -106,6 +106,13 @@ impl Candidate for View {
     }
 }
 
+/// A request to a service's `session_start` or `session_end` path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boundary {
+    Start,
+    End,
+}
+
 /// A body-less idempotent request's head, kept to send it again.
 struct Replay {
     method: Method,
@@ -281,29 +288,28 @@ impl ServiceFront {
                 return Some(b);
             }
         }
-        let host = request::host_of(req);
-        let rule = request::matching_rule(&self.cfg.rules, host.as_deref(), req.uri().path());
+        let rule = if self.cfg.rules.is_empty() {
+            None
+        } else {
+            let host = request::host_of(req);
+            request::matching_rule(&self.cfg.rules, host.as_deref(), req.uri().path())
+        };
         let fronts = self.backends.load();
-        let views: Vec<View> = svc
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| View {
-                idle: fronts
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .and_then(|f| f.pools.get(shard))
-                    .map_or(0, |p| p.idle_count() as u32),
-                ratio: if rule.is_none_or(|r| r.nodes.contains(&b.node)) {
-                    b.ratio()
-                } else {
-                    0
-                },
-                routes: b.routes(),
-                load: b.load(),
-            })
-            .collect();
-        svc.choose_from(&views)
+        let views = svc.backends.iter().enumerate().map(|(i, b)| View {
+            idle: fronts
+                .get(i)
+                .and_then(Option::as_ref)
+                .and_then(|f| f.pools.get(shard))
+                .map_or(0, |p| p.idle_count() as u32),
+            ratio: if rule.is_none_or(|r| r.nodes.contains(&b.node)) {
+                b.ratio()
+            } else {
+                0
+            },
+            routes: b.routes(),
+            load: b.load(),
+        });
+        svc.choose_from(views)
     }
 
     async fn handle(
@@ -321,7 +327,7 @@ impl ServiceFront {
             )
             .response();
         }
-        let path = req.uri().path().to_string();
+        let boundary = self.boundary(req.uri().path());
         let session = if self.cfg.session_start.is_some() {
             request::session_id(req.headers())
         } else {
@@ -392,28 +398,38 @@ impl ServiceFront {
             return Response::from_parts(parts, RespBody::Text(None));
         }
         request::strip_hop_by_hop(resp.headers_mut(), false);
-        self.session_after(&path, session, backend, resp.headers_mut());
+        self.session_after(boundary, session, backend, resp.headers_mut());
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, RespBody::backend(body, lease, in_flight))
+    }
+
+    /// Whether a request to `path` starts or ends a session.
+    fn boundary(&self, path: &str) -> Option<Boundary> {
+        if self.cfg.session_end.as_deref() == Some(path) {
+            Some(Boundary::End)
+        } else if self.cfg.session_start.as_deref() == Some(path) {
+            Some(Boundary::Start)
+        } else {
+            None
+        }
     }
 
     /// A session's start or end: the cookie that says so.
     fn session_after(
         &self,
-        path: &str,
+        boundary: Option<Boundary>,
         session: Option<u128>,
         backend: BackendId,
         headers: &mut HeaderMap,
     ) {
-        let cfg = &self.cfg;
-        if cfg.session_end.as_deref() == Some(path) {
+        if boundary == Some(Boundary::End) {
             if let Some(id) = session {
                 if self.sessions.end(id) {
                     self.stats.sessions_ended.fetch_add(1, Ordering::Relaxed);
                 }
                 headers.append(hyper::header::SET_COOKIE, request::session_cookie(None));
             }
-        } else if cfg.session_start.as_deref() == Some(path) {
+        } else if boundary == Some(Boundary::Start) {
             if let Some(id) = session {
                 self.sessions.end(id);
             }
