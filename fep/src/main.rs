@@ -7,12 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use fep_shared::FepConfig;
 
-/// HTTP mode allocates per request (hyper's heads and bodies); mimalloc's
-/// thread-local free lists make that cheaper than glibc's malloc. The packet
-/// path allocates nothing either way.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Front-end processor: dispatches client connections to back-end nodes by
 /// ratio through a TUN device, and relays the replies.
 #[derive(Parser)]
