@@ -627,12 +627,7 @@ fn http_services_follow_runtime_changes_restarts_and_cleanup() {
     // A restart: the listener is back with the same service, the ratio set
     // at run time kept.
     assert_eq!(fepctl(&r, &["ratio", "web", "be1", "3"]).0, 0);
-    assert!(r.fep.stop().unwrap().success());
-    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
-    r.fep = r
-        .lab
-        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
-        .unwrap();
+    r.restart();
     let got = names(&r, &mut connect(&r), "/", 40);
     assert_eq!(tally(&got, 2), [30, 10], "3:1 after the restart");
 

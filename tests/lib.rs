@@ -84,6 +84,16 @@ impl Running {
             .expect("starting fep");
         Running { lab, fep }
     }
+
+    /// Stops fep (cleanly) and starts it again on the same config file.
+    pub fn restart(&mut self) {
+        assert!(self.fep.stop().unwrap().success(), "fep stopped cleanly");
+        let config = std::fs::read_to_string(self.lab.dir().join("fep.toml")).unwrap();
+        self.fep = self
+            .lab
+            .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
+            .expect("starting fep again");
+    }
 }
 
 /// Asserts that nothing of fep's set-up is left in `gw` (after a clean-up):

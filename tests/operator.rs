@@ -344,12 +344,8 @@ fn a_restart_keeps_runtime_changes_and_reloads_apply_or_are_refused() {
     let mut r = start("frs");
     ok(&r, &["ratio", "web", "be1", "3"]);
     ok(&r, &["pin", "be2", "--load", "7"]);
-    assert!(r.fep.stop().unwrap().success());
+    r.restart();
     let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
-    r.fep = r
-        .lab
-        .start_fep(&lab::workspace_bin("fep").unwrap(), &config)
-        .unwrap();
     assert_eq!(
         backend(&r, "web", "be1").configured_ratio,
         3,

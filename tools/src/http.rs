@@ -199,6 +199,24 @@ impl KeepAlive {
         })
     }
 
+    /// `method path` with this connection's `Host` and `headers`.
+    fn build(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: ClientBody,
+    ) -> anyhow::Result<hyper::Request<ClientBody>> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(body).context("building the request")
+    }
+
     /// `GET path`, the body read into memory.
     pub fn get(&mut self, path: &str) -> anyhow::Result<Response> {
         self.request("GET", path, &[], empty())
@@ -215,14 +233,7 @@ impl KeepAlive {
         mut sink: impl FnMut(&[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<(u16, Vec<(String, String)>)> {
         use http_body_util::BodyExt;
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(body).context("building the request")?;
+        let req = self.build(method, path, headers, body)?;
         let (sender, timeout) = (&mut self.sender, self.timeout);
         self.runtime.block_on(async {
             let exchange = async {
@@ -231,17 +242,7 @@ impl KeepAlive {
                     .send_request(req)
                     .await
                     .context("sending the request")?;
-                let status = resp.status().as_u16();
-                let headers = resp
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).to_string(),
-                        )
-                    })
-                    .collect();
+                let (status, headers) = head_of(&resp);
                 let mut body = resp.into_body();
                 while let Some(frame) = body.frame().await {
                     if let Some(data) = frame.context("reading the response body")?.data_ref() {
@@ -285,30 +286,14 @@ impl KeepAlive {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(Response, Upgraded)> {
-        let mut req = hyper::Request::builder()
-            .uri(path)
-            .header("host", &self.host);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(empty()).context("building the request")?;
+        let req = self.build("GET", path, headers, empty())?;
         let sender = &mut self.sender;
         let (resp, io) = self.runtime.block_on(async {
             let resp = sender
                 .send_request(req)
                 .await
                 .context("sending the upgrade")?;
-            let status = resp.status().as_u16();
-            let headers = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).to_string(),
-                    )
-                })
-                .collect();
+            let (status, headers) = head_of(&resp);
             let head = Response {
                 status,
                 headers,
@@ -332,6 +317,21 @@ impl KeepAlive {
             },
         ))
     }
+}
+
+/// A response's status and headers, as [`Response`] holds them.
+fn head_of<B>(resp: &hyper::Response<B>) -> (u16, Vec<(String, String)>) {
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
+        .collect();
+    (resp.status().as_u16(), headers)
 }
 
 /// A connection after a 101: bytes both ways, blocking.

@@ -350,20 +350,7 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
             None
         }
         Scenario::Haproxy => {
-            lab.gateway
-                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            let cfg = lab.dir().join("haproxy.cfg");
-            std::fs::write(&cfg, haproxy_cfg())?;
-            let child = lab
-                .gateway
-                .command("haproxy")
-                .arg("-db")
-                .arg("-f")
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            lab.adopt(None, child);
+            start_haproxy(lab, "haproxy.cfg", &haproxy_cfg())?;
             None
         }
         Scenario::Fep => Some(lab.start_fep(
@@ -371,25 +358,11 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
             &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
         )?),
         Scenario::HttpHaproxy => {
-            lab.gateway
-                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            let cfg = lab.dir().join("haproxy-http.cfg");
-            std::fs::write(&cfg, haproxy_http_cfg())?;
-            let child = lab
-                .gateway
-                .command("haproxy")
-                .arg("-db")
-                .arg("-f")
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            lab.adopt(None, child);
+            start_haproxy(lab, "haproxy-http.cfg", &haproxy_http_cfg())?;
             None
         }
         Scenario::HttpNginx => {
-            lab.gateway
-                .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            vip_on_gateway(lab)?;
             let dir = lab.dir().join("nginx-gw");
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join("nginx.conf"), nginx_proxy_cfg(&dir))?;
@@ -416,6 +389,31 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
         )?),
     })
 }
+/// The VIP as an address of the gateway, for a proxy listening on it.
+fn vip_on_gateway(lab: &Lab) -> anyhow::Result<()> {
+    lab.gateway
+        .ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])
+}
+
+/// HAProxy on the gateway's VIP with the config `text` (written to `file`
+/// in the lab), in the foreground, stopped with the lab.
+fn start_haproxy(lab: &mut Lab, file: &str, text: &str) -> anyhow::Result<()> {
+    vip_on_gateway(lab)?;
+    let cfg = lab.dir().join(file);
+    std::fs::write(&cfg, text)?;
+    let child = lab
+        .gateway
+        .command("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    lab.adopt(None, child);
+    Ok(())
+}
+
 /// The UDP test's figures: datagrams per second, lost, and lost to the back
 /// ends' full receive buffers (the load generator outrunning the server, not
 /// the path).
