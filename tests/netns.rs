@@ -1,13 +1,16 @@
 //! End-to-end: real kernel TCP and UDP from a client namespace, through fep
 //! on the gateway's TUN device, to back-end namespaces and back.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use fep_shared::api::Count;
 use fep_tests::{
-    expected_io, http, pattern, skip_without_root, start, start_with_top, status, tally, TIMEOUT,
+    counters, dropped, echo, expected_io, http, open_echo_to, pattern, sample, scrape,
+    skip_without_root, start, start_with_top, status, tally, wait_for, Running, TIMEOUT,
 };
-use fep_tools::lab::{VIP_V4, VIP_V6};
+use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
 
 const WEB_2_1_1: &str = r#"
 [[service]]
@@ -308,4 +311,121 @@ fn unknown_ports_are_not_forwarded_and_fep_exits_clean() {
     let out = fep_tests::cleanup(&r);
     assert!(out.status.success(), "{out:?}");
     fep_tests::assert_nothing_left(gw);
+}
+
+/// A lab whose one back end runs the echo server (its name, then every
+/// byte back) on 7000, and fep with an `echo` service there limited to two
+/// connections (`extra` adds keys to it), its metrics on 127.0.0.1:9100.
+fn start_limited_echo(tag: &str, extra: &str) -> Running {
+    let mut lab = Lab::new(tag, 1).expect("building the lab");
+    let mut args = lab::testsrv_args(0, &[], &[]);
+    args.extend(["--echo".to_string(), "7000".to_string()]);
+    lab.start_backend_server(0, &lab::workspace_bin("fep-testsrv").unwrap(), &args)
+        .expect("starting the echo server");
+    let services = format!(
+        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\n\
+         max_connections = 2\n{extra}\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
+    );
+    Running::start(lab, "metrics_listen = \"127.0.0.1:9100\"", &services)
+}
+
+/// A connection attempt from the client to `addr` within `timeout`.
+fn connect(r: &Running, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    r.lab
+        .client
+        .enter(|| TcpStream::connect_timeout(&addr, timeout))
+        .unwrap()
+}
+
+#[test]
+fn a_full_tcp_service_refuses_a_new_connection_at_once_and_takes_one_again_when_there_is_room() {
+    if skip_without_root("a_full_tcp_service_refuses_a_new_connection_at_once_and_takes_one_again_when_there_is_room") {
+        return;
+    }
+    let mut r = start_limited_echo("frf", "");
+    let vip = SocketAddr::new(VIP_V4.into(), 7000);
+    let (mut first, name) = open_echo_to(&r, vip);
+    assert_eq!(name, "be1");
+    let (mut second, _) = open_echo_to(&r, vip);
+    echo(&mut first, "one");
+    echo(&mut second, "two");
+
+    // Refused, not timed out: the RST comes back well within the 10 s.
+    let third = connect(&r, vip, TIMEOUT).expect_err("a third connection got through");
+    assert_eq!(
+        third.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "{third}\nfep log:\n{}",
+        r.fep.log()
+    );
+    assert!(counters(&r).get(Count::SynRefused) >= 1);
+    echo(&mut first, "still served");
+
+    // One connection closes; once its route is gone (it lingers a few
+    // seconds after the close), a new client is placed again.
+    drop(second);
+    let mut again = None;
+    wait_for(
+        &r,
+        "a new connection accepted",
+        Duration::from_secs(15),
+        |r| match connect(r, vip, TIMEOUT) {
+            Ok(conn) => {
+                again = Some(conn);
+                true
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+                std::thread::sleep(Duration::from_millis(200));
+                false
+            }
+        },
+    );
+    let conn = again.unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut conn = io::BufReader::new(conn);
+    let mut hello = String::new();
+    io::BufRead::read_line(&mut conn, &mut hello).unwrap();
+    assert_eq!(hello.trim(), "be1");
+    echo(&mut conn, "bytes after the refusals");
+    echo(&mut first, "one more");
+
+    let c = counters(&r);
+    let refused = c.get(Count::SynRefused);
+    assert!(refused >= 1, "{c:?}");
+    assert_eq!(dropped(&c, "service_full"), 0, "refused, not dropped");
+    let metrics = scrape(&r, "127.0.0.1:9100");
+    assert!(
+        sample(&metrics, "fep_syn_refused_total") >= refused as f64,
+        "{metrics}"
+    );
+    assert!(r.fep.stop().unwrap().success());
+}
+
+#[test]
+fn a_full_tcp_service_that_does_not_refuse_lets_a_new_connection_time_out() {
+    if skip_without_root("a_full_tcp_service_that_does_not_refuse_lets_a_new_connection_time_out") {
+        return;
+    }
+    let mut r = start_limited_echo("frq", "refuse_when_full = false");
+    let vip = SocketAddr::new(VIP_V4.into(), 7000);
+    let (mut first, _) = open_echo_to(&r, vip);
+    let (mut second, _) = open_echo_to(&r, vip);
+    let third =
+        connect(&r, vip, Duration::from_secs(1)).expect_err("a third connection got through");
+    assert_eq!(third.kind(), io::ErrorKind::TimedOut, "{third}");
+    echo(&mut first, "one");
+    echo(&mut second, "two");
+    let c = counters(&r);
+    assert!(dropped(&c, "service_full") >= 1, "{c:?}");
+    assert_eq!(c.get(Count::SynRefused), 0);
+    let metrics = scrape(&r, "127.0.0.1:9100");
+    assert!(
+        sample(
+            &metrics,
+            "fep_dropped_packets_total{reason=\"service_full\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(r.fep.stop().unwrap().success());
 }

@@ -146,6 +146,7 @@ fn router(admin: Admin) -> Router {
             get(|State(a): State<Admin>| async move { Json(views::services(&a.cp, &a.sources.http)) }),
         )
         .route("/v1/routes", get(routes))
+        .route("/v1/sites", get(sites))
         .route(
             "/v1/cluster",
             get(|State(a): State<Admin>| async move { Json(a.cp.cluster_view().await) }),
@@ -167,6 +168,17 @@ fn router(admin: Admin) -> Router {
             post(|State(a): State<Admin>| async move { command(a, |cp| cp.reload()).await }),
         )
         .with_state(admin)
+}
+
+/// Several sites' hand-off state; 404 on a single site.
+async fn sites(State(a): State<Admin>) -> Response {
+    match &a.sources.sites {
+        Some(sites) => Json(sites.view()).into_response(),
+        None => refused(
+            StatusCode::NOT_FOUND,
+            "this fep is not one of several sites (no [sites] table in its config)".into(),
+        ),
+    }
 }
 
 /// A JSON request body. One that does not parse as what the path takes is

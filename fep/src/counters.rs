@@ -21,8 +21,12 @@ pub enum DropReason {
     UnknownFlow,
     /// A TCP segment other than a SYN for a service, with no route to follow.
     NoRoute,
-    /// The service has no back end with a ratio above 0.
+    /// The service has no back end with a ratio above 0 (a TCP service
+    /// answers a SYN with a RST instead, unless `refuse_when_full = false`).
     NoBackend,
+    /// The service is at its `max_connections` (a TCP service answers a SYN
+    /// with a RST instead, unless `refuse_when_full = false`).
+    ServiceFull,
     /// The assigned-route table is at `max_routes`.
     TableFull,
     /// A held VIP group's buffer (`hold_max_bytes`) is full.
@@ -30,13 +34,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::UnsupportedProtocol,
         DropReason::UnknownFlow,
         DropReason::NoRoute,
         DropReason::NoBackend,
+        DropReason::ServiceFull,
         DropReason::TableFull,
         DropReason::HoldFull,
     ];
@@ -50,6 +55,7 @@ impl DropReason {
             DropReason::UnknownFlow => "unknown_flow",
             DropReason::NoRoute => "no_route",
             DropReason::NoBackend => "no_backend",
+            DropReason::ServiceFull => "service_full",
             DropReason::TableFull => "table_full",
             DropReason::HoldFull => "hold_full",
         }

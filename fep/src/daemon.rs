@@ -27,6 +27,8 @@ use crate::dispatcher::Dispatcher;
 use crate::http_mode::HttpFront;
 use crate::metrics;
 use crate::netsetup::NetSetup;
+use crate::sites::dns_server::DnsServer;
+use crate::sites::{self, checks, exchange, Sites};
 use crate::tun_io::{self, Workers};
 use crate::views::Sources;
 
@@ -38,6 +40,9 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const ADOPT_HANDSHAKES_FOR: Duration = Duration::from_secs(60);
 /// How often the control plane re-evaluates node states and ratios.
 const TICK_EVERY: Duration = Duration::from_millis(200);
+/// How often a site reads its own services' room (a change is sent to the
+/// other sites at once).
+const FOLLOW_ROOM_EVERY: Duration = Duration::from_millis(200);
 /// How often the counters are logged while traffic flows.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -60,7 +65,15 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         })?;
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
-    let http = Arc::new(HttpFront::start(dispatcher.clone())?);
+    let sites = match &cfg.sites {
+        Some(sites) => Some(Arc::new(Sites::new(sites)?)),
+        None => None,
+    };
+    let http = Arc::new(HttpFront::start(dispatcher.clone(), sites.clone())?);
+    let dns = match sites.as_ref().filter(|s| s.config().dns.is_some()) {
+        Some(s) => Some(DnsServer::start(s.clone())?),
+        None => None,
+    };
     let clock = Clock::start();
     let copies = cfg.cluster.as_ref().map(|_| Arc::new(Copies::default()));
     let (journal, journal_stop) = restore_routes(&dispatcher, &cfg, clock, copies.clone())?;
@@ -98,6 +111,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         let sources = Sources {
             workers: workers.counters().to_vec(),
             http: http.clone(),
+            sites: sites.clone(),
         };
         let mut tasks = spawn_tasks(&cp, &cfg, secrets, sources, clock);
         if let Some(copies) = copies {
@@ -121,6 +135,9 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     });
 
     let totals = Totals::sum(workers.counters().iter().map(|c| &**c));
+    if let Some(dns) = dns {
+        dns.stop();
+    }
     http.stop();
     workers.stop();
     // With no worker left, the last snapshot holds every route.
@@ -255,6 +272,9 @@ fn spawn_tasks(
     if let Some(listen) = cfg.metrics_listen {
         tasks.spawn(metrics::serve(cp.clone(), sources.clone(), listen));
     }
+    if let Some(sites) = &sources.sites {
+        spawn_sites(&mut tasks, sites, cp.dispatcher_arc(), sources.http.clone());
+    }
     let admin = Admin::new(cp.clone(), sources);
     if let (Some(listen), Some(token)) = (cfg.admin_listen, secrets.admin_token) {
         tasks.spawn(admin::serve_tcp(admin.clone(), listen, token));
@@ -262,6 +282,38 @@ fn spawn_tasks(
     let socket = cfg.control_socket.clone();
     tasks.spawn(async move { admin::serve_socket(admin, &socket).await });
     tasks
+}
+
+/// Several sites: the checks of every site's VIPs, the exchange both ways,
+/// and this site's own room followed from its services.
+fn spawn_sites(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    sites: &Arc<Sites>,
+    dispatcher: Arc<Dispatcher>,
+    http: Arc<HttpFront>,
+) {
+    tasks.spawn(forever(checks::run(sites.clone())));
+    tasks.spawn(exchange::serve(sites.clone()));
+    for peer in sites
+        .config()
+        .sites
+        .iter()
+        .filter(|s| s.name != sites.config().me)
+    {
+        tasks.spawn(forever(exchange::send_to(sites.clone(), peer.clone())));
+    }
+    let sites = sites.clone();
+    tasks.spawn(forever(async move {
+        loop {
+            let table = dispatcher.table();
+            sites.refresh_local(|vip, port| {
+                sites::vip_state(&table, vip, port, |slot| {
+                    http.with_service(slot, |front, _| front.stats.open.load(Ordering::Relaxed))
+                })
+            });
+            tokio::time::sleep(FOLLOW_ROOM_EVERY).await;
+        }
+    }));
 }
 
 async fn expire_routes(dispatcher: Arc<Dispatcher>, clock: Clock) {

@@ -24,6 +24,7 @@ pub(crate) mod http_server;
 pub(crate) mod metrics;
 pub(crate) mod netsetup;
 pub(crate) mod routes;
+pub(crate) mod sites;
 pub mod testing;
 pub(crate) mod transfer_table;
 pub(crate) mod tun_io;

@@ -2,7 +2,9 @@
 //! data path's counters and the control plane at scrape time, so that the
 //! packet path does no metrics work of its own.
 
+mod families;
 mod http;
+mod sites;
 
 use crate::clock::idle_since;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use crate::counters::{Count, DropReason, Totals};
 use crate::transfer_table::TransferTable;
 use crate::views::Sources;
 use http::HttpMetrics;
+use sites::SiteMetrics;
 
 /// Every metric fep exports.
 pub struct Metrics {
@@ -51,7 +54,9 @@ pub struct Metrics {
     unconfirmed_evicted: IntCounter,
     handshakes_adopted: IntCounter,
     packets_held: IntCounter,
+    syn_refused: IntCounter,
     http: HttpMetrics,
+    sites: SiteMetrics,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -142,7 +147,12 @@ impl Metrics {
                 "fep_packets_held_total",
                 "Packets of a VIP group stored while the group's routes came to this gateway, replayed when they were back (fep_dropped_packets_total{reason=\"hold_full\"}: those that did not fit).",
             ),
+            syn_refused: counter(
+                "fep_syn_refused_total",
+                "SYNs answered with a RST, so that the client gives up at once: their TCP service was at max_connections or had no back end with a ratio above 0 (refuse_when_full; fep_dropped_packets_total{reason=\"service_full\"}: those dropped instead).",
+            ),
             http: HttpMetrics::new(&registry),
+            sites: SiteMetrics::new(&registry),
             registry,
         }
         .with_zero_series()
@@ -178,6 +188,7 @@ impl Metrics {
             Count::TunReadErrors => Some(self.tun_errors.with_label_values(&["read"])),
             Count::TunWriteErrors => Some(self.tun_errors.with_label_values(&["write"])),
             Count::PacketsHeld => Some(self.packets_held.clone()),
+            Count::SynRefused => Some(self.syn_refused.clone()),
         }
     }
 
@@ -195,6 +206,9 @@ impl Metrics {
         self.sync_nodes(model, now);
         drop(state);
         let latency = self.http.sync(&table, &sources.http);
+        if let Some(sites) = &sources.sites {
+            self.sites.sync(sites);
+        }
         let mut families = self.registry.gather();
         families.extend(latency);
         let mut out = String::new();

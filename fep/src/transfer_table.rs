@@ -159,6 +159,10 @@ pub struct Service {
     /// Indexed by [`BackendId`]; removed back ends stay as tombstones.
     pub backends: Vec<Backend>,
     chooser: Chooser,
+    /// Routes at which the service takes no new client (`max_connections`).
+    max_connections: Option<u32>,
+    /// A TCP client that cannot be placed gets a RST (`refuse_when_full`).
+    refuse_when_full: bool,
 }
 
 impl Service {
@@ -180,6 +184,29 @@ impl Service {
 
     pub fn is_tcp(&self) -> bool {
         self.protocol == crate::wire::TCP
+    }
+
+    /// The configured `max_connections`, if any.
+    pub fn max_connections(&self) -> Option<u32> {
+        self.max_connections
+    }
+
+    /// Whether a SYN the service cannot place is answered with a RST
+    /// (else dropped); TCP only.
+    pub fn refuse_when_full(&self) -> bool {
+        self.refuse_when_full
+    }
+
+    /// At `max_connections` routes over its back ends (tombstones
+    /// included: their routes still count). Read per new client: a sum
+    /// over a few relaxed loads, so two workers may both take the last
+    /// place, by one route each at most.
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        self.max_connections.is_some_and(|max| {
+            let routes: u64 = self.backends.iter().map(|b| u64::from(b.routes())).sum();
+            routes >= u64::from(max)
+        })
     }
 
     /// Whether its routes are copied to the back ends they point at: a VIP
@@ -283,6 +310,8 @@ impl TransferTable {
                 removed: false,
                 chooser: Chooser::new(s.scheduler, backends.len()),
                 backends,
+                max_connections: s.max_connections,
+                refuse_when_full: s.refuse_when_full,
             };
         }
         for svc in services.iter().filter(|s| s.removed) {
@@ -400,6 +429,8 @@ fn tombstone(s: &Service) -> Service {
             })
             .collect(),
         chooser: Chooser::new(Scheduler::Ratio, 0),
+        max_connections: None,
+        refuse_when_full: true,
     }
 }
 
@@ -416,6 +447,8 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
         removed: true,
         backends: Vec::new(),
         chooser: Chooser::new(Scheduler::Ratio, 0),
+        max_connections: None,
+        refuse_when_full: true,
     }
 }
 

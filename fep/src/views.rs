@@ -18,6 +18,7 @@ use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
 use crate::http_mode::HttpFront;
 use crate::routes::state;
+use crate::sites::Sites;
 use crate::transfer_table::ServiceId;
 use crate::wire::ip_from_addr;
 
@@ -27,6 +28,9 @@ use crate::wire::ip_from_addr;
 pub struct Sources {
     pub workers: Vec<Arc<WorkerCounters>>,
     pub http: Arc<HttpFront>,
+    /// Several sites: the hand-off state, the DNS server's and the
+    /// exchange's counters.
+    pub sites: Option<Arc<Sites>>,
 }
 
 /// Every configured service with its back ends' ratios and shares, and

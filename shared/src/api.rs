@@ -391,10 +391,13 @@ pub enum Count {
     TunWriteErrors,
     /// Packets of a held VIP group stored for replay.
     PacketsHeld,
+    /// SYNs answered with a RST: their TCP service was at `max_connections`
+    /// or had no back end with a ratio above 0 (`refuse_when_full`).
+    SynRefused,
 }
 
 impl Count {
-    pub const ALL: [Count; 8] = [
+    pub const ALL: [Count; 9] = [
         Count::RoutesCreated,
         Count::UnconfirmedEvicted,
         Count::HandshakesAdopted,
@@ -403,6 +406,7 @@ impl Count {
         Count::TunReadErrors,
         Count::TunWriteErrors,
         Count::PacketsHeld,
+        Count::SynRefused,
     ];
 }
 
@@ -529,10 +533,39 @@ mod tests {
         assert_eq!(json["icmp_errors_translated"], 5);
         assert_eq!(json["tun_read_errors"], 6);
         assert_eq!(json["tun_write_errors"], 7);
+        assert_eq!(json["packets_held"], 8);
+        assert_eq!(json["syn_refused"], 9);
         assert_eq!(json["drops"]["malformed"], 7);
         assert_eq!(json["to_backend_packets"], 0);
         let back = serde_json::from_value::<CountersView>(json).unwrap();
         assert_eq!(back, view);
         assert_eq!(back.get(Count::TunWriteErrors), 7);
     }
+}
+
+/// `GET /sites`: this site and, per name, every site as the answers see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SitesView {
+    pub me: String,
+    pub names: Vec<SiteNameView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteNameView {
+    pub name: String,
+    pub sites: Vec<SiteSlotView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteSlotView {
+    pub site: String,
+    pub vips: Vec<std::net::IpAddr>,
+    /// This site's checks reach it.
+    pub up: bool,
+    /// It takes new clients.
+    pub room: bool,
+    /// Its hand-off total (or remaining-connection ratio in ‰ with three
+    /// sites or fewer) and that as a share of the name's first answers.
+    pub weight: u64,
+    pub share_percent: u32,
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster_config::{ClusterConfig, VipGroupConfig};
 use crate::http_config::{HttpConfig, ServiceMode};
+use crate::sites_config::SitesConfig;
 
 /// Largest ratio accepted; keeps the chooser's weight sums far from overflow.
 pub const MAX_RATIO: u32 = 1_000_000;
@@ -188,6 +189,16 @@ pub struct ServiceConfig {
     /// How long every back end must stay overloaded before a spare starts.
     #[serde(default = "default_scale_out_after")]
     pub scale_out_after_ms: u64,
+    /// A TCP-mode service is full at this many routes (connections): a new
+    /// client is refused, and the site counts its VIP as out of room.
+    /// HTTP mode's limit is `[service.http] max_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// A SYN the service cannot place (full, or no back end with a ratio
+    /// above 0) is answered with a RST, so that the client gives up at once
+    /// and tries elsewhere; `false` drops it silently.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub refuse_when_full: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +267,10 @@ pub struct FepConfig {
     pub cluster: Option<ClusterConfig>,
     #[serde(default, rename = "vip_group", skip_serializing_if = "Vec::is_empty")]
     pub vip_groups: Vec<VipGroupConfig>,
+    /// This gateway as one of several sites serving the same names (DNS
+    /// hand-off, redirects); none for a single site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sites: Option<SitesConfig>,
 }
 
 fn is_tcp_mode(mode: &ServiceMode) -> bool {
@@ -270,6 +285,9 @@ fn default_workers() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 fn default_tun_queue_len() -> u32 {
     4096
@@ -357,6 +375,9 @@ impl FepConfig {
         self.validate_settings()?;
         self.validate_nodes()?;
         self.validate_services()?;
+        if let Some(sites) = &self.sites {
+            sites.validate()?;
+        }
         crate::cluster_config::validate(self.cluster.as_ref(), &self.vip_groups)
     }
 
@@ -553,7 +574,22 @@ impl FepConfig {
                     "is for mode = \"http\" services",
                 ));
             }
+            // UDP services too (a datagram is dropped when full);
+            // `refuse_when_full` does nothing there, UDP having no RST.
+            if svc.max_connections == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.max_connections"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
             return Ok(());
+        }
+        if svc.max_connections.is_some() {
+            return Err(ConfigError::invalid(
+                format!("{key}.max_connections"),
+                "is for mode = \"tcp\" services; an HTTP service's limit is \
+                 `[service.http] max_connections`",
+            ));
         }
         if svc.protocol != Protocol::Tcp {
             return Err(ConfigError::invalid(
@@ -664,6 +700,8 @@ impl ServiceConfig {
             high_load: None,
             low_load: None,
             scale_out_after_ms: default_scale_out_after(),
+            max_connections: None,
+            refuse_when_full: true,
         }
     }
 
@@ -1069,6 +1107,39 @@ port = 8080
             merged2.restart_key_changed(&timeout),
             Some("health_check_timeout_ms"),
             "the refusal names the key that changed"
+        );
+    }
+
+    #[test]
+    fn max_connections_is_at_least_1_and_for_tcp_mode_services_only() {
+        let with = |keys: &str| EXAMPLE.replace("protocol = \"tcp\"", keys);
+        let cfg = FepConfig::parse(&with("protocol = \"tcp\"\nmax_connections = 2")).unwrap();
+        assert_eq!(cfg.services[0].max_connections, Some(2));
+        assert!(cfg.services[0].refuse_when_full, "refusing is the default");
+        let quiet = with("protocol = \"tcp\"\nmax_connections = 1\nrefuse_when_full = false");
+        assert!(!FepConfig::parse(&quiet).unwrap().services[0].refuse_when_full);
+        assert_eq!(
+            problem(&with("protocol = \"tcp\"\nmax_connections = 0")),
+            "config key `service[0].max_connections`: must be at least 1 (leave it out for no limit)"
+        );
+        assert!(
+            problem(&with("protocol = \"tcp\"\nmax_connections = -1")).contains("max_connections")
+        );
+        // UDP: the limit applies (datagrams are dropped); refuse_when_full
+        // is accepted and does nothing.
+        let udp = with("protocol = \"udp\"\nmax_connections = 5\nrefuse_when_full = false");
+        assert_eq!(
+            FepConfig::parse(&udp).unwrap().services[0].max_connections,
+            Some(5)
+        );
+        assert!(problem(&with("protocol = \"udp\"\nmax_connections = 0"))
+            .starts_with("config key `service[0].max_connections`"));
+        assert_eq!(
+            problem(&with(
+                "protocol = \"tcp\"\nmode = \"http\"\nmax_connections = 100"
+            )),
+            "config key `service[0].max_connections`: is for mode = \"tcp\" services; \
+             an HTTP service's limit is `[service.http] max_connections`"
         );
     }
 

@@ -11,6 +11,8 @@ pub mod cpu;
 pub mod http_config;
 pub mod peer;
 pub mod protocol;
+pub mod sites;
+pub mod sites_config;
 
 /// Logs to stderr through `tracing`, at `info` unless `RUST_LOG` says
 /// otherwise, with colours only on a terminal.
@@ -33,3 +35,4 @@ pub use config::{
     ServiceConfig,
 };
 pub use http_config::{ContentRule, Forwarded, HttpConfig, ServiceMode};
+pub use sites_config::{NameConfig, NameSite, SiteConfig, SitesConfig, WhenAllDown};

@@ -41,6 +41,27 @@ pub const PROMTOOL: Tool = Tool {
     package: "prometheus",
 };
 
+/// `dig`: the sites tests ask fep's DNS server as an operator would.
+pub const DIG: Tool = Tool {
+    program: "dig",
+    package: "bind9-dnsutils",
+};
+/// curl: the sites tests follow a full site's redirect with `curl -L`.
+pub const CURL: Tool = Tool {
+    program: "curl",
+    package: "curl",
+};
+/// dnsperf: the DNS benchmark's load generator.
+pub const DNSPERF: Tool = Tool {
+    program: "dnsperf",
+    package: "dnsperf",
+};
+/// gdnsd: the DNS benchmark's peer, an authoritative server with the same zone.
+pub const GDNSD: Tool = Tool {
+    program: "gdnsd",
+    package: "gdnsd",
+};
+
 /// Where the shared lock lives; every process that installs takes it.
 const LOCK_FILE: &str = "/run/lock/fep-tools-install.lock";
 /// How long apt-get waits for another apt or dpkg (not ours) to finish.
@@ -108,6 +129,51 @@ pub fn ensure(tools: &[Tool]) -> anyhow::Result<()> {
     }
 }
 
+/// The Python that Debian's `python3-*` packages install modules for.
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// A Python module and the Debian package that provides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PyModule {
+    pub module: &'static str,
+    pub package: &'static str,
+}
+
+/// dnspython: the sites tests' second DNS client.
+pub const DNSPYTHON: PyModule = PyModule {
+    module: "dns.message",
+    package: "python3-dnspython",
+};
+
+fn importable(m: PyModule) -> bool {
+    Command::new(DEBIAN_PYTHON)
+        .args(["-c", &format!("import {}", m.module)])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs `m` for [`DEBIAN_PYTHON`] where it cannot be imported; returns
+/// that Python's path.
+pub fn ensure_python(m: PyModule) -> anyhow::Result<&'static str> {
+    if !importable(m) {
+        let _lock = lock()?;
+        if !importable(m) {
+            install_packages(
+                &[m.package],
+                &format!("Python module {} (package {})", m.module, m.package),
+            )?;
+        }
+        if !importable(m) {
+            bail!(
+                "{DEBIAN_PYTHON} cannot import {} after installing {}",
+                m.module,
+                m.package
+            );
+        }
+    }
+    Ok(DEBIAN_PYTHON)
+}
+
 /// Installs `tools` under the cross-process lock (re-checking first: another
 /// process may have installed them meanwhile).
 fn install_locked(tools: &[Tool]) -> anyhow::Result<()> {
@@ -122,6 +188,11 @@ fn install_locked(tools: &[Tool]) -> anyhow::Result<()> {
         .map(|t| format!("`{}` (package {})", t.program, t.package))
         .collect::<Vec<_>>()
         .join(", ");
+    install_packages(&packages, &what)
+}
+
+/// `apt-get install PACKAGES` (for `what`), under a lock the caller holds.
+fn install_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {
     if find("apt-get").is_none() {
         bail!("{what} not installed and there is no apt-get here: install them by hand");
     }
@@ -131,7 +202,7 @@ fn install_locked(tools: &[Tool]) -> anyhow::Result<()> {
     let install = || {
         apt(&[
             &["install", "-y", "-qq", "--no-install-recommends"],
-            &packages[..],
+            packages,
         ]
         .concat())
     };

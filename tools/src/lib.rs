@@ -12,5 +12,6 @@ pub mod netns;
 pub mod origin;
 pub mod pattern;
 pub mod ping;
+pub mod sites_lab;
 pub mod top;
 pub mod websocket;

@@ -92,11 +92,13 @@ struct Counts {
 }
 
 /// Serves HTTP/1.1 on `[::]:port` for every port (bound before this
-/// returns), as node `name`, closing connections idle for `keepalive`.
+/// returns), as node `name`, closing connections idle for `keepalive`,
+/// every answer but `/stats`'s `delay` late (a server far away).
 pub fn serve(
     name: String,
     ports: &[u16],
     keepalive: Duration,
+    delay: Duration,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,7 +131,12 @@ pub fn serve(
                         tokio::spawn(async move {
                             let service = hyper::service::service_fn(move |req| {
                                 let (name, counts) = (name.clone(), counts.clone());
-                                async move { Ok::<_, Infallible>(answer(req, &name, &counts).await) }
+                                async move {
+                                    if !delay.is_zero() && req.uri().path() != "/stats" {
+                                        tokio::time::sleep(delay).await;
+                                    }
+                                    Ok::<_, Infallible>(answer(req, &name, &counts).await)
+                                }
                             });
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .timer(TokioTimer::new())

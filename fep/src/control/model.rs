@@ -835,12 +835,9 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
     }
 
     /// A SYN from client `n` to the VIP through the dispatcher: the node
-    /// its new route went to, or why it was dropped.
-    fn new_route(
-        d: &crate::dispatcher::Dispatcher,
-        n: u8,
-        now: u32,
-    ) -> Result<String, crate::counters::DropReason> {
+    /// its new route went to, or why none was made (the drop reason, or
+    /// `refused` for the RST sent back to the client).
+    fn new_route(d: &crate::dispatcher::Dispatcher, n: u8, now: u32) -> Result<String, String> {
         use crate::dispatcher::{Verdict, Worker};
         let mut pkt = Vec::new();
         etherparse::PacketBuilder::ipv4([192, 0, 2, n], [10, 0, 0, 100], 64)
@@ -849,6 +846,7 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
             .write(&mut pkt, &[])
             .unwrap();
         match d.process(&mut pkt, now, &mut Worker::new(Default::default())) {
+            Verdict::Forward(_) if pkt[16..20] == [192, 0, 2, n] => Err("refused".into()),
             Verdict::Forward(_) => {
                 let dst = std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap());
                 let m = Model::from_config(&FepConfig::parse(FIG6).unwrap());
@@ -859,7 +857,7 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
                     .name
                     .clone())
             }
-            Verdict::Drop(r) => Err(r),
+            Verdict::Drop(r) => Err(r.as_str().into()),
             Verdict::Hold(g) => panic!("held by group {g}"),
         }
     }
@@ -885,16 +883,13 @@ backend = [{ node = "host1", ratio = 2 }, { node = "host2", ratio = 1 }, { node 
         m.tick(2, |_| 0);
         m.publish(&d.table(), 2);
         assert_eq!(new_route(&d, 6, 3).as_deref(), Ok("host3"));
-        // No running server: no server available.
+        // No running server: no server available, and the client is told so.
         for n in 0..3 {
             m.nodes[n].report = Some((4, pps_report(1.0, false)));
         }
         m.tick(4, |_| 0);
         m.publish(&d.table(), 4);
-        assert_eq!(
-            new_route(&d, 7, 5),
-            Err(crate::counters::DropReason::NoBackend)
-        );
+        assert_eq!(new_route(&d, 7, 5), Err("refused".into()));
     }
 
     #[test]

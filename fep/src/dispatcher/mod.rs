@@ -317,7 +317,7 @@ impl Dispatcher {
                     worker.counters.count(Count::RoutesCreated);
                     b
                 }
-                Err(reason) => return Verdict::Drop(reason),
+                Err(reason) => return refuse(pkt, svc, reason, &worker.counters),
             },
         };
         let be = &svc.backends[usize::from(backend)];
@@ -449,6 +449,9 @@ impl Dispatcher {
         if svc.is_tcp() && !is_bare_syn(flags) {
             return Err(DropReason::NoRoute);
         }
+        if svc.is_full() {
+            return Err(DropReason::ServiceFull);
+        }
         // Room, or room made by evicting a flood's unconfirmed route.
         let assigned = match self.routes.assign(&key, svc, now) {
             Err(Refused::Full) if self.evict_unconfirmed(worker, now) => {
@@ -548,6 +551,30 @@ impl Dispatcher {
             }
         }
         false
+    }
+}
+
+/// A new client the service cannot place, full or without a back end to
+/// choose: a TCP client's SYN is answered with a RST|ACK, so that it gives
+/// up at once (and tries another site) instead of retrying into silence;
+/// with `refuse_when_full = false`, and for UDP, the packet is dropped.
+#[cold]
+fn refuse(
+    pkt: &mut FlowPacket,
+    svc: &Service,
+    reason: DropReason,
+    counters: &WorkerCounters,
+) -> Verdict {
+    let unplaced = matches!(reason, DropReason::ServiceFull | DropReason::NoBackend);
+    if !(unplaced && svc.is_tcp() && svc.refuse_when_full()) {
+        return Verdict::Drop(reason);
+    }
+    match pkt.make_rst_reply() {
+        Some(len) => {
+            counters.count(Count::SynRefused);
+            Verdict::Forward(len)
+        }
+        None => Verdict::Drop(reason),
     }
 }
 
@@ -840,9 +867,10 @@ mod tests {
 
     #[test]
     fn unknown_services_stray_segments_and_empty_services_are_dropped_and_counted() {
+        // An empty service that does not refuse (else its SYN gets a RST).
         let r = rig(&GOLDEN.replace(
-            "{ node = \"E\", ratio = 1 }, { node = \"F\", ratio = 1 }",
-            "{ node = \"E\", ratio = 0 }",
+            "port = 8082\nprotocol = \"tcp\"\nbackend = [{ node = \"E\", ratio = 1 }, { node = \"F\", ratio = 1 }]",
+            "port = 8082\nprotocol = \"tcp\"\nrefuse_when_full = false\nbackend = [{ node = \"E\", ratio = 0 }]",
         ));
         assert_eq!(
             r.send(client(1), 1000, 9999, SYN, 0),
@@ -867,6 +895,159 @@ mod tests {
             assert_eq!(r.counters().drops(reason), 1, "{reason:?}");
         }
         assert_eq!(r.routes(), 0);
+    }
+
+    /// The RST|ACK fep sent back for a SYN from `client`:`sport` (the rig's
+    /// SYN: seq 1, 4 bytes of data) to the VIP's `port`: every field checked.
+    fn assert_refused(r: &Rig, client: [u8; 4], sport: u16, port: u16, now: u32) {
+        let (v, out) = r.run(tcp(client, sport, VIP, port, SYN), now);
+        let Verdict::Forward(len) = v else {
+            panic!("not refused: {v:?}")
+        };
+        assert_rst_to(
+            &out[..len],
+            IpAddr::from(VIP),
+            IpAddr::from(client),
+            port,
+            sport,
+            1 + 4 + 1,
+        );
+    }
+
+    /// `pkt` is a RST|ACK from `from`:`port` to `to`:`sport` acknowledging
+    /// up to `ack`, with valid checksums.
+    fn assert_rst_to(pkt: &[u8], from: IpAddr, to: IpAddr, port: u16, sport: u16, ack: u32) {
+        crate::testing::checksums_ok(pkt).unwrap();
+        let p = etherparse::SlicedPacket::from_ip(pkt).unwrap();
+        let (src, dst, ttl) = match p.net.unwrap() {
+            etherparse::NetSlice::Ipv4(ip) => {
+                let h = ip.header();
+                (h.source_addr().into(), h.destination_addr().into(), h.ttl())
+            }
+            etherparse::NetSlice::Ipv6(ip) => {
+                let h = ip.header();
+                (
+                    h.source_addr().into(),
+                    h.destination_addr().into(),
+                    h.hop_limit(),
+                )
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((src, dst, ttl), (from, to, 64));
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP")
+        };
+        assert_eq!((t.source_port(), t.destination_port()), (port, sport));
+        assert_eq!((t.sequence_number(), t.acknowledgment_number()), (0, ack));
+        assert!(t.rst() && t.ack() && !t.syn() && !t.fin(), "RST|ACK only");
+        assert!(t.payload().is_empty());
+    }
+
+    #[test]
+    fn a_syn_to_a_full_service_is_refused_with_a_rst_until_a_route_ends() {
+        let r = rig(&GOLDEN.replace("port = 8080\n", "port = 8080\nmax_connections = 2\n"));
+        r.connect(client(1), 1000, 0);
+        r.connect(client(1), 1001, 0);
+        assert_eq!(r.routes(), 2);
+        assert_refused(&r, client(2), 2000, 8080, 1);
+        assert_refused(&r, client(1), 1002, 8080, 1);
+        assert_eq!(r.routes(), 2, "no route for a refused client");
+        assert_eq!(r.counters().get(Count::SynRefused), 2);
+        assert_eq!(r.counters().get(Count::RoutesCreated), 2);
+        assert!(DropReason::ALL.iter().all(|&d| r.counters().drops(d) == 0));
+        // The open connections go on; other services are not limited.
+        assert!(r.send(client(1), 1000, 8080, ACK, 2).is_ok());
+        assert!(r.send(client(2), 2000, 8081, SYN, 2).is_ok());
+        // One connection ends: while its route lingers it still counts …
+        r.send(client(1), 1000, 8080, tcp_flags::RST | ACK, 10)
+            .unwrap();
+        assert_refused(&r, client(2), 2000, 8080, 11);
+        // … and once it is gone, a new client is placed again.
+        assert_eq!(r.d.expire(10 + expiry::CLOSED_LINGER_MS + 1).expired, 1);
+        assert!(r.send(client(2), 2000, 8080, SYN, 5_000).is_ok());
+        assert_eq!(r.counters().get(Count::SynRefused), 3);
+        assert_refused(&r, client(3), 3000, 8080, 5_001);
+    }
+
+    #[test]
+    fn a_syn_no_back_end_can_take_is_refused_with_a_rst() {
+        let r = rig(&GOLDEN.replace(
+            "{ node = \"E\", ratio = 1 }, { node = \"F\", ratio = 1 }",
+            "{ node = \"E\", ratio = 0 }, { node = \"F\", ratio = 0 }",
+        ));
+        assert_refused(&r, client(1), 1000, 8082, 0);
+        assert_eq!(r.counters().get(Count::SynRefused), 1);
+        assert_eq!(r.counters().drops(DropReason::NoBackend), 0);
+        assert_eq!(r.routes(), 0);
+        // A segment other than a SYN is still just dropped.
+        assert_eq!(
+            r.send(client(1), 1000, 8082, ACK, 1),
+            Err(DropReason::NoRoute)
+        );
+        r.d.table().service(2).backends[1].set_ratio(1);
+        assert_eq!(r.send(client(1), 1000, 8082, SYN, 2).as_deref(), Ok("F"));
+    }
+
+    #[test]
+    fn a_full_service_that_does_not_refuse_drops_and_counts() {
+        let r = rig(&GOLDEN.replace(
+            "port = 8080\n",
+            "port = 8080\nmax_connections = 1\nrefuse_when_full = false\n",
+        ));
+        assert!(r.send(client(1), 1000, 8080, SYN, 0).is_ok());
+        assert_eq!(
+            r.send(client(2), 1000, 8080, SYN, 0),
+            Err(DropReason::ServiceFull)
+        );
+        assert_eq!(r.counters().drops(DropReason::ServiceFull), 1);
+        assert_eq!(r.counters().get(Count::SynRefused), 0);
+        assert_eq!(r.routes(), 1);
+        // A UDP service is full at max_connections too: no RST, a drop.
+        let r = rig(&udp_config().replace("port = 53\n", "port = 53\nmax_connections = 1\n"));
+        assert!(r.udp(client(1), 1000, 0).is_ok());
+        assert!(r.udp(client(1), 1000, 1).is_ok(), "its route is followed");
+        assert_eq!(r.udp(client(1), 1001, 1), Err(DropReason::ServiceFull));
+        assert_eq!(r.counters().get(Count::SynRefused), 0);
+    }
+
+    #[test]
+    fn a_syn_to_a_full_ipv6_service_is_refused_with_a_rst() {
+        let r = rig(r#"
+[[node]]
+name = "a6"
+address = "fd00:2::1"
+[[service]]
+name = "web6"
+vip = "fd00::100"
+port = 80
+protocol = "tcp"
+max_connections = 1
+backend = [{ node = "a6", ratio = 1 }]
+"#);
+        let vip: std::net::Ipv6Addr = "fd00::100".parse().unwrap();
+        let syn = |n: u8, sport: u16| {
+            let mut c = [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            c[15] = n;
+            let mut out = Vec::new();
+            PacketBuilder::ipv6(c, vip.octets(), 64)
+                .tcp(sport, 80, 7000, 64240)
+                .syn()
+                .write(&mut out, b"")
+                .unwrap();
+            (IpAddr::from(c), out)
+        };
+        let (_, first) = syn(1, 1000);
+        assert!(matches!(r.run(first, 0).0, Verdict::Forward(_)));
+        let (c2, second) = syn(2, 2000);
+        let (v, out) = r.run(second, 1);
+        let Verdict::Forward(len) = v else {
+            panic!("not refused: {v:?}")
+        };
+        assert_eq!(len, 60);
+        assert_rst_to(&out[..len], IpAddr::from(vip), c2, 80, 2000, 7001);
+        assert_eq!(r.routes(), 1);
+        assert_eq!(r.counters().get(Count::SynRefused), 1);
     }
 
     #[test]

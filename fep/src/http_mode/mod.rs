@@ -15,6 +15,7 @@
 mod body;
 mod pool;
 mod proxy;
+mod redirect;
 mod request;
 mod session;
 pub mod stats;
@@ -29,6 +30,7 @@ use anyhow::Context;
 use threads::Threads;
 
 use crate::dispatcher::Dispatcher;
+use crate::sites::Sites;
 use crate::transfer_table::{ServiceId, TransferTable};
 use pool::{Pool, Range};
 use proxy::{BackendFront, ServiceFront};
@@ -62,16 +64,16 @@ pub struct BackendSnapshot<'a> {
 impl HttpFront {
     /// Starts the threads and the listeners of the table's HTTP services
     /// (bound before this returns), then follows the table.
-    pub fn start(dispatcher: Arc<Dispatcher>) -> anyhow::Result<Self> {
+    pub fn start(dispatcher: Arc<Dispatcher>, sites: Option<Arc<Sites>>) -> anyhow::Result<Self> {
         let threads = Arc::new(Threads::start(THREADS)?);
         let services = Arc::new(Mutex::new(HashMap::new()));
         let mut last = None;
-        follow(&dispatcher, &threads, &services, &mut last)?;
+        follow(&dispatcher, &sites, &threads, &services, &mut last)?;
         let (shared, on) = (services.clone(), threads.clone());
         threads.handle(0).spawn(async move {
             loop {
                 tokio::time::sleep(MAINTAIN_EVERY).await;
-                if let Err(e) = follow(&dispatcher, &on, &shared, &mut last) {
+                if let Err(e) = follow(&dispatcher, &sites, &on, &shared, &mut last) {
                     tracing::error!("HTTP mode: {e:#}");
                 }
             }
@@ -122,6 +124,7 @@ impl HttpFront {
 /// ranges and sessions always.
 fn follow(
     dispatcher: &Arc<Dispatcher>,
+    sites: &Option<Arc<Sites>>,
     threads: &Threads,
     services: &Mutex<HashMap<ServiceId, Running>>,
     last: &mut Option<Arc<TransferTable>>,
@@ -129,7 +132,7 @@ fn follow(
     let table = dispatcher.table();
     let mut running = services.lock().unwrap_or_else(|e| e.into_inner());
     if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &table)) {
-        reconcile(dispatcher, threads, &table, &mut running)?;
+        reconcile(dispatcher, sites, threads, &table, &mut running)?;
         *last = Some(table.clone());
     }
     let now = Instant::now();
@@ -156,6 +159,7 @@ fn follow(
 /// back end and thread (kept while the slot's endpoint is the same).
 fn reconcile(
     dispatcher: &Arc<Dispatcher>,
+    sites: &Option<Arc<Sites>>,
     threads: &Threads,
     table: &TransferTable,
     running: &mut HashMap<ServiceId, Running>,
@@ -180,6 +184,7 @@ fn reconcile(
                 slot,
                 cfg.clone(),
                 dispatcher.clone(),
+                sites.clone(),
             ));
             let mut accepts = Vec::with_capacity(threads.len());
             for shard in 0..threads.len() {

@@ -22,16 +22,19 @@ use tokio::sync::Semaphore;
 
 use super::body::{ReqBody, RespBody};
 use super::pool::{Lease, Pool, Sender};
-use super::request;
 use super::session::Sessions;
 use super::stats::{BackendStats, Refusal, ServiceStats};
+use super::{redirect, request};
 use crate::chooser::Candidate;
 use crate::dispatcher::Dispatcher;
+use crate::sites::Sites;
 use crate::transfer_table::{BackendId, InFlight, Service, ServiceId};
 
 /// How often a request chooses again when its back end's ratio fell to 0
 /// as it was chosen (a drain or a failure at that moment).
 const CHOOSE_ATTEMPTS: usize = 3;
+/// Connections over the limit answered a redirect at once; more are closed.
+const MAX_REDIRECTING: usize = 256;
 
 /// One back end as HTTP mode sees it: a pool per thread and its counters,
 /// kept across table rebuilds while its slot is the same endpoint.
@@ -58,6 +61,10 @@ pub struct ServiceFront {
     dispatcher: Arc<Dispatcher>,
     connections: Arc<Semaphore>,
     per_client: DashMap<IpAddr, usize, ahash::RandomState>,
+    /// Where a full service sends new clients (several sites only).
+    sites: Option<Arc<Sites>>,
+    /// Connections at the limit that get a redirect, at once.
+    redirecting: Arc<Semaphore>,
 }
 
 /// Why a request got fep's own answer instead of a back end's.
@@ -133,7 +140,13 @@ impl Replay {
 }
 
 impl ServiceFront {
-    pub fn new(svc: &Service, slot: ServiceId, cfg: Arc<HttpConfig>, d: Arc<Dispatcher>) -> Self {
+    pub fn new(
+        svc: &Service,
+        slot: ServiceId,
+        cfg: Arc<HttpConfig>,
+        d: Arc<Dispatcher>,
+        sites: Option<Arc<Sites>>,
+    ) -> Self {
         ServiceFront {
             slot,
             name: svc.name.clone(),
@@ -148,6 +161,8 @@ impl ServiceFront {
             stats: ServiceStats::default(),
             dispatcher: d,
             per_client: DashMap::default(),
+            sites: sites.filter(|s| s.config().redirect),
+            redirecting: Arc::new(Semaphore::new(MAX_REDIRECTING)),
         }
     }
 
@@ -171,6 +186,7 @@ impl ServiceFront {
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 self.stats.refused(Refusal::TooManyConnections);
+                self.clone().redirect_connection(stream, peer);
                 continue;
             };
             if !self.enter(peer.ip()) {
@@ -222,6 +238,70 @@ impl ServiceFront {
                 .await;
         }
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A client over the connection limit: with another site to go to, it
+    /// is read one request and answered a redirect; else it is closed.
+    fn redirect_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        if self.sites.is_none() {
+            return;
+        }
+        let Ok(permit) = self.redirecting.clone().try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let front = self.clone();
+            let answer = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = front.redirect(peer, req.uri()).unwrap_or_else(|| {
+                    Answer::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("service '{}' is at its connection limit", front.name),
+                    )
+                    .response()
+                });
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let mut side = client_side(&self.cfg);
+            side.keep_alive(false);
+            let _ = side.serve_connection(TokioIo::new(stream), answer).await;
+            drop(permit);
+        });
+    }
+
+    /// The redirect for a new client of a full service: a 307 to the same
+    /// request at the next site chosen as for DNS, or a 503 once the client
+    /// followed `redirect_hops` redirects (every site it tried was full).
+    fn redirect(&self, peer: SocketAddr, uri: &Uri) -> Option<Response<RespBody>> {
+        let sites = self.sites.as_ref()?;
+        let hops = redirect::hops(uri);
+        if hops >= sites.config().redirect_hops {
+            sites
+                .stats
+                .redirects_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(
+                Answer::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "service '{}' is full, and so were the {hops} site(s) before it",
+                        self.name
+                    ),
+                )
+                .response(),
+            );
+        }
+        let target = sites.redirect_target(self.vip.ip(), self.vip.port(), peer.ip())?;
+        let location = redirect::location(SocketAddr::new(target, self.vip.port()), uri, hops);
+        sites.stats.redirects.fetch_add(1, Ordering::Relaxed);
+        let mut resp = Answer::new(
+            StatusCode::TEMPORARY_REDIRECT,
+            format!("service '{}' is full here; try {location}", self.name),
+        )
+        .response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(hyper::header::LOCATION, v);
+        }
+        Some(resp)
     }
 
     /// Counts a client connection's error; a request head begun but not
@@ -335,6 +415,9 @@ impl ServiceFront {
         };
         let Some((backend, in_flight)) = self.choose_and_hold(shard, svc, &req, session) else {
             self.stats.refused(Refusal::NoBackend);
+            if let Some(redirect) = self.redirect(peer, req.uri()) {
+                return redirect;
+            }
             return Answer::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -361,6 +444,9 @@ impl ServiceFront {
             )
             .response();
         };
+        if let Some(uri) = redirect::strip(req.uri()) {
+            *req.uri_mut() = uri;
+        }
         let upgrade = request::is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         request::strip_hop_by_hop(req.headers_mut(), upgrade);

@@ -2,10 +2,10 @@
 //! latency, the pools, server connections, retries and refused clients.
 
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use std::sync::atomic::Ordering;
 
-use super::sync;
+use super::{families, sync};
 use crate::http_mode::stats::{Refusal, LATENCY_BUCKETS};
 use crate::http_mode::HttpFront;
 use crate::transfer_table::TransferTable;
@@ -28,22 +28,11 @@ pub struct HttpMetrics {
 
 impl HttpMetrics {
     pub fn new(registry: &Registry) -> Self {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            r.register(Box::new(m.clone()))
-                .expect("metric names are unique");
-            m
-        }
         let counters = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
+            families::counters(registry, name, help, labels)
         };
         let gauges = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                registry,
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
+            families::gauges(registry, name, help, labels)
         };
         let sn = &["service", "node"][..];
         HttpMetrics {

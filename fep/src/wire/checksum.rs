@@ -12,6 +12,24 @@ pub(crate) fn write_u16(buf: &mut [u8], at: usize, v: u16) {
     buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
+pub(crate) fn read_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+/// The folded one's-complement sum of `data` (16-bit big-endian words, an
+/// odd last byte padded with 0) on top of `init`: for checksums computed
+/// whole, where there is nothing to update incrementally.
+pub(crate) fn ones_sum(init: u16, data: &[u8]) -> u16 {
+    let mut sum = u32::from(init);
+    for w in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 /// The one's-complement difference between old and new 16-bit words, to be
 /// folded into an Internet checksum (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
 #[derive(Debug, Default, Clone, Copy)]

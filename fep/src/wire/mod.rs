@@ -12,8 +12,8 @@ pub mod icmp;
 
 use etherparse::{IpSlice, TcpSlice, UdpSlice};
 
-pub(crate) use checksum::{read_u16, write_u16, ChecksumDelta};
-use checksum::{rewrite_end, End, Headers, L4Checksum};
+use checksum::{ones_sum, rewrite_end, End, Headers, L4Checksum};
+pub(crate) use checksum::{read_u16, read_u32, write_u16, ChecksumDelta};
 
 /// An IP address in the 16-byte form the tables key on; IPv4 is stored
 /// v4-mapped (`::ffff:a.b.c.d`), so one key type serves both families.
@@ -32,7 +32,12 @@ pub mod tcp_flags {
 
 pub(crate) mod field {
     use std::ops::Range;
+    pub const V4_TOTAL_LEN: usize = 2;
+    pub const V4_TTL: usize = 8;
     pub const V4_CHECKSUM: Range<usize> = 10..12;
+    pub const V6_PAYLOAD_LEN: usize = 4;
+    pub const V6_NEXT_HEADER: usize = 6;
+    pub const V6_HOP_LIMIT: usize = 7;
     pub const V4_SRC: Range<usize> = 12..16;
     pub const V4_DST: Range<usize> = 16..20;
     pub const V6_SRC: Range<usize> = 8..24;
@@ -60,8 +65,15 @@ pub(crate) mod field {
     // Offsets from the start of the L4 header.
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
+    pub const TCP_SEQ: usize = 4;
+    pub const TCP_ACK: usize = 8;
+    pub const TCP_DATA_OFFSET: usize = 12;
     pub const TCP_FLAGS: usize = 13;
+    pub const TCP_WINDOW: usize = 14;
     pub const TCP_CHECKSUM: usize = 16;
+    pub const TCP_URGENT: usize = 18;
+    /// A TCP header without options.
+    pub const TCP_HEADER_LEN: usize = 20;
     pub const UDP_CHECKSUM: usize = 6;
 }
 
@@ -208,6 +220,89 @@ impl<'a> FlowPacket<'a> {
     #[inline]
     pub fn set_source(&mut self, addr: &Addr, port: u16) {
         self.rewrite(End::Source, addr, port);
+    }
+
+    /// Turns a client's SYN into the RST|ACK that refuses it, in place, to
+    /// be sent back the way it came: addresses and ports swapped; RFC 793's
+    /// answer to a segment without ACK (seq 0, ack = SEG.SEQ + SEG.LEN, a
+    /// SYN and a FIN counting one each); no options, no payload, window 0;
+    /// TTL / hop limit 64. The IP header is rebuilt without IPv4 options or
+    /// IPv6 extension headers, and every checksum is computed afresh (a
+    /// rare path). Returns the reply's length.
+    ///
+    /// `None`, the packet untouched, for an offloaded read (see
+    /// [`FlowPacket::with_partial_checksum`]) with IP options or extension
+    /// headers: the device finishes the TCP checksum at the offset the read
+    /// had, which the shorter header would move. Where the header stays,
+    /// the reply is left partial too, for the device to finish.
+    #[cold]
+    pub fn make_rst_reply(&mut self) -> Option<usize> {
+        let (old_l4, v4) = (self.l4, self.v4);
+        let l4 = if v4 { 20 } else { 40 };
+        if self.proto != TCP || (self.partial && l4 != old_l4) {
+            return None;
+        }
+        let b = &mut *self.buf;
+        let (sport, dport) = (
+            read_u16(b, old_l4 + field::SRC_PORT),
+            read_u16(b, old_l4 + field::DST_PORT),
+        );
+        let seq = read_u32(b, old_l4 + field::TCP_SEQ);
+        let flags = b[old_l4 + field::TCP_FLAGS];
+        let header = usize::from(b[old_l4 + field::TCP_DATA_OFFSET] >> 4) * 4;
+        let payload = self.len - old_l4 - header;
+        let counted = [tcp_flags::SYN, tcp_flags::FIN]
+            .iter()
+            .filter(|&&f| flags & f != 0)
+            .count();
+        let ack = seq.wrapping_add((payload + counted) as u32);
+
+        let (src, dst) = (field::src(v4), field::dst(v4));
+        let mut client = [0u8; 16];
+        client[..src.len()].copy_from_slice(&b[src.clone()]);
+        b.copy_within(dst.clone(), src.start);
+        b[dst].copy_from_slice(&client[..src.len()]);
+        let len = l4 + field::TCP_HEADER_LEN;
+        if v4 {
+            b[0] = 0x45; // version 4, no options
+            write_u16(b, field::V4_TOTAL_LEN, len as u16);
+            b[field::V4_TTL] = 64;
+        } else {
+            write_u16(b, field::V6_PAYLOAD_LEN, field::TCP_HEADER_LEN as u16);
+            b[field::V6_NEXT_HEADER] = TCP;
+            b[field::V6_HOP_LIMIT] = 64;
+        }
+
+        let tcp = &mut b[l4..len];
+        tcp.fill(0);
+        write_u16(tcp, field::SRC_PORT, dport);
+        write_u16(tcp, field::DST_PORT, sport);
+        tcp[field::TCP_ACK..field::TCP_ACK + 4].copy_from_slice(&ack.to_be_bytes());
+        tcp[field::TCP_DATA_OFFSET] = (field::TCP_HEADER_LEN as u8 / 4) << 4;
+        tcp[field::TCP_FLAGS] = tcp_flags::RST | tcp_flags::ACK;
+        debug_assert_eq!(read_u16(tcp, field::TCP_WINDOW), 0);
+        debug_assert_eq!(read_u16(tcp, field::TCP_URGENT), 0);
+
+        // The pseudo header: addresses, protocol, TCP length.
+        let addrs = if v4 { 12..20 } else { 8..40 };
+        let mut pseudo = ones_sum(0, &b[addrs]);
+        pseudo = ones_sum(pseudo, &[0, TCP]);
+        pseudo = ones_sum(pseudo, &(field::TCP_HEADER_LEN as u16).to_be_bytes());
+        let tcp_checksum = if self.partial {
+            pseudo
+        } else {
+            !ones_sum(pseudo, &b[l4..len])
+        };
+        write_u16(b, l4 + field::TCP_CHECKSUM, tcp_checksum);
+        if v4 {
+            let at = field::V4_CHECKSUM.start;
+            write_u16(b, at, 0);
+            let sum = !ones_sum(0, &b[..20]);
+            write_u16(b, at, sum);
+        }
+        self.l4 = l4;
+        self.len = len;
+        Some(len)
     }
 
     #[inline]
@@ -500,6 +595,181 @@ mod tests {
             p.set_destination(&addr_from_ip(be), 53);
             assert_eq!(&bytes[at..at + 2], &[0xff, 0xff], "{be}");
             assert_checksums_valid(&bytes);
+        }
+    }
+
+    /// A SYN with options (MSS, window scale, SACK permitted) and `payload`
+    /// (TCP Fast Open data), seq 1000, from client port 40000 to 80.
+    fn syn_with_options(v4: bool, payload: &[u8]) -> Vec<u8> {
+        use etherparse::TcpOptionElement::*;
+        let opts = [
+            MaximumSegmentSize(1460),
+            Noop,
+            WindowScale(7),
+            SelectiveAcknowledgementPermitted,
+            Noop,
+            Noop,
+        ];
+        if v4 {
+            build!(
+                PacketBuilder::ipv4(CLIENT4, VIP4, 9)
+                    .tcp(40000, 80, 1000, 64240)
+                    .syn()
+                    .options(&opts)
+                    .unwrap(),
+                payload
+            )
+        } else {
+            build!(
+                PacketBuilder::ipv6(CLIENT6, VIP6, 9)
+                    .tcp(40000, 80, 1000, 64240)
+                    .syn()
+                    .options(&opts)
+                    .unwrap(),
+                payload
+            )
+        }
+    }
+
+    /// Checks `bytes` is the RST|ACK refusing [`syn_with_options`] with
+    /// `payload_len` bytes: from the VIP's port to the client's, every
+    /// field as RFC 793 has it, every checksum right.
+    fn assert_rst_reply(bytes: &[u8], v4: bool, payload_len: u32) {
+        assert_checksums_valid(bytes);
+        let p = etherparse::SlicedPacket::from_ip(bytes).unwrap();
+        match p.net.unwrap() {
+            etherparse::NetSlice::Ipv4(ip) => {
+                assert!(v4);
+                let h = ip.header();
+                let want = (VIP4.into(), CLIENT4.into(), 64, 40, 5);
+                let got = (
+                    h.source_addr(),
+                    h.destination_addr(),
+                    h.ttl(),
+                    h.total_len(),
+                    h.ihl(),
+                );
+                assert_eq!(got, want);
+            }
+            etherparse::NetSlice::Ipv6(ip) => {
+                assert!(!v4);
+                let h = ip.header();
+                assert_eq!((h.source(), h.destination()), (VIP6, CLIENT6));
+                assert_eq!(
+                    (h.hop_limit(), h.payload_length(), h.next_header().0),
+                    (64, 20, TCP)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP")
+        };
+        assert_eq!((t.source_port(), t.destination_port()), (80, 40000));
+        assert_eq!(t.sequence_number(), 0);
+        assert_eq!(
+            t.acknowledgment_number(),
+            1000 + 1 + payload_len,
+            "SYN + data"
+        );
+        assert!(t.rst() && t.ack() && !t.syn() && !t.fin() && !t.psh() && !t.urg());
+        assert_eq!(
+            (t.data_offset(), t.window_size(), t.urgent_pointer()),
+            (5, 0, 0)
+        );
+        assert!(t.payload().is_empty() && t.options().is_empty());
+    }
+
+    #[test]
+    fn a_syn_with_options_and_data_becomes_the_rst_that_refuses_it() {
+        for v4 in [true, false] {
+            for payload in [&b""[..], b"fast open data"] {
+                let mut bytes = syn_with_options(v4, payload);
+                let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+                let len = p.make_rst_reply().unwrap();
+                assert_eq!(p.len(), len, "the view follows");
+                assert_eq!(len, if v4 { 40 } else { 60 });
+                assert_rst_reply(&bytes[..len], v4, payload.len() as u32);
+            }
+        }
+        // A SYN|FIN counts both (SEG.LEN = 2 with no data).
+        let mut bytes = tcp4(b"");
+        bytes[20 + field::TCP_FLAGS] |= tcp_flags::FIN;
+        let len = FlowPacket::new_checked(&mut bytes)
+            .unwrap()
+            .make_rst_reply();
+        let t = etherparse::TcpSlice::from_slice(&bytes[20..len.unwrap()]).unwrap();
+        assert_eq!(t.acknowledgment_number(), 12345 + 2);
+        // UDP has no RST.
+        let mut bytes = udp4(b"q");
+        assert_eq!(
+            FlowPacket::new_checked(&mut bytes)
+                .unwrap()
+                .make_rst_reply(),
+            None
+        );
+    }
+
+    /// `bytes` (a packet built by etherparse) with `ext` inserted after its
+    /// fixed IP header: IPv4 options, or one IPv6 extension header (whose
+    /// first byte, its next header, is fixed here).
+    fn with_ip_extras(mut bytes: Vec<u8>, v4: bool, mut ext: Vec<u8>) -> Vec<u8> {
+        let at = if v4 { 20 } else { 40 };
+        if v4 {
+            bytes[0] += (ext.len() / 4) as u8;
+            let total = read_u16(&bytes, 2) + ext.len() as u16;
+            write_u16(&mut bytes, 2, total);
+        } else {
+            ext[0] = bytes[6];
+            bytes[6] = 60; // destination options
+            let payload = read_u16(&bytes, 4) + ext.len() as u16;
+            write_u16(&mut bytes, 4, payload);
+        }
+        bytes.splice(at..at, ext);
+        if v4 {
+            write_u16(&mut bytes, 10, 0);
+            let ihl = usize::from(bytes[0] & 0xf) * 4;
+            let sum = !crate::testing::ones_sum(0, &bytes[..ihl]);
+            write_u16(&mut bytes, 10, sum);
+        }
+        bytes
+    }
+
+    #[test]
+    fn ip_options_and_extension_headers_are_left_out_of_the_rst() {
+        let cases = [
+            (true, vec![1, 1, 1, 0]),              // NOP NOP NOP EOL
+            (false, vec![0, 0, 1, 4, 0, 0, 0, 0]), // PadN
+        ];
+        for (v4, ext) in cases {
+            let mut bytes = with_ip_extras(syn_with_options(v4, b"hi"), v4, ext);
+            assert_checksums_valid(&bytes);
+            let mut p = FlowPacket::new_checked(&mut bytes).unwrap();
+            let len = p.make_rst_reply().unwrap();
+            assert_rst_reply(&bytes[..len], v4, 2);
+            // Offloaded, the device would finish the checksum where the
+            // read had its TCP header: no reply.
+            let mut bytes = with_ip_extras(syn_with_options(v4, b"hi"), v4, vec![0; 8]);
+            let before = bytes.clone();
+            let p = FlowPacket::new_checked(&mut bytes).unwrap();
+            assert_eq!(p.with_partial_checksum(true).make_rst_reply(), None);
+            assert_eq!(bytes, before, "untouched");
+        }
+    }
+
+    #[test]
+    fn an_offloaded_syns_rst_is_left_for_the_device_to_finish() {
+        for (v4, l4) in [(true, 20), (false, 40)] {
+            let mut bytes = syn_with_options(v4, b"data");
+            let at = l4 + field::TCP_CHECKSUM;
+            make_partial(&mut bytes, v4, l4, at, TCP);
+            let p = FlowPacket::new_checked(&mut bytes).unwrap();
+            let len = p.with_partial_checksum(true).make_rst_reply().unwrap();
+            bytes.truncate(len);
+            let partial = crate::testing::pseudo_header_sum(&bytes, v4, 20, TCP);
+            assert_eq!(read_u16(&bytes, at), partial, "the pseudo-header sum");
+            finish_offloaded(&mut bytes, l4, at);
+            assert_rst_reply(&bytes, v4, 4);
         }
     }
 

@@ -39,6 +39,9 @@ struct Args {
     /// How long an idle `--http` connection is kept open.
     #[arg(long, default_value_t = 15_000)]
     keepalive_ms: u64,
+    /// Every `--http` answer (but `/stats`) this late: a server far away.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 /// What serves one accepted TCP connection.
@@ -65,7 +68,13 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.http.is_empty() {
         let keepalive = std::time::Duration::from_millis(args.keepalive_ms);
-        threads.push(origin::serve(args.name.clone(), &args.http, keepalive)?);
+        let delay = std::time::Duration::from_millis(args.delay_ms);
+        threads.push(origin::serve(
+            args.name.clone(),
+            &args.http,
+            keepalive,
+            delay,
+        )?);
     }
     for port in args.udp {
         let sock = UdpSocket::bind(("::", port)).with_context(|| format!("bind udp {port}"))?;

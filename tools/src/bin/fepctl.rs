@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use fep_shared::api::{
     BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, GroupView, HttpServiceView,
     MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
-    RemoveArg, RouteQuery, RouteView, ServiceView, StatusView,
+    RemoveArg, RouteQuery, RouteView, ServiceView, SitesView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig, ServiceMode};
 use fep_tools::admin_client::{get, post, post_for, AdminAddress};
@@ -64,6 +64,9 @@ enum Cmd {
     /// This front end's VIP groups (master here or not, held or not,
     /// routes, last hold), its last planned moves, refused peer frames.
     Cluster,
+    /// Several sites: per DNS name each site's addresses, whether this
+    /// site's checks reach it, whether it has room, its hand-off share.
+    Sites,
     /// VIP groups shared with other front ends.
     Vip {
         #[command(subcommand)]
@@ -256,6 +259,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Cluster => {
             let v: ClusterView = get(&to, "/v1/cluster")?;
             (json(&v)?, cluster_text(&v))
+        }
+        Cmd::Sites => {
+            let v: SitesView = get(&to, "/v1/sites")?;
+            (json(&v)?, sites_text(&v))
         }
         Cmd::Vip {
             cmd: VipCmd::Move { group, to: fep },
@@ -463,6 +470,30 @@ fn cluster_text(v: &ClusterView) -> String {
             Some(e) => format!("not answering: {e}\n"),
             None => groups_text(&p.groups),
         };
+    }
+    out
+}
+
+fn sites_text(v: &SitesView) -> String {
+    let mut out = format!("site {}\n", v.me);
+    for name in &v.names {
+        out += &format!(
+            "\n{}\n{:<12} {:<5} {:<5} {:>7} {:>6}  {}\n",
+            name.name, "SITE", "UP", "ROOM", "WEIGHT", "SHARE", "VIPS"
+        );
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        for s in &name.sites {
+            let vips: Vec<String> = s.vips.iter().map(|a| a.to_string()).collect();
+            out += &format!(
+                "{:<12} {:<5} {:<5} {:>7} {:>5}%  {}\n",
+                s.site,
+                yes(s.up),
+                yes(s.room),
+                s.weight,
+                s.share_percent,
+                vips.join(", ")
+            );
+        }
     }
     out
 }
