@@ -129,6 +129,57 @@ pub fn http_client_edge(cfg: &fep_shared::HttpConfig, input: &[u8]) -> Vec<u8> {
     RUNTIME.with(|rt| rt.block_on(crate::http_mode::client_edge(cfg, input)))
 }
 
+/// The DNS server's answer to `query` (UDP, from 192.0.2.1) for a zone
+/// `example.test` with one name, `www.example.test`, at two sites: what
+/// the querier would read, if anything. No socket is involved.
+pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    use crate::sites::dns::{Lookup, Zone};
+    use fep_shared::sites_config::DnsConfig;
+    use fep_shared::{NameConfig, NameSite, WhenAllDown};
+    use std::net::IpAddr;
+    use std::sync::OnceLock;
+
+    struct TwoSites;
+    impl Lookup for TwoSites {
+        fn addresses(&self, _: usize, v6: bool, _: IpAddr) -> Vec<IpAddr> {
+            let all: [IpAddr; 3] = [
+                [10, 9, 1, 100].into(),
+                [10, 9, 2, 100].into(),
+                [0xfd00, 0, 0, 0, 0, 0, 0, 1].into(),
+            ];
+            all.into_iter().filter(|a| a.is_ipv6() == v6).collect()
+        }
+    }
+    static ZONE: OnceLock<Zone> = OnceLock::new();
+    let zone = ZONE.get_or_init(|| {
+        let dns = DnsConfig {
+            listen: Vec::new(),
+            zone: "example.test".into(),
+            ns: vec!["ns1.example.test".into()],
+            hostmaster: "hostmaster".into(),
+            negative_ttl_s: 60,
+            max_tcp_connections: 1,
+            tcp_idle_timeout_ms: 1000,
+        };
+        let name = NameConfig {
+            name: "www.example.test".into(),
+            port: 80,
+            ttl_s: 60,
+            ohw: vec![4, 2, 1],
+            when_all_down: WhenAllDown::LastHealthy,
+            check_path: None,
+            sites: vec![NameSite {
+                site: "a".into(),
+                vips: vec![[10, 9, 1, 100].into()],
+                check_address: None,
+            }],
+        };
+        Zone::new(&dns, &[name]).expect("a valid zone")
+    });
+    zone.answer(query, [192, 0, 2, 1].into(), false, &TwoSites)
+        .0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -377,6 +377,7 @@ impl FepConfig {
         self.validate_services()?;
         if let Some(sites) = &self.sites {
             sites.validate()?;
+            self.validate_local_vips(sites)?;
         }
         crate::cluster_config::validate(self.cluster.as_ref(), &self.vip_groups)
     }
@@ -450,6 +451,31 @@ impl FepConfig {
                 "health_check_fails",
                 "must be at least 1",
             ));
+        }
+        Ok(())
+    }
+
+    /// This site's VIPs in `[[sites.name.at]]` must be served here: their
+    /// room is what the site reports and redirects by.
+    fn validate_local_vips(&self, sites: &SitesConfig) -> Result<(), ConfigError> {
+        for (i, name) in sites.names.iter().enumerate() {
+            for at in name.sites.iter().filter(|a| a.site == sites.me) {
+                for vip in &at.vips {
+                    let served = self.services.iter().any(|s| {
+                        s.vip == *vip && s.port == name.port && s.protocol == Protocol::Tcp
+                    });
+                    if !served {
+                        return Err(ConfigError::invalid(
+                            format!("sites.name[{i}].at"),
+                            format!(
+                                "this site ('{}') lists {vip} for '{}', but no TCP [[service]] \
+                                 here serves {vip} port {}",
+                                sites.me, name.name, name.port
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1141,6 +1167,55 @@ port = 8080
             "config key `service[0].max_connections`: is for mode = \"tcp\" services; \
              an HTTP service's limit is `[service.http] max_connections`"
         );
+    }
+
+    /// A site `a` of two serving `www.example.test` from VIP 10.9.1.100:80.
+    fn sites(extra_sites: &str, extra_name: &str) -> String {
+        format!(
+            "[[node]]\nname = \"be\"\naddress = \"10.30.0.11\"\n\
+             [[service]]\nname = \"web\"\nvip = \"10.9.1.100\"\nport = 80\nprotocol = \"tcp\"\n\
+             backend = [{{ node = \"be\", ratio = 1 }}]\n\
+             [sites]\nme = \"a\"\nkey_file = \"/k\"\nlisten = \"10.9.0.11:7400\"\n{extra_sites}\n\
+             [sites.dns]\nlisten = [\"10.9.0.11:53\"]\nzone = \"example.test\"\nns = [\"ns1.example.test\"]\n\
+             [[sites.site]]\nname = \"a\"\nexchange = \"10.9.0.11:7400\"\n\
+             [[sites.site]]\nname = \"b\"\nexchange = \"10.9.0.12:7400\"\n\
+             [[sites.name]]\nname = \"www.example.test\"\nport = 80\n{extra_name}\n\
+             [[sites.name.at]]\nsite = \"a\"\nvips = [\"10.9.1.100\"]\n\
+             [[sites.name.at]]\nsite = \"b\"\nvips = [\"10.9.2.100\"]\n"
+        )
+    }
+
+    #[test]
+    fn a_sites_table_is_checked_for_names_references_ranges_and_local_services() {
+        let cfg = FepConfig::parse(&sites("", "")).unwrap();
+        let s = cfg.sites.as_ref().unwrap();
+        assert_eq!(
+            (s.names[0].ttl_s, s.names[0].ohw.clone()),
+            (60, vec![6, 4, 2, 1])
+        );
+        assert!(s.redirect && s.redirect_hops == 2);
+        let problem = |text: &str| FepConfig::parse(text).unwrap_err().to_string();
+        assert_eq!(
+            problem(&sites("", "").replace("\nme = \"a\"", "\nme = \"z\"")),
+            "config key `sites.me`: no site 'z'; sites: a, b"
+        );
+        assert!(problem(&sites("", "ohw = [1, 65]")).contains("`sites.name[0].ohw`: weight 65"));
+        assert!(problem(&sites("", &format!("ohw = {:?}", [1; 17]))).contains("17 is out of range"));
+        assert!(problem(&sites("", "ttl_s = 20000")).contains("sites.name[0].ttl_s"));
+        assert!(problem(&sites("check_fails = 0", "")).contains("sites.check_fails"));
+        let outside =
+            sites("", "").replace("name = \"www.example.test\"", "name = \"www.example.org\"");
+        assert!(problem(&outside).contains("is not in the zone 'example.test'"));
+        let unknown = sites("", "").replace("site = \"b\"", "site = \"c\"");
+        assert!(problem(&unknown).contains("no site 'c'; sites: a, b"));
+        let unserved = sites("", "").replace("vip = \"10.9.1.100\"", "vip = \"10.9.1.101\"");
+        assert_eq!(
+            problem(&unserved),
+            "config key `sites.name[0].at`: this site ('a') lists 10.9.1.100 for \
+             'www.example.test', but no TCP [[service]] here serves 10.9.1.100 port 80"
+        );
+        // Document 002's zero weights are accepted.
+        assert!(FepConfig::parse(&sites("", "ohw = [4, 2, 1, 0, 0, 0]")).is_ok());
     }
 
     #[test]
