@@ -5,6 +5,7 @@
 pub mod admin_client;
 pub mod cluster_lab;
 pub mod craft;
+pub mod dns;
 pub mod host;
 pub mod http;
 pub mod lab;

@@ -13,9 +13,14 @@
 //! two VIP groups; a live connection, 1000 idle ones and 20 UDP flows
 //! survive a planned move of their group and then the crash of the gateway
 //! it moved to, and the figures of both are printed.
+//!
+//! `fep-demo --sites`: four sites, each a gateway with fep and a back end,
+//! answering DNS for `www.example.test`: the first answers follow the
+//! hand-off shares, move away from a site that dies, and a full site
+//! redirects a new client to another.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +46,9 @@ struct Args {
     /// Show several front ends instead: a planned move and a failover.
     #[arg(long)]
     cluster: bool,
+    /// Show several sites instead: DNS hand-off, a site's death, a redirect.
+    #[arg(long)]
+    sites: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -73,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     remove_stale_labs();
     if args.cluster {
         return cluster_demo();
+    }
+    if args.sites {
+        return sites_demo(&fep_bin);
     }
     let (lab, mut fep) = start(&fep_bin)?;
     let socket = lab.control_socket();
@@ -658,6 +669,175 @@ fn longest_gap(lines: &Lines, since: Instant) -> Duration {
 }
 
 /// Deletes namespaces an interrupted earlier demo left (its process is gone).
+/// Sites in the sites demo, how far away each one's back end is, and the
+/// HTTP service's connection limit at each.
+const SITES: usize = 4;
+const SITE_DELAYS_MS: [u64; SITES] = [5, 15, 25, 35];
+const SITE_LIMIT: usize = 8;
+
+fn sites_demo(fep_bin: &Path) -> anyhow::Result<()> {
+    use fep_shared::api::SitesView;
+    use fep_tools::sites_lab::{gateway, site_name, vip, SitesLab, NAME};
+    println!("== building four sites on one segment: gateways 10.9.0.11-14, each with fep and a back end;");
+    println!("   the back ends answer 5, 15, 25 and 35 ms late (how far away each site is)");
+    let mut lab = SitesLab::new(TAG, SITES)?;
+    lab.start_origins(&lab::workspace_bin("fep-testsrv")?, &SITE_DELAYS_MS)?;
+    let http = format!("max_connections = {SITE_LIMIT}");
+    for k in 0..SITES {
+        let config = lab.fep_config(k, &http, "", "ohw = [4, 2, 1]")?;
+        if k == 0 {
+            println!("== s1's [sites] table (the same on every site but `me`):");
+            let table = &config[config.find("[sites]").unwrap_or(0)..];
+            let mut shown: Vec<&str> = Vec::new();
+            for line in table.lines() {
+                let region = line.contains("sites.region")
+                    || line.starts_with("prefix")
+                    || line.starts_with("region =");
+                let repeated_blank = line.is_empty() && shown.last().is_some_and(|l| l.is_empty());
+                if !(region || repeated_blank) {
+                    shown.push(line);
+                }
+            }
+            println!("{}", indent(&shown.join("\n")));
+            println!("   (and document 002's Table VI as [[sites.region]] prefixes, deploy/regions-table-vi.toml)");
+        }
+        lab.start_fep(k, fep_bin, &config)?;
+    }
+    let view = |lab: &SitesLab, k: usize| -> anyhow::Result<SitesView> {
+        get(&lab.control_socket(k), "/v1/sites")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !view(&lab, 0)?.names[0]
+        .sites
+        .iter()
+        .all(|s| s.up && s.weight > 0)
+    {
+        if Instant::now() > deadline {
+            bail!("the sites did not all come up:\n{}", lab.fep_log(0));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let print_view = |v: &SitesView| {
+        for s in &v.names[0].sites {
+            println!(
+                "   {:<3} {:<15} up {:<3} room {:<3} weight {:>2} share {:>3} %",
+                s.site,
+                s.vips[0].to_string(),
+                if s.up { "yes" } else { "no" },
+                if s.room { "yes" } else { "no" },
+                s.weight,
+                s.share_percent
+            );
+        }
+    };
+    println!(
+        "\n== `fepctl sites` on s1: each site ranks the others by its checks' response times;"
+    );
+    println!("   OHW 4, 2, 1 over the ranks gives the hand-off weights");
+    print_view(&view(&lab, 0)?);
+    let dns = SocketAddr::new(gateway(0).into(), 53);
+    let firsts = |lab: &SitesLab, n: usize| -> anyhow::Result<Vec<usize>> {
+        let mut count = vec![0; SITES];
+        for _ in 0..n {
+            let answer = lab
+                .client
+                .enter(|| fep_tools::dns::query_a(dns, NAME, Duration::from_secs(2)))??;
+            if let Some(k) = answer
+                .first()
+                .and_then(|a| (0..SITES).position(|k| IpAddr::from(vip(k, SITES)) == *a))
+            {
+                count[k] += 1;
+            }
+        }
+        Ok(count)
+    };
+    let show = |count: &[usize]| {
+        let total: usize = count.iter().sum();
+        for (k, c) in count.iter().enumerate() {
+            println!(
+                "   {} first in {c:>3} of {total} ({:.0} %)",
+                site_name(k),
+                *c as f64 * 100.0 / total.max(1) as f64
+            );
+        }
+    };
+    println!("\n== 280 queries to s1's DNS server for {NAME}: who is answered first");
+    show(&firsts(&lab, 280)?);
+
+    println!("\n== killing s2's fep (SIGKILL)");
+    let killed = Instant::now();
+    lab.kill_fep(1);
+    let dead = IpAddr::from(vip(1, SITES));
+    loop {
+        let mut all_gone = true;
+        for k in [0, 2, 3] {
+            let server = SocketAddr::new(gateway(k).into(), 53);
+            let a = lab
+                .client
+                .enter(|| fep_tools::dns::query_a(server, NAME, Duration::from_secs(2)))??;
+            all_gone &= !a.contains(&dead);
+        }
+        if all_gone {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(10) {
+            bail!("s2 is still answered 10 s after it died");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "   s2 was gone from every other site's answers {} ms after it died",
+        killed.elapsed().as_millis()
+    );
+    print_view(&view(&lab, 0)?);
+    println!("== 280 queries to s1 again");
+    show(&firsts(&lab, 280)?);
+
+    println!("\n== s1 full: {SITE_LIMIT} client connections held open (its max_connections)");
+    let to = SocketAddr::new(vip(0, SITES).into(), 80);
+    let mut held = Vec::new();
+    for _ in 0..SITE_LIMIT {
+        let mut c = lab
+            .client
+            .enter(|| http::KeepAlive::connect(to, Duration::from_secs(5)))??;
+        c.get("/")?;
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let first = lab
+        .client
+        .enter(|| http::get(to, "/demo?page=1", Duration::from_secs(5)))??;
+    let location = first.header("location").unwrap_or("-").to_string();
+    println!(
+        "   a new client's GET /demo?page=1 at s1: {} Location: {location}",
+        first.status
+    );
+    if let Some(rest) = location.strip_prefix("http://") {
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let next = SocketAddr::new(host.parse()?, 80);
+        let second = lab
+            .client
+            .enter(|| http::get(next, path, Duration::from_secs(5)))??;
+        println!(
+            "   followed: {} from {}",
+            second.status,
+            second.body_text().trim()
+        );
+    }
+    println!(
+        "   s1 in the other sites' answers: room {}",
+        if view(&lab, 2)?.names[0].sites[0].room {
+            "yes"
+        } else {
+            "no (triggered update)"
+        }
+    );
+    drop(held);
+    println!("== removing the lab");
+    Ok(())
+}
+
 fn remove_stale_labs() {
     let Ok(list) = netns::output(std::process::Command::new("ip").args(["netns", "list"])) else {
         return;
