@@ -5,8 +5,9 @@
 //! `http_server`; the tables `endpoint_map`, `chooser`,
 //! `holds`, `transfer_table`, `routes`; `dispatcher` (the pure data-plane
 //! core); `netsetup` (the host's set-up: a pure plan and its executor);
-//! `control` (everything that decides); `http_mode` (HTTP services' own
-//! listeners and server-connection pools); `views` and `metrics`;
+//! `control` (everything that decides); `sites` (several sites: checks,
+//! the exchange, hand-off plans, the DNS server); `http_mode` (HTTP
+//! services' own listeners and server-connection pools); `views` and `metrics`;
 //! the I/O shells `tun_io` and `admin`; `daemon` (wiring).
 
 pub(crate) mod admin;

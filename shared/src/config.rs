@@ -758,7 +758,7 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 17] = [
+        let keys: [(&'static str, bool); 18] = [
             ("admin_listen", self.admin_listen != new.admin_listen),
             (
                 "admin_token_file",
@@ -788,6 +788,7 @@ impl FepConfig {
             ),
             ("cluster", self.cluster != new.cluster),
             ("vip_group", self.vip_groups != new.vip_groups),
+            ("sites", self.sites != new.sites),
         ];
         keys.into_iter()
             .find(|(_, changed)| *changed)
