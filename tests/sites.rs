@@ -17,8 +17,9 @@ use fep_tools::sites_lab::{self, gateway, site_name, vip, SitesLab, CLIENT_PACIF
 
 const SITES: usize = 4;
 /// How far away each site's back end is: the checks rank s1 first, then
-/// s2, s3, s4, from every tester.
-const DELAYS_MS: [u64; SITES] = [5, 15, 25, 35];
+/// s2, s3, s4, from every tester (30 ms apart: far more than a loaded
+/// machine's jitter).
+const DELAYS_MS: [u64; SITES] = [10, 40, 70, 100];
 /// Every tester ranks the others s1 < s2 < s3 < s4; with OHW 4, 2, 1:
 /// s1 is rank 1 for three testers (12), s2 rank 1 for s1 and rank 2 for
 /// s3 and s4 (8), s3 rank 2 twice and rank 3 once (5), s4 rank 3 three
@@ -34,22 +35,26 @@ struct Sites {
 /// Four sites with `http` as their HTTP service's extra keys, each fep
 /// started, and every site seeing every other up with the expected weights.
 fn start(tag: &str, http: &str) -> Sites {
-    start_sites(tag, SITES, http, |w| w == WEIGHTS)
+    let timed = format!("ttl_s = 30\n{OHW}\ncheck_path = \"/health\"");
+    start_sites(tag, SITES, http, &timed, |w| w == WEIGHTS)
 }
 
-/// `n` sites, started, until every site sees every other up with weights
-/// `weights_ok` accepts.
-fn start_sites(tag: &str, n: usize, http: &str, weights_ok: impl Fn(&[u64]) -> bool) -> Sites {
+/// `n` sites (`name`: the name's extra keys), started, until every site
+/// sees every other up with weights `weights_ok` accepts.
+fn start_sites(
+    tag: &str,
+    n: usize,
+    http: &str,
+    name: &str,
+    weights_ok: impl Fn(&[u64]) -> bool,
+) -> Sites {
     let mut lab = SitesLab::new(tag, n).expect("building the sites lab");
     host::ensure(&[host::DIG, host::CURL]).expect("dig and curl");
     lab.start_origins(&lab::workspace_bin("fep-testsrv").unwrap(), &DELAYS_MS)
         .expect("starting the origins");
     let fep = lab::workspace_bin("fep").unwrap();
     let configs: Vec<String> = (0..n)
-        .map(|k| {
-            lab.fep_config(k, http, "", &format!("ttl_s = 30\n{OHW}"))
-                .unwrap()
-        })
+        .map(|k| lab.fep_config(k, http, "", name).unwrap())
         .collect();
     for (k, config) in configs.iter().enumerate() {
         lab.start_fep(k, &fep, config)
@@ -137,6 +142,37 @@ impl Sites {
     }
 }
 
+/// `n` client connections to `vip`:80, each served once and held open. A
+/// connection that met the limit (the other sites' checks take places
+/// too, for a moment) is answered a redirect and closed: it is tried again.
+fn hold(s: &Sites, vip: IpAddr, n: usize) -> Vec<KeepAlive> {
+    let mut held = Vec::new();
+    for _ in 0..5 * n {
+        if held.len() == n {
+            break;
+        }
+        let to = SocketAddr::new(vip, 80);
+        let mut c = s
+            .lab
+            .client
+            .enter(|| KeepAlive::connect(to, TIMEOUT))
+            .unwrap()
+            .unwrap();
+        if c.get("/").is_ok_and(|r| r.status == 200) {
+            held.push(c);
+        }
+    }
+    assert_eq!(held.len(), n, "could not hold {n} connections to {vip}");
+    held
+}
+
+/// HTTP keys for a service at `limit` client connections whose held idle
+/// connections stay open for the test's length (not closed after the
+/// default 10 s without a request).
+fn held_http(limit: usize) -> String {
+    format!("max_connections = {limit}\nheader_timeout_ms = 300000")
+}
+
 fn vips() -> Vec<IpAddr> {
     vips_of(SITES)
 }
@@ -168,23 +204,13 @@ fn three_sites_weigh_by_the_connections_they_have_left() {
     // Three sites: the hand-off table gives way to remaining-connection
     // ratios (document 002). All empty: equal weights.
     const LIMIT: usize = 20;
-    let s = start_sites("s3", 3, &format!("max_connections = {LIMIT}"), |w| {
+    // TCP checks: a check holds none of the places being counted.
+    let s = start_sites("s3", 3, &held_http(LIMIT), "", |w| {
         w.iter().all(|&x| x >= 900)
     });
     let vips = vips_of(3);
     // s1 with half its connections taken: about half the others' weight.
-    let mut held = Vec::new();
-    for _ in 0..LIMIT / 2 {
-        let to = SocketAddr::new(vips[0], 80);
-        let mut c = s
-            .lab
-            .client
-            .enter(|| KeepAlive::connect(to, TIMEOUT))
-            .unwrap()
-            .unwrap();
-        c.get("/").expect("a request on a held connection");
-        held.push(c);
-    }
+    let held = hold(&s, vips[0], LIMIT / 2);
     s.wait(1, "s2 seeing s1 half full", Duration::from_secs(5), |v| {
         let w = &v.names[0].sites;
         w[0].weight <= 550 && w[1].weight >= 900
@@ -358,22 +384,12 @@ fn a_full_site_redirects_new_clients_and_the_hop_limit_stops_a_loop() {
     }
     // Room for the other sites' checks (three at a time) and a client.
     const LIMIT: usize = 8;
-    let s = start("sf", &format!("max_connections = {LIMIT}"));
-    let hold = |k: usize| -> Vec<KeepAlive> {
-        (0..LIMIT)
-            .map(|_| {
-                let to = SocketAddr::new(vips()[k], 80);
-                let mut c = s
-                    .lab
-                    .client
-                    .enter(|| KeepAlive::connect(to, TIMEOUT))
-                    .unwrap()
-                    .unwrap();
-                c.get("/").expect("a request on a held connection");
-                c
-            })
-            .collect()
-    };
+    // TCP checks: an HTTP check would hold one of the few places for its
+    // back end's delay.
+    let s = start_sites("sf", SITES, &held_http(LIMIT), OHW, |w| {
+        w.iter().sum::<u64>() > 0
+    });
+    let hold = |k: usize| hold(&s, vips()[k], LIMIT);
     let curl = |url: &str| -> String {
         let out = s
             .lab
@@ -539,6 +555,7 @@ fn forge(to: SocketAddr, key: fep_shared::protocol::Key) {
                 vip: vips()[1],
                 remaining: Some(0),
                 capacity: Some(1),
+                healthy: false,
                 room: false,
             }],
         }],

@@ -52,7 +52,10 @@ pub struct VipState {
     /// Connections it may still take (`None`: no limit configured).
     pub remaining: Option<u64>,
     pub capacity: Option<u64>,
-    /// A healthy back end that is not at its limit.
+    /// A back end with a ratio above 0: without one the site is down for
+    /// this VIP, whatever its listener answers to a check.
+    pub healthy: bool,
+    /// Healthy and not at its limit: it takes new clients.
     pub room: bool,
 }
 

@@ -281,9 +281,7 @@ impl SitesLab {
         }
         s += TABLE_VI;
         s.push('\n');
-        s += &format!(
-            "[[sites.name]]\nname = \"{NAME}\"\nport = 80\ncheck_path = \"/health\"\n{name}\n"
-        );
+        s += &format!("[[sites.name]]\nname = \"{NAME}\"\nport = 80\n{name}\n");
         for j in 0..n {
             s += &format!(
                 "[[sites.name.at]]\nsite = \"{}\"\nvips = [\"{}\"]\n",

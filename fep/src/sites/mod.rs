@@ -287,6 +287,7 @@ pub fn vip_state(
         vip,
         remaining: None,
         capacity: None,
+        healthy: false,
         room: false,
     };
     let serving = table.services().iter().enumerate().filter(|(_, svc)| {
@@ -294,6 +295,7 @@ pub fn vip_state(
     });
     for (slot, svc) in serving {
         let healthy = svc.backends.iter().any(|b| !b.removed && b.ratio() > 0);
+        state.healthy |= healthy;
         let (used, cap) = match &svc.http {
             Some(http) => (
                 open(slot as ServiceId).unwrap_or(0),
@@ -338,5 +340,112 @@ impl Lookup for Sites {
                 addrs
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Sites `a` (this one) and `b` for `www.example.test`, answering
+    /// `policy` when no site is up.
+    fn sites(policy: &str) -> Sites {
+        static KEYS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = KEYS.fetch_add(1, Ordering::Relaxed);
+        let key = std::env::temp_dir().join(format!("fep-sites-key-{}-{n}", std::process::id()));
+        std::fs::write(&key, Key::generate_hex()).unwrap();
+        let text = format!(
+            "me = \"a\"\nkey_file = \"{}\"\nlisten = \"10.0.0.1:1\"\ncheck_fails = 1\n\
+             [dns]\nlisten = [\"10.0.0.1:53\"]\nzone = \"example.test\"\nns = [\"ns.example.test\"]\n\
+             [[site]]\nname = \"a\"\nexchange = \"10.0.0.1:1\"\n\
+             [[site]]\nname = \"b\"\nexchange = \"10.0.0.2:1\"\n\
+             [[name]]\nname = \"www.example.test\"\nport = 80\nwhen_all_down = \"{policy}\"\n\
+             [[name.at]]\nsite = \"a\"\nvips = [\"10.9.1.100\"]\n\
+             [[name.at]]\nsite = \"b\"\nvips = [\"10.9.2.100\"]\n",
+            key.display()
+        );
+        let s = Sites::new(&toml::from_str(&text).unwrap()).unwrap();
+        let _ = std::fs::remove_file(key);
+        s
+    }
+
+    fn vip(healthy: bool) -> VipState {
+        VipState {
+            vip: "10.9.1.100".parse().unwrap(),
+            remaining: None,
+            capacity: None,
+            healthy,
+            room: healthy,
+        }
+    }
+
+    fn answer(s: &Sites) -> Vec<String> {
+        let client = "192.0.2.1".parse().unwrap();
+        s.addresses(0, false, client)
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn with_every_site_down_the_last_healthy_list_or_nothing_is_answered() {
+        for (policy, want) in [("last_healthy", vec!["10.9.2.100"]), ("empty", vec![])] {
+            let s = sites(policy);
+            s.refresh_local(|_, _| vip(false));
+            assert_eq!(answer(&s), ["10.9.2.100"], "only b is up");
+            s.change(|t| {
+                t.record_check(0, 1, None);
+                None
+            });
+            assert_eq!(answer(&s), want, "{policy}");
+            // b back: answered again; a healthy again: both.
+            s.change(|t| {
+                t.record_check(0, 1, Some(Duration::from_millis(1)));
+                None
+            });
+            s.refresh_local(|_, _| vip(true));
+            assert_eq!(answer(&s).len(), 2, "{policy}");
+        }
+    }
+
+    #[test]
+    fn a_redirect_goes_to_another_site_never_this_one() {
+        let s = sites("empty");
+        s.refresh_local(|_, _| vip(true));
+        let client = "192.0.2.1".parse().unwrap();
+        let local: IpAddr = "10.9.1.100".parse().unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                s.redirect_target(local, 80, client),
+                Some("10.9.2.100".parse().unwrap())
+            );
+        }
+        assert_eq!(
+            s.redirect_target(local, 81, client),
+            None,
+            "another port is not the name's"
+        );
+        s.change(|t| {
+            t.record_check(0, 1, None);
+            None
+        });
+        assert_eq!(s.redirect_target(local, 80, client), None, "b is down");
+    }
+
+    #[test]
+    fn a_local_room_change_triggers_an_update_and_a_steady_one_does_not() {
+        let s = sites("empty");
+        let mut triggers = s.triggers();
+        s.refresh_local(|_, _| vip(true));
+        assert!(
+            !triggers.has_changed().unwrap(),
+            "the first reading is no change"
+        );
+        s.refresh_local(|_, _| vip(true));
+        assert!(!triggers.has_changed().unwrap());
+        s.refresh_local(|_, _| vip(false));
+        assert!(triggers.has_changed().unwrap());
+        assert!(triggers.borrow_and_update().contains("no room left"));
     }
 }

@@ -229,7 +229,12 @@ impl SiteTable {
                     name: self.sites[site].clone(),
                     vips: self.name_vips[n][slot].clone(),
                     region: self.site_regions[site],
-                    up: self.up(&self.checks[n][slot]),
+                    // Reached by the checks, and a back end behind it (its
+                    // listener may answer a check with a redirect).
+                    up: self.up(&self.checks[n][slot])
+                        && self
+                            .vips_of(n, site, now)
+                            .is_none_or(|v| v.iter().any(|s| s.healthy)),
                     // Unknown (no fresh report): assume room; its own checks
                     // still say whether it is up.
                     room: self
@@ -317,6 +322,7 @@ mod tests {
                 vip: "10.9.0.9".parse().unwrap(),
                 remaining: Some(if room { 50 } else { 0 }),
                 capacity: Some(100),
+                healthy: true,
                 room,
             })
             .into_iter()
@@ -373,6 +379,7 @@ mod tests {
                 vip: "10.9.0.1".parse().unwrap(),
                 remaining: Some(25),
                 capacity: Some(100),
+                healthy: true,
                 room: true,
             }],
         );
@@ -386,6 +393,26 @@ mod tests {
             t.plans(later)[0].sites[1].room,
             "a stale report is not trusted"
         );
+    }
+
+    #[test]
+    fn a_site_without_a_healthy_back_end_is_down_whatever_its_checks_say() {
+        let mut t = SiteTable::new(&config(&["a", "b"]));
+        let now = Instant::now();
+        let sick = VipState {
+            vip: "10.9.0.1".parse().unwrap(),
+            remaining: None,
+            capacity: None,
+            healthy: false,
+            room: false,
+        };
+        t.set_local(0, vec![sick.clone()]);
+        let mut state = report(&t, &[], None);
+        state.names[0].vips = vec![sick];
+        t.record_check(0, 1, Some(Duration::from_millis(2)));
+        t.accept(1, state, now);
+        let plan = &t.plans(now)[0];
+        assert!(!plan.sites[0].up && !plan.sites[1].up, "{plan:?}");
     }
 
     #[test]

@@ -684,7 +684,7 @@ fn sites_demo(fep_bin: &Path) -> anyhow::Result<()> {
     lab.start_origins(&lab::workspace_bin("fep-testsrv")?, &SITE_DELAYS_MS)?;
     let http = format!("max_connections = {SITE_LIMIT}");
     for k in 0..SITES {
-        let config = lab.fep_config(k, &http, "", "ohw = [4, 2, 1]")?;
+        let config = lab.fep_config(k, &http, "", "ohw = [4, 2, 1]\ncheck_path = \"/health\"")?;
         if k == 0 {
             println!("== s1's [sites] table (the same on every site but `me`):");
             let table = &config[config.find("[sites]").unwrap_or(0)..];
