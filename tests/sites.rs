@@ -248,6 +248,10 @@ fn first_answers_follow_the_hand_off_shares_and_dig_sees_an_authoritative_answer
             .all(|l| l.split_whitespace().nth(1) == Some("30")),
         "{full}"
     );
+    let ns = s.dig(0, &[sites_lab::ZONE, "NS", "+norecurse"]);
+    assert_eq!(ns.matches("\tNS\t").count(), SITES, "{ns}");
+    let ns1 = s.dig(0, &["ns1.example.test", "A", "+short"]);
+    assert_eq!(ns1.trim(), gateway(0).to_string(), "{ns1}");
     let soa = s.dig(0, &[sites_lab::ZONE, "SOA", "+norecurse"]);
     assert!(
         soa.contains("status: NOERROR") && soa.contains("\tSOA\t"),

@@ -156,6 +156,7 @@ pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
             listen: Vec::new(),
             zone: "example.test".into(),
             ns: vec!["ns1.example.test".into()],
+            ns_addresses: Default::default(),
             hostmaster: "hostmaster".into(),
             negative_ttl_s: 60,
             max_tcp_connections: 1,

@@ -4,7 +4,7 @@
 //! Every site carries the same `[sites]` table except `me`, so the sites
 //! compute the same hand-off tables from the same data.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -79,6 +79,10 @@ pub struct DnsConfig {
     pub zone: String,
     /// The zone's name servers (NS records; the first is the SOA's MNAME).
     pub ns: Vec<String>,
+    /// Addresses of the name servers inside the zone (A/AAAA answers and
+    /// glue), e.g. `{ "ns1.example.com" = ["192.0.2.53"] }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ns_addresses: BTreeMap<String, Vec<IpAddr>>,
     /// The SOA's RNAME (the zone's contact, `hostmaster.example.com`).
     #[serde(default = "default_hostmaster")]
     pub hostmaster: String,
@@ -312,6 +316,17 @@ impl DnsConfig {
         check_range(&k("negative_ttl_s"), self.negative_ttl_s, 0..=86_400, " s")?;
         if self.zone.trim_matches('.').is_empty() {
             return Err(ConfigError::invalid(k("zone"), "must name a zone"));
+        }
+        let zone = normalise(&self.zone);
+        for (name, addrs) in &self.ns_addresses {
+            let n = normalise(name);
+            if !self.ns.iter().any(|ns| normalise(ns) == n) || !in_zone(&n, &zone) {
+                return Err(ConfigError::invalid(
+                    k("ns_addresses"),
+                    format!("'{name}' is not one of `ns` inside the zone '{zone}'"),
+                ));
+            }
+            check_range(&k("ns_addresses"), addrs.len(), 1..=16, " addresses")?;
         }
         Ok(())
     }

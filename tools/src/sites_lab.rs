@@ -260,13 +260,20 @@ impl SitesLab {
             backend(k),
             v = vip(k, n),
         );
+        // Every site's DNS server is one of the zone's name servers.
+        let ns: Vec<String> = (0..n).map(|j| format!("\"ns{}.{ZONE}\"", j + 1)).collect();
+        let glue: Vec<String> = (0..n)
+            .map(|j| format!("\"ns{}.{ZONE}\" = [\"{}\"]", j + 1, gateway(j)))
+            .collect();
         s += &format!(
             "[sites]\nme = \"{site}\"\nkey_file = \"{}\"\nlisten = \"{}:{EXCHANGE_PORT}\"\n\
              check_interval_ms = 300\ncheck_timeout_ms = 500\ncheck_fails = 2\nupdate_interval_ms = 1000\n{sites}\n\
-             [sites.dns]\nlisten = [\"{}:53\"]\nzone = \"{ZONE}\"\nns = [\"ns1.{ZONE}\", \"ns2.{ZONE}\"]\n\n",
+             [sites.dns]\nlisten = [\"{}:53\"]\nzone = \"{ZONE}\"\nns = [{}]\nns_addresses = {{ {} }}\n\n",
             key.display(),
             gateway(k),
             gateway(k),
+            ns.join(", "),
+            glue.join(", "),
         );
         for j in 0..n {
             let region = match j + 1 == n {

@@ -90,6 +90,8 @@ pub struct Zone {
     ns: Vec<Record>,
     names: HashMap<Name, usize>,
     ttls: Vec<u32>,
+    /// The name servers' own addresses inside the zone, by name.
+    ns_addresses: HashMap<Name, Vec<Record>>,
 }
 
 impl Zone {
@@ -139,12 +141,22 @@ impl Zone {
         for (i, n) in names.iter().enumerate() {
             index.insert(parse("sites.name.name", &n.name)?, i);
         }
+        let mut ns_addresses = HashMap::new();
+        for (name, addrs) in &dns.ns_addresses {
+            let owner = parse("sites.dns.ns_addresses", name)?;
+            let records = addrs
+                .iter()
+                .map(|&a| Record::from_rdata(owner.clone(), 3600, rdata_of(a)))
+                .collect();
+            ns_addresses.insert(owner, records);
+        }
         Ok(Zone {
             apex,
             soa,
             ns,
             names: index,
             ttls: names.iter().map(|n| n.ttl_s).collect(),
+            ns_addresses,
         })
     }
 
@@ -242,7 +254,14 @@ impl Zone {
                 _ => {}
             }
         }
-        if let Some(&i) = self.names.get(&name) {
+        if let Some(glue) = self.ns_addresses.get(&name) {
+            let want = |r: &&Record| r.record_type() == qtype;
+            answers.extend(glue.iter().filter(want).map(|r| {
+                let mut r = r.clone();
+                r.name = q.name().clone();
+                r
+            }));
+        } else if let Some(&i) = self.names.get(&name) {
             let v6 = match qtype {
                 RecordType::A => Some(false),
                 RecordType::AAAA => Some(true),
@@ -250,13 +269,12 @@ impl Zone {
             };
             if let Some(v6) = v6 {
                 let ttl = self.ttls[i];
-                answers.extend(lookup.addresses(i, v6, client).into_iter().map(|a| {
-                    let rdata = match a {
-                        IpAddr::V4(a) => RData::A(A(a)),
-                        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
-                    };
-                    Record::from_rdata(q.name().clone(), ttl, rdata)
-                }));
+                answers.extend(
+                    lookup
+                        .addresses(i, v6, client)
+                        .into_iter()
+                        .map(|a| Record::from_rdata(q.name().clone(), ttl, rdata_of(a))),
+                );
             }
         } else if name != self.apex && !self.names.keys().any(|n| name.zone_of(n)) {
             reply.metadata.response_code = ResponseCode::NXDomain;
@@ -268,8 +286,9 @@ impl Zone {
             reply.add_authority(self.soa.clone());
             return Class::NoData;
         }
-        if qtype == RecordType::A || qtype == RecordType::AAAA {
-            reply.add_authorities(self.ns.iter().cloned());
+        if qtype == RecordType::NS && name == self.apex {
+            // Glue: where the name servers just named are.
+            reply.add_additionals(self.ns_addresses.values().flatten().cloned());
         }
         reply.add_answers(answers);
         Class::NoError
@@ -319,6 +338,13 @@ fn client_subnet(edns: Option<&Edns>) -> Result<Option<ClientSubnet>, ()> {
     }
 }
 
+fn rdata_of(a: IpAddr) -> RData {
+    match a {
+        IpAddr::V4(a) => RData::A(A(a)),
+        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+    }
+}
+
 /// `name` in lower case, fully qualified: the form names are compared in.
 fn fqdn(name: &Name) -> Name {
     let mut n = name.to_lowercase();
@@ -353,7 +379,8 @@ mod tests {
 
     fn zone() -> Zone {
         let dns: DnsConfig = toml::from_str(
-            "listen = [\"127.0.0.1:53\"]\nzone = \"Example.Test\"\nns = [\"ns1.example.test\"]\n",
+            "listen = [\"127.0.0.1:53\"]\nzone = \"Example.Test\"\nns = [\"ns1.example.test\"]\n\
+             ns_addresses = { \"ns1.example.test\" = [\"192.0.2.53\"] }\n",
         )
         .unwrap();
         let name: NameConfig = toml::from_str(
@@ -414,6 +441,10 @@ mod tests {
         assert!(matches!(soa.answers[0].data, RData::SOA(_)));
         let ns = ask("example.test", RecordType::NS, None);
         assert!(matches!(ns.answers[0].data, RData::NS(_)));
+        assert_eq!(ns.additionals.len(), 1, "glue for ns1");
+        let glue = ask("NS1.example.test", RecordType::A, None);
+        assert_eq!(addrs(&glue), ["192.0.2.53"]);
+        assert!(glue.metadata.authoritative);
         for (name, t) in [
             ("www.example.test", RecordType::MX),
             ("b.example.test", RecordType::A),
