@@ -420,7 +420,12 @@ pub fn describe(cfg: &FepConfig) -> String {
         if total == 0 {
             let _ = writeln!(
                 out,
-                "  (no back end with a ratio above 0: new flows are dropped)"
+                "  (no back end with a ratio above 0: new flows are {})",
+                if s.protocol == fep_shared::Protocol::Tcp && s.refuse_when_full {
+                    "refused with a RST"
+                } else {
+                    "dropped"
+                }
             );
         }
         for b in &s.backends {
@@ -438,6 +443,34 @@ pub fn describe(cfg: &FepConfig) -> String {
                 b.node,
                 std::net::SocketAddr::new(node.address, s.backend_port(b)).to_string(),
                 b.ratio
+            );
+        }
+    }
+    if let Some(sites) = &cfg.sites {
+        let names: Vec<&str> = sites.sites.iter().map(|s| s.name.as_str()).collect();
+        let dns = sites.dns.as_ref().map_or("no DNS server".to_string(), |d| {
+            let listen: Vec<String> = d.listen.iter().map(|a| a.to_string()).collect();
+            format!("DNS for {} on {}", d.zone, listen.join(", "))
+        });
+        let _ = writeln!(
+            out,
+            "sites: this is '{}' of {} ({}); exchange on {}; {dns}; redirects {}",
+            sites.me,
+            names.len(),
+            names.join(", "),
+            sites.listen,
+            if sites.redirect { "on" } else { "off" }
+        );
+        for n in &sites.names {
+            let at: Vec<&str> = n.sites.iter().map(|a| a.site.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "  name {}: port {}, TTL {} s, OHW {:?}, at {}",
+                n.name,
+                n.port,
+                n.ttl_s,
+                n.ohw,
+                at.join(", ")
             );
         }
     }
