@@ -25,6 +25,16 @@
 //! connections (wrk), and the new-client case (one request per client
 //! connection), where a proxy's pool of open server connections saves the
 //! server handshake.
+//!
+//! DNS scenarios (`fep-bench/dns.rs`), on a client, a gateway and one back
+//! end: one authoritative server at a time on the gateway's 10.0.1.1:53,
+//! the same zone, dnsperf's same load from the client (each on its own
+//! CPUs):
+//! - `dns-gdnsd`: gdnsd;
+//! - `dns-fep`: fep's DNS server (`[sites.dns]`).
+//!
+//! Figures: queries per second, lost queries (and those the server's full
+//! socket buffer dropped), average latency.
 //! `--smoke`: 2-second measurements, one run (CI checks the tool works).
 
 use std::fmt::Write as _;
@@ -40,6 +50,9 @@ use fep_shared::cpu::CpuTimes;
 use fep_tools::host::{self, Tool};
 use fep_tools::lab::{self, FepProcess, Lab, VIP_V4};
 use fep_tools::{http, netns, pattern};
+
+#[path = "fep-bench/dns.rs"]
+mod dns;
 
 #[derive(Parser)]
 struct Args {
@@ -59,7 +72,7 @@ struct Args {
     #[arg(long)]
     no_install: bool,
     /// Only these scenarios (route, nft, haproxy, fep, http-haproxy,
-    /// http-nginx, http-fep).
+    /// http-nginx, http-fep, dns-gdnsd, dns-fep).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Record a system-wide `perf` profile (with call graphs) of every fep
@@ -78,10 +91,12 @@ enum Scenario {
     HttpHaproxy,
     HttpNginx,
     HttpFep,
+    DnsGdnsd,
+    DnsFep,
 }
 
 /// Every scenario, in the order each run measures them.
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario::Route,
     Scenario::Nft,
     Scenario::Haproxy,
@@ -89,6 +104,8 @@ const SCENARIOS: [Scenario; 7] = [
     Scenario::HttpHaproxy,
     Scenario::HttpNginx,
     Scenario::HttpFep,
+    Scenario::DnsGdnsd,
+    Scenario::DnsFep,
 ];
 
 /// The packet-path table's columns, and the HTTP table's.
@@ -103,6 +120,7 @@ const HTTP_SCENARIOS: [Scenario; 3] = [
     Scenario::HttpNginx,
     Scenario::HttpFep,
 ];
+const DNS_SCENARIOS: [Scenario; 2] = [Scenario::DnsGdnsd, Scenario::DnsFep];
 
 impl Scenario {
     fn name(self) -> &'static str {
@@ -114,11 +132,17 @@ impl Scenario {
             Scenario::HttpHaproxy => "http-haproxy",
             Scenario::HttpNginx => "http-nginx",
             Scenario::HttpFep => "http-fep",
+            Scenario::DnsGdnsd => "dns-gdnsd",
+            Scenario::DnsFep => "dns-fep",
         }
     }
 
     fn is_http(self) -> bool {
         HTTP_SCENARIOS.contains(&self)
+    }
+
+    fn is_dns(self) -> bool {
+        DNS_SCENARIOS.contains(&self)
     }
 }
 
@@ -142,10 +166,16 @@ struct Figures {
     new_client_rps: Option<f64>,
     new_client_p50_ms: Option<f64>,
     new_client_p99_ms: Option<f64>,
+    dns_qps: Option<f64>,
+    dns_lost_ppm: Option<f64>,
+    dns_rcvbuf_ppm: Option<f64>,
+    dns_in_flight: Option<f64>,
+    dns_latency_ms: Option<f64>,
+    dns_nxdomain_pct: Option<f64>,
 }
 
 const BULK_BYTES: u64 = 64 << 20;
-const TOOLS: [Tool; 7] = [
+const TOOLS: [Tool; 10] = [
     tool("iperf3", "iperf3"),
     tool("wrk", "wrk"),
     tool("nginx", "nginx-light"),
@@ -153,6 +183,9 @@ const TOOLS: [Tool; 7] = [
     host::NFT,
     tool("sysctl", "procps"),
     host::IP,
+    host::DNSPERF,
+    host::GDNSD,
+    tool("taskset", "util-linux"),
 ];
 
 const fn tool(program: &'static str, package: &'static str) -> Tool {
@@ -188,10 +221,12 @@ fn main() -> anyhow::Result<()> {
             let profile = args
                 .profile
                 .as_deref()
-                .filter(|_| matches!(*s, Scenario::Fep | Scenario::HttpFep))
+                .filter(|_| matches!(*s, Scenario::Fep | Scenario::HttpFep | Scenario::DnsFep))
                 .map(|dir| dir.join(format!("fep-{run}")));
             let f = if s.is_http() {
                 measure_http(*s, &bins, args.seconds, profile.as_deref())
+            } else if s.is_dns() {
+                dns::measure(*s, &bins, args.seconds, profile.as_deref())
             } else {
                 measure(*s, &bins, args.seconds, profile.as_deref())
             }
@@ -387,6 +422,7 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
                 &fep_http_services(),
             ),
         )?),
+        Scenario::DnsGdnsd | Scenario::DnsFep => bail!("DNS scenarios start in dns::measure"),
     })
 }
 /// The VIP as an address of the gateway, for a proxy listening on it.
@@ -834,6 +870,31 @@ const HTTP_METRICS: [(&str, Get, &str); 6] = [
     ),
 ];
 
+/// The in-flight row's label names dnsperf's limit.
+const _: () = assert!(dns::OUTSTANDING == 200);
+
+/// The DNS table's rows.
+const DNS_METRICS: [(&str, Get, &str); 6] = [
+    ("queries/s", |f| f.dns_qps, "higher"),
+    ("queries lost (per million)", |f| f.dns_lost_ppm, "lower"),
+    (
+        "… dropped by the server's full socket buffer (per million)",
+        |f| f.dns_rcvbuf_ppm,
+        "lower",
+    ),
+    ("average latency (ms)", |f| f.dns_latency_ms, "lower"),
+    (
+        "queries in flight (queries/s × latency; dnsperf allows 200)",
+        |f| f.dns_in_flight,
+        "–",
+    ),
+    (
+        "NXDOMAIN answers (%, the same mix: 10)",
+        |f| f.dns_nxdomain_pct,
+        "same",
+    ),
+];
+
 fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
@@ -853,6 +914,21 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         "fep binary: `{}`. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
         bins.fep.display()
     );
+    if results.iter().any(|(s, _)| PACKET_SCENARIOS.contains(s)) {
+        packet_report(&mut out, results, args);
+    }
+    if results.iter().any(|(s, _)| s.is_http()) {
+        http_report(&mut out, results, args);
+    }
+    if results.iter().any(|(s, _)| s.is_dns()) {
+        dns_report(&mut out, results, args);
+    }
+    out
+}
+
+/// The packet-path section: its table, the byte-exact check, the commands
+/// and every peer's config.
+fn packet_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Args) {
     out.push_str(&table(results, &PACKET_SCENARIOS, &METRICS, Scenario::Fep));
     let exact = results
         .iter()
@@ -874,31 +950,87 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
         fep_services(),
         s = args.seconds
     );
-    if results.iter().any(|(s, _)| s.is_http()) {
-        let _ = writeln!(
-            out,
-            "## HTTP keep-alive\n\nThe back ends' nginx keeps client connections open on port {KEEPALIVE_PORT}; each proxy \
-             listens on the VIP's port 80 with two threads or workers.\n"
-        );
-        out.push_str(&table(
-            results,
-            &HTTP_SCENARIOS,
-            &HTTP_METRICS,
-            Scenario::HttpFep,
-        ));
-        let dir = std::path::Path::new("/tmp/nginx-gw");
-        let _ = writeln!(
-            out,
-            "\nCommands (from the client namespace):\n\n```\nwrk -t 2 -c 64 -d {s}s --latency http://{VIP_V4}/\n\
-             wrk -t 2 -c 32 -d {s}s --latency -H 'Connection: close' http://{VIP_V4}/\n```\n\n\
-             HAProxy config:\n\n```\n{}```\n\nnginx config (gateway):\n\n```\n{}```\n\nfep services:\n\n```toml\n{}```\n",
-            haproxy_http_cfg(),
-            nginx_proxy_cfg(dir),
-            fep_http_services(),
-            s = args.seconds
-        );
-    }
-    out
+}
+
+/// The HTTP keep-alive section.
+fn http_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Args) {
+    let _ = writeln!(
+        out,
+        "## HTTP keep-alive\n\nThe back ends' nginx keeps client connections open on port {KEEPALIVE_PORT}; each proxy \
+         listens on the VIP's port 80 with two threads or workers.\n"
+    );
+    out.push_str(&table(
+        results,
+        &HTTP_SCENARIOS,
+        &HTTP_METRICS,
+        Scenario::HttpFep,
+    ));
+    let dir = std::path::Path::new("/tmp/nginx-gw");
+    let _ = writeln!(
+        out,
+        "\nCommands (from the client namespace):\n\n```\nwrk -t 2 -c 64 -d {s}s --latency http://{VIP_V4}/\n\
+         wrk -t 2 -c 32 -d {s}s --latency -H 'Connection: close' http://{VIP_V4}/\n```\n\n\
+         HAProxy config:\n\n```\n{}```\n\nnginx config (gateway):\n\n```\n{}```\n\nfep services:\n\n```toml\n{}```\n",
+        haproxy_http_cfg(),
+        nginx_proxy_cfg(dir),
+        fep_http_services(),
+        s = args.seconds
+    );
+}
+
+/// The DNS section: queries per second of fep's DNS server and gdnsd.
+fn dns_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Args) {
+    let _ = writeln!(
+        out,
+        "## DNS\n\nAn authoritative server for `{zone}` on {server}:53 in the gateway namespace (a topology of a client, \
+         a gateway and one back end, fresh for each measurement), one server at a time, both with two UDP threads; dnsperf in the \
+         client namespace with the same load for both{pin}. Queries: {mix}.\n",
+        zone = dns::ZONE,
+        server = dns::SERVER,
+        mix = dns::query_mix(),
+        pin = match dns::cpu_split() {
+            (Some(client), Some(server)) => format!(
+                "; dnsperf on CPU {client} and the server on CPU {server} (`taskset`), so neither takes the other's core"
+            ),
+            _ => String::new(),
+        }
+    );
+    out.push_str(&table(
+        results,
+        &DNS_SCENARIOS,
+        &DNS_METRICS,
+        Scenario::DnsFep,
+    ));
+    let dir = std::path::Path::new("/tmp/gdnsd");
+    let _ = writeln!(
+        out,
+        "\nCommand (from the client namespace):\n\n```\ndnsperf {}\n```\n\n\
+         gdnsd {} (`gdnsd -c DIR start`, in the foreground), `DIR/config`:\n\n```\n{}```\n\n\
+         `DIR/zones/{}`:\n\n```\n{}```\n\n\
+         fep's service and `[sites]` table (with fep's usual top-level keys and node be1):\n\n```toml\n{}\n{}```\n",
+        dns::dnsperf_args("queries.txt", args.seconds),
+        program_version("gdnsd", "-V"),
+        dns::gdnsd_config(dir),
+        dns::ZONE,
+        dns::gdnsd_zone(),
+        dns::fep_service(),
+        dns::fep_sites(std::path::Path::new("/tmp/sites.key")),
+    );
+}
+
+/// The version line a program prints (e.g. `gdnsd version 3.8.1`), for the report.
+fn program_version(program: &str, flag: &str) -> String {
+    let out = Command::new(program)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default();
+    out.lines()
+        .find_map(|l| l.split("version ").nth(1))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        .unwrap_or_default()
 }
 
 /// A figures' table: each of `columns`' medians, then `fep`'s ratio to each
