@@ -129,10 +129,12 @@ pub fn http_client_edge(cfg: &fep_shared::HttpConfig, input: &[u8]) -> Vec<u8> {
     RUNTIME.with(|rt| rt.block_on(crate::http_mode::client_edge(cfg, input)))
 }
 
-/// The DNS server's answer to `query` (UDP, from 192.0.2.1) for a zone
+/// The DNS server's answers to `query` (UDP, from 192.0.2.1) for a zone
 /// `example.test` with one name, `www.example.test`, at two sites: what
-/// the querier would read, if anything. No socket is involved.
-pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+/// the querier would read from the server (empty: nothing), and from the
+/// general path alone. No socket is involved.
+pub fn dns_answers(query: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    use crate::sites::dns::Scratch;
     use crate::sites::dns::{Lookup, Zone};
     use fep_shared::sites_config::DnsConfig;
     use fep_shared::{NameConfig, NameSite, WhenAllDown};
@@ -141,13 +143,13 @@ pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
 
     struct TwoSites;
     impl Lookup for TwoSites {
-        fn addresses(&self, _: usize, v6: bool, _: IpAddr) -> Vec<IpAddr> {
+        fn addresses(&self, _: usize, v6: bool, _: IpAddr, out: &mut Vec<IpAddr>) {
             let all: [IpAddr; 3] = [
                 [10, 9, 1, 100].into(),
                 [10, 9, 2, 100].into(),
                 [0xfd00, 0, 0, 0, 0, 0, 0, 1].into(),
             ];
-            all.into_iter().filter(|a| a.is_ipv6() == v6).collect()
+            out.extend(all.into_iter().filter(|a| a.is_ipv6() == v6));
         }
     }
     static ZONE: OnceLock<Zone> = OnceLock::new();
@@ -177,8 +179,10 @@ pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
         };
         Zone::new(&dns, &[name]).expect("a valid zone")
     });
-    zone.answer(query, [192, 0, 2, 1].into(), false, &TwoSites)
-        .0
+    let src: IpAddr = [192, 0, 2, 1].into();
+    let mut out = Vec::new();
+    zone.answer_udp(query, src, &TwoSites, &mut Scratch::default(), &mut out);
+    (out, zone.answer(query, src, false, &TwoSites).0)
 }
 
 #[cfg(test)]

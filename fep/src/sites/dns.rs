@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use fep_shared::sites_config::DnsConfig;
-use fep_shared::{NameConfig, WhenAllDown};
+use fep_shared::NameConfig;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+use super::dns_fast::{wire_name, FastZone};
 
 /// Replies over UDP without EDNS fit in this (RFC 1035).
 const PLAIN_UDP: usize = 512;
@@ -30,9 +32,9 @@ const SOA_TIMERS: (i32, i32, i32) = (3600, 600, 86_400);
 
 /// Where a name's addresses come from: the live hand-off plans.
 pub trait Lookup {
-    /// The addresses to answer for name `name` (index in the config),
-    /// family `v6`, for a querier at `client`.
-    fn addresses(&self, name: usize, v6: bool, client: IpAddr) -> Vec<IpAddr>;
+    /// Appends the addresses to answer for name `name` (index in the
+    /// config), family `v6`, for a querier at `client`, to `out`.
+    fn addresses(&self, name: usize, v6: bool, client: IpAddr, out: &mut Vec<IpAddr>);
 }
 
 /// What became of one datagram or TCP message, for the counters.
@@ -92,6 +94,14 @@ pub struct Zone {
     ttls: Vec<u32>,
     /// The name servers' own addresses inside the zone, by name.
     ns_addresses: HashMap<Name, Vec<Record>>,
+    /// The common queries' path (see `dns_fast`).
+    fast: FastZone,
+}
+
+/// A DNS server thread's reused buffers.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    addrs: Vec<IpAddr>,
 }
 
 impl Zone {
@@ -151,6 +161,7 @@ impl Zone {
             ns_addresses.insert(owner, records);
         }
         Ok(Zone {
+            fast: fast_zone(dns, names, &soa)?,
             apex,
             soa,
             ns,
@@ -158,6 +169,29 @@ impl Zone {
             ttls: names.iter().map(|n| n.ttl_s).collect(),
             ns_addresses,
         })
+    }
+
+    /// The reply to a UDP `query` from `src` in `out` (empty: nothing to
+    /// send): the common queries without an allocation, the rest by
+    /// [`Zone::answer`].
+    pub fn answer_udp(
+        &self,
+        query: &[u8],
+        src: IpAddr,
+        lookup: &impl Lookup,
+        scratch: &mut Scratch,
+        out: &mut Vec<u8>,
+    ) -> Reply {
+        if let Some(class) = self
+            .fast
+            .answer(query, src, lookup, &mut scratch.addrs, out)
+        {
+            return Reply::Answered(class);
+        }
+        let (reply, outcome) = self.answer(query, src, false, lookup);
+        out.clear();
+        out.extend_from_slice(reply.as_deref().unwrap_or_default());
+        outcome
     }
 
     /// The reply to `query` from `src` (over TCP when `tcp`), or nothing.
@@ -269,9 +303,10 @@ impl Zone {
             };
             if let Some(v6) = v6 {
                 let ttl = self.ttls[i];
+                let mut addrs = Vec::new();
+                lookup.addresses(i, v6, client, &mut addrs);
                 answers.extend(
-                    lookup
-                        .addresses(i, v6, client)
+                    addrs
                         .into_iter()
                         .map(|a| Record::from_rdata(q.name().clone(), ttl, rdata_of(a))),
                 );
@@ -338,6 +373,32 @@ fn client_subnet(edns: Option<&Edns>) -> Result<Option<ClientSubnet>, ()> {
     }
 }
 
+/// The fast path's view of the zone: names in wire form, the names it
+/// leaves to the general path, the SOA record without name compression.
+fn fast_zone(dns: &DnsConfig, names: &[NameConfig], soa: &Record) -> Result<FastZone, String> {
+    use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+    let mut soa_wire = Vec::new();
+    let mut enc = BinEncoder::new(&mut soa_wire);
+    enc.set_canonical_form(true);
+    soa.emit(&mut enc)
+        .map_err(|e| format!("encoding the SOA record: {e}"))?;
+    let apex = wire_name(&dns.zone);
+    // The apex, the name servers, and every name above a configured one
+    // (an empty non-terminal: NODATA, not NXDOMAIN).
+    let mut special = vec![apex.clone()];
+    special.extend(dns.ns.iter().map(|n| wire_name(n)));
+    for n in names {
+        let labels: Vec<&str> = n.name.trim_end_matches('.').split('.').collect();
+        special.extend((1..labels.len()).map(|i| wire_name(&labels[i..].join("."))));
+    }
+    Ok(FastZone::new(
+        names.iter().map(|n| (wire_name(&n.name), n.ttl_s)),
+        apex,
+        special,
+        soa_wire,
+    ))
+}
+
 fn rdata_of(a: IpAddr) -> RData {
     match a {
         IpAddr::V4(a) => RData::A(A(a)),
@@ -352,28 +413,21 @@ fn fqdn(name: &Name) -> Name {
     n
 }
 
-/// What [`WhenAllDown`] gives when no site is up.
-pub fn when_all_down(policy: WhenAllDown, last: &[IpAddr]) -> Vec<IpAddr> {
-    match policy {
-        WhenAllDown::LastHealthy => last.to_vec(),
-        WhenAllDown::Empty => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     struct Fixed;
     impl Lookup for Fixed {
-        fn addresses(&self, name: usize, v6: bool, client: IpAddr) -> Vec<IpAddr> {
+        fn addresses(&self, name: usize, v6: bool, client: IpAddr, out: &mut Vec<IpAddr>) {
             let pacific = client.to_string().starts_with("211.");
-            match (name, v6, pacific) {
-                (_, true, _) => vec!["fd00::1".parse().unwrap()],
-                (0, false, true) => vec!["211.0.0.1".parse().unwrap()],
-                (0, false, false) => vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
-                _ => Vec::new(),
-            }
+            let addrs: &[&str] = match (name, v6, pacific) {
+                (_, true, _) => &["fd00::1"],
+                (0, false, true) => &["211.0.0.1"],
+                (0, false, false) => &["10.0.0.1", "10.0.0.2"],
+                _ => &[],
+            };
+            out.extend(addrs.iter().map(|a| a.parse::<IpAddr>().unwrap()));
         }
     }
 
@@ -533,6 +587,82 @@ mod tests {
                 .collect();
             let _ = z.answer(&bytes, src, false, &Fixed);
         }
+    }
+
+    /// What a client reads of a reply, for comparing the two paths.
+    fn read(bytes: &[u8]) -> String {
+        let m = Message::from_vec(bytes).unwrap();
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?}",
+            m.metadata,
+            m.queries,
+            m.answers,
+            m.authorities,
+            m.additionals,
+            m.edns
+                .map(|e| (e.max_payload(), e.version(), e.options().as_ref().len()))
+        )
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_common_queries_and_answers_as_the_general_path_does() {
+        let z = zone();
+        let src: IpAddr = "10.0.1.2".parse().unwrap();
+        let mut big = Edns::new();
+        big.set_max_payload(4096);
+        let mut small = Edns::new();
+        small.set_max_payload(100);
+        let cases = [
+            ("www.example.test", RecordType::A, None, true),
+            ("WwW.Example.TEST.", RecordType::A, Some(big.clone()), true),
+            (
+                "www.example.test",
+                RecordType::AAAA,
+                Some(big.clone()),
+                true,
+            ),
+            ("www.example.test", RecordType::MX, None, true),
+            ("nope.example.test", RecordType::A, Some(big.clone()), true),
+            ("x.y.example.test", RecordType::AAAA, None, true),
+            // The general path's: the apex, a name server, an empty
+            // non-terminal, another zone.
+            ("example.test", RecordType::SOA, None, false),
+            ("ns1.example.test", RecordType::A, None, false),
+            ("b.example.test", RecordType::A, None, false),
+            ("www.example.org", RecordType::A, None, false),
+        ];
+        for (name, t, edns, fast) in cases {
+            let mut q = Message::query();
+            q.metadata.recursion_desired = true;
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+            if let Some(e) = edns {
+                q.set_edns(e);
+            }
+            let bytes = q.to_vec().unwrap();
+            let (general, _) = z.answer(&bytes, src, false, &Fixed);
+            let mut out = Vec::new();
+            let took = z
+                .fast
+                .answer(&bytes, src, &Fixed, &mut Vec::new(), &mut out);
+            assert_eq!(took.is_some(), fast, "{name} {t}");
+            let reply = z.answer_udp(&bytes, src, &Fixed, &mut Scratch::default(), &mut out);
+            assert!(matches!(reply, Reply::Answered(_)));
+            assert_eq!(read(&out), read(&general.unwrap()), "{name} {t}");
+        }
+        // A payload below 512 counts as 512 on both paths.
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("www.example.test").unwrap(),
+            RecordType::A,
+        ));
+        q.set_edns(small);
+        let bytes = q.to_vec().unwrap();
+        let mut out = Vec::new();
+        z.answer_udp(&bytes, src, &Fixed, &mut Scratch::default(), &mut out);
+        assert_eq!(
+            read(&out),
+            read(&z.answer(&bytes, src, false, &Fixed).0.unwrap())
+        );
     }
 
     #[test]

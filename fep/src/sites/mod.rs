@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod dns;
+pub mod dns_fast;
 pub mod dns_server;
 pub mod exchange;
 pub mod handoff;
@@ -24,7 +25,7 @@ use arc_swap::ArcSwap;
 use fep_shared::api::{SiteNameView, SiteSlotView, SitesView};
 use fep_shared::protocol::{Key, ProtocolError};
 use fep_shared::sites::VipState;
-use fep_shared::SitesConfig;
+use fep_shared::{SitesConfig, WhenAllDown};
 
 use self::dns::{Class, Lookup, Reply, Zone};
 use self::plan::{NamePlan, Outcome, Rotation};
@@ -102,6 +103,8 @@ struct Live {
 struct NameRun {
     rotation: Rotation,
     last: [Vec<IpAddr>; 2],
+    /// Scratch for one answer's site order, kept to save an allocation.
+    order: Vec<usize>,
 }
 
 pub struct Sites {
@@ -222,21 +225,18 @@ impl Sites {
                     .any(|s| &s.site == me && s.vips.contains(&vip))
         })?;
         let plan = &live.plans[n];
-        let mut others = plan.clone();
-        others.sites.iter_mut().for_each(|s| {
-            if &s.name == me {
-                s.up = false;
-            }
-        });
+        let skip = plan.sites().iter().position(|s| &s.name == me);
         let mut run = self.runs[n].lock().unwrap_or_else(|e| e.into_inner());
-        let (order, outcome) = others.order(
-            &mut run.rotation,
-            vip.is_ipv6(),
-            live.regions.lookup(client),
-        );
-        (outcome != Outcome::AllDown)
-            .then(|| others.addresses(&order, vip.is_ipv6()).into_iter().next())
-            .flatten()
+        let NameRun {
+            rotation, order, ..
+        } = &mut *run;
+        let region = live.regions.lookup(client);
+        if plan.order(rotation, vip.is_ipv6(), region, skip, order) == Outcome::AllDown {
+            return None;
+        }
+        let mut addrs = Vec::new();
+        plan.addresses(order, vip.is_ipv6(), &mut addrs);
+        addrs.first().copied()
     }
 
     /// What `fepctl sites` shows.
@@ -248,11 +248,11 @@ impl Sites {
             .iter()
             .zip(&live.plans)
             .map(|(name, plan)| {
-                let weights: Vec<u64> = plan.sites.iter().map(|s| s.weight).collect();
+                let weights: Vec<u64> = plan.sites().iter().map(|s| s.weight).collect();
                 SiteNameView {
                     name: name.name.clone(),
                     sites: plan
-                        .sites
+                        .sites()
                         .iter()
                         .zip(handoff::percent(&weights))
                         .map(|(s, share)| SiteSlotView {
@@ -319,25 +319,34 @@ pub fn vip_state(
 }
 
 impl Lookup for Sites {
-    fn addresses(&self, name: usize, v6: bool, client: IpAddr) -> Vec<IpAddr> {
+    fn addresses(&self, name: usize, v6: bool, client: IpAddr, out: &mut Vec<IpAddr>) {
         let live = self.live.load();
         let (Some(plan), Some(run), Some(cfg)) = (
             live.plans.get(name),
             self.runs.get(name),
             self.cfg.names.get(name),
         ) else {
-            return Vec::new();
+            return;
         };
         let region = live.regions.lookup(client);
         let mut run = run.lock().unwrap_or_else(|e| e.into_inner());
-        let (order, outcome) = plan.order(&mut run.rotation, v6, region);
-        let family = usize::from(v6);
-        match outcome {
-            Outcome::AllDown => dns::when_all_down(cfg.when_all_down, &run.last[family]),
+        let NameRun {
+            rotation,
+            last,
+            order,
+        } = &mut *run;
+        let last = &mut last[usize::from(v6)];
+        match plan.order(rotation, v6, region, None, order) {
+            Outcome::AllDown => {
+                if cfg.when_all_down == WhenAllDown::LastHealthy {
+                    out.extend_from_slice(last);
+                }
+            }
             _ => {
-                let addrs = plan.addresses(&order, v6);
-                run.last[family].clone_from(&addrs);
-                addrs
+                let from = out.len();
+                plan.addresses(order, v6, out);
+                last.clear();
+                last.extend_from_slice(&out[from..]);
             }
         }
     }
@@ -382,10 +391,9 @@ mod tests {
 
     fn answer(s: &Sites) -> Vec<String> {
         let client = "192.0.2.1".parse().unwrap();
-        s.addresses(0, false, client)
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
+        let mut out = Vec::new();
+        s.addresses(0, false, client, &mut out);
+        out.iter().map(|a| a.to_string()).collect()
     }
 
     #[test]

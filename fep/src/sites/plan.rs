@@ -39,7 +39,10 @@ impl SiteSlot {
 /// A name's sites, in the order of `[[sites.name.at]]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NamePlan {
-    pub sites: Vec<SiteSlot>,
+    sites: Vec<SiteSlot>,
+    /// Site indexes by weight, heaviest first (ties by index): the order of
+    /// an answer after its first site, computed once per plan.
+    by_weight: Vec<usize>,
 }
 
 /// The smooth weighted round robin's running state for one name (nginx's
@@ -56,14 +59,14 @@ impl Rotation {
     fn pick(
         &mut self,
         sites: &[SiteSlot],
-        candidate: impl Fn(&SiteSlot) -> bool,
+        candidate: impl Fn(usize, &SiteSlot) -> bool,
         weight: impl Fn(&SiteSlot) -> u64,
     ) -> Option<usize> {
         self.credit.resize(sites.len(), 0);
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, site) in sites.iter().enumerate() {
-            if !candidate(site) {
+            if !candidate(i, site) {
                 continue;
             }
             let w = weight(site).min(1 << 32) as i64;
@@ -95,18 +98,35 @@ pub enum Outcome {
 }
 
 impl NamePlan {
-    /// The answer's sites, first the one handed off, for a query of family
-    /// `v6` from `region`.
+    pub fn new(sites: Vec<SiteSlot>) -> NamePlan {
+        let mut by_weight: Vec<usize> = (0..sites.len()).collect();
+        by_weight.sort_by_key(|&i| (std::cmp::Reverse(sites[i].weight), i));
+        NamePlan { sites, by_weight }
+    }
+
+    pub fn sites(&self) -> &[SiteSlot] {
+        &self.sites
+    }
+
+    /// The answer's sites into `order` (cleared first), first the one
+    /// handed off, for a query of family `v6` from `region`; site `skip`
+    /// (a redirect's own site) counts as down.
     pub fn order(
         &self,
         rotation: &mut Rotation,
         v6: bool,
         region: Option<RegionId>,
-    ) -> (Vec<usize>, Outcome) {
+        skip: Option<usize>,
+        order: &mut Vec<usize>,
+    ) -> Outcome {
+        order.clear();
+        let sites = self.sites.iter().enumerate();
+        let up = |i: usize, s: &SiteSlot| s.up && Some(i) != skip;
+        let eligible = |i: usize, s: &SiteSlot| up(i, s) && s.eligible(v6);
         let near = |s: &SiteSlot| region.is_some() && s.region == region;
-        let first = match self.sites.iter().any(|s| s.eligible(v6) && near(s)) {
-            true => rotation.pick(&self.sites, |s| s.eligible(v6) && near(s), |s| s.weight),
-            false => rotation.pick(&self.sites, |s| s.eligible(v6), |s| s.weight),
+        let first = match sites.clone().any(|(i, s)| eligible(i, s) && near(s)) {
+            true => rotation.pick(&self.sites, |i, s| eligible(i, s) && near(s), |s| s.weight),
+            false => rotation.pick(&self.sites, eligible, |s| s.weight),
         };
         let (first, outcome) = match first {
             Some(f) => (f, Outcome::HandedOff),
@@ -114,40 +134,54 @@ impl NamePlan {
                 // A site with a weight is never passed over for one without;
                 // with none, any site that is up, full or not, rather than
                 // nothing.
-                let open = |s: &SiteSlot| s.up && s.serves(v6);
-                let room = self.sites.iter().any(|s| open(s) && s.room);
-                match rotation.pick(&self.sites, |s| open(s) && (s.room || !room), |_| 1) {
+                let open = |i: usize, s: &SiteSlot| up(i, s) && s.serves(v6);
+                let room = sites.clone().any(|(i, s)| open(i, s) && s.room);
+                match rotation.pick(&self.sites, |i, s| open(i, s) && (s.room || !room), |_| 1) {
                     Some(f) => (f, Outcome::Fallback),
-                    None => return (Vec::new(), Outcome::AllDown),
+                    None => return Outcome::AllDown,
                 }
             }
         };
-        let picked = &self.sites[first];
-        let mut rest: Vec<usize> = (0..self.sites.len())
-            .filter(|&i| {
-                let s = &self.sites[i];
-                i != first && s.up && s.serves(v6) && (s.room || !picked.room)
-            })
-            .collect();
-        rest.sort_by_key(|&i| (std::cmp::Reverse(self.sites[i].weight), i));
-        rest.insert(0, first);
-        (rest, outcome)
+        let picked = self.sites[first].room;
+        order.push(first);
+        order.extend(self.by_weight.iter().copied().filter(|&i| {
+            let s = &self.sites[i];
+            i != first && up(i, s) && s.serves(v6) && (s.room || !picked)
+        }));
+        outcome
     }
 
-    /// The addresses of `sites` of family `v6`, in order.
-    pub fn addresses(&self, sites: &[usize], v6: bool) -> Vec<IpAddr> {
-        sites
-            .iter()
-            .flat_map(|&i| self.sites[i].vips.iter())
-            .filter(|a| a.is_ipv6() == v6)
-            .copied()
-            .collect()
+    /// Appends the addresses of `sites` of family `v6` to `out`, in order.
+    pub fn addresses(&self, sites: &[usize], v6: bool, out: &mut Vec<IpAddr>) {
+        out.extend(
+            sites
+                .iter()
+                .flat_map(|&i| self.sites[i].vips.iter())
+                .filter(|a| a.is_ipv6() == v6),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer_order(
+        plan: &NamePlan,
+        r: &mut Rotation,
+        v6: bool,
+        region: Option<RegionId>,
+    ) -> (Vec<usize>, Outcome) {
+        let mut out = Vec::new();
+        let outcome = plan.order(r, v6, region, None, &mut out);
+        (out, outcome)
+    }
+
+    fn addrs(plan: &NamePlan, sites: &[usize], v6: bool) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        plan.addresses(sites, v6, &mut out);
+        out
+    }
 
     fn slot(name: &str, vip: &str, weight: u64) -> SiteSlot {
         SiteSlot {
@@ -163,8 +197,8 @@ mod tests {
     /// Table V's weights: A 11, B 12, C 0, D 6, E 10, F 3.
     fn table_v() -> NamePlan {
         let w = [11, 12, 0, 6, 10, 3];
-        NamePlan {
-            sites: (0..6)
+        NamePlan::new(
+            (0..6)
                 .map(|i| {
                     slot(
                         &format!("{}", (b'A' + i as u8) as char),
@@ -173,14 +207,14 @@ mod tests {
                     )
                 })
                 .collect(),
-        }
+        )
     }
 
     fn firsts(plan: &NamePlan, n: usize, region: Option<RegionId>) -> Vec<usize> {
         let mut r = Rotation::default();
         let mut count = vec![0; plan.sites.len()];
         for _ in 0..n {
-            let (order, _) = plan.order(&mut r, false, region);
+            let (order, _) = answer_order(plan, &mut r, false, region);
             count[order[0]] += 1;
         }
         count
@@ -191,7 +225,7 @@ mod tests {
         // 42 picks are one whole cycle of the weights: exact shares.
         let plan = table_v();
         assert_eq!(firsts(&plan, 42 * 10, None), [110, 120, 0, 60, 100, 30]);
-        let (order, outcome) = plan.order(&mut Rotation::default(), false, None);
+        let (order, outcome) = answer_order(&plan, &mut Rotation::default(), false, None);
         assert_eq!(outcome, Outcome::HandedOff);
         // C is healthy: it follows, last, behind every site with a weight.
         assert_eq!(*order.last().unwrap(), 2);
@@ -200,12 +234,10 @@ mod tests {
 
     #[test]
     fn consecutive_answers_interleave() {
-        let plan = NamePlan {
-            sites: vec![slot("a", "10.0.0.1", 2), slot("b", "10.0.0.2", 1)],
-        };
+        let plan = NamePlan::new(vec![slot("a", "10.0.0.1", 2), slot("b", "10.0.0.2", 1)]);
         let mut r = Rotation::default();
         let seq: Vec<usize> = (0..6)
-            .map(|_| plan.order(&mut r, false, None).0[0])
+            .map(|_| answer_order(&plan, &mut r, false, None).0[0])
             .collect();
         assert_eq!(seq, [0, 1, 0, 0, 1, 0]);
     }
@@ -217,7 +249,7 @@ mod tests {
         plan.sites[4].room = false;
         let counts = firsts(&plan, 200, None);
         assert_eq!((counts[1], counts[4], counts[2]), (0, 0, 0));
-        let (order, _) = plan.order(&mut Rotation::default(), false, None);
+        let (order, _) = answer_order(&plan, &mut Rotation::default(), false, None);
         assert!(!order.contains(&1) && !order.contains(&4), "{order:?}");
     }
 
@@ -237,28 +269,26 @@ mod tests {
         for i in [0, 1, 3, 4, 5] {
             plan.sites[i].up = false;
         }
-        let (order, outcome) = plan.order(&mut Rotation::default(), false, None);
+        let (order, outcome) = answer_order(&plan, &mut Rotation::default(), false, None);
         assert_eq!((order, outcome), (vec![2], Outcome::Fallback));
         plan.sites[2].up = false;
-        let (order, outcome) = plan.order(&mut Rotation::default(), false, None);
+        let (order, outcome) = answer_order(&plan, &mut Rotation::default(), false, None);
         assert_eq!((order.len(), outcome), (0, Outcome::AllDown));
     }
 
     #[test]
     fn every_site_full_answers_the_full_ones_and_families_are_kept_apart() {
-        let mut plan = NamePlan {
-            sites: vec![slot("a", "10.0.0.1", 1), slot("b", "fd00::2", 1)],
-        };
+        let mut plan = NamePlan::new(vec![slot("a", "10.0.0.1", 1), slot("b", "fd00::2", 1)]);
         plan.sites[0].room = false;
-        let (order, outcome) = plan.order(&mut Rotation::default(), false, None);
+        let (order, outcome) = answer_order(&plan, &mut Rotation::default(), false, None);
         assert_eq!((order.clone(), outcome), (vec![0], Outcome::Fallback));
         assert_eq!(
-            plan.addresses(&order, false),
+            addrs(&plan, &order, false),
             ["10.0.0.1".parse::<IpAddr>().unwrap()]
         );
-        let (order, _) = plan.order(&mut Rotation::default(), true, None);
+        let (order, _) = answer_order(&plan, &mut Rotation::default(), true, None);
         assert_eq!(
-            plan.addresses(&order, true),
+            addrs(&plan, &order, true),
             ["fd00::2".parse::<IpAddr>().unwrap()]
         );
     }

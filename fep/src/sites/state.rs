@@ -221,8 +221,8 @@ impl SiteTable {
                 .map(|&site| remaining_permille(self.vips_of(n, site, now)))
                 .collect(),
         };
-        NamePlan {
-            sites: slots
+        NamePlan::new(
+            slots
                 .iter()
                 .enumerate()
                 .map(|(slot, &site)| SiteSlot {
@@ -243,7 +243,7 @@ impl SiteTable {
                     weight: weights[slot],
                 })
                 .collect(),
-        }
+        )
     }
 
     /// `name`'s response-time matrix over its sites (slot indexes): this
@@ -347,7 +347,7 @@ mod tests {
             t.accept(site, state, now);
         }
         let plan = &t.plans(now)[0];
-        let w: Vec<u64> = plan.sites.iter().map(|s| s.weight).collect();
+        let w: Vec<u64> = plan.sites().iter().map(|s| s.weight).collect();
         // a: rank 1 ×3 = 12; b: rank 1 (from a) + rank 2 ×2 = 4 + 4 = 8;
         // c: rank 2 (a) + rank 2 (b) + rank 3 (d) = 2 + 2 + 1 = 5; d: rank 3 ×3 = 3.
         assert_eq!(w, [12, 8, 5, 3]);
@@ -357,13 +357,13 @@ mod tests {
     fn a_site_is_down_after_the_configured_failures_and_up_after_one_success() {
         let mut t = SiteTable::new(&config(&["a", "b"]));
         let now = Instant::now();
-        assert!(t.plans(now)[0].sites[1].up, "unchecked counts as up");
+        assert!(t.plans(now)[0].sites()[1].up, "unchecked counts as up");
         assert!(!t.record_check(0, 1, None));
         assert!(
             t.record_check(0, 1, None),
             "the second failure turns it down"
         );
-        assert!(!t.plans(now)[0].sites[1].up);
+        assert!(!t.plans(now)[0].sites()[1].up);
         assert_eq!(t.own_state("x").names[0].rtt_ms[1].ms, None);
         assert!(t.record_check(0, 1, Some(Duration::from_millis(3))));
         assert_eq!(t.own_state("x").names[0].rtt_ms[1].ms, Some(3));
@@ -386,11 +386,11 @@ mod tests {
         let full = report(&t, &[], Some(false));
         t.accept(1, full, now);
         let plan = &t.plans(now)[0];
-        assert_eq!((plan.sites[0].weight, plan.sites[1].weight), (250, 0));
-        assert!(!plan.sites[1].room);
+        assert_eq!((plan.sites()[0].weight, plan.sites()[1].weight), (250, 0));
+        assert!(!plan.sites()[1].room);
         let later = now + Duration::from_secs(60);
         assert!(
-            t.plans(later)[0].sites[1].room,
+            t.plans(later)[0].sites()[1].room,
             "a stale report is not trusted"
         );
     }
@@ -412,7 +412,7 @@ mod tests {
         t.record_check(0, 1, Some(Duration::from_millis(2)));
         t.accept(1, state, now);
         let plan = &t.plans(now)[0];
-        assert!(!plan.sites[0].up && !plan.sites[1].up, "{plan:?}");
+        assert!(!plan.sites()[0].up && !plan.sites()[1].up, "{plan:?}");
     }
 
     #[test]
