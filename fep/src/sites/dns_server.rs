@@ -19,8 +19,12 @@ use anyhow::Context;
 use super::dns::{Scratch, MAX_QUERY};
 use super::Sites;
 
-/// UDP threads (and sockets) per address.
-const UDP_THREADS: usize = 2;
+/// UDP threads (and sockets) per address: one per core fep may run on,
+/// so no two of them take turns on one core (each turn a task switch).
+fn udp_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_UDP_THREADS))
+}
+const MAX_UDP_THREADS: usize = 8;
 /// Datagrams taken and answered per system call.
 const BATCH: usize = 32;
 /// Each UDP socket's receive buffer: room for bursts while its thread
@@ -47,7 +51,7 @@ impl DnsServer {
             let tcp = TcpListener::bind(addr)
                 .with_context(|| format!("cannot bind DNS TCP {addr} (sites.dns.listen)"))?;
             tcp.set_nonblocking(true)?;
-            for _ in 0..UDP_THREADS {
+            for _ in 0..udp_threads() {
                 let udp = bind_udp(addr)
                     .with_context(|| format!("cannot bind DNS UDP {addr} (sites.dns.listen)"))?;
                 udp.set_read_timeout(Some(POLL))?;
