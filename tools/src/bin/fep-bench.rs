@@ -983,7 +983,7 @@ fn dns_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Arg
     let _ = writeln!(
         out,
         "## DNS\n\nAn authoritative server for `{zone}` on {server}:53 in the gateway namespace (a topology of a client, \
-         a gateway and one back end, fresh for each measurement), one server at a time, both with two UDP threads; dnsperf in the \
+         a gateway and one back end, fresh for each measurement), one server at a time, gdnsd with two UDP threads, fep with one per core it may run on; dnsperf in the \
          client namespace with the same load for both{pin}. Queries: {mix}.\n",
         zone = dns::ZONE,
         server = dns::SERVER,

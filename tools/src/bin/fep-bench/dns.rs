@@ -73,7 +73,8 @@ pub fn dnsperf_args(file: &str, secs: u64) -> String {
     )
 }
 
-/// gdnsd's `config`: the same address, two UDP threads as fep has, run and
+/// gdnsd's `config`: the same address, two UDP threads (fep takes one per
+/// core it may run on; under the CPU split, one), run and
 /// state directories inside `dir` (no systemd, nothing under /run).
 pub fn gdnsd_config(dir: &Path) -> String {
     format!(
