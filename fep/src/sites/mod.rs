@@ -4,7 +4,8 @@
 //!
 //! Apart from the data path: the checks and the exchange run on the control
 //! plane's runtime, the DNS server on threads of its own; they meet in
-//! [`Sites`], whose plans are swapped whole and read without a lock.
+//! [`Sites`], whose plans are swapped whole and read without a lock (each
+//! name's rotation and last answer sit under a small lock of their own).
 
 pub mod checks;
 pub mod dns;
