@@ -533,6 +533,10 @@ fn hostile_dns_packets_and_forged_site_state_are_answered_or_dropped_and_change_
         WEIGHTS
     );
     assert_eq!(s.answer(0, &[]).len(), SITES);
+    // And a stop is prompt: the DNS threads and the exchange end with fep.
+    let mut s = s;
+    let status = s.lab.stop_fep(0).expect("s1 stops on SIGTERM");
+    assert!(status.success(), "{status}");
 }
 
 /// Connects to a site's exchange, says hello as site s2 under `key` and

@@ -322,6 +322,12 @@ impl SitesLab {
         }
     }
 
+    /// Stops site `k`'s fep with SIGTERM and waits for it to exit.
+    pub fn stop_fep(&mut self, k: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let mut p = self.feps[k].take().context("fep is not running")?;
+        p.stop()
+    }
+
     pub fn fep_log(&self, k: usize) -> String {
         self.feps[k].as_ref().map(|p| p.log()).unwrap_or_default()
     }
