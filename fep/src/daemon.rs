@@ -66,7 +66,13 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     let mut net = NetSetup::new(&cfg.tun, cfg.policy_table, &cfg.state_dir);
     net.reconcile(&dispatcher.table())?;
     let sites = match &cfg.sites {
-        Some(sites) => Some(Arc::new(Sites::new(sites)?)),
+        Some(sites) => {
+            let key = secrets
+                .sites_key
+                .clone()
+                .context("the sites key was read")?;
+            Some(Arc::new(Sites::new(sites, key)?))
+        }
         None => None,
     };
     let http = Arc::new(HttpFront::start(dispatcher.clone(), sites.clone())?);
@@ -192,6 +198,7 @@ pub fn cleanup(cfg: &FepConfig) -> anyhow::Result<Vec<String>> {
 struct Secrets {
     agent_key: Option<Key>,
     admin_token: Option<String>,
+    sites_key: Option<Key>,
 }
 
 impl Secrets {
@@ -205,9 +212,19 @@ impl Secrets {
             Some(path) => Some(admin::load_token(path)?),
             None => None,
         };
+        let sites_key = match &cfg.sites {
+            Some(sites) => Some(Key::load(&sites.key_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "sites.key_file: {e} (write 64 hex characters, the same on every site, \
+                     e.g. from `bep-agent --gen-key`)"
+                )
+            })?),
+            None => None,
+        };
         Ok(Secrets {
             agent_key,
             admin_token,
+            sites_key,
         })
     }
 }
@@ -399,7 +416,14 @@ fn route_summary(dispatcher: &Dispatcher) -> String {
 }
 
 /// What `fep --check` prints: the settings and each service's transfer table.
-pub fn describe(cfg: &FepConfig) -> String {
+/// What `fep --check` prints: [`describe`], once the key and token files
+/// the config names have been read (a missing or bad one is an error).
+pub fn check(cfg: &FepConfig) -> anyhow::Result<String> {
+    Secrets::load(cfg)?;
+    Ok(describe(cfg))
+}
+
+fn describe(cfg: &FepConfig) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -43,8 +43,16 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        print!("{}", fep::daemon::describe(&cfg));
-        return ExitCode::SUCCESS;
+        return match fep::daemon::check(&cfg) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fep: {e:#}");
+                ExitCode::from(2)
+            }
+        };
     }
     if args.cleanup {
         return match fep::daemon::cleanup(&cfg) {

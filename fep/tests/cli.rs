@@ -79,6 +79,28 @@ fn an_invalid_config_names_the_key_and_exits_2() {
 }
 
 #[test]
+fn check_reads_the_key_files_the_config_names() {
+    let sites = format!(
+        "{GOOD}\n[sites]\nme = \"a\"\nkey_file = \"/nonexistent/sites.key\"\nlisten = \"10.0.0.1:7400\"\n\
+         [[sites.site]]\nname = \"a\"\nexchange = \"10.0.0.1:7400\"\n"
+    );
+    let path = write_config("sites-nokey.toml", &sites);
+    let out = fep(&["--config", path.to_str().unwrap(), "--check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sites.key_file") && stderr.contains("/nonexistent/sites.key"),
+        "{stderr}"
+    );
+    let key = write_config("sites.key", &"ab".repeat(32));
+    let with_key = sites.replace("/nonexistent/sites.key", key.to_str().unwrap());
+    let path = write_config("sites-key.toml", &with_key);
+    let out = fep(&["--config", path.to_str().unwrap(), "--check"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sites: this is 'a' of 1"));
+}
+
+#[test]
 fn a_missing_or_garbled_file_exits_2_with_the_reason() {
     let out = fep(&["--config", "/nonexistent/fep.toml", "--check"]);
     assert_eq!(out.status.code(), Some(2));

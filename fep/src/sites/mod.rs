@@ -121,13 +121,8 @@ pub struct Sites {
 }
 
 impl Sites {
-    pub fn new(cfg: &SitesConfig) -> anyhow::Result<Sites> {
-        let key = Key::load(&cfg.key_file).map_err(|e| {
-            anyhow::anyhow!(
-                "sites.key_file: {e} (write 64 hex characters, the same on every site, e.g. \
-                 from `bep-agent --gen-key`)"
-            )
-        })?;
+    /// The sites of `cfg`, whose exchange is authenticated with `key`.
+    pub fn new(cfg: &SitesConfig, key: Key) -> anyhow::Result<Sites> {
         let zone = match &cfg.dns {
             Some(dns) => Some(Zone::new(dns, &cfg.names).map_err(anyhow::Error::msg)?),
             None => None,
@@ -361,23 +356,17 @@ mod tests {
     /// Sites `a` (this one) and `b` for `www.example.test`, answering
     /// `policy` when no site is up.
     fn sites(policy: &str) -> Sites {
-        static KEYS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = KEYS.fetch_add(1, Ordering::Relaxed);
-        let key = std::env::temp_dir().join(format!("fep-sites-key-{}-{n}", std::process::id()));
-        std::fs::write(&key, Key::generate_hex()).unwrap();
         let text = format!(
-            "me = \"a\"\nkey_file = \"{}\"\nlisten = \"10.0.0.1:1\"\ncheck_fails = 1\n\
+            "me = \"a\"\nkey_file = \"/unused\"\nlisten = \"10.0.0.1:1\"\ncheck_fails = 1\n\
              [dns]\nlisten = [\"10.0.0.1:53\"]\nzone = \"example.test\"\nns = [\"ns.example.test\"]\n\
              [[site]]\nname = \"a\"\nexchange = \"10.0.0.1:1\"\n\
              [[site]]\nname = \"b\"\nexchange = \"10.0.0.2:1\"\n\
              [[name]]\nname = \"www.example.test\"\nport = 80\nwhen_all_down = \"{policy}\"\n\
              [[name.at]]\nsite = \"a\"\nvips = [\"10.9.1.100\"]\n\
-             [[name.at]]\nsite = \"b\"\nvips = [\"10.9.2.100\"]\n",
-            key.display()
+             [[name.at]]\nsite = \"b\"\nvips = [\"10.9.2.100\"]\n"
         );
-        let s = Sites::new(&toml::from_str(&text).unwrap()).unwrap();
-        let _ = std::fs::remove_file(key);
-        s
+        let key = Key::from_hex(&"ab".repeat(32)).unwrap();
+        Sites::new(&toml::from_str(&text).unwrap(), key).unwrap()
     }
 
     fn vip(healthy: bool) -> VipState {
