@@ -423,7 +423,7 @@ pub fn check(cfg: &FepConfig) -> anyhow::Result<String> {
     Ok(describe(cfg))
 }
 
-fn describe(cfg: &FepConfig) -> String {
+pub fn describe(cfg: &FepConfig) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
