@@ -16,7 +16,6 @@
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -45,8 +44,6 @@ pub const STREAM: u16 = 7100;
 pub const PORTS: [u16; 3] = [WEB, ECHO, STREAM];
 /// The UDP service of every group: `fep-testsrv` answers with its name.
 pub const UDP: u16 = 5300;
-
-static LABS: AtomicU32 = AtomicU32::new(0);
 
 /// The VIP of group `g`.
 pub fn vip(g: usize) -> Ipv4Addr {
@@ -85,15 +82,8 @@ impl ClusterLab {
     /// `groups` VIP groups with `per_group` back ends each; `tag` goes into
     /// the namespaces' names (`<tag><pid>x<n>-…`).
     pub fn new(tag: &str, groups: usize, per_group: usize) -> anyhow::Result<ClusterLab> {
-        crate::host::prepare_lab()?;
+        let (prefix, dir) = crate::lab::prepare(tag)?;
         crate::host::ensure(&[crate::host::KEEPALIVED])?;
-        let prefix = format!(
-            "{tag}{}x{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ns = |n: &str| Netns::create(&format!("{prefix}-{n}"));
         let mut lab = ClusterLab {
             client: ns("cl")?,

@@ -44,6 +44,21 @@ pub fn backend_name(i: usize) -> String {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// A new lab's unique name prefix (`<tag><pid>x<n>`, so that parallel
+/// tests and runs never collide) and its scratch directory, after
+/// installing `ip` and creating the TUN device node where missing.
+pub(crate) fn prepare(tag: &str) -> anyhow::Result<(String, PathBuf)> {
+    crate::host::prepare_lab()?;
+    let prefix = format!(
+        "{tag}{}x{}",
+        std::process::id(),
+        LABS.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok((prefix, dir))
+}
+
 pub struct Lab {
     pub client: Netns,
     pub gateway: Netns,
@@ -58,14 +73,7 @@ impl Lab {
     /// the TUN device node where missing); `tag` goes into the names
     /// (`<tag><pid>x<n>-…`) so that parallel tests and runs never collide.
     pub fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
-        crate::host::prepare_lab()?;
-        let prefix = format!(
-            "{tag}{}x{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (prefix, dir) = prepare(tag)?;
         let mut lab = Lab {
             client: Netns::create(&format!("{prefix}-cl"))?,
             gateway: Netns::create(&format!("{prefix}-gw"))?,
@@ -534,7 +542,12 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A veth pair from `port` in `from` to `eth0` in `to`.
-fn veth(from: &Netns, port: &str, to: &Netns) -> anyhow::Result<()> {
+pub(crate) fn veth(from: &Netns, port: &str, to: &Netns) -> anyhow::Result<()> {
+    veth_to(from, port, to, "eth0")
+}
+
+/// A veth pair from `port` in `from` to `peer` in `to`.
+pub(crate) fn veth_to(from: &Netns, port: &str, to: &Netns, peer: &str) -> anyhow::Result<()> {
     from.ip(&[
         "link",
         "add",
@@ -543,7 +556,7 @@ fn veth(from: &Netns, port: &str, to: &Netns) -> anyhow::Result<()> {
         "veth",
         "peer",
         "name",
-        "eth0",
+        peer,
         "netns",
         to.name(),
     ])

@@ -18,11 +18,10 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::Context;
 
-use crate::lab::{spawn_testsrv, FepProcess};
+use crate::lab::{spawn_testsrv, veth, veth_to, FepProcess};
 use crate::netns::Netns;
 
 /// The name every site serves.
@@ -38,8 +37,6 @@ pub const EXCHANGE_PORT: u16 = 7400;
 pub const ORIGIN_PORT: u16 = 8080;
 /// Region of the last site, as in document 002's Table VI.
 pub const PACIFIC_RIM: &str = "apnic-pacific-rim";
-
-static LABS: AtomicU32 = AtomicU32::new(0);
 
 /// Site `k` (0-based): `s1`, `s2`, …
 pub fn site_name(k: usize) -> String {
@@ -76,14 +73,7 @@ pub struct SitesLab {
 impl SitesLab {
     /// Builds `sites` sites' namespaces and links, `tag` in their names.
     pub fn new(tag: &str, sites: usize) -> anyhow::Result<SitesLab> {
-        crate::host::prepare_lab()?;
-        let prefix = format!(
-            "{tag}{}x{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (prefix, dir) = crate::lab::prepare(tag)?;
         let mut lab = SitesLab {
             wan: Netns::create(&format!("{prefix}-wan"))?,
             client: Netns::create(&format!("{prefix}-cl"))?,
@@ -118,18 +108,7 @@ impl SitesLab {
         );
         for (i, (ns, addr)) in members.iter().enumerate() {
             let port = format!("p{i}");
-            wan.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "wan0",
-                "netns",
-                ns.name(),
-            ])?;
+            veth_to(wan, &port, ns, "wan0")?;
             wan.ip(&["link", "set", &port, "master", "br0", "up"])?;
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "wan0"])?;
             ns.ip(&["link", "set", "wan0", "up"])?;
@@ -168,18 +147,7 @@ impl SitesLab {
                 "wan0",
             ])?;
             let be = &self.backends[k];
-            g.ip(&[
-                "link",
-                "add",
-                "be",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                be.name(),
-            ])?;
+            veth(g, "be", be)?;
             g.ip(&["addr", "add", &format!("10.{}.0.1/24", 30 + k), "dev", "be"])?;
             g.ip(&["link", "set", "be", "up"])?;
             be.ip(&["addr", "add", &format!("{}/24", backend(k)), "dev", "eth0"])?;
