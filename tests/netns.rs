@@ -429,3 +429,99 @@ fn a_full_tcp_service_that_does_not_refuse_lets_a_new_connection_time_out() {
     );
     assert!(r.fep.stop().unwrap().success());
 }
+
+/// iperf3's UDP test: a TCP control connection and a UDP stream, two
+/// services that an affinity group keeps on one node. The data service lists
+/// the nodes the other way round, so that without the group every test's
+/// stream would go to the other server (which never heard of it).
+#[test]
+fn iperf3_udp_tests_pass_through_an_affinity_group_over_two_back_ends() {
+    if skip_without_root("iperf3_udp_tests_pass_through_an_affinity_group_over_two_back_ends") {
+        return;
+    }
+    fep_tools::host::ensure(&[fep_tools::host::IPERF3]).expect("installing iperf3");
+    let service = |name: &str, protocol: &str, order: [&str; 2]| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{VIP_V4}\"\nport = 5201\nprotocol = \
+             \"{protocol}\"\naffinity_group = \"iperf\"\nbackend = [{{ node = \"{}\", ratio = 1 \
+             }}, {{ node = \"{}\", ratio = 1 }}]\n",
+            order[0], order[1]
+        )
+    };
+    let services = service("iperf-control", "tcp", ["be1", "be2"])
+        + &service("iperf-data", "udp", ["be2", "be1"]);
+    let mut lab = Lab::new("fig", 2).expect("building the lab");
+    let logs: Vec<_> = (1..=2)
+        .map(|i| lab.dir().join(format!("iperf3-be{i}.log")))
+        .collect();
+    for (i, log) in logs.iter().enumerate() {
+        let server = lab.backends[i]
+            .command("iperf3")
+            .args(["-s", "-B", &lab::backend_v4(i).to_string(), "--logfile"])
+            .arg(log)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting iperf3 -s");
+        lab.adopt(Some(i), server);
+    }
+    // A second client address: each client is held to its own node.
+    let clients = [lab::CLIENT_V4, std::net::Ipv4Addr::new(10, 0, 1, 3)];
+    lab.client
+        .ip(&["addr", "add", "10.0.1.3/24", "dev", "eth0"])
+        .unwrap();
+    let r = Running::start(lab, "", &services);
+    for i in 0..2 {
+        wait_for(
+            &r,
+            &format!("iperf3 on be{} listening", i + 1),
+            TIMEOUT,
+            |r| {
+                r.lab.backends[i]
+                    .command("ss")
+                    .args(["-Hltn", "sport = :5201"])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty())
+            },
+        );
+    }
+    for run in 0..4 {
+        let (vip, from) = (VIP_V4.to_string(), clients[run % 2].to_string());
+        let client = [
+            "20", "iperf3", "-c", &vip, "-B", &from, "-u", "-b", "20M", "-t", "1",
+        ];
+        let out = r
+            .lab
+            .client
+            .command("timeout")
+            .args(client)
+            .args(["-l", "1000", "--connect-timeout", "3000", "--json"])
+            .output()
+            .expect("running iperf3 -c");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("run {run}: no JSON report ({e}), status {}", out.status));
+        assert!(
+            out.status.success() && report.get("error").is_none(),
+            "run {run}: iperf3 failed ({}): {}",
+            out.status,
+            report["error"]
+        );
+        let sum = &report["end"]["sum"];
+        let (packets, lost) = (sum["packets"].as_u64(), sum["lost_packets"].as_u64());
+        assert!(
+            packets.is_some_and(|p| p > 0) && lost.is_some_and(|l| l * 2 < packets.unwrap()),
+            "run {run}: the server counted {lost:?} of {packets:?} datagrams lost"
+        );
+    }
+    // Each client's tests ran on its own server.
+    let accepted = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("Accepted connection")
+            .count()
+    };
+    assert_eq!(
+        logs.iter().map(|l| accepted(l)).collect::<Vec<_>>(),
+        [2, 2],
+        "tests per server"
+    );
+}

@@ -435,10 +435,13 @@ pub fn describe(cfg: &FepConfig) -> String {
         let vip = std::net::SocketAddr::new(s.vip, s.port);
         let _ = writeln!(
             out,
-            "service {}: {} {vip}, scheduler {scheduler}, affinity {:?}",
+            "service {}: {} {vip}, scheduler {scheduler}, affinity {}",
             s.name,
             s.protocol.as_str(),
-            s.affinity
+            match &s.affinity_group {
+                Some(group) => format!("client (group {group})"),
+                None => format!("{:?}", s.affinity).to_lowercase(),
+            }
         );
         let total: u64 = s.backends.iter().map(|b| u64::from(b.ratio)).sum();
         if total == 0 {

@@ -21,6 +21,18 @@ pub type ServiceId = u16;
 pub type BackendId = u16;
 /// Slot of a node (see [`TransferTable`]).
 pub type NodeId = u16;
+/// Slot of an affinity group (see [`TransferTable`]).
+pub type AffinityGroupId = u16;
+
+/// Where a client is held to one node: the services whose routes share the
+/// client's hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AffinityScope {
+    /// `affinity = "client"`: the service's own routes.
+    Service(ServiceId),
+    /// `affinity_group`: the routes of every service in the group.
+    Group(AffinityGroupId),
+}
 
 /// A back end's counters and effective ratio, shared by every version of
 /// the table so that rebuilding it (a node added, a reload) loses nothing.
@@ -147,7 +159,9 @@ pub struct Service {
     pub port: u16,
     /// IP protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
-    pub affinity: Affinity,
+    /// Where the service's clients are held to a node; `None` under
+    /// `affinity = "port"`.
+    pub affinity: Option<AffinityScope>,
     /// The VIP group the service's VIP moves with between gateways.
     pub group: Option<GroupId>,
     /// HTTP mode's settings; `None` for a service on the TUN path. An HTTP
@@ -215,6 +229,13 @@ impl Service {
         self.group.is_some() && !self.is_tcp()
     }
 
+    /// The configured back end on `node`, if any (a node is listed once).
+    pub fn backend_on(&self, node: NodeId) -> Option<BackendId> {
+        self.live_backends()
+            .find(|(_, b)| b.node_id == node)
+            .map(|(i, _)| i)
+    }
+
     /// The configured back ends (not the tombstones).
     pub fn live_backends(&self) -> impl Iterator<Item = (BackendId, &Backend)> {
         self.backends
@@ -247,6 +268,8 @@ pub struct TransferTable {
     vips: HashSet<Addr, ahash::RandomState>,
     /// Node names by [`NodeId`].
     nodes: Vec<String>,
+    /// Affinity group names by [`AffinityGroupId`].
+    affinity_groups: Vec<String>,
 }
 
 impl TransferTable {
@@ -269,6 +292,18 @@ impl TransferTable {
                 .position(|n| n == name)
                 .expect("every node has a slot") as NodeId
         };
+        let mut affinity_groups: Vec<String> = previous
+            .map(|p| p.affinity_groups.clone())
+            .unwrap_or_default();
+        for g in cfg
+            .services
+            .iter()
+            .filter_map(|s| s.affinity_group.as_ref())
+        {
+            if !affinity_groups.contains(g) {
+                affinity_groups.push(g.clone());
+            }
+        }
         let previous: &[Service] = previous.map_or(&[], |p| &p.services);
 
         // Each configured service takes the slot of the same service (name
@@ -300,7 +335,16 @@ impl TransferTable {
                 vip,
                 port: s.port,
                 protocol,
-                affinity: s.affinity,
+                affinity: match (&s.affinity_group, s.affinity) {
+                    (Some(g), _) => Some(AffinityScope::Group(
+                        affinity_groups
+                            .iter()
+                            .position(|n| n == g)
+                            .expect("slotted above") as AffinityGroupId,
+                    )),
+                    (None, Affinity::Client) => Some(AffinityScope::Service(slot as ServiceId)),
+                    (None, Affinity::Port) => None,
+                },
                 group: cfg
                     .vip_groups
                     .iter()
@@ -342,6 +386,7 @@ impl TransferTable {
             by_backend,
             vips,
             nodes,
+            affinity_groups,
         }
     }
 
@@ -441,7 +486,7 @@ fn tombstone_of(name: &str, vip: Addr, port: u16, protocol: u8) -> Service {
         vip,
         port,
         protocol,
-        affinity: Affinity::Port,
+        affinity: None,
         group: None,
         http: None,
         removed: true,

@@ -165,6 +165,12 @@ pub struct ServiceConfig {
     pub scheduler: Scheduler,
     #[serde(default)]
     pub affinity: Affinity,
+    /// Services sharing this name share client affinity: a client's new
+    /// route in any of them goes to the node the client already has a live
+    /// route to in the group (iperf3's control and data, SIP and RTP).
+    /// Implies `affinity = "client"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_group: Option<String>,
     /// `tcp`: packets rewritten on the TUN path; `http`: requests dispatched
     /// one by one over pooled server connections.
     #[serde(default, skip_serializing_if = "is_tcp_mode")]
@@ -485,7 +491,7 @@ impl FepConfig {
         let mut addrs = HashMap::new();
         for (i, node) in self.nodes.iter().enumerate() {
             let key = format!("node[{i}]");
-            check_name(&key, &node.name)?;
+            check_name(&format!("{key}.name"), &node.name)?;
             if !names.insert(node.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
@@ -525,7 +531,7 @@ impl FepConfig {
         let mut endpoints = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
             let key = format!("service[{i}]");
-            check_name(&key, &svc.name)?;
+            check_name(&format!("{key}.name"), &svc.name)?;
             if !names.insert(svc.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
@@ -593,6 +599,16 @@ impl FepConfig {
     /// the replies on an HTTP service's server connections (both match the
     /// back end's address and port).
     fn validate_mode(&self, key: &str, svc: &ServiceConfig) -> Result<(), ConfigError> {
+        if let Some(group) = &svc.affinity_group {
+            check_name(&format!("{key}.affinity_group"), group)?;
+            if svc.mode == ServiceMode::Http {
+                return Err(ConfigError::invalid(
+                    format!("{key}.affinity_group"),
+                    "is for mode = \"tcp\" services (HTTP mode keeps a client by its \
+                     session cookie)",
+                ));
+            }
+        }
         if svc.mode == ServiceMode::Tcp {
             if svc.http.is_some() {
                 return Err(ConfigError::invalid(
@@ -718,6 +734,7 @@ impl ServiceConfig {
             protocol,
             scheduler: Scheduler::default(),
             affinity: Affinity::default(),
+            affinity_group: None,
             mode: ServiceMode::default(),
             http: None,
             backends: Vec::new(),
@@ -927,17 +944,14 @@ pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
     ))
 }
 
-/// The `name` of item `key`: not empty, at most [`MAX_NAME_LEN`] bytes.
+/// A name at `key`: not empty, at most [`MAX_NAME_LEN`] bytes.
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
-        return Err(ConfigError::invalid(
-            format!("{key}.name"),
-            "must not be empty",
-        ));
+        return Err(ConfigError::invalid(key, "must not be empty"));
     }
     if name.len() > MAX_NAME_LEN {
         return Err(ConfigError::invalid(
-            format!("{key}.name"),
+            key,
             format!(
                 "is {} bytes long; names are at most {MAX_NAME_LEN} bytes",
                 name.len()
@@ -1081,6 +1095,27 @@ port = 8080
         assert!(problem(&dup).contains("listed twice"));
         let same_addr = EXAMPLE.replace("10.0.2.12", "10.0.2.11");
         assert!(problem(&same_addr).contains("already the address of node 'be1'"));
+    }
+
+    #[test]
+    fn an_affinity_group_is_a_name_on_tcp_mode_services() {
+        let grouped = EXAMPLE.replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\naffinity_group = \"iperf\"\n",
+        );
+        let cfg = FepConfig::parse(&grouped).unwrap();
+        assert_eq!(cfg.services[0].affinity_group.as_deref(), Some("iperf"));
+        let empty = grouped.replace("\"iperf\"", "\"\"");
+        assert_eq!(
+            problem(&empty),
+            "config key `service[0].affinity_group`: must not be empty"
+        );
+        let http = grouped.replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nmode = \"http\"\n",
+        );
+        assert!(problem(&http)
+            .starts_with("config key `service[0].affinity_group`: is for mode = \"tcp\""));
     }
 
     #[test]

@@ -62,6 +62,12 @@ pub const GDNSD: Tool = Tool {
     package: "gdnsd",
 };
 
+/// iperf3: the affinity-group test's control connection and UDP stream.
+pub const IPERF3: Tool = Tool {
+    program: "iperf3",
+    package: "iperf3",
+};
+
 /// Where the shared lock lives; every process that installs takes it.
 const LOCK_FILE: &str = "/run/lock/fep-tools-install.lock";
 /// How long apt-get waits for another apt or dpkg (not ours) to finish.

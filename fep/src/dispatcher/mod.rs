@@ -1107,7 +1107,53 @@ backend = [{ node = "a6", ratio = 1 }]
         assert!(r
             .d
             .routes()
-            .sticky(1, addr_from_ip(IpAddr::from(client(1))))
+            .sticky(
+                crate::transfer_table::AffinityScope::Service(1),
+                addr_from_ip(IpAddr::from(client(1)))
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn an_affinity_group_keeps_a_clients_routes_in_every_service_on_one_node() {
+        let group = "affinity_group = \"pair\"\n";
+        let cfg = GOLDEN
+            .replace("port = 8080\n", &format!("port = 8080\n{group}"))
+            .replace("port = 8082\n", &format!("port = 8082\n{group}"));
+        // s53 lists the nodes the other way round: alone it would pick B first.
+        let r = rig(&format!(
+            "{cfg}\n[[service]]\nname = \"s53\"\nvip = \"10.0.0.100\"\nport = 53\n\
+             protocol = \"udp\"\n{group}backend = [{{ node = \"B\", ratio = 1 }}, \
+             {{ node = \"A\", ratio = 1 }}]\n"
+        ));
+        let (a, b) = ([10, 0, 2, 1], [10, 0, 2, 2]);
+        assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
+        for port in 2000..2010 {
+            assert_eq!(r.udp(client(1), port, 0), Ok(a), "the TCP route's node");
+        }
+        // A client seen first on the UDP service is held to that choice.
+        assert_eq!(r.udp(client(2), 2000, 0), Ok(b));
+        assert_eq!(r.send(client(2), 1000, 8080, SYN, 0).unwrap(), "B");
+        // A service of the group without the held node chooses as usual,
+        // and the hold stays.
+        assert!(matches!(
+            r.send(client(1), 1001, 8082, SYN, 0).as_deref(),
+            Ok("E" | "F")
+        ));
+        assert_eq!(r.udp(client(1), 3000, 0), Ok(a));
+        let scope = r.d.table().service(0).affinity.unwrap();
+        let held =
+            r.d.routes()
+                .sticky(scope, addr_from_ip(IpAddr::from(client(1))));
+        assert_eq!(held.map(|s| s.routes), Some(13));
+        // Services outside the group keep their own choice.
+        assert_eq!(r.send(client(1), 1002, 8081, SYN, 0).unwrap(), "C");
+        assert_eq!(r.send(client(2), 1002, 8081, SYN, 0).unwrap(), "D");
+        r.d.expire(600_000);
+        assert!(r
+            .d
+            .routes()
+            .sticky(scope, addr_from_ip(IpAddr::from(client(1))))
             .is_none());
     }
 

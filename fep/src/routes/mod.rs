@@ -10,8 +10,9 @@
 //! [`Routes`] alone changes the table, and keeps with every insert and
 //! removal: the count of routes within `max_routes` (a reservation taken
 //! before an insert, so concurrent workers never pass the bound), each back
-//! end's route count, and under client affinity each client's held back end
-//! with its number of routes. Routes live in a lock-free [`map`] (one writer
+//! end's route count, and under client affinity each client's held node
+//! with its number of routes in the scope (the service, or every service of
+//! its affinity group). Routes live in a lock-free [`map`] (one writer
 //! lock for inserts and removals); client affinity in a sharded map
 //! (dashmap). Both hash with aHash under a random key, against collision
 //! floods. Lock order, where both are held: the route map's writer lock
@@ -26,9 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use fep_shared::Affinity;
-
-use crate::transfer_table::{BackendId, Service, ServiceId, TransferTable};
+use crate::transfer_table::{AffinityScope, BackendId, NodeId, Service, TransferTable};
 use crate::wire::Addr;
 pub(crate) use map::RouteRef;
 use map::{Inserted, RouteMap};
@@ -99,11 +98,9 @@ impl Routes {
         self.map.get(key).map(|r| r.backend())
     }
 
-    /// The back end a client is held to under client affinity.
-    pub fn sticky(&self, service: ServiceId, client: Addr) -> Option<Sticky> {
-        self.clients
-            .get(&ClientKey::new(service, client))
-            .map(|s| *s)
+    /// The node a client is held to in `scope`.
+    pub fn sticky(&self, scope: AffinityScope, client: Addr) -> Option<Sticky> {
+        self.clients.get(&ClientKey::new(scope, client)).map(|s| *s)
     }
 
     /// The packet path's lookup: `key`'s back end, if it has a route, after
@@ -155,8 +152,9 @@ impl Routes {
                         row.route.last_seen(),
                         row.route.state(),
                         || {
-                            if svc.affinity == Affinity::Client {
-                                self.hold(&row.key, |_| Some(backend));
+                            if let Some(scope) = svc.affinity {
+                                let node = svc.backends[usize::from(backend)].node_id;
+                                self.hold(scope, &row.key, |_| Some(node));
                             }
                             Some(backend)
                         }
@@ -194,9 +192,12 @@ impl Routes {
         self.release();
         let svc = table.service(key.service);
         svc.backends[usize::from(route.backend)].route_removed();
-        if svc.affinity == Affinity::Client {
-            if let Entry::Occupied(mut e) = self.clients.entry(ClientKey::of(key)) {
-                e.get_mut().routes -= 1;
+        if let Some(scope) = svc.affinity {
+            // Saturating: a service whose affinity changed at runtime
+            // removes routes it did not count in this scope.
+            let entry = self.clients.entry(ClientKey::new(scope, key.client));
+            if let Entry::Occupied(mut e) = entry {
+                e.get_mut().routes = e.get().routes.saturating_sub(1);
                 if e.get().routes == 0 {
                     e.remove();
                 }
@@ -267,30 +268,43 @@ impl Routes {
         Some(inserted)
     }
 
+    /// The back end for a new route: the service's choice, or under client
+    /// affinity the back end on the client's held node (chosen afresh when
+    /// the service has no back end there, the hold staying as it is).
     fn choose(&self, key: &FlowKey, svc: &Service) -> Option<BackendId> {
-        if svc.affinity == Affinity::Port {
+        let Some(scope) = svc.affinity else {
             return svc.choose();
-        }
-        self.hold(key, |held| held.or_else(|| svc.choose()))
+        };
+        let mut backend = None;
+        self.hold(scope, key, |held| {
+            let b = held
+                .and_then(|node| svc.backend_on(node))
+                .or_else(|| svc.choose())?;
+            backend = Some(b);
+            Some(held.unwrap_or(svc.backends[usize::from(b)].node_id))
+        });
+        backend
     }
 
-    /// Counts one more route of `key`'s client on the back end `pick`
-    /// returns, given the one the client is held to (if any).
+    /// Counts one more route of `key`'s client in `scope`, held to the node
+    /// `pick` returns given the one the client is held to (if any); no
+    /// count when `pick` returns `None`.
     fn hold(
         &self,
+        scope: AffinityScope,
         key: &FlowKey,
-        pick: impl FnOnce(Option<BackendId>) -> Option<BackendId>,
-    ) -> Option<BackendId> {
-        match self.clients.entry(ClientKey::of(key)) {
+        pick: impl FnOnce(Option<NodeId>) -> Option<NodeId>,
+    ) {
+        match self.clients.entry(ClientKey::new(scope, key.client)) {
             Entry::Occupied(mut e) => {
-                let backend = pick(Some(e.get().backend))?;
-                e.get_mut().routes += 1;
-                Some(backend)
+                if pick(Some(e.get().node)).is_some() {
+                    e.get_mut().routes += 1;
+                }
             }
             Entry::Vacant(e) => {
-                let backend = pick(None)?;
-                e.insert(Sticky { backend, routes: 1 });
-                Some(backend)
+                if let Some(node) = pick(None) {
+                    e.insert(Sticky { node, routes: 1 });
+                }
             }
         }
     }
@@ -315,6 +329,8 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use fep_shared::FepConfig;
+
+    use crate::transfer_table::ServiceId;
 
     use super::*;
 
@@ -392,13 +408,17 @@ mod tests {
         for port in 1001..1010 {
             assert_eq!(r.assign(&key(1, 1, port), dns, 0), Ok(b));
         }
-        let held = r.sticky(1, [1; 16]).unwrap();
-        assert_eq!((held.backend, held.routes), (b, 10));
+        let scope = AffinityScope::Service(1);
+        let held = r.sticky(scope, [1; 16]).unwrap();
+        assert_eq!(
+            (held.node, held.routes),
+            (dns.backends[usize::from(b)].node_id, 10)
+        );
         assert_eq!(r.remove_where(&t, |k, _| k.client_port != 1000), 9);
-        assert_eq!(r.sticky(1, [1; 16]).map(|s| s.routes), Some(1));
+        assert_eq!(r.sticky(scope, [1; 16]).map(|s| s.routes), Some(1));
         assert!(r.remove_if(&t, &key(1, 1, 1000), |_| true).is_some());
         assert!(
-            r.sticky(1, [1; 16]).is_none(),
+            r.sticky(scope, [1; 16]).is_none(),
             "released with its last route"
         );
         assert!(r.is_empty());
@@ -433,9 +453,11 @@ mod tests {
         let imported: u32 = (0..2).flat_map(|s| counts(&t2, s)).sum();
         assert_eq!(imported, 5);
         let dns = rows.iter().find(|r| r.key.service == 1).unwrap();
+        let node = t2.backend(1, dns.route.backend).node_id;
         assert_eq!(
-            to.sticky(1, dns.key.client).map(|s| (s.backend, s.routes)),
-            Some((dns.route.backend, 1))
+            to.sticky(AffinityScope::Service(1), dns.key.client)
+                .map(|s| (s.node, s.routes)),
+            Some((node, 1))
         );
     }
 

@@ -4,7 +4,7 @@
 use std::hash::{Hash, Hasher};
 
 use crate::clock::idle_since;
-use crate::transfer_table::{Backend, BackendId, ServiceId};
+use crate::transfer_table::{AffinityScope, Backend, BackendId, NodeId, ServiceId};
 use crate::wire::Addr;
 
 /// Key of a route: the service and the client's (IP, port).
@@ -54,21 +54,17 @@ impl ReplyKey {
     }
 }
 
-/// Key of a client-affinity entry: the service and the client's IP.
+/// Key of a client-affinity entry: the scope (a service or an affinity
+/// group) and the client's IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct ClientKey {
-    service: ServiceId,
+    scope: AffinityScope,
     client: Addr,
 }
 
 impl ClientKey {
-    pub(super) fn new(service: ServiceId, client: Addr) -> Self {
-        ClientKey { service, client }
-    }
-
-    /// The client of a route.
-    pub(super) fn of(key: &FlowKey) -> Self {
-        ClientKey::new(key.service, key.client)
+    pub(super) fn new(scope: AffinityScope, client: Addr) -> Self {
+        ClientKey { scope, client }
     }
 }
 
@@ -137,10 +133,12 @@ pub struct Row {
     pub route: Route,
 }
 
-/// A client's back end under `affinity = "client"`, held while it has routes.
+/// A client's node under client affinity, held while the client has routes
+/// in the scope (a node, not a back-end slot: the services of an affinity
+/// group list their back ends each in its own order).
 #[derive(Debug, Clone, Copy)]
 pub struct Sticky {
-    pub backend: BackendId,
+    pub node: NodeId,
     pub routes: u32,
 }
 

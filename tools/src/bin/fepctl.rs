@@ -191,6 +191,10 @@ enum ServiceCmd {
         scheduler: Scheduler,
         #[arg(long, default_value = "port")]
         affinity: Affinity,
+        /// Share client affinity with the other services of this group
+        /// (implies `--affinity client`).
+        #[arg(long)]
+        affinity_group: Option<String>,
         /// `http`: fep ends the clients' connections and dispatches request
         /// by request (with `[service.http]`'s defaults; TCP only).
         #[arg(long, default_value = "tcp")]
@@ -311,8 +315,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             command(&to, "/v1/backend/remove", &BackendRemoveArg { service: service.clone(), node: node.clone(), force: *force })?,
             format!("{node} removed from {service}{}", if *force { "" } else { "; its live connections carry on until they end" }),
         ),
-        Cmd::Service(ServiceCmd::Add { name, vip, port, protocol, scheduler, affinity, mode }) => {
-            let svc = ServiceConfig { scheduler: *scheduler, affinity: *affinity, mode: *mode, ..ServiceConfig::new(name.clone(), *vip, *port, *protocol) };
+        Cmd::Service(ServiceCmd::Add { name, vip, port, protocol, scheduler, affinity, affinity_group, mode }) => {
+            let svc = ServiceConfig { scheduler: *scheduler, affinity: *affinity, affinity_group: affinity_group.clone(), mode: *mode, ..ServiceConfig::new(name.clone(), *vip, *port, *protocol) };
             (command(&to, "/v1/service/add", &svc)?, format!("service {name} added; `fepctl backend add {name} NODE --ratio N` gives it back ends"))
         }
         Cmd::Service(ServiceCmd::Remove { name, force }) => (
