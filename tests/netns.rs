@@ -5,12 +5,15 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use fep_shared::api::Count;
+use fep_shared::api::{Count, FastPathState};
 use fep_tests::{
     counters, dropped, echo, expected_io, http, open_echo_to, pattern, sample, scrape,
     skip_without_root, start, start_with_top, status, tally, wait_for, Running, TIMEOUT,
 };
 use fep_tools::lab::{self, Lab, VIP_V4, VIP_V6};
+
+/// The config key that turns the kernel fast path on.
+const FAST_PATH: &str = "fast_path = \"tc-bpf\"\n";
 
 const WEB_2_1_1: &str = r#"
 [[service]]
@@ -129,7 +132,6 @@ fn a_20_mb_download_arrives_byte_exact_without_batching() {
 /// A 20 MB download through fep with the config keys `top`, whose workers
 /// run in the I/O mode `io` (as `fepctl status` reports it).
 fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
-    const LEN: u64 = 20_000_000;
     let mut r = start_with_top(
         tag,
         3,
@@ -139,6 +141,20 @@ fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
         top,
         &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
     );
+    download(&r, 20_000_000);
+    let workers = fep_tests::status(&r).tun_workers;
+    let running = match io.0 {
+        "batched" => workers.batched,
+        "blocking" => workers.blocking,
+        other => panic!("no I/O mode {other}"),
+    };
+    assert_eq!(running, io.1, "fep's workers: {workers:?}");
+    assert!(r.fep.stop().unwrap().success());
+}
+
+/// Downloads `len` bytes of the test pattern from the VIP and checks every
+/// byte.
+fn download(r: &Running, len: u64) {
     let (status, received, hash, mismatch) = r
         .lab
         .client
@@ -149,7 +165,7 @@ fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
             let mut want = vec![0u8; 64 * 1024];
             let (status, _) = http::get_with(
                 SocketAddr::new(VIP_V4.into(), 80),
-                &format!("/bytes/{LEN}"),
+                &format!("/bytes/{len}"),
                 TIMEOUT,
                 |chunk| {
                     pattern::fill(received, &mut want[..chunk.len()]);
@@ -166,20 +182,57 @@ fn download_byte_exact(tag: &str, top: &str, io: (&str, u64)) {
         })
         .unwrap();
     assert_eq!(status, 200);
-    assert_eq!(received, LEN);
+    assert_eq!(received, len);
     assert_eq!(
         mismatch, None,
         "first differing chunk starts at this offset"
     );
-    assert_eq!(hash, pattern::expected_hash(LEN));
-    let workers = fep_tests::status(&r).tun_workers;
-    let running = match io.0 {
-        "batched" => workers.batched,
-        "blocking" => workers.blocking,
-        other => panic!("no I/O mode {other}"),
-    };
-    assert_eq!(running, io.1, "fep's workers: {workers:?}");
-    assert!(r.fep.stop().unwrap().success());
+    assert_eq!(hash, pattern::expected_hash(len));
+}
+
+/// The kernel fast path: an established download's packets stop reaching
+/// the TUN device, and its route leaves the kernel when the connection
+/// closes.
+#[test]
+fn an_established_download_is_forwarded_in_the_kernel_until_it_closes() {
+    if skip_without_root("an_established_download_is_forwarded_in_the_kernel_until_it_closes") {
+        return;
+    }
+    const LEN: u64 = 200_000_000;
+    let r = start_with_top(
+        "ffk",
+        3,
+        false,
+        &[80],
+        &[],
+        FAST_PATH,
+        &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
+    );
+    let before = status(&r);
+    assert_eq!(
+        before.fast_path.state,
+        FastPathState::Running,
+        "{:?}",
+        before.fast_path
+    );
+    download(&r, LEN);
+    let after = status(&r);
+    let tun_bytes = after.counters.to_client_bytes + after.counters.to_backend_bytes;
+    eprintln!(
+        "fast path {:?}, TUN path {tun_bytes} bytes",
+        after.fast_path
+    );
+    assert!(
+        after.fast_path.bytes > LEN / 2 && tun_bytes < LEN / 2,
+        "the kernel forwarded {} bytes, the TUN path {tun_bytes} of a {LEN}-byte download",
+        after.fast_path.bytes
+    );
+    wait_for(
+        &r,
+        "the closed connection's route out of the kernel",
+        TIMEOUT,
+        |r| status(r).fast_path.routes == 0,
+    );
 }
 
 #[test]

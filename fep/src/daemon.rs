@@ -11,6 +11,7 @@ use anyhow::Context;
 use fep_shared::FepConfig;
 use tokio::signal::unix::{signal, SignalKind};
 
+use fep_shared::api::FastPathState;
 use fep_shared::protocol::Key;
 use tokio::task::JoinSet;
 
@@ -24,6 +25,7 @@ use crate::control::startup::Start;
 use crate::control::{agents, health, prune, ControlPlane, DataPath};
 use crate::counters::Totals;
 use crate::dispatcher::Dispatcher;
+use crate::fast_path::{FastPath, FastPathStats};
 use crate::http_mode::HttpFront;
 use crate::metrics;
 use crate::netsetup::NetSetup;
@@ -87,6 +89,8 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
     let (workers, mut replayer) =
         Workers::spawn(queues, dispatcher.clone(), clock, cfg.tun_batching)
             .context("cannot start worker threads")?;
+    let fast_stats = Arc::new(FastPathStats::default());
+    let fast_path = start_fast_path(&cfg, &dispatcher, clock, &fast_stats);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -118,6 +122,7 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
             workers: workers.counters().to_vec(),
             http: http.clone(),
             sites: sites.clone(),
+            fast_path: fast_stats,
         };
         let mut tasks = spawn_tasks(&cp, &cfg, secrets, sources, clock);
         if let Some(copies) = copies {
@@ -145,6 +150,9 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         dns.stop();
     }
     http.stop();
+    if let Some(fast_path) = fast_path {
+        fast_path.stop();
+    }
     workers.stop();
     // With no worker left, the last snapshot holds every route.
     journal_stop.store(true, Ordering::Relaxed);
@@ -158,6 +166,27 @@ pub fn run(config_path: &Path, file: FepConfig, start: Start) -> anyhow::Result<
         cfg.tun
     );
     result
+}
+
+/// The kernel fast path when the config asks for it; where it cannot run,
+/// fep says why and goes on with the TUN path alone.
+fn start_fast_path(
+    cfg: &FepConfig,
+    dispatcher: &Arc<Dispatcher>,
+    clock: Clock,
+    stats: &Arc<FastPathStats>,
+) -> Option<FastPath> {
+    if cfg.fast_path == fep_shared::FastPath::Off {
+        return None;
+    }
+    match FastPath::start(dispatcher.clone(), clock, cfg.max_routes, stats.clone()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("fast_path = \"tc-bpf\": {e}; every packet takes the TUN path");
+            stats.set_state(FastPathState::Unavailable, Some(e.to_string()), Vec::new());
+            None
+        }
+    }
 }
 
 /// Holds `state_dir/fep.lock` while fep runs (the kernel releases it however
@@ -430,6 +459,19 @@ pub fn describe(cfg: &FepConfig) -> String {
         "config OK: tun {}, {} worker(s), route idle timeout {} s, max {} routes, policy table {}",
         cfg.tun, cfg.workers, cfg.route_idle_timeout_s, cfg.max_routes, cfg.policy_table
     );
+    if cfg.fast_path != fep_shared::FastPath::Off {
+        let _ = match crate::fast_path::built_in() {
+            true => writeln!(
+                out,
+                "fast path: tc-bpf (established routes forwarded in the kernel)"
+            ),
+            false => writeln!(
+                out,
+                "fast path: tc-bpf, NOT available: {}",
+                crate::fast_path::FastPathError::NotBuilt
+            ),
+        };
+    }
     for s in &cfg.services {
         let scheduler = s.scheduler.as_str();
         let vip = std::net::SocketAddr::new(s.vip, s.port);

@@ -19,6 +19,7 @@ pub(crate) mod counters;
 pub mod daemon;
 pub(crate) mod dispatcher;
 pub(crate) mod endpoint_map;
+pub(crate) mod fast_path;
 pub(crate) mod holds;
 pub(crate) mod http_mode;
 pub(crate) mod http_server;

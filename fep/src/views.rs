@@ -16,6 +16,7 @@ use crate::clock::idle_since;
 use crate::control::ControlPlane;
 use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
+use crate::fast_path::FastPathStats;
 use crate::http_mode::HttpFront;
 use crate::routes::state;
 use crate::sites::Sites;
@@ -31,6 +32,8 @@ pub struct Sources {
     /// Several sites: the hand-off state, the DNS server's and the
     /// exchange's counters.
     pub sites: Option<Arc<Sites>>,
+    /// The kernel fast path's state and figures.
+    pub fast_path: Arc<FastPathStats>,
 }
 
 /// Every configured service with its back ends' ratios and shares, and
@@ -191,6 +194,7 @@ pub fn status(cp: &ControlPlane, sources: &Sources) -> StatusView {
             batched: totals.batched_workers,
             blocking: totals.workers - totals.batched_workers,
         },
+        fast_path: sources.fast_path.view(),
         counters: counters_view(&totals),
         agent_rejects: cp
             .rejects()

@@ -93,7 +93,38 @@ pub enum RouteState {
     Closed,
 }
 
-display_as_serde!(PinState, NodeState, Spare, RouteState);
+/// Whether the kernel fast path forwards established routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathState {
+    /// `fast_path = "off"`: every packet through the TUN device.
+    #[default]
+    Off,
+    /// Attached and forwarding.
+    Running,
+    /// Asked for but not running (`reason` says why).
+    Unavailable,
+}
+
+display_as_serde!(PinState, NodeState, Spare, RouteState, FastPathState);
+
+/// The kernel fast path in `GET /v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastPathView {
+    pub state: FastPathState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The interfaces its program is attached to.
+    pub interfaces: Vec<String>,
+    /// Routes installed in the kernel now.
+    pub routes: u64,
+    /// Packets (and their bytes) the kernel forwarded for them.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets of installed routes handed to the TUN path instead (SYN,
+    /// FIN, RST, TTL, no neighbour entry or too big for the next hop).
+    pub passed: u64,
+}
 
 /// `POST /v1/drain`, `/v1/undrain`, `/v1/unpin`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -449,6 +480,7 @@ pub struct StatusView {
     pub routes_evicted: usize,
     pub journal_overflow: u64,
     pub tun_workers: TunWorkersView,
+    pub fast_path: FastPathView,
     pub counters: CountersView,
     /// Rejected agent frames by reason.
     pub agent_rejects: BTreeMap<String, u64>,

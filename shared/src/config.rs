@@ -117,6 +117,20 @@ pub enum LoadMetric {
     Cpu,
 }
 
+/// Where established routes' packets are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum FastPath {
+    /// Every packet through the TUN device.
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// Established routes installed in a tc-BPF program on the gateway's
+    /// interfaces, which forwards their packets in the kernel; the TUN path
+    /// keeps first packets, closings and anything unusual.
+    #[serde(rename = "tc-bpf")]
+    TcBpf,
+}
+
 /// What identifies a client for stickiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -173,7 +187,7 @@ pub struct ServiceConfig {
     pub affinity_group: Option<String>,
     /// `tcp`: packets rewritten on the TUN path; `http`: requests dispatched
     /// one by one over pooled server connections.
-    #[serde(default, skip_serializing_if = "is_tcp_mode")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub mode: ServiceMode,
     /// HTTP mode's pools, sessions, rules and limits (defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -222,6 +236,10 @@ pub struct FepConfig {
     /// system call per packet by itself where io_uring is refused).
     #[serde(default = "default_true")]
     pub tun_batching: bool,
+    /// `"tc-bpf"`: established routes forwarded in the kernel (where BPF is
+    /// unavailable fep says why and runs with the TUN path alone).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fast_path: FastPath,
     #[serde(default = "default_idle_timeout")]
     pub route_idle_timeout_s: u64,
     #[serde(default = "default_max_routes")]
@@ -279,8 +297,8 @@ pub struct FepConfig {
     pub sites: Option<SitesConfig>,
 }
 
-fn is_tcp_mode(mode: &ServiceMode) -> bool {
-    *mode == ServiceMode::Tcp
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 fn default_tun() -> String {
@@ -775,7 +793,7 @@ impl FepConfig {
     /// The first key whose change needs a restart of fep (the device, the
     /// workers, the sockets it listens on), if `new` changes one.
     pub fn restart_key_changed(&self, new: &FepConfig) -> Option<&'static str> {
-        let keys: [(&'static str, bool); 18] = [
+        let keys: [(&'static str, bool); 19] = [
             ("admin_listen", self.admin_listen != new.admin_listen),
             (
                 "admin_token_file",
@@ -786,6 +804,7 @@ impl FepConfig {
             ("workers", self.workers != new.workers),
             ("tun_queue_len", self.tun_queue_len != new.tun_queue_len),
             ("tun_batching", self.tun_batching != new.tun_batching),
+            ("fast_path", self.fast_path != new.fast_path),
             ("policy_table", self.policy_table != new.policy_table),
             ("agent_listen", self.agent_listen != new.agent_listen),
             ("agent_key_file", self.agent_key_file != new.agent_key_file),

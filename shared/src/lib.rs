@@ -31,8 +31,8 @@ pub fn init_logging() {
 pub use agent_config::{AgentConfig, AgentService};
 pub use cluster_config::{ClusterConfig, PeerConfig, VipGroupConfig};
 pub use config::{
-    Affinity, BackendConfig, ConfigError, FepConfig, LoadMetric, NodeConfig, Protocol, Scheduler,
-    ServiceConfig,
+    Affinity, BackendConfig, ConfigError, FastPath, FepConfig, LoadMetric, NodeConfig, Protocol,
+    Scheduler, ServiceConfig,
 };
 pub use http_config::{ContentRule, Forwarded, HttpConfig, ServiceMode};
 pub use sites_config::{NameConfig, NameSite, SiteConfig, SitesConfig, WhenAllDown};

@@ -114,6 +114,10 @@ pub struct Dispatcher {
     confirmed: ArrayQueue<Confirmed>,
     /// VIP groups' UDP routes removed by expiry or pruning.
     ended: ArrayQueue<Confirmed>,
+    /// With the kernel fast path on: routes just confirmed, for it to
+    /// install without waiting for its scan of the table (which catches up
+    /// on those this queue had no room for).
+    established: Option<ArrayQueue<FlowKey>>,
     journal_overflow: AtomicU64,
     /// Whether a back end's SYN-ACK with no route makes one (see
     /// [`Dispatcher::adopt_handshakes`]).
@@ -140,6 +144,8 @@ impl Dispatcher {
             expiry: Expiry::default(),
             confirmed: ArrayQueue::new(JOURNAL_QUEUE),
             ended: ArrayQueue::new(JOURNAL_QUEUE),
+            established: (cfg.fast_path != fep_shared::FastPath::Off)
+                .then(|| ArrayQueue::new(JOURNAL_QUEUE)),
             journal_overflow: AtomicU64::new(0),
             adopting: AtomicBool::new(false),
             holds: Holds::new(
@@ -474,6 +480,19 @@ impl Dispatcher {
     fn journal(&self, key: FlowKey, backend: BackendId) {
         if self.confirmed.push(Confirmed { key, backend }).is_err() {
             self.journal_overflow.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(q) = &self.established {
+            let _ = q.push(key);
+        }
+    }
+
+    /// Routes confirmed since the last call, for the kernel fast path
+    /// (nothing when it is off).
+    pub(crate) fn take_established(&self, mut f: impl FnMut(FlowKey)) {
+        if let Some(q) = &self.established {
+            while let Some(key) = q.pop() {
+                f(key);
+            }
         }
     }
 

@@ -108,6 +108,10 @@ impl RouteRef<'_> {
         ctrl_state(self.slot.ctrl.load(Ordering::Relaxed))
     }
 
+    pub fn last_seen(&self) -> u32 {
+        self.slot.last_seen.load(Ordering::Relaxed)
+    }
+
     /// Records a packet: its time and the state bits it sets. Writes only
     /// what changed, so a busy flow does not keep dirtying the cache line.
     /// False if the route left this slot meanwhile (look it up again).

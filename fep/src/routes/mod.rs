@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use crate::clock::idle_since;
 use crate::transfer_table::{AffinityScope, BackendId, NodeId, Service, TransferTable};
 use crate::wire::Addr;
 pub(crate) use map::RouteRef;
@@ -113,6 +114,21 @@ impl Routes {
         f: impl Fn(&RouteRef<'_>) -> bool,
     ) -> Option<BackendId> {
         self.map.get_and(key, f)
+    }
+
+    /// A route forwarded outside the TUN path (by the kernel fast path):
+    /// its back end and state bits, after moving its last-seen time forward
+    /// to `seen` (never back); `None` when `key` has no route.
+    pub(crate) fn refresh(&self, key: &FlowKey, seen: Option<u32>) -> Option<(BackendId, u8)> {
+        let state = std::cell::Cell::new(0);
+        let backend = self.map.get_and(key, |r| {
+            state.set(r.state());
+            match seen {
+                Some(t) if idle_since(r.last_seen(), t) > 0 => r.touch(t, 0),
+                _ => true,
+            }
+        })?;
+        Some((backend, state.get()))
     }
 
     /// A route miss: records a route for `key` to the back end `svc`
