@@ -16,6 +16,32 @@ use fep_tools::netns::{self, Netns};
 
 pub use fep_tools::{http, pattern};
 
+/// Defines each test twice: `NAME::tun_path`, every packet through the TUN
+/// device, and `NAME::fast_path`, with the labs' configs turning the kernel
+/// fast path on (starting fep then fails unless the fast path runs).
+#[macro_export]
+macro_rules! both_paths {
+    ($($(#[$meta:meta])* fn $name:ident() $body:block)*) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body() $body
+
+            #[test]
+            fn tun_path() {
+                body()
+            }
+
+            #[test]
+            fn fast_path() {
+                fep_tools::lab::with_fast_path(body)
+            }
+        }
+    )*};
+}
+
 /// Per-request timeout: generous, since debug builds and 2 shared cores are slow.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

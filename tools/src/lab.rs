@@ -44,6 +44,21 @@ pub fn backend_name(i: usize) -> String {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+thread_local! {
+    /// Whether this thread's lab configs turn the kernel fast path on.
+    static FAST_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every config this thread's labs write turning the kernel
+/// fast path on (`fast_path = "tc-bpf"`), and every fep started from such a
+/// config checked to be running it: the tests that run in both modes.
+pub fn with_fast_path<R>(f: impl FnOnce() -> R) -> R {
+    FAST_PATH.set(true);
+    let r = f();
+    FAST_PATH.set(false);
+    r
+}
+
 /// A new lab's unique name prefix (`<tag><pid>x<n>`, so that parallel
 /// tests and runs never collide) and its scratch directory, after
 /// installing `ip` and creating the TUN device node where missing.
@@ -193,6 +208,9 @@ impl Lab {
 
     /// As [`Lab::config`], with only the first `nodes` back ends as nodes.
     pub fn config_with_nodes(&self, nodes: usize, v6: bool, top: &str, services: &str) -> String {
+        let fast_path = FAST_PATH
+            .get()
+            .then(|| ("fast_path", "\"tc-bpf\"".to_string()));
         let defaults = [
             ("tun", "\"fep0\"".to_string()),
             ("workers", "2".to_string()),
@@ -202,13 +220,15 @@ impl Lab {
                 format!("\"{}\"", self.control_socket().display()),
             ),
             ("state_dir", format!("\"{}\"", self.state_dir().display())),
-        ];
+        ]
+        .into_iter()
+        .chain(fast_path);
         let given = |key: &str| {
             top.lines()
                 .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
         };
         let mut s = String::new();
-        for (key, value) in defaults.iter().filter(|(k, _)| !given(k)) {
+        for (key, value) in defaults.filter(|(k, _)| !given(k)) {
             s.push_str(&format!("{key} = {value}\n"));
         }
         s.push_str(top);
@@ -314,6 +334,16 @@ impl Lab {
     ) -> anyhow::Result<FepProcess> {
         let mut p = self.spawn_fep(fep, config, args)?;
         p.wait_serving()?;
+        if config.lines().any(|l| l.trim() == "fast_path = \"tc-bpf\"") {
+            let status: fep_shared::api::StatusView =
+                crate::admin_client::get(&self.control_socket(), "/v1/status")?;
+            if status.fast_path.state != fep_shared::api::FastPathState::Running {
+                bail!(
+                    "fep serves, but not with the kernel fast path: {:?}",
+                    status.fast_path
+                );
+            }
+        }
         Ok(p)
     }
 
