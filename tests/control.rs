@@ -14,63 +14,6 @@ use fep_tests::{
 };
 use fep_tools::lab::VIP_V4;
 
-#[test]
-fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it_closes() {
-    if skip_without_root("a_live_connection_survives_a_ratio_change_and_a_drain") {
-        return;
-    }
-    let r = start_with_agents(
-        "fcd",
-        2,
-        "metrics_listen = \"127.0.0.1:9100\"\n",
-        &services(&[("be1", 1), ("be2", 1)], ""),
-    );
-    let (mut conn, held) = open_echo(&r);
-    let other = if held == "be1" { "be2" } else { "be1" };
-    echo(&mut conn, "before");
-
-    // Ratio 0: no new routes, the live one stays.
-    let (code, out) = fepctl(&r, &["ratio", "echo", &held, "0"]);
-    assert_eq!(code, 0, "{out}");
-    prune_rounds_pass(&r, &held, 6.0);
-    echo(&mut conn, "after the ratio change");
-
-    // Drain: returns at once; the live route stays through several prune rounds.
-    let (code, out) = fepctl(&r, &["drain", &held]);
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(node(&r, &held).state, NodeState::Draining);
-    prune_rounds_pass(&r, &held, 6.0);
-    echo(&mut conn, "while draining");
-    let routes = routes(&r, &["--node", &held]);
-    assert_eq!(routes.len(), 1, "the live route stays: {routes:?}");
-    assert_eq!(node(&r, &held).state, NodeState::Draining);
-    assert!(
-        http_names(&r, VIP_V4.into(), 20).iter().all(|n| n == other),
-        "new connections avoid the draining node"
-    );
-
-    // Closing the connection lets the drain complete within a few prune intervals.
-    let mut stream = conn.into_inner();
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let _ = stream.read_to_end(&mut Vec::new());
-    drop(stream);
-    let started = std::time::Instant::now();
-    let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "15"]);
-    assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
-    assert!(out.contains("is drained"), "{out}");
-    assert!(
-        started.elapsed() < Duration::from_secs(6),
-        "drained after {:?}",
-        started.elapsed()
-    );
-    assert_eq!(node(&r, &held).state, NodeState::Drained);
-
-    // Back into rotation.
-    assert_eq!(fepctl(&r, &["undrain", &held]).0, 0);
-    assert_eq!(fepctl(&r, &["ratio", "echo", &held, "1"]).0, 0);
-    assert!(http_names(&r, VIP_V4.into(), 10).contains(&held.to_string()));
-}
-
 /// Waits for `n` more pruning rounds over `node`'s routes (fep with
 /// `metrics_listen`), or until it has none left (then pruning stops).
 /// Rounds are at least `prune_interval_ms` (300) apart, so six span 1.5 s:
@@ -87,51 +30,6 @@ fn prune_rounds_pass(r: &fep_tests::Running, node_name: &str, n: f64) {
     wait_for(r, "pruning rounds", Duration::from_secs(20), |r| {
         rounds(r) >= start + n || node(r, node_name).routes == 0
     });
-}
-
-#[test]
-fn a_dead_backend_is_routed_around_and_comes_back() {
-    if skip_without_root("a_dead_backend_is_routed_around_and_comes_back") {
-        return;
-    }
-    let mut r = start_with_agents(
-        "fdd",
-        3,
-        "node_dead_after_ms = 1500\n",
-        &services(&[("be1", 1), ("be2", 1), ("be3", 1)], ""),
-    );
-    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 30), 3), [10, 10, 10]);
-
-    r.lab.kill_backend(0);
-    wait_for(&r, "be1 down", Duration::from_secs(15), |r| {
-        node(r, "be1").state == NodeState::Down
-    });
-    let names = http_names(&r, VIP_V4.into(), 60);
-    assert_eq!(
-        tally(&names, 3),
-        [0, 30, 30],
-        "every new connection succeeds on the others"
-    );
-
-    // Back: server and agent restarted.
-    let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
-    let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
-    let mut args = fep_tools::lab::testsrv_args(0, &[80], &[]);
-    args.extend(["--echo".to_string(), "7000".to_string()]);
-    r.lab.start_backend_server(0, &testsrv, &args).unwrap();
-    r.lab.start_agent(0, &agent, &[80, 7000], 200, "").unwrap();
-    wait_for(
-        &r,
-        "be1 back up with its ratio",
-        Duration::from_secs(10),
-        |r| backend(r, "web", "be1").effective_ratio == 1,
-    );
-    assert_eq!(node(&r, "be1").state, NodeState::Up);
-    assert_eq!(
-        tally(&http_names(&r, VIP_V4.into(), 30), 3),
-        [10, 10, 10],
-        "be1 is back in rotation with its share"
-    );
 }
 
 #[test]
@@ -322,78 +220,6 @@ fn wrong_key_never_used() -> Key {
 }
 
 #[test]
-fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
-    if skip_without_root("pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one")
-    {
-        return;
-    }
-    // Twenty routes restored from a snapshot, ten on each node, whose
-    // connections the back ends do not have (as after a restart from an
-    // old snapshot); established, and far from idling out: only pruning
-    // can delete them.
-    let top = "route_idle_timeout_s = 3600\nmetrics_listen = \"127.0.0.1:9100\"\n";
-    let r = start_with_agents_after(
-        "fpn",
-        2,
-        top,
-        &services(&[("be1", 1), ("be2", 1)], ""),
-        |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], 20),
-    );
-    assert_eq!(status(&r).routes, 20);
-    // A live connection, left idle but open.
-    let mut live = r
-        .lab
-        .client
-        .enter(|| TcpStream::connect((VIP_V4, 80)).unwrap())
-        .unwrap();
-    live.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
-    let mine = routes(&r, &["--client", "10.0.1.2"]);
-    assert_eq!(mine.len(), 1, "{mine:?}");
-    let held = mine[0].node.to_string();
-    let other = if held == "be1" { "be2" } else { "be1" };
-    let before = fep_tests::scrape(&r, "127.0.0.1:9100");
-    let pruned_before = fep_tests::metric(&before, "fep_routes_pruned_total");
-    assert_eq!(pruned_before, Some(0.0), "nothing pruned before a trigger");
-    // Idle for longer than a prune candidate must be, so that the round that
-    // deletes the restored routes asks about the live one too.
-    std::thread::sleep(Duration::from_millis(1500));
-
-    // Ratio 0 puts the held node above its target share: pruning starts.
-    let (code, out) = fepctl(&r, &["ratio", "web", &held, "0"]);
-    assert_eq!(code, 0, "{out}");
-    wait_for(
-        &r,
-        "the held node's restored routes pruned",
-        Duration::from_secs(15),
-        |r| node(r, &held).routes == 1,
-    );
-    let after = fep_tests::scrape(&r, "127.0.0.1:9100");
-    assert_eq!(
-        fep_tests::metric(&after, "fep_routes_pruned_total"),
-        Some(10.0),
-        "the ten restored routes of {held}, by pruning"
-    );
-    assert!(fep_tests::metric(&after, "fep_prune_cycles_total").unwrap() >= 1.0);
-    let status = status(&r);
-    assert_eq!(status.routes_expired, 0, "none idled out or closed");
-    assert_eq!(status.routes_evicted, 0);
-    // The live one stays, on its node, and works; the other node, below its
-    // target share, was not pruned at all.
-    let left = routes(&r, &["--node", &held]);
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0].client, IpAddr::from([10, 0, 1, 2]));
-    assert_eq!(node(&r, other).routes, 10);
-    use std::io::Write;
-    live.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    live.read_to_string(&mut reply).unwrap();
-    assert!(
-        reply.starts_with("HTTP/1.") && reply.trim_end().ends_with(held.as_str()),
-        "the live connection still reaches {held}: {reply:?}"
-    );
-}
-
-#[test]
 fn agents_and_health_checks_are_served_while_a_million_routes_are_listed() {
     if skip_without_root("agents_and_health_checks_are_served_while_a_million_routes_are_listed") {
         return;
@@ -516,4 +342,185 @@ fn list(socket: &std::path::Path, what: &str) -> String {
         .unwrap_or_else(|e| panic!("GET {what}: {e:#}"));
     assert_eq!(status, 200, "GET {what}: {body}");
     body
+}
+
+fep_tests::both_paths! {
+    fn a_live_connection_survives_a_ratio_change_and_a_drain_which_completes_once_it_closes() {
+        if skip_without_root("a_live_connection_survives_a_ratio_change_and_a_drain") {
+            return;
+        }
+        let r = start_with_agents(
+            "fcd",
+            2,
+            "metrics_listen = \"127.0.0.1:9100\"\n",
+            &services(&[("be1", 1), ("be2", 1)], ""),
+        );
+        let (mut conn, held) = open_echo(&r);
+        let other = if held == "be1" { "be2" } else { "be1" };
+        echo(&mut conn, "before");
+
+        // Ratio 0: no new routes, the live one stays.
+        let (code, out) = fepctl(&r, &["ratio", "echo", &held, "0"]);
+        assert_eq!(code, 0, "{out}");
+        prune_rounds_pass(&r, &held, 6.0);
+        echo(&mut conn, "after the ratio change");
+
+        // Drain: returns at once; the live route stays through several prune rounds.
+        let (code, out) = fepctl(&r, &["drain", &held]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(node(&r, &held).state, NodeState::Draining);
+        prune_rounds_pass(&r, &held, 6.0);
+        echo(&mut conn, "while draining");
+        let routes = routes(&r, &["--node", &held]);
+        assert_eq!(routes.len(), 1, "the live route stays: {routes:?}");
+        assert_eq!(node(&r, &held).state, NodeState::Draining);
+        assert!(
+            http_names(&r, VIP_V4.into(), 20).iter().all(|n| n == other),
+            "new connections avoid the draining node"
+        );
+
+        // Closing the connection lets the drain complete within a few prune intervals.
+        let mut stream = conn.into_inner();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+        drop(stream);
+        let started = std::time::Instant::now();
+        let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "15"]);
+        assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
+        assert!(out.contains("is drained"), "{out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "drained after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(node(&r, &held).state, NodeState::Drained);
+
+        // Back into rotation.
+        assert_eq!(fepctl(&r, &["undrain", &held]).0, 0);
+        assert_eq!(fepctl(&r, &["ratio", "echo", &held, "1"]).0, 0);
+        assert!(http_names(&r, VIP_V4.into(), 10).contains(&held.to_string()));
+    }
+
+    fn a_dead_backend_is_routed_around_and_comes_back() {
+        if skip_without_root("a_dead_backend_is_routed_around_and_comes_back") {
+            return;
+        }
+        let mut r = start_with_agents(
+            "fdd",
+            3,
+            "node_dead_after_ms = 1500\n",
+            &services(&[("be1", 1), ("be2", 1), ("be3", 1)], ""),
+        );
+        assert_eq!(tally(&http_names(&r, VIP_V4.into(), 30), 3), [10, 10, 10]);
+
+        r.lab.kill_backend(0);
+        wait_for(&r, "be1 down", Duration::from_secs(15), |r| {
+            node(r, "be1").state == NodeState::Down
+        });
+        let names = http_names(&r, VIP_V4.into(), 60);
+        assert_eq!(
+            tally(&names, 3),
+            [0, 30, 30],
+            "every new connection succeeds on the others"
+        );
+
+        // Back: server and agent restarted.
+        let testsrv = fep_tools::lab::workspace_bin("fep-testsrv").unwrap();
+        let agent = fep_tools::lab::workspace_bin("bep-agent").unwrap();
+        let mut args = fep_tools::lab::testsrv_args(0, &[80], &[]);
+        args.extend(["--echo".to_string(), "7000".to_string()]);
+        r.lab.start_backend_server(0, &testsrv, &args).unwrap();
+        r.lab.start_agent(0, &agent, &[80, 7000], 200, "").unwrap();
+        wait_for(
+            &r,
+            "be1 back up with its ratio",
+            Duration::from_secs(10),
+            |r| backend(r, "web", "be1").effective_ratio == 1,
+        );
+        assert_eq!(node(&r, "be1").state, NodeState::Up);
+        assert_eq!(
+            tally(&http_names(&r, VIP_V4.into(), 30), 3),
+            [10, 10, 10],
+            "be1 is back in rotation with its share"
+        );
+    }
+
+    fn pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one() {
+        if skip_without_root("pruning_deletes_the_routes_the_agent_says_are_idle_and_keeps_a_live_one")
+        {
+            return;
+        }
+        // Twenty routes restored from a snapshot, ten on each node, whose
+        // connections the back ends do not have (as after a restart from an
+        // old snapshot); established, and far from idling out: only pruning
+        // can delete them.
+        let top = "route_idle_timeout_s = 3600\nmetrics_listen = \"127.0.0.1:9100\"\n";
+        let r = start_with_agents_after(
+            "fpn",
+            2,
+            top,
+            &services(&[("be1", 1), ("be2", 1)], ""),
+            |lab| write_route_snapshot(&lab.state_dir(), "web", &[0, 1], 20),
+        );
+        assert_eq!(status(&r).routes, 20);
+        // A live connection, left idle but open.
+        let mut live = r
+            .lab
+            .client
+            .enter(|| TcpStream::connect((VIP_V4, 80)).unwrap())
+            .unwrap();
+        live.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
+        let mine = routes(&r, &["--client", "10.0.1.2"]);
+        assert_eq!(mine.len(), 1, "{mine:?}");
+        let held = mine[0].node.to_string();
+        let other = if held == "be1" { "be2" } else { "be1" };
+        // With the fast path, every one of them is installed in the kernel.
+        let in_kernel = |n: u64| if fep_tools::lab::fast_path_on() { n } else { 0 };
+        wait_for(&r, "the established routes in the kernel", fep_tests::TIMEOUT, |r| {
+            status(r).fast_path.routes == in_kernel(21)
+        });
+        let before = fep_tests::scrape(&r, "127.0.0.1:9100");
+        let pruned_before = fep_tests::metric(&before, "fep_routes_pruned_total");
+        assert_eq!(pruned_before, Some(0.0), "nothing pruned before a trigger");
+        // Idle for longer than a prune candidate must be, so that the round that
+        // deletes the restored routes asks about the live one too.
+        std::thread::sleep(Duration::from_millis(1500));
+
+        // Ratio 0 puts the held node above its target share: pruning starts.
+        let (code, out) = fepctl(&r, &["ratio", "web", &held, "0"]);
+        assert_eq!(code, 0, "{out}");
+        wait_for(
+            &r,
+            "the held node's restored routes pruned",
+            Duration::from_secs(15),
+            |r| node(r, &held).routes == 1,
+        );
+        let after = fep_tests::scrape(&r, "127.0.0.1:9100");
+        assert_eq!(
+            fep_tests::metric(&after, "fep_routes_pruned_total"),
+            Some(10.0),
+            "the ten restored routes of {held}, by pruning"
+        );
+        assert!(fep_tests::metric(&after, "fep_prune_cycles_total").unwrap() >= 1.0);
+        wait_for(&r, "the pruned routes out of the kernel", fep_tests::TIMEOUT, |r| {
+            status(r).fast_path.routes == in_kernel(11)
+        });
+        let status = status(&r);
+        assert_eq!(status.routes_expired, 0, "none idled out or closed");
+        assert_eq!(status.routes_evicted, 0);
+        // The live one stays, on its node, and works; the other node, below its
+        // target share, was not pruned at all.
+        let left = routes(&r, &["--node", &held]);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].client, IpAddr::from([10, 0, 1, 2]));
+        assert_eq!(node(&r, other).routes, 10);
+        use std::io::Write;
+        live.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        live.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.") && reply.trim_end().ends_with(held.as_str()),
+            "the live connection still reaches {held}: {reply:?}"
+        );
+    }
 }

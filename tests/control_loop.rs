@@ -55,79 +55,6 @@ fn hold_connections(r: &Running, i: usize, n: usize) -> Vec<TcpStream> {
 }
 
 #[test]
-fn drain_wait_exits_1_on_timeout_then_0_once_drained_and_the_agent_runs_the_stop_commands() {
-    if skip_without_root("drain_wait_exits_1_on_timeout_then_0_once_drained") {
-        return;
-    }
-    let stop_when_drained = |cfg: String| {
-        (0..2).fold(cfg, |cfg, i| {
-            let addr = format!("address = \"{}\"\n", lab::backend_v4(i));
-            cfg.replace(&addr, &format!("{addr}stop_when_drained = true\n"))
-        })
-    };
-    let mut r = start_for_agents_edited(
-        "cdw",
-        2,
-        "",
-        &services(&[("be1", 1), ("be2", 1)], ""),
-        |_| {},
-        stop_when_drained,
-    );
-    // Each agent's stop commands leave a file saying which port they stopped.
-    let marker = |r: &Running, i: usize, port: u16| {
-        r.lab
-            .dir()
-            .join(format!("{}-stopped-{port}", lab::backend_name(i)))
-    };
-    let agent = lab::workspace_bin("bep-agent").unwrap();
-    for i in 0..2 {
-        let extra = format!(
-            "[[service]]\nport = 80\nstop = \"touch {}\"\n[[service]]\nport = 7000\nstop = \"touch {}\"\n",
-            marker(&r, i, 80).display(),
-            marker(&r, i, 7000).display()
-        );
-        r.lab
-            .start_agent(i, &agent, &[80, 7000], 200, &extra)
-            .unwrap();
-    }
-    wait_for_agents(&r);
-    let (mut conn, held) = open_echo(&r);
-    let (held_i, other_i) = if held == "be1" { (0, 1) } else { (1, 0) };
-
-    // A live connection keeps the node draining: --wait gives up with 1.
-    let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "2"]);
-    assert_eq!(code, 1, "drain --wait timing out: {out}");
-    assert!(
-        out.contains(&format!("{held} is not drained after 2 s: 1 route(s) left")),
-        "{out}"
-    );
-    assert_eq!(node(&r, &held).state, NodeState::Draining);
-    echo(&mut conn, "still served while draining");
-    assert!(
-        !marker(&r, held_i, 80).exists(),
-        "not stopped before drained"
-    );
-
-    // Closed: drained, --wait exits 0, and the agent runs both stop commands.
-    close(conn);
-    let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "30"]);
-    assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
-    assert!(out.contains(&format!("{held} is drained")), "{out}");
-    wait_for(
-        &r,
-        "the drained node's agent ran its stop commands",
-        Duration::from_secs(10),
-        |r| marker(r, held_i, 80).exists() && marker(r, held_i, 7000).exists(),
-    );
-    assert!(
-        !marker(&r, other_i, 80).exists() && !marker(&r, other_i, 7000).exists(),
-        "the node still serving was not stopped"
-    );
-    let other = lab::backend_name(other_i);
-    assert!(http_names(&r, VIP_V4.into(), 5).iter().all(|n| *n == other));
-}
-
-#[test]
 fn a_node_without_a_connected_agent_is_never_pruned() {
     if skip_without_root("a_node_without_a_connected_agent_is_never_pruned") {
         return;
@@ -168,136 +95,6 @@ fn a_node_without_a_connected_agent_is_never_pruned() {
         assert_eq!(routes(&r, "web", "be2"), 100, "be2 has no agent to ask");
         assert!(pruning(&r, "web"), "be2 is still above its target");
     }
-}
-
-#[test]
-fn pruning_deletes_idle_routes_until_the_shares_are_within_5_points_of_the_target() {
-    if skip_without_root("pruning_deletes_idle_routes_until_the_shares_are_within_5_points") {
-        return;
-    }
-    // `echo`: 10 idle routes on be1 and 1 on be2 (no host has their
-    // connections), then 20 live connections, 10 on each.
-    let dead: Vec<usize> = [vec![0; 10], vec![1]].concat();
-    let r = start_with_agents_after(
-        "cpf",
-        2,
-        "route_idle_timeout_s = 600\n",
-        &services(&[("be1", 1), ("be2", 1)], ""),
-        |lab| write_route_snapshot(&lab.state_dir(), "echo", &dead, 11),
-    );
-    let mut conns: Vec<(BufReader<TcpStream>, String)> = (0..20).map(|_| open_echo(&r)).collect();
-    let names: Vec<String> = conns.iter().map(|c| c.1.clone()).collect();
-    assert_eq!(tally(&names, 2), [10, 10]);
-    assert_eq!(
-        (routes(&r, "echo", "be1"), routes(&r, "echo", "be2")),
-        (20, 11)
-    );
-
-    // Back to 1:1 after a detour through 2:1 (where nobody is above target):
-    // be1 holds 65 % against 50 %, so its idle routes go; then be1 holds
-    // 48 % and be2 52 %, within 5 points, and pruning stops with be2's idle
-    // route left.
-    assert_eq!(fepctl(&r, &["ratio", "echo", "be1", "2"]).0, 0);
-    assert_eq!(fepctl(&r, &["ratio", "echo", "be1", "1"]).0, 0);
-    wait_for(
-        &r,
-        "be1's idle routes pruned",
-        Duration::from_secs(20),
-        |r| routes(r, "echo", "be1") == 10,
-    );
-    wait_for(&r, "pruning stopped", Duration::from_secs(10), |r| {
-        !pruning(r, "echo")
-    });
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        (routes(&r, "echo", "be1"), routes(&r, "echo", "be2")),
-        (10, 11)
-    );
-    assert!(!pruning(&r, "echo"));
-    assert!(r
-        .fep
-        .log()
-        .contains("service 'echo': route shares reached the target"));
-    for (conn, name) in &mut conns {
-        echo(conn, &format!("live on {name}"));
-    }
-}
-
-#[test]
-fn a_udp_route_idle_5_s_is_pruned_and_a_busier_one_is_kept() {
-    if skip_without_root("a_udp_route_idle_5_s_is_pruned_and_a_busier_one_is_kept") {
-        return;
-    }
-    let dns = format!(
-        "[[service]]\nname = \"dns\"\nvip = \"{VIP_V4}\"\nport = 5353\nprotocol = \"udp\"\n\
-         backend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n"
-    );
-    // 10 UDP routes on be1 that no client uses any more.
-    let mut r = start_with_agents_after(
-        "cud",
-        2,
-        "route_idle_timeout_s = 600\n",
-        &format!("{}\n{dns}", services(&[("be1", 1), ("be2", 1)], "")),
-        |lab| write_route_snapshot(&lab.state_dir(), "dns", &[0], 10),
-    );
-    let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
-    for i in 0..2 {
-        r.lab
-            .start_backend_server(i, &testsrv, &lab::testsrv_args(i, &[], &[5353]))
-            .unwrap();
-    }
-    // A client flow that sends every 1.5 s: idle for a second at times
-    // (a pruning candidate), never for 5.
-    let sock = r
-        .lab
-        .client
-        .enter(|| UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
-    sock.connect(SocketAddr::new(VIP_V4.into(), 5353)).unwrap();
-    sock.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
-    let ask = || {
-        sock.send(b"who").unwrap();
-        let mut buf = [0u8; 64];
-        let n = sock.recv(&mut buf).expect("an answer over UDP");
-        String::from_utf8_lossy(&buf[..n]).to_string()
-    };
-    let first = ask();
-    assert_eq!(
-        first, "be1",
-        "the service's first new route (1:1, table order)"
-    );
-    assert_eq!(routes(&r, "dns", "be1"), 11);
-
-    assert_eq!(fepctl(&r, &["ratio", "dns", "be1", "0"]).0, 0);
-    let stop = AtomicBool::new(false);
-    let answers = std::thread::scope(|s| {
-        let flow = s.spawn(|| {
-            let mut answers = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(1500));
-                answers.push(ask());
-            }
-            answers
-        });
-        let stopping = StopOnDrop(&stop);
-        wait_for(
-            &r,
-            "be1's idle UDP routes pruned (no agent is asked about UDP)",
-            Duration::from_secs(30),
-            |r| routes(r, "dns", "be1") <= 1,
-        );
-        // Many more rounds; the busier flow's route stays.
-        std::thread::sleep(Duration::from_secs(4));
-        assert_eq!(routes(&r, "dns", "be1"), 1, "{}", r.fep.log());
-        assert!(pruning(&r, "dns"), "be1 still holds a route at ratio 0");
-        drop(stopping);
-        flow.join().unwrap()
-    });
-    assert!(answers.len() >= 3, "{answers:?}");
-    assert!(
-        answers.iter().all(|a| a == "be1"),
-        "the flow stayed on its back end: {answers:?}"
-    );
 }
 
 #[test]
@@ -509,42 +306,6 @@ fn a_spare_whose_start_fails_goes_back_to_idle_and_gets_no_routes() {
 }
 
 #[test]
-fn client_affinity_keeps_every_connection_of_a_client_on_the_backend_of_its_live_route() {
-    if skip_without_root("client_affinity_keeps_every_connection_of_a_client") {
-        return;
-    }
-    // `web` with client affinity, `echo` without.
-    let r = start_with_agents(
-        "caf",
-        2,
-        "",
-        &services(&[("be1", 1), ("be2", 1)], "affinity = \"client\""),
-    );
-    let held = r
-        .lab
-        .client
-        .enter(|| TcpStream::connect(SocketAddr::new(VIP_V4.into(), 80)).unwrap())
-        .unwrap();
-    wait_for(
-        &r,
-        "the held connection's route",
-        Duration::from_secs(5),
-        |r| fep_tests::routes(r, &["--service", "web"]).len() == 1,
-    );
-    let route = fep_tests::routes(&r, &["--service", "web"])[0].clone();
-    let chosen = route.node.to_string();
-    let names = http_names(&r, VIP_V4.into(), 10);
-    assert!(
-        names.iter().all(|n| *n == chosen),
-        "every connection of the client on {chosen}: {names:?}"
-    );
-    // Port affinity spreads one client's connections.
-    let echoes: Vec<String> = (0..4).map(|_| open_echo(&r).1).collect();
-    assert_eq!(tally(&echoes, 2), [2, 2]);
-    drop(held);
-}
-
-#[test]
 fn load_metric_cpu_is_the_cpu_use_each_agent_reports() {
     if skip_without_root("load_metric_cpu_is_the_cpu_use_each_agent_reports") {
         return;
@@ -575,4 +336,241 @@ fn load_metric_cpu_is_the_cpu_use_each_agent_reports() {
             loads == cpus && loads.iter().all(|l| l.is_some_and(|l| l > 0.0))
         },
     );
+}
+
+fep_tests::both_paths! {
+    fn drain_wait_exits_1_on_timeout_then_0_once_drained_and_the_agent_runs_the_stop_commands() {
+        if skip_without_root("drain_wait_exits_1_on_timeout_then_0_once_drained") {
+            return;
+        }
+        let stop_when_drained = |cfg: String| {
+            (0..2).fold(cfg, |cfg, i| {
+                let addr = format!("address = \"{}\"\n", lab::backend_v4(i));
+                cfg.replace(&addr, &format!("{addr}stop_when_drained = true\n"))
+            })
+        };
+        let mut r = start_for_agents_edited(
+            "cdw",
+            2,
+            "",
+            &services(&[("be1", 1), ("be2", 1)], ""),
+            |_| {},
+            stop_when_drained,
+        );
+        // Each agent's stop commands leave a file saying which port they stopped.
+        let marker = |r: &Running, i: usize, port: u16| {
+            r.lab
+                .dir()
+                .join(format!("{}-stopped-{port}", lab::backend_name(i)))
+        };
+        let agent = lab::workspace_bin("bep-agent").unwrap();
+        for i in 0..2 {
+            let extra = format!(
+                "[[service]]\nport = 80\nstop = \"touch {}\"\n[[service]]\nport = 7000\nstop = \"touch {}\"\n",
+                marker(&r, i, 80).display(),
+                marker(&r, i, 7000).display()
+            );
+            r.lab
+                .start_agent(i, &agent, &[80, 7000], 200, &extra)
+                .unwrap();
+        }
+        wait_for_agents(&r);
+        let (mut conn, held) = open_echo(&r);
+        let (held_i, other_i) = if held == "be1" { (0, 1) } else { (1, 0) };
+
+        // A live connection keeps the node draining: --wait gives up with 1.
+        let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "2"]);
+        assert_eq!(code, 1, "drain --wait timing out: {out}");
+        assert!(
+            out.contains(&format!("{held} is not drained after 2 s: 1 route(s) left")),
+            "{out}"
+        );
+        assert_eq!(node(&r, &held).state, NodeState::Draining);
+        echo(&mut conn, "still served while draining");
+        assert!(
+            !marker(&r, held_i, 80).exists(),
+            "not stopped before drained"
+        );
+
+        // Closed: drained, --wait exits 0, and the agent runs both stop commands.
+        close(conn);
+        let (code, out) = fepctl(&r, &["drain", &held, "--wait", "--timeout", "30"]);
+        assert_eq!(code, 0, "drain --wait: {out}\n{}", r.fep.log());
+        assert!(out.contains(&format!("{held} is drained")), "{out}");
+        wait_for(
+            &r,
+            "the drained node's agent ran its stop commands",
+            Duration::from_secs(10),
+            |r| marker(r, held_i, 80).exists() && marker(r, held_i, 7000).exists(),
+        );
+        assert!(
+            !marker(&r, other_i, 80).exists() && !marker(&r, other_i, 7000).exists(),
+            "the node still serving was not stopped"
+        );
+        let other = lab::backend_name(other_i);
+        assert!(http_names(&r, VIP_V4.into(), 5).iter().all(|n| *n == other));
+    }
+
+    fn pruning_deletes_idle_routes_until_the_shares_are_within_5_points_of_the_target() {
+        if skip_without_root("pruning_deletes_idle_routes_until_the_shares_are_within_5_points") {
+            return;
+        }
+        // `echo`: 10 idle routes on be1 and 1 on be2 (no host has their
+        // connections), then 20 live connections, 10 on each.
+        let dead: Vec<usize> = [vec![0; 10], vec![1]].concat();
+        let r = start_with_agents_after(
+            "cpf",
+            2,
+            "route_idle_timeout_s = 600\n",
+            &services(&[("be1", 1), ("be2", 1)], ""),
+            |lab| write_route_snapshot(&lab.state_dir(), "echo", &dead, 11),
+        );
+        let mut conns: Vec<(BufReader<TcpStream>, String)> = (0..20).map(|_| open_echo(&r)).collect();
+        let names: Vec<String> = conns.iter().map(|c| c.1.clone()).collect();
+        assert_eq!(tally(&names, 2), [10, 10]);
+        assert_eq!(
+            (routes(&r, "echo", "be1"), routes(&r, "echo", "be2")),
+            (20, 11)
+        );
+
+        // Back to 1:1 after a detour through 2:1 (where nobody is above target):
+        // be1 holds 65 % against 50 %, so its idle routes go; then be1 holds
+        // 48 % and be2 52 %, within 5 points, and pruning stops with be2's idle
+        // route left.
+        assert_eq!(fepctl(&r, &["ratio", "echo", "be1", "2"]).0, 0);
+        assert_eq!(fepctl(&r, &["ratio", "echo", "be1", "1"]).0, 0);
+        wait_for(
+            &r,
+            "be1's idle routes pruned",
+            Duration::from_secs(20),
+            |r| routes(r, "echo", "be1") == 10,
+        );
+        wait_for(&r, "pruning stopped", Duration::from_secs(10), |r| {
+            !pruning(r, "echo")
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            (routes(&r, "echo", "be1"), routes(&r, "echo", "be2")),
+            (10, 11)
+        );
+        assert!(!pruning(&r, "echo"));
+        assert!(r
+            .fep
+            .log()
+            .contains("service 'echo': route shares reached the target"));
+        for (conn, name) in &mut conns {
+            echo(conn, &format!("live on {name}"));
+        }
+    }
+
+    fn a_udp_route_idle_5_s_is_pruned_and_a_busier_one_is_kept() {
+        if skip_without_root("a_udp_route_idle_5_s_is_pruned_and_a_busier_one_is_kept") {
+            return;
+        }
+        let dns = format!(
+            "[[service]]\nname = \"dns\"\nvip = \"{VIP_V4}\"\nport = 5353\nprotocol = \"udp\"\n\
+             backend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n"
+        );
+        // 10 UDP routes on be1 that no client uses any more.
+        let mut r = start_with_agents_after(
+            "cud",
+            2,
+            "route_idle_timeout_s = 600\n",
+            &format!("{}\n{dns}", services(&[("be1", 1), ("be2", 1)], "")),
+            |lab| write_route_snapshot(&lab.state_dir(), "dns", &[0], 10),
+        );
+        let testsrv = lab::workspace_bin("fep-testsrv").unwrap();
+        for i in 0..2 {
+            r.lab
+                .start_backend_server(i, &testsrv, &lab::testsrv_args(i, &[], &[5353]))
+                .unwrap();
+        }
+        // A client flow that sends every 1.5 s: idle for a second at times
+        // (a pruning candidate), never for 5.
+        let sock = r
+            .lab
+            .client
+            .enter(|| UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
+        sock.connect(SocketAddr::new(VIP_V4.into(), 5353)).unwrap();
+        sock.set_read_timeout(Some(fep_tests::TIMEOUT)).unwrap();
+        let ask = || {
+            sock.send(b"who").unwrap();
+            let mut buf = [0u8; 64];
+            let n = sock.recv(&mut buf).expect("an answer over UDP");
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        };
+        let first = ask();
+        assert_eq!(
+            first, "be1",
+            "the service's first new route (1:1, table order)"
+        );
+        assert_eq!(routes(&r, "dns", "be1"), 11);
+
+        assert_eq!(fepctl(&r, &["ratio", "dns", "be1", "0"]).0, 0);
+        let stop = AtomicBool::new(false);
+        let answers = std::thread::scope(|s| {
+            let flow = s.spawn(|| {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    answers.push(ask());
+                }
+                answers
+            });
+            let stopping = StopOnDrop(&stop);
+            wait_for(
+                &r,
+                "be1's idle UDP routes pruned (no agent is asked about UDP)",
+                Duration::from_secs(30),
+                |r| routes(r, "dns", "be1") <= 1,
+            );
+            // Many more rounds; the busier flow's route stays.
+            std::thread::sleep(Duration::from_secs(4));
+            assert_eq!(routes(&r, "dns", "be1"), 1, "{}", r.fep.log());
+            assert!(pruning(&r, "dns"), "be1 still holds a route at ratio 0");
+            drop(stopping);
+            flow.join().unwrap()
+        });
+        assert!(answers.len() >= 3, "{answers:?}");
+        assert!(
+            answers.iter().all(|a| a == "be1"),
+            "the flow stayed on its back end: {answers:?}"
+        );
+    }
+
+    fn client_affinity_keeps_every_connection_of_a_client_on_the_backend_of_its_live_route() {
+        if skip_without_root("client_affinity_keeps_every_connection_of_a_client") {
+            return;
+        }
+        // `web` with client affinity, `echo` without.
+        let r = start_with_agents(
+            "caf",
+            2,
+            "",
+            &services(&[("be1", 1), ("be2", 1)], "affinity = \"client\""),
+        );
+        let held = r
+            .lab
+            .client
+            .enter(|| TcpStream::connect(SocketAddr::new(VIP_V4.into(), 80)).unwrap())
+            .unwrap();
+        wait_for(
+            &r,
+            "the held connection's route",
+            Duration::from_secs(5),
+            |r| fep_tests::routes(r, &["--service", "web"]).len() == 1,
+        );
+        let route = fep_tests::routes(&r, &["--service", "web"])[0].clone();
+        let chosen = route.node.to_string();
+        let names = http_names(&r, VIP_V4.into(), 10);
+        assert!(
+            names.iter().all(|n| *n == chosen),
+            "every connection of the client on {chosen}: {names:?}"
+        );
+        // Port affinity spreads one client's connections.
+        let echoes: Vec<String> = (0..4).map(|_| open_echo(&r).1).collect();
+        assert_eq!(tally(&echoes, 2), [2, 2]);
+        drop(held);
+    }
 }

@@ -41,82 +41,6 @@ fn start(tag: &str, top: &str) -> Running {
 }
 
 #[test]
-fn hostile_packets_are_dropped_and_counted_while_real_clients_are_served() {
-    if skip_without_root("hostile_packets_are_dropped_and_counted") {
-        return;
-    }
-    let _cpu = shared_cpu();
-    let mut r = start("fho", "");
-    let out = r
-        .lab
-        .client
-        .command(lab::workspace_bin("fep-packets").unwrap())
-        .args([
-            "hostile",
-            "--dst",
-            "10.0.0.100:80",
-            "--dst6",
-            "[fd00::100]:80",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("sent 2"), "{said}");
-    // fep keeps serving real clients and did not fall over.
-    assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
-    let c = counters(&r);
-    let drops = &c.drops;
-    assert!(
-        dropped(&c, "no_route") >= 100,
-        "segments without SYN and no route: {drops:?}"
-    );
-    assert!(
-        dropped(&c, "unsupported_protocol") >= 5,
-        "unknown protocols: {drops:?}"
-    );
-    assert!(c.get(Count::RoutesCreated) >= 10);
-    let status = r.fep.stop().unwrap();
-    assert!(status.success(), "fep must survive: {}", r.fep.log());
-    assert!(!r.fep.log().contains("panicked"));
-}
-
-#[test]
-fn echo_requests_to_a_vip_are_answered_by_fep() {
-    if skip_without_root("echo_requests_to_a_vip_are_answered_by_fep") {
-        return;
-    }
-    let _cpu = shared_cpu();
-    let r = start("fpi", "");
-    for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
-        for seq in 1..=2 {
-            r.lab
-                .client
-                .enter(|| ping::echo(vip, seq, Duration::from_secs(3)))
-                .unwrap()
-                .unwrap_or_else(|e| {
-                    panic!("echo {seq} to {vip}: {e:#}\nfep log:\n{}", r.fep.log())
-                });
-        }
-    }
-    assert!(counters(&r).get(Count::IcmpEchoReplies) >= 4);
-}
-
-#[test]
-fn path_mtu_discovery_works_through_fep() {
-    if skip_without_root("path_mtu_discovery_works_through_fep") {
-        return;
-    }
-    let _cpu = shared_cpu();
-    let r = start("fmt", "");
-    fep_tests::assert_download_through_narrow_link(&r, VIP_V4.into(), 1280);
-}
-
-#[test]
 fn a_tun_device_deleted_under_fep_is_logged_and_does_not_spin() {
     if skip_without_root("a_tun_device_deleted_under_fep_is_logged_and_does_not_spin") {
         return;
@@ -341,56 +265,6 @@ fn echo_exact(conn: &mut TcpStream, block: &[u8]) {
 }
 
 #[test]
-fn a_long_connection_survives_a_restart_and_a_kill_9() {
-    if skip_without_root("a_long_connection_survives_a_restart_and_a_kill_9") {
-        return;
-    }
-    let _cpu = shared_cpu();
-    let services = format!(
-        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n"
-    );
-    let mut r = start_with_agents("frr", 2, "", &services);
-    let mut conn = r
-        .lab
-        .client
-        .enter(|| TcpStream::connect((VIP_V4, 7000)).unwrap())
-        .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut hello = [0u8; 4];
-    conn.read_exact(&mut hello).unwrap();
-    let mut block = vec![0u8; 64 * 1024];
-    pattern::fill(7, &mut block);
-    echo_exact(&mut conn, &block);
-    let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
-    let fep_bin = lab::workspace_bin("fep").unwrap();
-
-    // SIGTERM: clean stop (the route table is saved), then a start.
-    assert!(r.fep.stop().unwrap().success());
-    r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
-    assert!(
-        r.fep.log().contains("restored 1 route(s)"),
-        "{}",
-        r.fep.log()
-    );
-    echo_exact(&mut conn, &block);
-
-    // kill -9, and no snapshot or journal: the route comes back from the agents.
-    r.fep.signal(libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::remove_file(r.lab.dir().join("state/routes.bin")).unwrap();
-    let _ = std::fs::remove_file(r.lab.dir().join("state/routes.journal"));
-    r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
-    wait_for(
-        &r,
-        "the route rebuilt from the agents",
-        Duration::from_secs(10),
-        |r| r.fep.log().contains("rebuilt 1 route(s)"),
-    );
-    echo_exact(&mut conn, &block);
-}
-
-#[test]
 fn the_admin_socket_refuses_other_users() {
     if skip_without_root("the_admin_socket_refuses_other_users") {
         return;
@@ -451,4 +325,128 @@ fn the_admin_socket_holds_a_bounded_number_of_connections_and_frees_idle_ones() 
     wait_for(&r, "the admin API to answer again", TIMEOUT, |r| {
         fep_tests::fepctl(r, &["status"]).0 == 0
     });
+}
+
+fep_tests::both_paths! {
+    fn hostile_packets_are_dropped_and_counted_while_real_clients_are_served() {
+        if skip_without_root("hostile_packets_are_dropped_and_counted") {
+            return;
+        }
+        let _cpu = shared_cpu();
+        let mut r = start("fho", "");
+        let out = r
+            .lab
+            .client
+            .command(lab::workspace_bin("fep-packets").unwrap())
+            .args([
+                "hostile",
+                "--dst",
+                "10.0.0.100:80",
+                "--dst6",
+                "[fd00::100]:80",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("sent 2"), "{said}");
+        // fep keeps serving real clients and did not fall over.
+        assert_eq!(tally(&http_names(&r, VIP_V4.into(), 10), 2), [5, 5]);
+        let c = counters(&r);
+        let drops = &c.drops;
+        assert!(
+            dropped(&c, "no_route") >= 100,
+            "segments without SYN and no route: {drops:?}"
+        );
+        assert!(
+            dropped(&c, "unsupported_protocol") >= 5,
+            "unknown protocols: {drops:?}"
+        );
+        assert!(c.get(Count::RoutesCreated) >= 10);
+        let status = r.fep.stop().unwrap();
+        assert!(status.success(), "fep must survive: {}", r.fep.log());
+        assert!(!r.fep.log().contains("panicked"));
+    }
+
+    fn echo_requests_to_a_vip_are_answered_by_fep() {
+        if skip_without_root("echo_requests_to_a_vip_are_answered_by_fep") {
+            return;
+        }
+        let _cpu = shared_cpu();
+        let r = start("fpi", "");
+        for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
+            for seq in 1..=2 {
+                r.lab
+                    .client
+                    .enter(|| ping::echo(vip, seq, Duration::from_secs(3)))
+                    .unwrap()
+                    .unwrap_or_else(|e| {
+                        panic!("echo {seq} to {vip}: {e:#}\nfep log:\n{}", r.fep.log())
+                    });
+            }
+        }
+        assert!(counters(&r).get(Count::IcmpEchoReplies) >= 4);
+    }
+
+    fn path_mtu_discovery_works_through_fep() {
+        if skip_without_root("path_mtu_discovery_works_through_fep") {
+            return;
+        }
+        let _cpu = shared_cpu();
+        let r = start("fmt", "");
+        fep_tests::assert_download_through_narrow_link(&r, VIP_V4.into(), 1280);
+    }
+
+    fn a_long_connection_survives_a_restart_and_a_kill_9() {
+        if skip_without_root("a_long_connection_survives_a_restart_and_a_kill_9") {
+            return;
+        }
+        let _cpu = shared_cpu();
+        let services = format!(
+            "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}, {{ node = \"be2\", ratio = 1 }}]\n"
+        );
+        let mut r = start_with_agents("frr", 2, "", &services);
+        let mut conn = r
+            .lab
+            .client
+            .enter(|| TcpStream::connect((VIP_V4, 7000)).unwrap())
+            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut hello = [0u8; 4];
+        conn.read_exact(&mut hello).unwrap();
+        let mut block = vec![0u8; 64 * 1024];
+        pattern::fill(7, &mut block);
+        echo_exact(&mut conn, &block);
+        let config = std::fs::read_to_string(r.lab.dir().join("fep.toml")).unwrap();
+        let fep_bin = lab::workspace_bin("fep").unwrap();
+
+        // SIGTERM: clean stop (the route table is saved), then a start.
+        assert!(r.fep.stop().unwrap().success());
+        r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
+        assert!(
+            r.fep.log().contains("restored 1 route(s)"),
+            "{}",
+            r.fep.log()
+        );
+        echo_exact(&mut conn, &block);
+
+        // kill -9, and no snapshot or journal: the route comes back from the agents.
+        r.fep.signal(libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::remove_file(r.lab.dir().join("state/routes.bin")).unwrap();
+        let _ = std::fs::remove_file(r.lab.dir().join("state/routes.journal"));
+        r.fep = r.lab.start_fep(&fep_bin, &config).unwrap();
+        wait_for(
+            &r,
+            "the route rebuilt from the agents",
+            Duration::from_secs(10),
+            |r| r.fep.log().contains("rebuilt 1 route(s)"),
+        );
+        echo_exact(&mut conn, &block);
+    }
 }

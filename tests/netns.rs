@@ -1,7 +1,7 @@
 //! End-to-end: real kernel TCP and UDP from a client namespace, through fep
 //! on the gateway's TUN device, to back-end namespaces and back.
 
-use std::io;
+use std::io::{self, BufRead, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -228,6 +228,57 @@ fn a_confirmed_ipv6_udp_flow_is_forwarded_in_the_kernel() {
         "the kernel's count of 2 × 297 datagrams",
         TIMEOUT,
         |r| status(r).fast_path.packets >= 2 * 297,
+    );
+}
+
+/// A route fep deletes (here `fepctl backend remove --force`) leaves the
+/// kernel too: its connection's next segment reaches the TUN path, which has
+/// no route for it, instead of the back end.
+#[test]
+fn a_route_removed_by_fep_leaves_the_kernel_and_its_packets_stop() {
+    if skip_without_root("a_route_removed_by_fep_leaves_the_kernel_and_its_packets_stop") {
+        return;
+    }
+    let mut lab = Lab::new("ffr", 1).expect("building the lab");
+    let mut args = lab::testsrv_args(0, &[], &[]);
+    args.extend(["--echo".to_string(), "7000".to_string()]);
+    lab.start_backend_server(0, &lab::workspace_bin("fep-testsrv").unwrap(), &args)
+        .expect("starting the echo server");
+    let services = format!(
+        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\n\
+         backend = [{{ node = \"be1\", ratio = 1 }}]\n"
+    );
+    let r = Running::start(lab, FAST_PATH, &services);
+    let addr = SocketAddr::new(VIP_V4.into(), 7000);
+    let (mut conn, _) = open_echo_to(&r, addr);
+    echo(&mut conn, "before");
+    wait_for(&r, "the connection's route in the kernel", TIMEOUT, |r| {
+        status(r).fast_path.routes == 1
+    });
+    let forwarded = status(&r).fast_path.packets;
+    echo(&mut conn, "through the kernel");
+    wait_for(&r, "the kernel's count of the echo", TIMEOUT, |r| {
+        status(r).fast_path.packets >= forwarded + 2
+    });
+    let (code, out) = fep_tests::fepctl(&r, &["backend", "remove", "echo", "be1", "--force"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for(&r, "the deleted route out of the kernel", TIMEOUT, |r| {
+        status(r).fast_path.routes == 0
+    });
+    let forwarded = status(&r).fast_path.packets;
+    conn.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    conn.get_mut().write_all(b"after\n").unwrap();
+    let mut line = String::new();
+    assert!(
+        conn.read_line(&mut line).is_err() || line.is_empty(),
+        "a deleted route still reached the back end: {line:?}"
+    );
+    assert_eq!(
+        status(&r).fast_path.packets,
+        forwarded,
+        "nothing forwarded in the kernel"
     );
 }
 

@@ -140,127 +140,6 @@ fn config_of(r: &Running) -> String {
 }
 
 #[test]
-fn a_stream_and_an_echo_connection_survive_a_sigterm_and_start() {
-    if skip_without_root("a_stream_and_an_echo_connection_survive_a_sigterm_and_start") {
-        return;
-    }
-    let mut r = start("rst", "");
-    let mut stream = Stream::open(&r);
-    let mut echo = Echo::open(&r);
-    stream.follow(3);
-    echo.round();
-    // Segments sent while no fep runs (the stream's, every 200 ms) must not
-    // reach the client past the return path: it would reset the connection.
-    let down = Instant::now();
-    assert!(r.fep.stop().unwrap().success());
-    let stopping = down.elapsed();
-    std::thread::sleep(Duration::from_secs(1));
-    let (gw, cfg) = (&r.lab.gateway, config_of(&r));
-    assert!(
-        gw.ip_output(&["rule"]).unwrap().contains("lookup 100"),
-        "the return path stays while fep is stopped"
-    );
-    r.fep = r
-        .lab
-        .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
-        .unwrap();
-    let serving = down.elapsed();
-    stream.follow(1);
-    eprintln!(
-        "stop took {stopping:?}, serving again {serving:?} after SIGTERM, the stream's next \
-         line {:?} after it",
-        down.elapsed()
-    );
-    stream.follow(9);
-    echo.round();
-    let log = r.fep.log();
-    assert!(log.contains("restored 2 route(s)"), "{log}");
-}
-
-#[test]
-fn connections_younger_than_any_snapshot_survive_a_kill_9_without_agents() {
-    if skip_without_root("connections_younger_than_any_snapshot_survive_a_kill_9_without_agents") {
-        return;
-    }
-    let mut r = start("rk9", "");
-    let mut stream = Stream::open(&r);
-    let mut echo = Echo::open(&r);
-    stream.follow(2);
-    echo.round();
-    // Killed well before the first snapshot: only the journal knows them.
-    r.fep.signal(libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
-    let state = r.lab.dir().join("state");
-    assert!(
-        !state.join("routes.bin").exists(),
-        "a snapshot was taken: this test must kill fep before it"
-    );
-    let cfg = config_of(&r);
-    r.fep = r
-        .lab
-        .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
-        .unwrap();
-    let log = r.fep.log();
-    assert!(
-        log.contains("restored 2 route(s) from the route journal"),
-        "{log}"
-    );
-    stream.follow(10);
-    echo.round();
-}
-
-#[test]
-fn a_download_across_a_restart_arrives_byte_exact() {
-    if skip_without_root("a_download_across_a_restart_arrives_byte_exact") {
-        return;
-    }
-    const LEN: u64 = 8_000_000;
-    let mut r = start("rdl", "");
-    let cfg = config_of(&r);
-    let Running { lab, fep } = &mut r;
-    let lab: &Lab = lab;
-    let addr = SocketAddr::new(VIP_V4.into(), 80);
-    let (restarted_at, (status, received, mismatch, ended_at)) = std::thread::scope(|s| {
-        // The restart, while the client reads slowly (about 2 MB/s).
-        let restart = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(1500));
-            assert!(fep.stop().unwrap().success());
-            *fep = lab
-                .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
-                .unwrap();
-            Instant::now()
-        });
-        let download = lab
-            .client
-            .enter(|| {
-                let (mut received, mut mismatch) = (0u64, None);
-                let mut want = vec![0u8; 64 * 1024];
-                let (status, _) =
-                    http::get_with(addr, &format!("/bytes/{LEN}"), TIMEOUT * 3, |chunk| {
-                        pattern::fill(received, &mut want[..chunk.len()]);
-                        if mismatch.is_none() && chunk != &want[..chunk.len()] {
-                            mismatch = Some(received);
-                        }
-                        received += chunk.len() as u64;
-                        std::thread::sleep(Duration::from_micros(chunk.len() as u64 / 2));
-                        Ok(())
-                    })
-                    .expect("the download broke");
-                (status, received, mismatch, Instant::now())
-            })
-            .unwrap();
-        (restart.join().unwrap(), download)
-    });
-    assert!(
-        ended_at > restarted_at,
-        "the download ended before fep was back: read slower"
-    );
-    assert_eq!(status, 200);
-    assert_eq!(received, LEN);
-    assert_eq!(mismatch, None, "first differing chunk at this offset");
-}
-
-#[test]
 fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
     if skip_without_root("cleanup_removes_what_a_stop_leaves_and_is_idempotent") {
         return;
@@ -302,73 +181,6 @@ fn cleanup_removes_what_a_stop_leaves_and_is_idempotent() {
         String::from_utf8_lossy(&out.stdout).contains("nothing to remove"),
         "{out:?}"
     );
-}
-
-#[test]
-fn a_udp_flood_on_a_full_table_evicts_no_established_connection() {
-    if skip_without_root("a_udp_flood_on_a_full_table_evicts_no_established_connection") {
-        return;
-    }
-    let r = start("rfl", "max_routes = 4000");
-    let mut conns: Vec<Echo> = (0..40).map(|_| Echo::open(&r)).collect();
-    for c in &mut conns {
-        c.round();
-    }
-    std::thread::sleep(Duration::from_secs(3));
-    let flows = 60_000u64;
-    let started = Instant::now();
-    let out = r
-        .lab
-        .client
-        .command(lab::workspace_bin("fep-packets").unwrap())
-        .args([
-            "flood",
-            "--dst",
-            &format!("{VIP_V4}:{UDP}"),
-            "--udp",
-            "2",
-            "--count",
-            &(2 * flows).to_string(),
-            "--seconds",
-            "60",
-            "--rate",
-            "40000",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    eprintln!("{said} ({:.1} s)", started.elapsed().as_secs_f64());
-    let after = status(&r);
-    let c = &after.counters;
-    eprintln!("after the flood: {after:?}");
-    // The table came under pressure: full, and made room from the flood.
-    let evicted = c.get(Count::UnconfirmedEvicted) + after.routes_evicted as u64;
-    assert!(
-        evicted >= 4000 && dropped(c, "table_full") > 0,
-        "the table came under pressure: full, and the flood's routes evicted for each other"
-    );
-    for (i, c) in conns.iter_mut().enumerate() {
-        c.conn
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut block = vec![0u8; 1024];
-        pattern::fill(c.sent, &mut block);
-        c.conn.write_all(&block).unwrap();
-        let mut back = vec![0u8; block.len()];
-        if let Err(e) = c.conn.read_exact(&mut back) {
-            panic!(
-                "connection {i} of 40 broke after the flood: {e}\nfep log:\n{}",
-                r.fep.log()
-            );
-        }
-        assert!(back == block);
-    }
-    // A status that reads is an answer.
-    wait_for(&r, "fep still answers", Duration::from_secs(5), |r| {
-        status(r);
-        true
-    });
 }
 
 #[test]
@@ -431,4 +243,190 @@ fn a_handshake_in_flight_at_a_kill_9_completes_after_the_start() {
     assert_eq!(echo, "still here\n");
     let c = fep_tests::counters(&r);
     assert_eq!(c.get(Count::HandshakesAdopted), 1, "{c:?}");
+}
+
+fep_tests::both_paths! {
+    fn a_stream_and_an_echo_connection_survive_a_sigterm_and_start() {
+        if skip_without_root("a_stream_and_an_echo_connection_survive_a_sigterm_and_start") {
+            return;
+        }
+        let mut r = start("rst", "");
+        let mut stream = Stream::open(&r);
+        let mut echo = Echo::open(&r);
+        stream.follow(3);
+        echo.round();
+        // Segments sent while no fep runs (the stream's, every 200 ms) must not
+        // reach the client past the return path: it would reset the connection.
+        let down = Instant::now();
+        assert!(r.fep.stop().unwrap().success());
+        let stopping = down.elapsed();
+        std::thread::sleep(Duration::from_secs(1));
+        let (gw, cfg) = (&r.lab.gateway, config_of(&r));
+        assert!(
+            gw.ip_output(&["rule"]).unwrap().contains("lookup 100"),
+            "the return path stays while fep is stopped"
+        );
+        r.fep = r
+            .lab
+            .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
+            .unwrap();
+        let serving = down.elapsed();
+        stream.follow(1);
+        eprintln!(
+            "stop took {stopping:?}, serving again {serving:?} after SIGTERM, the stream's next \
+             line {:?} after it",
+            down.elapsed()
+        );
+        stream.follow(9);
+        echo.round();
+        let log = r.fep.log();
+        assert!(log.contains("restored 2 route(s)"), "{log}");
+    }
+
+    fn connections_younger_than_any_snapshot_survive_a_kill_9_without_agents() {
+        if skip_without_root("connections_younger_than_any_snapshot_survive_a_kill_9_without_agents") {
+            return;
+        }
+        let mut r = start("rk9", "");
+        let mut stream = Stream::open(&r);
+        let mut echo = Echo::open(&r);
+        stream.follow(2);
+        echo.round();
+        // Killed well before the first snapshot: only the journal knows them.
+        r.fep.signal(libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(500));
+        let state = r.lab.dir().join("state");
+        assert!(
+            !state.join("routes.bin").exists(),
+            "a snapshot was taken: this test must kill fep before it"
+        );
+        let cfg = config_of(&r);
+        r.fep = r
+            .lab
+            .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
+            .unwrap();
+        let log = r.fep.log();
+        assert!(
+            log.contains("restored 2 route(s) from the route journal"),
+            "{log}"
+        );
+        stream.follow(10);
+        echo.round();
+    }
+
+    fn a_download_across_a_restart_arrives_byte_exact() {
+        if skip_without_root("a_download_across_a_restart_arrives_byte_exact") {
+            return;
+        }
+        const LEN: u64 = 8_000_000;
+        let mut r = start("rdl", "");
+        let cfg = config_of(&r);
+        let Running { lab, fep } = &mut r;
+        let lab: &Lab = lab;
+        let addr = SocketAddr::new(VIP_V4.into(), 80);
+        let (restarted_at, (status, received, mismatch, ended_at)) = std::thread::scope(|s| {
+            // The restart, while the client reads slowly (about 2 MB/s).
+            let restart = s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                assert!(fep.stop().unwrap().success());
+                *fep = lab
+                    .start_fep(&lab::workspace_bin("fep").unwrap(), &cfg)
+                    .unwrap();
+                Instant::now()
+            });
+            let download = lab
+                .client
+                .enter(|| {
+                    let (mut received, mut mismatch) = (0u64, None);
+                    let mut want = vec![0u8; 64 * 1024];
+                    let (status, _) =
+                        http::get_with(addr, &format!("/bytes/{LEN}"), TIMEOUT * 3, |chunk| {
+                            pattern::fill(received, &mut want[..chunk.len()]);
+                            if mismatch.is_none() && chunk != &want[..chunk.len()] {
+                                mismatch = Some(received);
+                            }
+                            received += chunk.len() as u64;
+                            std::thread::sleep(Duration::from_micros(chunk.len() as u64 / 2));
+                            Ok(())
+                        })
+                        .expect("the download broke");
+                    (status, received, mismatch, Instant::now())
+                })
+                .unwrap();
+            (restart.join().unwrap(), download)
+        });
+        assert!(
+            ended_at > restarted_at,
+            "the download ended before fep was back: read slower"
+        );
+        assert_eq!(status, 200);
+        assert_eq!(received, LEN);
+        assert_eq!(mismatch, None, "first differing chunk at this offset");
+    }
+
+    fn a_udp_flood_on_a_full_table_evicts_no_established_connection() {
+        if skip_without_root("a_udp_flood_on_a_full_table_evicts_no_established_connection") {
+            return;
+        }
+        let r = start("rfl", "max_routes = 4000");
+        let mut conns: Vec<Echo> = (0..40).map(|_| Echo::open(&r)).collect();
+        for c in &mut conns {
+            c.round();
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let flows = 60_000u64;
+        let started = Instant::now();
+        let out = r
+            .lab
+            .client
+            .command(lab::workspace_bin("fep-packets").unwrap())
+            .args([
+                "flood",
+                "--dst",
+                &format!("{VIP_V4}:{UDP}"),
+                "--udp",
+                "2",
+                "--count",
+                &(2 * flows).to_string(),
+                "--seconds",
+                "60",
+                "--rate",
+                "40000",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        eprintln!("{said} ({:.1} s)", started.elapsed().as_secs_f64());
+        let after = status(&r);
+        let c = &after.counters;
+        eprintln!("after the flood: {after:?}");
+        // The table came under pressure: full, and made room from the flood.
+        let evicted = c.get(Count::UnconfirmedEvicted) + after.routes_evicted as u64;
+        assert!(
+            evicted >= 4000 && dropped(c, "table_full") > 0,
+            "the table came under pressure: full, and the flood's routes evicted for each other"
+        );
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.conn
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut block = vec![0u8; 1024];
+            pattern::fill(c.sent, &mut block);
+            c.conn.write_all(&block).unwrap();
+            let mut back = vec![0u8; block.len()];
+            if let Err(e) = c.conn.read_exact(&mut back) {
+                panic!(
+                    "connection {i} of 40 broke after the flood: {e}\nfep log:\n{}",
+                    r.fep.log()
+                );
+            }
+            assert!(back == block);
+        }
+        // A status that reads is an answer.
+        wait_for(&r, "fep still answers", Duration::from_secs(5), |r| {
+            status(r);
+            true
+        });
+    }
 }

@@ -49,6 +49,11 @@ thread_local! {
     static FAST_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether this thread is inside [`with_fast_path`].
+pub fn fast_path_on() -> bool {
+    FAST_PATH.get()
+}
+
 /// Runs `f` with every config this thread's labs write turning the kernel
 /// fast path on (`fast_path = "tc-bpf"`), and every fep started from such a
 /// config checked to be running it: the tests that run in both modes.
