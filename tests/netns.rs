@@ -161,7 +161,7 @@ fn kernel_download(tag: &str, v6: bool) {
         v6,
         &[80],
         &[],
-        FAST_PATH,
+        &format!("{FAST_PATH}metrics_listen = \"127.0.0.1:9100\"\n"),
         &WEB_2_1_1.replace("VIP", &vip.to_string()),
     );
     download(&r, vip, LEN);
@@ -171,6 +171,17 @@ fn kernel_download(tag: &str, v6: bool) {
         after.fast_path.bytes > LEN / 2 && tun_bytes < LEN / 2,
         "the kernel forwarded {} bytes, the TUN path {tun_bytes} of a {LEN}-byte download",
         after.fast_path.bytes
+    );
+    let metrics = scrape(&r, "127.0.0.1:9100");
+    fep_tests::promtool_check(&metrics);
+    assert_eq!(
+        fep_tests::metric(&metrics, "fep_fast_path_state{state=\"running\"}"),
+        Some(1.0)
+    );
+    assert!(
+        fep_tests::metric(&metrics, "fep_fast_path_bytes_total")
+            .is_some_and(|b| b > (LEN / 2) as f64),
+        "{metrics}"
     );
     wait_for(
         &r,

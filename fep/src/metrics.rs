@@ -3,6 +3,7 @@
 //! packet path does no metrics work of its own.
 
 mod families;
+mod fast_path;
 mod http;
 mod sites;
 
@@ -25,6 +26,7 @@ use crate::control::{agents, peers, ControlPlane};
 use crate::counters::{Count, DropReason, Totals};
 use crate::transfer_table::TransferTable;
 use crate::views::Sources;
+use fast_path::FastPathMetrics;
 use http::HttpMetrics;
 use sites::SiteMetrics;
 
@@ -57,6 +59,7 @@ pub struct Metrics {
     syn_refused: IntCounter,
     http: HttpMetrics,
     sites: SiteMetrics,
+    fast_path: FastPathMetrics,
 }
 
 /// Raises a counter to `value` (counters only go up; the sources are
@@ -153,6 +156,7 @@ impl Metrics {
             ),
             http: HttpMetrics::new(&registry),
             sites: SiteMetrics::new(&registry),
+            fast_path: FastPathMetrics::new(&registry),
             registry,
         }
         .with_zero_series()
@@ -209,6 +213,7 @@ impl Metrics {
         if let Some(sites) = &sources.sites {
             self.sites.sync(sites);
         }
+        self.fast_path.sync(&sources.fast_path.view());
         let mut families = self.registry.gather();
         families.extend(latency);
         let mut out = String::new();

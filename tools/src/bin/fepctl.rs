@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, GroupView, HttpServiceView,
-    MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg,
-    RemoveArg, RouteQuery, RouteView, ServiceView, SitesView, StatusView,
+    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, FastPathState, GroupView,
+    HttpServiceView, MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg,
+    PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, SitesView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig, ServiceMode};
 use fep_tools::admin_client::{get, post, post_for, AdminAddress};
@@ -655,6 +655,26 @@ fn status_text(v: &StatusView) -> String {
             "TUN workers: {} batched, {} blocking (one system call per packet; see fep's log)\n",
             io.batched, io.blocking
         );
+    }
+    let fast = &v.fast_path;
+    match fast.state {
+        FastPathState::Off => {}
+        FastPathState::Running => {
+            out += &format!(
+                "fast path: running on {}: {} routes in the kernel, {} packets ({} bytes) forwarded there, {} handed to the TUN path\n",
+                fast.interfaces.join(", "),
+                fast.routes,
+                fast.packets,
+                fast.bytes,
+                fast.passed
+            )
+        }
+        FastPathState::Unavailable => {
+            out += &format!(
+                "fast path: UNAVAILABLE ({}); every packet takes the TUN path\n",
+                fast.reason.as_deref().unwrap_or("see fep's log")
+            )
+        }
     }
     let rejects: Vec<String> = v
         .agent_rejects
