@@ -11,6 +11,10 @@ const SOURCE: &str = "bpf/fast_path.bpf.c";
 fn main() {
     println!("cargo::rerun-if-changed={SOURCE}");
     println!("cargo::rerun-if-env-changed=FEP_CLANG");
+    // Built again once the tools arrive (a path that does not exist counts
+    // as changed on every build, so a build without them checks again).
+    println!("cargo::rerun-if-changed=/usr/bin/clang");
+    println!("cargo::rerun-if-changed=/usr/include/bpf/bpf_helpers.h");
     println!("cargo::rustc-check-cfg=cfg(fep_fast_path)");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out.join("fast_path.bpf.o");
