@@ -7,7 +7,9 @@
 //! - `route`: the gateway forwards to back end 1 (the ceiling);
 //! - `nft`: nftables DNAT on the gateway (numgen round robin, as nftlb does);
 //! - `haproxy`: HAProxy `mode tcp`, roundrobin, on the gateway;
-//! - `fep`: this project.
+//! - `fep`: this project, every packet through its TUN path;
+//! - `fep-fast`: this project with the kernel fast path (`fast_path =
+//!   "tc-bpf"`): established routes forwarded by its tc-BPF program.
 //!
 //! HTTP keep-alive scenarios, on the same topology with the back ends'
 //! nginx keeping connections open on port 8080:
@@ -17,7 +19,7 @@
 //!
 //! Figures: TCP bulk Gbit/s with 1 and 4 streams (iperf3), new connections
 //! per second with one request each (wrk, `Connection: close`, against
-//! nginx) with p50/p99 latency, UDP 64-byte packets per second received
+//! nginx) over 64 connections with p50/p99 latency, and over 32, UDP 64-byte packets per second received
 //! (iperf3), the whole system's CPU during the bulk test (all namespaces
 //! share the cores), and a byte-exact check of a 64 MB transfer. Medians, and
 //! fep's ratio to each peer, go to `BENCHMARKS.md` with the exact commands.
@@ -88,6 +90,7 @@ enum Scenario {
     Nft,
     Haproxy,
     Fep,
+    FepFast,
     HttpHaproxy,
     HttpNginx,
     HttpFep,
@@ -96,11 +99,12 @@ enum Scenario {
 }
 
 /// Every scenario, in the order each run measures them.
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario::Route,
     Scenario::Nft,
     Scenario::Haproxy,
     Scenario::Fep,
+    Scenario::FepFast,
     Scenario::HttpHaproxy,
     Scenario::HttpNginx,
     Scenario::HttpFep,
@@ -109,11 +113,12 @@ const SCENARIOS: [Scenario; 9] = [
 ];
 
 /// The packet-path table's columns, and the HTTP table's.
-const PACKET_SCENARIOS: [Scenario; 4] = [
+const PACKET_SCENARIOS: [Scenario; 5] = [
     Scenario::Route,
     Scenario::Nft,
     Scenario::Haproxy,
     Scenario::Fep,
+    Scenario::FepFast,
 ];
 const HTTP_SCENARIOS: [Scenario; 3] = [
     Scenario::HttpHaproxy,
@@ -129,6 +134,7 @@ impl Scenario {
             Scenario::Nft => "nft",
             Scenario::Haproxy => "haproxy",
             Scenario::Fep => "fep",
+            Scenario::FepFast => "fep-fast",
             Scenario::HttpHaproxy => "http-haproxy",
             Scenario::HttpNginx => "http-nginx",
             Scenario::HttpFep => "http-fep",
@@ -152,6 +158,7 @@ struct Figures {
     bulk1_gbps: Option<f64>,
     bulk4_gbps: Option<f64>,
     conn_per_s: Option<f64>,
+    conn32_per_s: Option<f64>,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     udp_pps: Option<f64>,
@@ -221,7 +228,12 @@ fn main() -> anyhow::Result<()> {
             let profile = args
                 .profile
                 .as_deref()
-                .filter(|_| matches!(*s, Scenario::Fep | Scenario::HttpFep | Scenario::DnsFep))
+                .filter(|_| {
+                    matches!(
+                        *s,
+                        Scenario::Fep | Scenario::FepFast | Scenario::HttpFep | Scenario::DnsFep
+                    )
+                })
                 .map(|dir| dir.join(format!("fep-{run}")));
             let f = if s.is_http() {
                 measure_http(*s, &bins, args.seconds, profile.as_deref())
@@ -296,9 +308,10 @@ fn measure(
     f.bulk4_gbps = Some(iperf_tcp(&lab, target, secs, 4)?);
     drop(p);
     let p = perf("conn")?;
-    let (conn, p50, p99) = wrk(&lab, &format!("http://{target}/"), 32, true, secs)?;
+    let (conn, p50, p99) = wrk(&lab, &format!("http://{target}/"), 64, true, secs)?;
     drop(p);
     (f.conn_per_s, f.p50_ms, f.p99_ms) = (Some(conn), Some(p50), Some(p99));
+    f.conn32_per_s = Some(wrk(&lab, &format!("http://{target}/"), 32, true, secs)?.0);
     f.client_time_wait = Some(time_wait(&lab)? as f64);
     if s != Scenario::Haproxy {
         let p = perf("udp")?;
@@ -391,6 +404,14 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
         Scenario::Fep => Some(lab.start_fep(
             &bins.fep,
             &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
+        )?),
+        Scenario::FepFast => Some(lab.start_fep(
+            &bins.fep,
+            &lab.config(
+                false,
+                "health_check_interval_ms = 0\nfast_path = \"tc-bpf\"\n",
+                &fep_services(),
+            ),
         )?),
         Scenario::HttpHaproxy => {
             start_haproxy(lab, "haproxy-http.cfg", &haproxy_http_cfg())?;
@@ -807,16 +828,21 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 type Get = fn(&Figures) -> Option<f64>;
 
 /// The report's rows: name, figure, and which way is better.
-const METRICS: [(&str, Get, &str); 10] = [
+const METRICS: [(&str, Get, &str); 11] = [
     ("TCP bulk, 1 stream (Gbit/s)", |f| f.bulk1_gbps, "higher"),
     ("TCP bulk, 4 streams (Gbit/s)", |f| f.bulk4_gbps, "higher"),
     (
-        "new connections/s (1 request each)",
+        "new connections/s, 64 connections (1 request each)",
         |f| f.conn_per_s,
         "higher",
     ),
-    ("latency p50 (ms)", |f| f.p50_ms, "lower"),
-    ("latency p99 (ms)", |f| f.p99_ms, "lower"),
+    (
+        "new connections/s, 32 connections",
+        |f| f.conn32_per_s,
+        "higher",
+    ),
+    ("latency p50, 64 connections (ms)", |f| f.p50_ms, "lower"),
+    ("latency p99, 64 connections (ms)", |f| f.p99_ms, "lower"),
     (
         "client TIME_WAIT sockets after it",
         |f| f.client_time_wait,
@@ -929,7 +955,12 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
 /// The packet-path section: its table, the byte-exact check, the commands
 /// and every peer's config.
 fn packet_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Args) {
-    out.push_str(&table(results, &PACKET_SCENARIOS, &METRICS, Scenario::Fep));
+    out.push_str(&table(
+        results,
+        &PACKET_SCENARIOS,
+        &METRICS,
+        &[Scenario::Fep, Scenario::FepFast],
+    ));
     let exact = results
         .iter()
         .all(|(_, fs)| fs.iter().all(|f| f.bytes_exact != Some(false)));
@@ -942,9 +973,10 @@ fn packet_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &
         out,
         "Commands (from the client namespace, TARGET = the back end for `route`, the VIP otherwise):\n\n\
          ```\niperf3 -c TARGET -p 5201 -t {s} -P 1 -J\niperf3 -c TARGET -p 5201 -t {s} -P 4 -J\n\
+         wrk -t 2 -c 64 -d {s}s --latency -H 'Connection: close' http://TARGET/\n\
          wrk -t 2 -c 32 -d {s}s --latency -H 'Connection: close' http://TARGET/\n\
          iperf3 -c TARGET -p 5201 -u -l 64 -b 0 -t {s} -J\nGET http://TARGET:8000/bytes/{BULK_BYTES} (compared with the pattern)\n```\n\n\
-         nftables rules:\n\n```\n{}```\n\nHAProxy config:\n\n```\n{}```\n\nfep services:\n\n```toml\n{}```\n",
+         nftables rules:\n\n```\n{}```\n\nHAProxy config:\n\n```\n{}```\n\nfep services (`fep-fast`: the same, with `fast_path = \"tc-bpf\"`):\n\n```toml\n{}```\n",
         nft_rules(),
         haproxy_cfg(),
         fep_services(),
@@ -963,7 +995,7 @@ fn http_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Ar
         results,
         &HTTP_SCENARIOS,
         &HTTP_METRICS,
-        Scenario::HttpFep,
+        &[Scenario::HttpFep],
     ));
     let dir = std::path::Path::new("/tmp/nginx-gw");
     let _ = writeln!(
@@ -999,7 +1031,7 @@ fn dns_report(out: &mut String, results: &[(Scenario, Vec<Figures>)], args: &Arg
         results,
         &DNS_SCENARIOS,
         &DNS_METRICS,
-        Scenario::DnsFep,
+        &[Scenario::DnsFep],
     ));
     let dir = std::path::Path::new("/tmp/gdnsd");
     let _ = writeln!(
@@ -1039,7 +1071,7 @@ fn table(
     results: &[(Scenario, Vec<Figures>)],
     columns: &[Scenario],
     metrics: &[(&str, Get, &str)],
-    fep: Scenario,
+    feps: &[Scenario],
 ) -> String {
     let med = |s: Scenario, get: Get| {
         results
@@ -1050,13 +1082,17 @@ fn table(
     let peers: Vec<Scenario> = columns
         .iter()
         .copied()
-        .filter(|&c| c != fep && c != Scenario::Route)
+        .filter(|&c| !feps.contains(&c) && c != Scenario::Route)
+        .collect();
+    let pairs: Vec<(Scenario, Scenario)> = feps
+        .iter()
+        .flat_map(|&f| peers.iter().map(move |&p| (f, p)))
         .collect();
     let mut out = String::new();
     let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
-    let ratios: Vec<String> = peers
+    let ratios: Vec<String> = pairs
         .iter()
-        .map(|p| format!("{} ÷ {}", fep.name(), p.name()))
+        .map(|(f, p)| format!("{} ÷ {}", f.name(), p.name()))
         .collect();
     let _ = writeln!(
         out,
@@ -1067,16 +1103,16 @@ fn table(
     let _ = writeln!(
         out,
         "|---|---|{}",
-        "---|".repeat(columns.len() + peers.len())
+        "---|".repeat(columns.len() + pairs.len())
     );
     for &(name, get, better) in metrics {
         let cells: Vec<String> = columns
             .iter()
             .map(|&s| med(s, get).map_or("n/a".to_string(), |v| format!("{v:.2}")))
             .collect();
-        let ratios: Vec<String> = peers
+        let ratios: Vec<String> = pairs
             .iter()
-            .map(|&peer| match (med(fep, get), med(peer, get)) {
+            .map(|&(fep, peer)| match (med(fep, get), med(peer, get)) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                 _ => "n/a".into(),
             })
