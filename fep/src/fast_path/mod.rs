@@ -175,6 +175,7 @@ impl FastPath {
             members: HashSet::default(),
             check_at: 0,
             cursor: 0,
+            waiting: Vec::new(),
             stats,
             // Kept for the links: dropping it detaches the program.
             _ebpf: ebpf,
@@ -227,6 +228,8 @@ struct Sync {
     check_at: usize,
     /// Where the next scan window of the route table starts.
     cursor: usize,
+    /// Routes found in the last tick, installed in this one if still eligible.
+    waiting: Vec<FlowKey>,
     stats: Arc<FastPathStats>,
     _ebpf: aya::Ebpf,
 }
@@ -242,7 +245,10 @@ impl Sync {
             found.push(key);
             ControlFlow::Continue(())
         });
-        for key in found {
+        // Installed a tick after they were found: a connection that closes
+        // within one (a request and its answer) is not worth the kernel
+        // map's two inserts and two removals.
+        for key in std::mem::replace(&mut self.waiting, found) {
             if !self.members.contains(&key) {
                 self.install(&table, key);
             }

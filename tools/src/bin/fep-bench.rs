@@ -77,6 +77,10 @@ struct Args {
     /// http-nginx, http-fep, dns-gdnsd, dns-fep).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Extra top-level config keys for `fep` and `fep-fast`, `;`-separated
+    /// (e.g. `workers = 1`), to measure a setting against the peers.
+    #[arg(long, default_value = "")]
+    fep_keys: String,
     /// Record a system-wide `perf` profile (with call graphs) of every fep
     /// measurement into this directory: `fep-<run>-<test>.data`, for
     /// `perf report -i`.
@@ -213,6 +217,7 @@ fn main() -> anyhow::Result<()> {
     let bins = Bins {
         fep: lab::workspace_bin("fep")?,
         testsrv: lab::workspace_bin("fep-testsrv")?,
+        fep_keys: args.fep_keys.clone(),
     };
     if !args.smoke && bins.fep.to_string_lossy().contains("/debug/") {
         eprintln!("note: {} is a debug build; for figures that mean something run `cargo build --release --workspace` and target/release/fep-bench", bins.fep.display());
@@ -263,6 +268,17 @@ fn main() -> anyhow::Result<()> {
 struct Bins {
     fep: PathBuf,
     testsrv: PathBuf,
+    /// `--fep-keys`: top-level config keys for both packet-path feps.
+    fep_keys: String,
+}
+
+/// The packet-path feps' top-level keys: no health checks (the back ends
+/// stay up), `mode`'s keys, then `--fep-keys`.
+fn fep_keys(bins: &Bins, mode: &str) -> String {
+    format!(
+        "health_check_interval_ms = 0\n{mode}{}\n",
+        bins.fep_keys.replace(';', "\n")
+    )
 }
 
 fn install(skip: bool) -> anyhow::Result<()> {
@@ -403,13 +419,13 @@ fn start_scenario(lab: &mut Lab, s: Scenario, bins: &Bins) -> anyhow::Result<Opt
         }
         Scenario::Fep => Some(lab.start_fep(
             &bins.fep,
-            &lab.config(false, "health_check_interval_ms = 0\n", &fep_services()),
+            &lab.config(false, &fep_keys(bins, ""), &fep_services()),
         )?),
         Scenario::FepFast => Some(lab.start_fep(
             &bins.fep,
             &lab.config(
                 false,
-                "health_check_interval_ms = 0\nfast_path = \"tc-bpf\"\n",
+                &fep_keys(bins, "fast_path = \"tc-bpf\"\n"),
                 &fep_services(),
             ),
         )?),
@@ -937,8 +953,13 @@ fn report(results: &[(Scenario, Vec<Figures>)], args: &Args, bins: &Bins) -> Str
     );
     let _ = writeln!(
         out,
-        "fep binary: `{}`. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
-        bins.fep.display()
+        "fep binary: `{}`{}. Targets, where the time goes and what would close the gaps: `PERFORMANCE.md`.\n",
+        bins.fep.display(),
+        if args.fep_keys.is_empty() {
+            String::new()
+        } else {
+            format!(", with `{}`", args.fep_keys)
+        }
     );
     if results.iter().any(|(s, _)| PACKET_SCENARIOS.contains(s)) {
         packet_report(&mut out, results, args);
