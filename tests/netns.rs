@@ -250,16 +250,7 @@ fn a_route_removed_by_fep_leaves_the_kernel_and_its_packets_stop() {
     if skip_without_root("a_route_removed_by_fep_leaves_the_kernel_and_its_packets_stop") {
         return;
     }
-    let mut lab = Lab::new("ffr", 1).expect("building the lab");
-    let mut args = lab::testsrv_args(0, &[], &[]);
-    args.extend(["--echo".to_string(), "7000".to_string()]);
-    lab.start_backend_server(0, &lab::workspace_bin("fep-testsrv").unwrap(), &args)
-        .expect("starting the echo server");
-    let services = format!(
-        "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\n\
-         backend = [{{ node = \"be1\", ratio = 1 }}]\n"
-    );
-    let r = Running::start(lab, FAST_PATH, &services);
+    let r = start_echo_lab("ffr", FAST_PATH);
     let addr = SocketAddr::new(VIP_V4.into(), 7000);
     let (mut conn, _) = open_echo_to(&r, addr);
     echo(&mut conn, "before");
@@ -293,10 +284,52 @@ fn a_route_removed_by_fep_leaves_the_kernel_and_its_packets_stop() {
     );
 }
 
+/// A connection whose every packet the kernel forwards stays alive past
+/// `route_idle_timeout_s`: the kernel's last-packet times are carried back
+/// to the route table, which alone expires routes.
+#[test]
+fn a_route_busy_only_in_the_kernel_does_not_idle_out() {
+    if skip_without_root("a_route_busy_only_in_the_kernel_does_not_idle_out") {
+        return;
+    }
+    let r = start_echo_lab("ffi", &format!("{FAST_PATH}route_idle_timeout_s = 2\n"));
+    let (mut conn, _) = open_echo_to(&r, SocketAddr::new(VIP_V4.into(), 7000));
+    echo(&mut conn, "first");
+    wait_for(&r, "the connection's route in the kernel", TIMEOUT, |r| {
+        status(r).fast_path.routes == 1
+    });
+    let tun = |r: &Running| {
+        let c = status(r).counters;
+        c.to_backend_packets + c.to_client_packets
+    };
+    let before = tun(&r);
+    // Three idle timeouts' worth of echoes, each through the kernel.
+    for i in 0..20 {
+        echo(&mut conn, &format!("line {i}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(tun(&r), before, "the echoes took the TUN path");
+    assert_eq!(status(&r).routes_expired, 0, "the busy route idled out");
+    assert_eq!(status(&r).fast_path.routes, 1);
+}
+
 /// A lab whose one back end runs the echo server (its name, then every
 /// byte back) on 7000, and fep with an `echo` service there limited to two
 /// connections (`extra` adds keys to it), its metrics on 127.0.0.1:9100.
 fn start_limited_echo(tag: &str, extra: &str) -> Running {
+    echo_lab(
+        tag,
+        "metrics_listen = \"127.0.0.1:9100\"",
+        &format!("max_connections = 2\n{extra}"),
+    )
+}
+
+/// As [`start_limited_echo`], without the limit, with the top-level keys `top`.
+fn start_echo_lab(tag: &str, top: &str) -> Running {
+    echo_lab(tag, top, "")
+}
+
+fn echo_lab(tag: &str, top: &str, keys: &str) -> Running {
     let mut lab = Lab::new(tag, 1).expect("building the lab");
     let mut args = lab::testsrv_args(0, &[], &[]);
     args.extend(["--echo".to_string(), "7000".to_string()]);
@@ -304,9 +337,9 @@ fn start_limited_echo(tag: &str, extra: &str) -> Running {
         .expect("starting the echo server");
     let services = format!(
         "[[service]]\nname = \"echo\"\nvip = \"{VIP_V4}\"\nport = 7000\nprotocol = \"tcp\"\n\
-         max_connections = 2\n{extra}\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
+         {keys}\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
     );
-    Running::start(lab, "metrics_listen = \"127.0.0.1:9100\"", &services)
+    Running::start(lab, top, &services)
 }
 
 /// A connection attempt from the client to `addr` within `timeout`.

@@ -88,7 +88,7 @@ fn start_full(tag: &str, services: &str) -> Running {
         .agent_key(&lab::workspace_bin("bep-agent").unwrap())
         .unwrap();
     let top = format!(
-        "tun = \"fep0\"\nworkers = 2\npolicy_table = 100\ntun_queue_len = 4096\ntun_batching = true\n\
+        "tun = \"fep0\"\nworkers = 2\npolicy_table = 100\ntun_queue_len = 4096\ntun_batching = true\nfast_path = \"off\"\n\
          metrics_listen = \"{METRICS}\"\nadmin_listen = \"127.0.0.1:9442\"\nadmin_token_file = \"{}\"\n\
          agent_listen = \"10.0.2.1:9441\"\nagent_key_file = \"{}\"\nprune_interval_ms = 300\n\
          health_check_interval_ms = 300\nhealth_check_timeout_ms = 1000\nhealth_check_fails = 2\n",
@@ -113,20 +113,6 @@ fn broken(conn: &mut BufReader<TcpStream>) -> bool {
 /// The routes `fepctl routes --json` lists with `filter` (e.g. `--node be2`).
 fn listed(r: &Running, filter: &[&str]) -> usize {
     fep_tests::routes(r, filter).len()
-}
-
-#[test]
-fn ipv6_path_mtu_discovery_works_through_fep() {
-    if skip_without_root("ipv6_path_mtu_discovery_works_through_fep") {
-        return;
-    }
-    let services = format!(
-        "[[service]]\nname = \"web6\"\nvip = \"{VIP_V6}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
-    );
-    let r = start("pm6", 1, true, &[80], &[], &services);
-    // IPv6's minimum MTU is 1280: the narrow hop toward the client is 1400,
-    // the back end's link 1500.
-    fep_tests::assert_download_through_narrow_link(&r, VIP_V6.into(), 1400);
 }
 
 /// `n` UDP flows from the client to the VIP's port 5353, one datagram each
@@ -575,6 +561,7 @@ fn reloads_refuse_restart_only_keys_and_apply_what_the_file_changed() {
         ("prune_interval_ms", "400".into()),
         ("tun_queue_len", "1024".into()),
         ("tun_batching", "false".into()),
+        ("fast_path", "\"tc-bpf\"".into()),
     ];
     for (key, value) in &restart_only {
         std::fs::write(config_path(&r), with_key(&config, key, value)).unwrap();
@@ -729,39 +716,53 @@ fn a_start_takes_over_a_killed_feps_set_up_and_cleanup_puts_the_sysctls_back() {
     fep_tests::assert_nothing_left(gw);
 }
 
-#[test]
-fn a_udp_route_is_removed_after_route_idle_timeout_s() {
-    if skip_without_root("a_udp_route_is_removed_after_route_idle_timeout_s") {
-        return;
+fep_tests::both_paths! {
+    fn ipv6_path_mtu_discovery_works_through_fep() {
+        if skip_without_root("ipv6_path_mtu_discovery_works_through_fep") {
+            return;
+        }
+        let services = format!(
+            "[[service]]\nname = \"web6\"\nvip = \"{VIP_V6}\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{{ node = \"be1\", ratio = 1 }}]\n"
+        );
+        let r = start("pm6", 1, true, &[80], &[], &services);
+        // IPv6's minimum MTU is 1280: the narrow hop toward the client is 1400,
+        // the back end's link 1500.
+        fep_tests::assert_download_through_narrow_link(&r, VIP_V6.into(), 1400);
     }
-    let services =
-        "[[service]]\nname = \"dns\"\nvip = \"10.0.0.100\"\nport = 5353\nprotocol = \"udp\"\n\
-                    backend = [{ node = \"be1\", ratio = 1 }]\n";
-    let top = format!("route_idle_timeout_s = 2\nmetrics_listen = \"{METRICS}\"\n");
-    let r = start_with_top("pui", 1, false, &[], &[5353], &top, services);
-    let socket = &udp_flows(&r, 1)[0];
-    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut buf = [0u8; 64];
-    let (n, from) = socket.recv_from(&mut buf).expect("the back end's answer");
-    assert_eq!(
-        (&buf[..n], from),
-        (&b"be1"[..], SocketAddr::new(VIP_V4.into(), 5353))
-    );
-    // Confirmed (the client sends again after the reply), then silent.
-    socket.send_to(b"again", (VIP_V4, 5353)).unwrap();
-    socket.recv_from(&mut buf).expect("the second answer");
-    assert_eq!(listed(&r, &["--service", "dns"]), 1);
-    wait_for(
-        &r,
-        "the idle UDP route removed",
-        Duration::from_secs(15),
-        |r| listed(r, &["--service", "dns"]) == 0,
-    );
-    assert!(sample(&scrape(&r, METRICS), "fep_routes_expired_total") >= 1.0);
-    // The next datagram of the flow opens a new route and is answered.
-    socket.send_to(b"later", (VIP_V4, 5353)).unwrap();
-    socket
-        .recv_from(&mut buf)
-        .expect("an answer after the expiry");
-    assert_eq!(listed(&r, &["--service", "dns"]), 1);
+
+    fn a_udp_route_is_removed_after_route_idle_timeout_s() {
+        if skip_without_root("a_udp_route_is_removed_after_route_idle_timeout_s") {
+            return;
+        }
+        let services =
+            "[[service]]\nname = \"dns\"\nvip = \"10.0.0.100\"\nport = 5353\nprotocol = \"udp\"\n\
+                        backend = [{ node = \"be1\", ratio = 1 }]\n";
+        let top = format!("route_idle_timeout_s = 2\nmetrics_listen = \"{METRICS}\"\n");
+        let r = start_with_top("pui", 1, false, &[], &[5353], &top, services);
+        let socket = &udp_flows(&r, 1)[0];
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf).expect("the back end's answer");
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"be1"[..], SocketAddr::new(VIP_V4.into(), 5353))
+        );
+        // Confirmed (the client sends again after the reply), then silent.
+        socket.send_to(b"again", (VIP_V4, 5353)).unwrap();
+        socket.recv_from(&mut buf).expect("the second answer");
+        assert_eq!(listed(&r, &["--service", "dns"]), 1);
+        wait_for(
+            &r,
+            "the idle UDP route removed",
+            Duration::from_secs(15),
+            |r| listed(r, &["--service", "dns"]) == 0,
+        );
+        assert!(sample(&scrape(&r, METRICS), "fep_routes_expired_total") >= 1.0);
+        // The next datagram of the flow opens a new route and is answered.
+        socket.send_to(b"later", (VIP_V4, 5353)).unwrap();
+        socket
+            .recv_from(&mut buf)
+            .expect("an answer after the expiry");
+        assert_eq!(listed(&r, &["--service", "dns"]), 1);
+    }
 }

@@ -48,6 +48,24 @@ fn check_prints_what_would_be_served() {
     assert!(stdout.contains("66.7% of new routes"), "{stdout}");
 }
 
+#[test]
+fn check_says_whether_the_kernel_fast_path_and_an_affinity_group_are_in_force() {
+    let text = format!("fast_path = \"tc-bpf\"\n{GOOD}").replace(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\naffinity_group = \"pair\"\n",
+    );
+    let path = write_config("fast.toml", &text);
+    let out = fep(&["--config", path.to_str().unwrap(), "--check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    // `tools/install-build-deps` gave the build clang to compile it with.
+    assert!(
+        stdout.contains("fast path: tc-bpf (established routes forwarded in the kernel)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("affinity client (group pair)"), "{stdout}");
+}
+
 /// fep with the config at `path`, with and without `--check`: exit status 2
 /// and every one of `wants` in the message.
 fn refused_with_and_without_check(path: &std::path::Path, wants: &[&str]) {
