@@ -41,7 +41,7 @@ fn main() {
     }
     println!(
         "cargo::warning=fep is built WITHOUT the kernel fast path (fast_path = \"tc-bpf\"): \
-         install clang and libbpf-dev (apt-get install clang libbpf-dev) and rebuild"
+         run tools/install-build-deps (apt-get install clang libbpf-dev) and rebuild"
     );
 }
 

@@ -166,7 +166,7 @@ impl FastPath {
         );
         stats.set_state(FastPathState::Running, None, interfaces);
         let stop = Arc::new(AtomicBool::new(false));
-        let mut sync = Sync {
+        let mut sync = KernelSync {
             dispatcher,
             clock,
             kernel: routes,
@@ -217,7 +217,7 @@ struct Installed {
 }
 
 /// The sync thread's state: the kernel's map and what it holds.
-struct Sync {
+struct KernelSync {
     dispatcher: Arc<Dispatcher>,
     clock: Clock,
     kernel: BpfHashMap<MapData, KernelKey, KernelAction>,
@@ -234,7 +234,7 @@ struct Sync {
     _ebpf: aya::Ebpf,
 }
 
-impl Sync {
+impl KernelSync {
     fn tick(&mut self) {
         let dispatcher = self.dispatcher.clone();
         let table = dispatcher.table();
