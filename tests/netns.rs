@@ -5,7 +5,7 @@ use std::io::{self, BufRead, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use fep_shared::api::Count;
+use fep_shared::api::{Count, ExplainReason, ExplainView};
 use fep_tests::{
     counters, dropped, echo, expected_io, http, open_echo_to, pattern, sample, scrape,
     skip_without_root, start, start_with_top, status, tally, wait_for, Running, TIMEOUT,
@@ -311,6 +311,68 @@ fn a_route_busy_only_in_the_kernel_does_not_idle_out() {
     assert_eq!(tun(&r), before, "the echoes took the TUN path");
     assert_eq!(status(&r).routes_expired, 0, "the busy route idled out");
     assert_eq!(status(&r).fast_path.routes, 1);
+}
+
+/// `fepctl explain`: the back end a packet would reach and why, read from
+/// the tables without moving them — the scheduler's next choice is the one
+/// the next new connection gets, and an open connection's port names its
+/// route's back end.
+#[test]
+fn explain_names_the_route_or_the_next_choice_and_changes_nothing() {
+    if skip_without_root("explain_names_the_route_or_the_next_choice_and_changes_nothing") {
+        return;
+    }
+    let r = start(
+        "fex",
+        3,
+        false,
+        &[80],
+        &[],
+        &WEB_2_1_1.replace("VIP", &VIP_V4.to_string()),
+    );
+    let explain = |port: u16| -> ExplainView {
+        fep_tests::fepctl_view(&r, &["explain", "web", &format!("10.0.1.2:{port}")])
+    };
+    for _ in 0..4 {
+        let next = explain(40000);
+        assert_eq!(next.reason, ExplainReason::Chooser, "{next:?}");
+        assert_eq!(
+            explain(40000).node,
+            next.node,
+            "asking twice changes nothing"
+        );
+        let got = get_names(&r, VIP_V4.into(), 1);
+        assert_eq!(
+            Some(&got[0]),
+            next.node.as_ref(),
+            "the next new connection's back end"
+        );
+    }
+    let (code, text) = fep_tests::fepctl(&r, &["explain", "web", "10.0.1.2:40000"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("web 10.0.1.2:40000 → be")
+            && text.contains("why: no route; the ratio scheduler"),
+        "{text}"
+    );
+    // An open connection: its port has a route.
+    let conn = r
+        .lab
+        .client
+        .enter(|| TcpStream::connect((VIP_V4, 80)).unwrap())
+        .unwrap();
+    let port = conn.local_addr().unwrap().port();
+    let route = fep_tests::routes(&r, &["--client", "10.0.1.2"])
+        .into_iter()
+        .find(|v| v.client_port == port)
+        .expect("the open connection's route");
+    let seen = explain(port);
+    assert_eq!(seen.reason, ExplainReason::Route, "{seen:?}");
+    assert_eq!(seen.node.as_deref(), Some(&*route.node));
+    assert_eq!(seen.backends.len(), 3, "the ratios it was read from");
+    let (code, out) = fep_tests::fepctl(&r, &["explain", "nosuch", "10.0.1.2:1"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("no service 'nosuch'"), "{out}");
 }
 
 /// A lab whose one back end runs the echo server (its name, then every

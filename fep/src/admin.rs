@@ -37,8 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use fep_shared::api::{
-    ApiError, BackendAddArg, BackendRemoveArg, Done, MoveArg, NodeAddArg, NodeArg, PinArg,
-    RatioArg, RemoveArg, RouteQuery, StatusView,
+    ApiError, BackendAddArg, BackendRemoveArg, Done, ExplainQuery, MoveArg, NodeAddArg, NodeArg,
+    PinArg, RatioArg, RemoveArg, RouteQuery, StatusView,
 };
 use fep_shared::ServiceConfig;
 
@@ -146,6 +146,7 @@ fn router(admin: Admin) -> Router {
             get(|State(a): State<Admin>| async move { Json(views::services(&a.cp, &a.sources.http)) }),
         )
         .route("/v1/routes", get(routes))
+        .route("/v1/explain", get(explain))
         .route("/v1/sites", get(sites))
         .route(
             "/v1/cluster",
@@ -171,6 +172,13 @@ fn router(admin: Admin) -> Router {
 }
 
 /// Several sites' hand-off state; 404 on a single site.
+async fn explain(State(a): State<Admin>, Query(q): Query<ExplainQuery>) -> Response {
+    match views::explain(&a.cp, &a.sources.http, &q) {
+        Some(view) => Json(view).into_response(),
+        None => refused(StatusCode::NOT_FOUND, format!("no service '{}'", q.service)),
+    }
+}
+
 async fn sites(State(a): State<Admin>) -> Response {
     match &a.sources.sites {
         Some(sites) => Json(sites.view()).into_response(),

@@ -72,13 +72,37 @@ impl Chooser {
         &self,
         backends: impl IntoIterator<Item = C>,
     ) -> Option<usize> {
+        self.pick(backends, true)
+    }
+
+    /// The back end [`Chooser::choose`] would return now, leaving the
+    /// round robin where it is (`fepctl explain`).
+    pub(crate) fn peek<C: Candidate>(
+        &self,
+        backends: impl IntoIterator<Item = C>,
+    ) -> Option<usize> {
+        self.pick(backends, false)
+    }
+
+    fn pick<C: Candidate>(
+        &self,
+        backends: impl IntoIterator<Item = C>,
+        take: bool,
+    ) -> Option<usize> {
         let backends = backends.into_iter();
         match self {
             Chooser::Ratio(current) => {
                 let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
-                let slots = current.len();
+                let mut copy;
+                let weights: &mut [i64] = if take {
+                    &mut current
+                } else {
+                    copy = current.clone();
+                    &mut copy
+                };
+                let slots = weights.len();
                 smooth_weighted(
-                    &mut current,
+                    weights,
                     backends.take(slots).map(|b| (b.ratio(), b.preference())),
                 )
             }
@@ -216,6 +240,43 @@ mod tests {
     }
 
     const BOTH: [Scheduler; 2] = [Scheduler::Ratio, Scheduler::LeastRoutes];
+
+    /// A back end with a fixed ratio, route count and load.
+    struct Fixed(u32, u32, f64);
+
+    impl Candidate for Fixed {
+        fn ratio(&self) -> u32 {
+            self.0
+        }
+        fn routes(&self) -> u32 {
+            self.1
+        }
+        fn load(&self) -> f64 {
+            self.2
+        }
+    }
+
+    #[test]
+    fn a_peek_names_the_next_choice_and_leaves_the_round_robin_where_it_is() {
+        for scheduler in [Scheduler::Ratio, Scheduler::LeastRoutes, Scheduler::Load] {
+            let c = Chooser::new(scheduler, 2);
+            let backends = [Fixed(2, 0, 0.0), Fixed(1, 0, 0.0)];
+            let mut seen = Vec::new();
+            for _ in 0..6 {
+                let next = c.peek(&backends);
+                assert_eq!(
+                    c.peek(&backends),
+                    next,
+                    "{scheduler:?}: a peek changes nothing"
+                );
+                assert_eq!(c.choose(&backends), next, "{scheduler:?}");
+                seen.push(next.unwrap());
+            }
+            if scheduler == Scheduler::Ratio {
+                assert_eq!(seen, [0, 1, 0, 0, 1, 0]);
+            }
+        }
+    }
 
     #[test]
     fn golden_8081_c2_d1_goes_c_d_c_c_d_c() {

@@ -186,6 +186,12 @@ impl Service {
         self.chooser.choose(&self.backends).map(|i| i as BackendId)
     }
 
+    /// The back end [`Service::choose`] would pick now, without moving the
+    /// round robin (`fepctl explain`).
+    pub fn peek(&self) -> Option<BackendId> {
+        self.chooser.peek(&self.backends).map(|i| i as BackendId)
+    }
+
     /// Picks among `candidates`, one per back end slot in order (a view of
     /// the back ends with other ratios or counts, e.g. a content rule's),
     /// built as the chooser reads them.

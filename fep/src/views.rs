@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fep_shared::api::{
-    BackendView, CountersView, HttpBackendView, HttpServiceView, NodeServiceView, NodeView,
-    RouteQuery, RouteState, RouteView, ServiceView, StatusView, TunWorkersView,
+    BackendView, CountersView, ExplainQuery, ExplainReason, ExplainView, HttpBackendView,
+    HttpServiceView, NodeServiceView, NodeView, RouteQuery, RouteState, RouteView, ServiceView,
+    StatusView, TunWorkersView,
 };
 use fep_shared::Protocol;
 
@@ -18,10 +19,10 @@ use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
 use crate::fast_path::FastPathStats;
 use crate::http_mode::HttpFront;
-use crate::routes::state;
+use crate::routes::{state, Explained, FlowKey};
 use crate::sites::Sites;
 use crate::transfer_table::ServiceId;
-use crate::wire::ip_from_addr;
+use crate::wire::{addr_from_ip, ip_from_addr};
 
 /// What the views and the metrics read besides the control plane: the TUN
 /// workers' counters and HTTP mode's figures.
@@ -255,13 +256,7 @@ pub fn list_routes(
                 client_port: key.client_port,
                 node: be.node.as_str().into(),
                 backend_port: be.port,
-                state: if state::is_closed(st) {
-                    RouteState::Closed
-                } else if st & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
-                    RouteState::Closing
-                } else {
-                    RouteState::Open
-                },
+                state: route_state(st),
                 idle_ms: route.idle_ms(now),
             };
             if listed > 0 {
@@ -287,13 +282,70 @@ pub fn list_routes(
     }
 }
 
+/// Where a route's connection stands, from its state bits.
+fn route_state(bits: u8) -> RouteState {
+    if state::is_closed(bits) {
+        RouteState::Closed
+    } else if bits & (state::FIN_FROM_CLIENT | state::FIN_FROM_BACKEND) != 0 {
+        RouteState::Closing
+    } else {
+        RouteState::Open
+    }
+}
+
+/// `GET /v1/explain`: where a packet from the query's client would go in
+/// its service, and why; `None` for a service that is not configured.
+pub fn explain(cp: &ControlPlane, http: &HttpFront, q: &ExplainQuery) -> Option<ExplainView> {
+    let dispatcher = cp.dispatcher();
+    let table = dispatcher.table();
+    let sid = table.service_id(&q.service)?;
+    let svc = table.service(sid);
+    let key = FlowKey {
+        service: sid,
+        client_port: q.port,
+        client: addr_from_ip(q.client),
+    };
+    let (reason, backend, route, held_routes) = match dispatcher.routes().explain(&key, svc) {
+        Explained::Route {
+            backend,
+            state,
+            last_seen,
+        } => (
+            ExplainReason::Route,
+            Some(backend),
+            Some((route_state(state), idle_since(last_seen, cp.now()))),
+            None,
+        ),
+        Explained::Held { backend, routes } => {
+            (ExplainReason::Affinity, Some(backend), None, Some(routes))
+        }
+        Explained::Chosen(backend) => (ExplainReason::Chooser, Some(backend), None, None),
+        Explained::ServiceFull => (ExplainReason::ServiceFull, None, None, None),
+        Explained::TableFull => (ExplainReason::TableFull, None, None, None),
+        Explained::NoBackend => (ExplainReason::NoBackend, None, None, None),
+    };
+    let be = backend.map(|b| &svc.backends[usize::from(b)]);
+    let view = services(cp, http).into_iter().find(|s| s.name == q.service);
+    Some(ExplainView {
+        service: q.service.clone(),
+        client: q.client,
+        client_port: q.port,
+        reason,
+        node: be.map(|b| b.node.clone()),
+        backend_port: be.map(|b| b.port),
+        route,
+        held_routes,
+        scheduler: table.scheduler(sid),
+        backends: view.map(|v| v.backends).unwrap_or_default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use fep_shared::FepConfig;
 
     use super::*;
-    use crate::routes::{FlowKey, Route, Row};
-    use crate::wire::addr_from_ip;
+    use crate::routes::{Route, Row};
 
     /// A dispatcher holding `n` routes of `web` (testing::CONFIG), from
     /// 192.0.2.x:port, alternating be1 (port 80) and be2 (port 8080).

@@ -228,6 +228,57 @@ pub struct RouteView<'a> {
     pub idle_ms: u32,
 }
 
+/// `GET /v1/explain`: where a packet from `client:port` to `service` would go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExplainQuery {
+    pub service: String,
+    pub client: IpAddr,
+    pub port: u16,
+}
+
+/// Why [`ExplainView::node`] is where the packet would go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExplainReason {
+    /// The client port has a route.
+    Route,
+    /// No route; client affinity holds the client to a node.
+    Affinity,
+    /// No route; the scheduler would choose this back end now.
+    Chooser,
+    /// No route and none would be made: the service is at `max_connections`.
+    ServiceFull,
+    /// The route table holds `max_routes`: a route is made only if a
+    /// flood's unconfirmed route can be evicted for it.
+    TableFull,
+    /// No back end has an effective ratio above 0.
+    NoBackend,
+}
+
+/// `fepctl explain`: which back end a packet would reach and why, from the
+/// tables as they are (no packet is sent, nothing changes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExplainView {
+    pub service: String,
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub reason: ExplainReason,
+    /// The back end it would reach (none when it would be refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_port: Option<u16>,
+    /// The existing route's state and idle time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<(RouteState, u32)>,
+    /// Under client affinity: the client's routes in the scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_routes: Option<u32>,
+    pub scheduler: Scheduler,
+    /// The service's back ends and ratios, as the chooser reads them now.
+    pub backends: Vec<BackendView>,
+}
+
 /// One back end of a service, as operators see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendView {

@@ -44,6 +44,29 @@ pub(crate) enum Refused {
     NoBackend,
 }
 
+/// Where a packet of a client would go now, and why (`fepctl explain`):
+/// what [`Routes::assign`] and the dispatcher would do, with nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Explained {
+    /// The client port has a route: its back end, state bits, last packet.
+    Route {
+        backend: BackendId,
+        state: u8,
+        last_seen: u32,
+    },
+    /// No route; the service is at `max_connections`.
+    ServiceFull,
+    /// No route; the table holds `max_routes`.
+    TableFull,
+    /// No route; client affinity holds the client to this back end's node
+    /// while it has `routes` routes in the scope.
+    Held { backend: BackendId, routes: u32 },
+    /// No route; a new one would go to this back end now.
+    Chosen(BackendId),
+    /// No route; no back end has a ratio above 0.
+    NoBackend,
+}
+
 /// The route table with its reply index, client affinity and counts.
 #[derive(Debug)]
 pub struct Routes {
@@ -114,6 +137,33 @@ impl Routes {
         f: impl Fn(&RouteRef<'_>) -> bool,
     ) -> Option<BackendId> {
         self.map.get_and(key, f)
+    }
+
+    /// Where `key`'s next packet would go in `svc` (see [`Explained`]).
+    pub(crate) fn explain(&self, key: &FlowKey, svc: &Service) -> Explained {
+        if let Some(r) = self.map.get(key) {
+            return Explained::Route {
+                backend: r.backend(),
+                state: r.state(),
+                last_seen: r.last_seen(),
+            };
+        }
+        if svc.is_full() {
+            return Explained::ServiceFull;
+        }
+        if self.len() >= self.max() {
+            return Explained::TableFull;
+        }
+        let held = svc
+            .affinity
+            .and_then(|scope| self.sticky(scope, key.client));
+        if let Some((backend, s)) = held.and_then(|s| Some((svc.backend_on(s.node)?, s))) {
+            return Explained::Held {
+                backend,
+                routes: s.routes,
+            };
+        }
+        svc.peek().map_or(Explained::NoBackend, Explained::Chosen)
     }
 
     /// A route forwarded outside the TUN path (by the kernel fast path):
@@ -438,6 +488,43 @@ mod tests {
             "released with its last route"
         );
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn explain_tells_the_route_the_hold_or_the_next_choice_without_changing_them() {
+        let t = table();
+        let r = Routes::with_room(64);
+        let (web, dns) = (t.service(0), t.service(1));
+        let next = r.explain(&key(0, 1, 1000), web);
+        let Explained::Chosen(b) = next else {
+            panic!("{next:?}")
+        };
+        assert_eq!(r.explain(&key(0, 1, 1000), web), next, "nothing moved");
+        assert_eq!(
+            r.assign(&key(0, 1, 1000), web, 7),
+            Ok(b),
+            "the next route's back end"
+        );
+        assert!(matches!(
+            r.explain(&key(0, 1, 1000), web),
+            Explained::Route { backend, last_seen: 7, .. } if backend == b
+        ));
+        // Client affinity: another port of a held client goes to its node.
+        let held = r.assign(&key(1, 2, 5000), dns, 0).unwrap();
+        assert_eq!(
+            r.explain(&key(1, 2, 5001), dns),
+            Explained::Held {
+                backend: held,
+                routes: 1
+            }
+        );
+        r.set_max(r.len());
+        assert_eq!(r.explain(&key(0, 3, 1), web), Explained::TableFull);
+        r.set_max(64);
+        for b in &web.backends {
+            b.set_ratio(0);
+        }
+        assert_eq!(r.explain(&key(0, 3, 1), web), Explained::NoBackend);
     }
 
     #[test]

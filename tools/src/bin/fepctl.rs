@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fep_shared::api::{
-    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, FastPathState, GroupView,
-    HttpServiceView, MoveArg, MoveReport, NodeAddArg, NodeArg, NodeState, NodeView, Pin, PinArg,
-    PinState, RatioArg, RemoveArg, RouteQuery, RouteView, ServiceView, SitesView, StatusView,
+    BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, ExplainQuery, ExplainReason,
+    ExplainView, FastPathState, GroupView, HttpServiceView, MoveArg, MoveReport, NodeAddArg,
+    NodeArg, NodeState, NodeView, Pin, PinArg, PinState, RatioArg, RemoveArg, RouteQuery,
+    RouteState, RouteView, ServiceView, SitesView, StatusView,
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig, ServiceMode};
 use fep_tools::admin_client::{get, post, post_for, AdminAddress};
@@ -82,6 +83,14 @@ enum Cmd {
         client: Option<std::net::IpAddr>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Which back end a packet from CLIENT:PORT to SERVICE would reach now,
+    /// and why (its route, client affinity, or the scheduler's next choice
+    /// on the current ratios). Sends no packet, changes nothing.
+    Explain {
+        service: String,
+        /// The client's address and port (`[IPv6]:port` for IPv6).
+        client: std::net::SocketAddr,
     },
     /// Set a node's ratio in a service (new routes follow; idle routes are pruned).
     Ratio {
@@ -278,6 +287,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Routes { service, node, client, limit } => {
             let q = RouteQuery { service: service.clone(), node: node.clone(), client: *client, limit: Some(*limit) };
             routes(cli, &to, &q)?
+        }
+        Cmd::Explain { service, client } => {
+            let q = ExplainQuery { service: service.clone(), client: client.ip(), port: client.port() };
+            let v: ExplainView = get(&to, &format!("/v1/explain?{}", serde_urlencoded::to_string(&q)?))?;
+            (json(&v)?, explain_text(&v))
         }
         Cmd::Ratio { service, node, ratio } => (
             command(&to, "/v1/ratio", &RatioArg { service: service.clone(), node: node.clone(), ratio: *ratio })?,
@@ -525,6 +539,43 @@ fn groups_text(groups: &[GroupView]) -> String {
     out
 }
 
+/// `fepctl explain`: the answer, the reason, and the ratios it was read from.
+fn explain_text(v: &ExplainView) -> String {
+    let client = std::net::SocketAddr::new(v.client, v.client_port);
+    let target = match (&v.node, v.backend_port) {
+        (Some(node), Some(port)) => format!("{node}:{port}"),
+        _ => "no back end".to_string(),
+    };
+    let why = match v.reason {
+        ExplainReason::Route => {
+            let (state, idle) = v.route.unwrap_or((RouteState::Open, 0));
+            format!("its route ({state}, idle {:.1} s): a route stays with its back end for its life", f64::from(idle) / 1000.0)
+        }
+        ExplainReason::Affinity => format!(
+            "no route; client affinity holds {} to this node while it has routes ({} now)",
+            v.client,
+            v.held_routes.unwrap_or(0)
+        ),
+        ExplainReason::Chooser => format!("no route; the {} scheduler would choose it now, on the effective ratios below", v.scheduler.as_str()),
+        ExplainReason::ServiceFull => "no route, and a new one is refused: the service is at max_connections".into(),
+        ExplainReason::TableFull => "no route; the table holds max_routes: a route is made only if a flood's unconfirmed route can be evicted for it".into(),
+        ExplainReason::NoBackend => "no route, and a new one is refused: no back end has an effective ratio above 0".into(),
+    };
+    format!("{} {client} → {target}\n  why: {why}\n", v.service) + &backends_table(&v.backends)
+}
+
+/// A service's back ends under one header, as `services` and `explain` show them.
+fn backends_table(backends: &[BackendView]) -> String {
+    let mut out = format!(
+        "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} SHARE\n",
+        "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE", "LOAD"
+    );
+    for b in backends {
+        out += &backend_line(b);
+    }
+    out
+}
+
 fn services_text(services: &[ServiceView]) -> String {
     let mut out = String::new();
     for svc in services {
@@ -538,13 +589,7 @@ fn services_text(services: &[ServiceView]) -> String {
                 ""
             }
         );
-        out += &format!(
-            "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} SHARE\n",
-            "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE", "LOAD"
-        );
-        for b in &svc.backends {
-            out += &backend_line(b);
-        }
+        out += &backends_table(&svc.backends);
         if let Some(http) = &svc.http {
             out += &http_lines(http, &svc.backends);
         }
