@@ -42,6 +42,44 @@ macro_rules! both_paths {
     )*};
 }
 
+/// Asserts that a table in fepctl's `text` lines up: the first line holding
+/// every header starts the table, which runs while lines keep the header's
+/// indentation, to the next blank line; in each
+/// of its rows a `left` column's cell starts where its header starts and a
+/// `right` column's cell ends where its header ends.
+pub fn assert_aligned(text: &str, left: &[&str], right: &[&str]) {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| left.iter().chain(right).all(|h| l.contains(h)))
+        .unwrap_or_else(|| panic!("no header line with {left:?} {right:?}:\n{text}"));
+    let header = lines[at];
+    let byte = |l: &str, i: usize| l.as_bytes().get(i).copied().unwrap_or(b' ');
+    let indent = header.len() - header.trim_start().len();
+    let rows: Vec<&str> = lines[at + 1..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty() && l.len() - l.trim_start().len() == indent)
+        .copied()
+        .collect();
+    assert!(!rows.is_empty(), "a table with no rows:\n{text}");
+    for row in rows {
+        for h in left {
+            let i = header.find(h).unwrap();
+            assert!(
+                byte(row, i) != b' ' && (i == 0 || byte(row, i - 1) == b' '),
+                "column {h} does not start at {i}:\n{header}\n{row}"
+            );
+        }
+        for h in right {
+            let end = header.find(h).unwrap() + h.len();
+            assert!(
+                byte(row, end - 1) != b' ' && byte(row, end) == b' ' || row.len() == end,
+                "column {h} does not end at {end}:\n{header}\n{row}"
+            );
+        }
+    }
+}
+
 /// Per-request timeout: generous, since debug builds and 2 shared cores are slow.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -780,5 +780,19 @@ fep_tests::both_paths! {
             [2, 2],
             "tests per server"
         );
+        // The views line up with service names of two lengths.
+        let (_, routes) = fep_tests::fepctl(&r, &["routes"]);
+        fep_tests::assert_aligned(&routes, &["SERVICE", "CLIENT", "NODE", "STATE"], &["IDLE"]);
+        let (_, status) = fep_tests::fepctl(&r, &["status"]);
+        fep_tests::assert_aligned(
+            &status,
+            &["NODE", "ADDRESS", "STATE", "PINNED", "AGENT"],
+            &["ROUTES", "CPU"],
+        );
+        fep_tests::assert_aligned(
+            &status,
+            &["NODE", "UP", "SPARE"],
+            &["RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "LOAD"],
+        );
     }
 }

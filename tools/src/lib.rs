@@ -14,5 +14,6 @@ pub mod origin;
 pub mod pattern;
 pub mod ping;
 pub mod sites_lab;
+pub mod table;
 pub mod top;
 pub mod websocket;

@@ -17,6 +17,10 @@ use fep_shared::api::{
 };
 use fep_shared::{Affinity, Protocol, Scheduler, ServiceConfig, ServiceMode};
 use fep_tools::admin_client::{get, post, post_for, AdminAddress};
+use fep_tools::table::{
+    Align::{Left, Right},
+    Table,
+};
 use fep_tools::top;
 use serde::Serialize;
 use serde_json::Value;
@@ -401,35 +405,39 @@ fn wait_drained(cli: &Cli, to: &AdminAddress, node: &str, timeout: Duration) -> 
 }
 
 fn nodes_text(nodes: &[NodeView]) -> String {
-    let mut out = format!(
-        "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  RATIOS (service configured/effective)\n",
-        "NODE", "ADDRESS", "STATE", "PINNED", "ROUTES", "AGENT", "CPU"
-    );
+    let mut t = Table::new(&[
+        ("NODE", Left),
+        ("ADDRESS", Left),
+        ("STATE", Left),
+        ("PINNED", Left),
+        ("ROUTES", Right),
+        ("AGENT", Left),
+        ("CPU", Right),
+        ("RATIOS (service configured/effective)", Left),
+    ]);
     for n in nodes {
         let agent = match (n.agent_connected, n.report_age_ms) {
             (true, Some(age)) => format!("{:.1}s ago", f64::from(age) / 1000.0),
             (true, None) => "connected".into(),
             (false, _) => "none".into(),
         };
-        let cpu = n.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%"));
         let ratios: Vec<String> = n
             .services
             .iter()
             .map(|x| format!("{} {}/{}", x.service, x.configured_ratio, x.effective_ratio))
             .collect();
-        out += &format!(
-            "{:<12} {:<28} {:<9} {:<26} {:>7} {:<10} {:>6}  {}\n",
-            n.name,
+        t.row(vec![
+            n.name.clone(),
             n.address.to_string(),
             n.state.to_string(),
             pin_text(&n.pin),
-            n.routes,
+            n.routes.to_string(),
             agent,
-            cpu,
-            ratios.join(", ")
-        );
+            n.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            ratios.join(", "),
+        ]);
     }
-    out
+    t.render()
 }
 
 /// The values pinned on a node (`state=down,load=0.0,ratio=3`), or `no`.
@@ -566,14 +574,34 @@ fn explain_text(v: &ExplainView) -> String {
 
 /// A service's back ends under one header, as `services` and `explain` show them.
 fn backends_table(backends: &[BackendView]) -> String {
-    let mut out = format!(
-        "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} SHARE\n",
-        "NODE", "RATIO", "EFF", "ROUTES", "SHARE", "TARGET", "UP", "SPARE", "LOAD"
-    );
+    let mut t = Table::new(&[
+        ("NODE", Left),
+        ("RATIO", Right),
+        ("EFF", Right),
+        ("ROUTES", Right),
+        ("SHARE", Right),
+        ("TARGET", Right),
+        ("UP", Left),
+        ("SPARE", Left),
+        ("LOAD", Right),
+        ("SHARE / TARGET", Left),
+    ])
+    .indent(2);
     for b in backends {
-        out += &backend_line(b);
+        t.row(vec![
+            b.node.clone(),
+            b.configured_ratio.to_string(),
+            b.effective_ratio.to_string(),
+            b.routes.to_string(),
+            top::pct(b.share),
+            top::pct(b.target_share),
+            if b.up { "up" } else { "down" }.into(),
+            b.spare.to_string(),
+            b.load.map_or("-".into(), |l| format!("{l:.1}")),
+            top::bar(b.share, b.target_share, 20),
+        ]);
     }
-    out
+    t.render()
 }
 
 fn services_text(services: &[ServiceView]) -> String {
@@ -638,38 +666,24 @@ fn http_lines(http: &HttpServiceView, backends: &[BackendView]) -> String {
     out
 }
 
-fn backend_line(b: &BackendView) -> String {
-    format!(
-        "  {:<12} {:>6} {:>6} {:>7} {:>7} {:>7}  {:<5} {:<8} {:<8} {}\n",
-        b.node,
-        b.configured_ratio,
-        b.effective_ratio,
-        b.routes,
-        top::pct(b.share),
-        top::pct(b.target_share),
-        if b.up { "up" } else { "down" },
-        b.spare.to_string(),
-        b.load.map_or("-".into(), |l| format!("{l:.1}")),
-        top::bar(b.share, b.target_share, 20),
-    )
-}
-
 fn routes_text(routes: &[RouteView]) -> String {
-    let mut out = format!(
-        "{:<10} {:<40} {:<22} {:<8} {:>10}\n",
-        "SERVICE", "CLIENT", "NODE", "STATE", "IDLE"
-    );
+    let mut t = Table::new(&[
+        ("SERVICE", Left),
+        ("CLIENT", Left),
+        ("NODE", Left),
+        ("STATE", Left),
+        ("IDLE", Right),
+    ]);
     for r in routes {
-        out += &format!(
-            "{:<10} {:<40} {:<22} {:<8} {:>9.1}s\n",
-            r.service,
+        t.row(vec![
+            r.service.to_string(),
             format!("{}:{}", r.client, r.client_port),
             format!("{}:{}", r.node, r.backend_port),
             r.state.to_string(),
-            f64::from(r.idle_ms) / 1000.0
-        );
+            format!("{:.1}s", f64::from(r.idle_ms) / 1000.0),
+        ]);
     }
-    out
+    t.render()
 }
 
 fn status_text(v: &StatusView) -> String {
