@@ -221,6 +221,10 @@ fn every_fepctl_command_against_a_running_fep() {
         top.contains("fepctl top") && top.contains("web") && top.contains("be2"),
         "{top}"
     );
+    assert!(
+        top.lines().all(|l| l.chars().count() <= 80),
+        "laid out for 80 columns: {top}"
+    );
 
     // Errors say what exists; usage errors exit 2.
     let (code, out) = fepctl(&r, &["ratio", "web", "be9", "1"]);
