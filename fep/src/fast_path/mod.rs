@@ -234,6 +234,23 @@ struct KernelSync {
     _ebpf: aya::Ebpf,
 }
 
+impl Drop for KernelSync {
+    /// A sync thread that panicked has dropped the program with it (every
+    /// packet takes the TUN path again): the views say so.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.stats.set_state(
+                FastPathState::Unavailable,
+                Some(
+                    "its sync thread stopped (see fep's log); the TUN path carries every packet"
+                        .into(),
+                ),
+                Vec::new(),
+            );
+        }
+    }
+}
+
 impl KernelSync {
     fn tick(&mut self) {
         let dispatcher = self.dispatcher.clone();
