@@ -123,7 +123,15 @@ fn join(name: &str, file: &File) -> anyhow::Result<()> {
 }
 
 impl Drop for Netns {
+    /// Kills whatever still runs in the namespace (a daemon's forked
+    /// workers outlive the process the lab started), then deletes it.
     fn drop(&mut self) {
+        if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", &self.name])) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process inside this lab's own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
