@@ -127,7 +127,10 @@ impl Drop for Netns {
     /// workers outlive the process the lab started), then deletes it.
     fn drop(&mut self) {
         if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", &self.name])) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill(2) on a process inside this lab's own namespace.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
