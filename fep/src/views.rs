@@ -14,6 +14,7 @@ use fep_shared::api::{
 use fep_shared::Protocol;
 
 use crate::clock::idle_since;
+use crate::control::model::Model;
 use crate::control::ControlPlane;
 use crate::counters::{Count, DropReason, Totals, WorkerCounters};
 use crate::dispatcher::Dispatcher;
@@ -21,7 +22,7 @@ use crate::fast_path::FastPathStats;
 use crate::http_mode::HttpFront;
 use crate::routes::{state, Explained, FlowKey};
 use crate::sites::Sites;
-use crate::transfer_table::ServiceId;
+use crate::transfer_table::{ServiceId, TransferTable};
 use crate::wire::{addr_from_ip, ip_from_addr};
 
 /// What the views and the metrics read besides the control plane: the TUN
@@ -42,53 +43,59 @@ pub struct Sources {
 pub fn services(cp: &ControlPlane, http: &HttpFront) -> Vec<ServiceView> {
     let now = cp.now();
     let state = cp.state();
-    let m = &state.model;
     let table = cp.dispatcher().table();
-    m.services
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.removed)
-        .map(|(sid, s)| {
-            let svc = &table.services()[sid];
-            let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
-            let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
-            let (http_service, mut http_backends) = http_views(http, sid as ServiceId);
-            ServiceView {
-                name: s.name.clone(),
-                vip: ip_from_addr(&svc.vip),
-                port: s.port,
-                protocol: if s.tcp { Protocol::Tcp } else { Protocol::Udp },
-                scheduler: s.scheduler,
-                routes,
-                pruning: s.pruning,
-                backends: m
-                    .backends
-                    .iter()
-                    .filter(|b| usize::from(b.service) == sid)
-                    .map(|b| {
-                        let be = &svc.backends[usize::from(b.index)];
-                        BackendView {
-                            node: be.node.clone(),
-                            port: be.port,
-                            configured_ratio: b.configured,
-                            effective_ratio: be.ratio(),
-                            routes: be.routes(),
-                            share: fraction(be.routes(), routes),
-                            target_share: fraction(be.ratio(), ratio_sum),
-                            up: m.backend_up(b, now),
-                            overloaded: b.overloaded,
-                            spare: b.spare,
-                            load: m.load(b, now),
-                            http: http_backends
-                                .get_mut(usize::from(b.index))
-                                .and_then(Option::take),
-                        }
-                    })
-                    .collect(),
-                http: http_service,
-            }
-        })
+    (0..state.model.services.len())
+        .filter_map(|sid| service_view(&state.model, &table, http, sid as ServiceId, now))
         .collect()
+}
+
+/// A configured service's view (`None` for a removed one).
+fn service_view(
+    m: &Model,
+    table: &TransferTable,
+    http: &HttpFront,
+    sid: ServiceId,
+    now: u32,
+) -> Option<ServiceView> {
+    let s = m.services.get(usize::from(sid)).filter(|s| !s.removed)?;
+    let svc = table.service(sid);
+    let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
+    let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
+    let (http_service, mut http_backends) = http_views(http, sid);
+    Some(ServiceView {
+        name: s.name.clone(),
+        vip: ip_from_addr(&svc.vip),
+        port: s.port,
+        protocol: if s.tcp { Protocol::Tcp } else { Protocol::Udp },
+        scheduler: s.scheduler,
+        routes,
+        pruning: s.pruning,
+        backends: m
+            .backends
+            .iter()
+            .filter(|b| b.service == sid)
+            .map(|b| {
+                let be = &svc.backends[usize::from(b.index)];
+                BackendView {
+                    node: be.node.clone(),
+                    port: be.port,
+                    configured_ratio: b.configured,
+                    effective_ratio: be.ratio(),
+                    routes: be.routes(),
+                    share: fraction(be.routes(), routes),
+                    target_share: fraction(be.ratio(), ratio_sum),
+                    up: m.backend_up(b, now),
+                    overloaded: b.overloaded,
+                    spare: b.spare,
+                    load: m.load(b, now),
+                    http: http_backends
+                        .get_mut(usize::from(b.index))
+                        .and_then(Option::take),
+                }
+            })
+            .collect(),
+        http: http_service,
+    })
 }
 
 /// Every configured node: state, pins, agent, ratios per service.
@@ -325,7 +332,7 @@ pub fn explain(cp: &ControlPlane, http: &HttpFront, q: &ExplainQuery) -> Option<
         Explained::NoBackend => (ExplainReason::NoBackend, None, None, None),
     };
     let be = backend.map(|b| &svc.backends[usize::from(b)]);
-    let view = services(cp, http).into_iter().find(|s| s.name == q.service);
+    let view = service_view(&cp.state().model, &table, http, sid, cp.now());
     Some(ExplainView {
         service: q.service.clone(),
         client: q.client,

@@ -339,9 +339,10 @@ impl Lab {
     ) -> anyhow::Result<FepProcess> {
         let mut p = self.spawn_fep(fep, config, args)?;
         p.wait_serving()?;
-        if config.lines().any(|l| l.trim() == "fast_path = \"tc-bpf\"") {
+        let cfg = fep_shared::FepConfig::parse(config).context("the config fep serves")?;
+        if cfg.fast_path == fep_shared::FastPath::TcBpf {
             let status: fep_shared::api::StatusView =
-                crate::admin_client::get(&self.control_socket(), "/v1/status")?;
+                crate::admin_client::get(&cfg.control_socket, "/v1/status")?;
             if status.fast_path.state != fep_shared::api::FastPathState::Running {
                 bail!(
                     "fep serves, but not with the kernel fast path: {:?}",

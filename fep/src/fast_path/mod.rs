@@ -6,8 +6,9 @@
 //!
 //! The route table stays the one truth. A thread of its own keeps the
 //! kernel's map a subset of it every [`TICK`]: it installs eligible routes
-//! (found by a windowed scan of the table, so restored, imported and newly
-//! confirmed routes all arrive the same way), removes entries whose route
+//! a tick after finding them (newly confirmed ones through the dispatcher's
+//! queue, restored, imported and overflowed ones through a windowed scan of
+//! the table), removes entries whose route
 //! is gone, moved to another back end or closing (expiry, prune, drain,
 //! `--force`, a FIN or RST seen on the TUN path), and moves each route's
 //! last-seen time forward to the kernel's last packet, so that idle times,

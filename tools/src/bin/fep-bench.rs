@@ -187,7 +187,7 @@ struct Figures {
 
 const BULK_BYTES: u64 = 64 << 20;
 const TOOLS: [Tool; 10] = [
-    tool("iperf3", "iperf3"),
+    host::IPERF3,
     tool("wrk", "wrk"),
     tool("nginx", "nginx-light"),
     tool("haproxy", "haproxy"),
