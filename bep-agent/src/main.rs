@@ -1,4 +1,4 @@
-//! `bep-agent --config PATH`: the back-end agent.
+//! `bep-agent --config PATH [--check]`: the back-end agent.
 //!
 //! Connects to the FEP (retrying with backoff while it is unreachable),
 //! authenticates, registers as its node, and then:
@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use copies::RouteCopies;
 use fep_shared::protocol::{io, AgentMsg, ConnId, FepMsg, Key, Session, MAX_CONNS_PER_FRAME};
 use fep_shared::AgentConfig;
@@ -47,8 +47,12 @@ const START_LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
 #[command(version, about = "Back-end agent of the fep cluster dispatcher")]
 struct Args {
     /// Path of the agent's TOML config file.
-    #[arg(long, required_unless_present_any = ["gen_key", "derive_key"])]
+    #[arg(long, required_unless_present_any = ["gen_key", "derive_key", "generate_docs"])]
     config: Option<PathBuf>,
+    /// Validate the config and read its key file, print what the agent
+    /// would report and to whom, and exit (status 2 naming what is wrong).
+    #[arg(long, requires = "config")]
+    check: bool,
     /// Write a new random shared key (64 hex characters, mode 0600) to this file and exit.
     #[arg(long, value_name = "PATH")]
     gen_key: Option<PathBuf>,
@@ -60,10 +64,17 @@ struct Args {
     /// The node whose key `--derive-key` writes.
     #[arg(long)]
     node: Option<String>,
+    /// Write the man page and shell completions to DIR, and exit (the
+    /// package's build runs this).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        return fep_shared::cli_docs::generate(Args::command(), dir);
+    }
     fep_shared::init_logging();
     let new_key = match (&args.gen_key, &args.derive_key, &args.node) {
         (Some(path), _, _) => Some((path.clone(), Ok(Key::generate_hex()))),
@@ -87,7 +98,7 @@ fn main() -> ExitCode {
     }
     let path = args
         .config
-        .expect("clap requires --config without --gen-key or --derive-key");
+        .expect("clap requires --config without --gen-key, --derive-key or --generate-docs");
     let cfg = match AgentConfig::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -102,6 +113,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        print!("{}", describe(&cfg));
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -114,6 +129,25 @@ fn main() -> ExitCode {
     };
     rt.block_on(run(cfg, key));
     ExitCode::SUCCESS
+}
+
+/// What `--check` prints: the agent's node, its front end and what it reports.
+fn describe(cfg: &AgentConfig) -> String {
+    let mut out = format!(
+        "config OK: node {} reports to {} every {} ms (key {})\n",
+        cfg.node,
+        cfg.fep,
+        cfg.report_interval_ms,
+        cfg.key_file.display()
+    );
+    for port in &cfg.watch_ports {
+        let commands = match cfg.service(*port) {
+            Some(s) if s.start.is_some() || s.stop.is_some() => ", start/stop commands",
+            _ => "",
+        };
+        out.push_str(&format!("watch port {port}{commands}\n"));
+    }
+    out
 }
 
 fn write_key(path: &std::path::Path, hex: &str) -> anyhow::Result<()> {

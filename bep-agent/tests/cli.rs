@@ -120,3 +120,46 @@ fn an_unreachable_fep_is_retried_with_backoff_and_the_agent_keeps_running() {
         "backoff doubles: {log}"
     );
 }
+
+#[test]
+fn check_reads_the_shipped_config_and_its_key_and_names_a_missing_key() {
+    let d = dir("check");
+    let key = d.join("agent.key");
+    assert!(agent()
+        .arg("--gen-key")
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    // The package's /etc/fep/bep-agent.toml, with its key in this directory.
+    let shipped = include_str!("../../deploy/bep-agent.toml");
+    let cfg = d.join("bep-agent.toml");
+    std::fs::write(
+        &cfg,
+        shipped.replace("/etc/fep/agent.key", key.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "config OK: node be1 reports to 192.0.2.1:9441 every 1000 ms (key {})\nwatch port 80\n",
+            key.display()
+        )
+    );
+    std::fs::remove_file(&key).unwrap();
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key_file"));
+}

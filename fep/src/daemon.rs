@@ -234,7 +234,13 @@ impl Secrets {
     /// Read at the start, so a missing or bad key file stops fep at once.
     fn load(cfg: &FepConfig) -> anyhow::Result<Self> {
         let agent_key = match &cfg.agent_key_file {
-            Some(path) => Some(Key::load(path).map_err(anyhow::Error::msg)?),
+            Some(path) => Some(Key::load(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "agent_key_file: {e} (write the agents' master key with \
+                     `bep-agent --gen-key {}`)",
+                    path.display()
+                )
+            })?),
             None => None,
         };
         let admin_token = match &cfg.admin_token_file {

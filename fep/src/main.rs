@@ -4,17 +4,25 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use fep_shared::FepConfig;
 
 /// Front-end processor: dispatches client connections to back-end nodes by
 /// ratio through a TUN device, and relays the replies.
+///
+/// The packaged config is /etc/fep/fep.toml (`systemctl enable --now fep`
+/// serves it); runtime changes made with fepctl are kept in its `state_dir`
+/// (/var/lib/fep) across restarts, and fepctl talks to its `control_socket`
+/// (/run/fep/fep.sock). SIGHUP (`systemctl reload fep`) re-reads the config;
+/// SIGINT and SIGTERM stop fep and leave its network set-up in place, so that
+/// a restart breaks no connection. Exit status 2: a bad config or a state
+/// file fep cannot use (the message says what to do).
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Path of the TOML config file.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "generate_docs")]
+    config: Option<PathBuf>,
     /// Validate the config, print what would be served, and exit.
     #[arg(long)]
     check: bool,
@@ -30,12 +38,22 @@ struct Args {
     /// without it. Without this flag fep refuses to start (exit status 2).
     #[arg(long, conflicts_with_all = ["check", "cleanup"])]
     discard_state: bool,
+    /// Write the man page and shell completions to DIR, and exit (the
+    /// package's build runs this).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        return fep_shared::cli_docs::generate(Args::command(), dir);
+    }
+    let config = args
+        .config
+        .expect("clap requires --config without --generate-docs");
     fep_shared::init_logging();
-    let cfg = match FepConfig::load(&args.config) {
+    let cfg = match FepConfig::load(&config) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("fep: {e}");
@@ -86,7 +104,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match fep::daemon::run(&args.config, cfg, start) {
+    match fep::daemon::run(&config, cfg, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

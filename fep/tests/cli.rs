@@ -179,3 +179,47 @@ fn a_damaged_state_file_stops_fep_before_it_sets_anything_up() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_shipped_config_passes_check_once_its_agent_key_exists() {
+    let shipped = include_str!("../../deploy/fep.toml");
+    let path = write_config(
+        "shipped-nokey.toml",
+        &shipped.replace("/etc/fep/", "/nonexistent/"),
+    );
+    let out = fep(&["--config", path.to_str().unwrap(), "--check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agent_key_file"));
+    let key = write_config("shipped-agent.key", &"cd".repeat(32));
+    let path = write_config(
+        "shipped.toml",
+        &shipped.replace("/etc/fep/agent.key", key.to_str().unwrap()),
+    );
+    let out = fep(&["--config", path.to_str().unwrap(), "--check"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("service web: tcp 192.0.2.10:80, scheduler ratio, affinity port"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("192.0.2.22:80") && stdout.contains("50.0% of new routes"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn generate_docs_writes_the_man_page_and_completions() {
+    let dir = std::env::temp_dir().join(format!("fep-cli-docs-{}", std::process::id()));
+    let out = fep(&["--generate-docs", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(dir.join("man/fep.1")).unwrap();
+    assert!(
+        page.contains("discard\\-state") && page.contains("/etc/fep/fep.toml"),
+        "{page}"
+    );
+    assert!(std::fs::read_to_string(dir.join("bash/fep"))
+        .unwrap()
+        .contains("--cleanup"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

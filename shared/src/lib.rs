@@ -5,6 +5,8 @@
 
 pub mod agent_config;
 pub mod api;
+#[cfg(feature = "docs")]
+pub mod cli_docs;
 pub mod cluster_config;
 pub mod config;
 pub mod cpu;

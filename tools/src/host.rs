@@ -68,6 +68,17 @@ pub const IPERF3: Tool = Tool {
     package: "iperf3",
 };
 
+/// `systemd-analyze verify`: the package test checks the installed units with it.
+pub const SYSTEMD_ANALYZE: Tool = Tool {
+    program: "systemd-analyze",
+    package: "systemd",
+};
+/// dpkg-shlibdeps: `tools/build-deb` finds the package's library dependencies with it.
+pub const DPKG_SHLIBDEPS: Tool = Tool {
+    program: "dpkg-shlibdeps",
+    package: "dpkg-dev",
+};
+
 /// Where the shared lock lives; every process that installs takes it.
 const LOCK_FILE: &str = "/run/lock/fep-tools-install.lock";
 /// How long apt-get waits for another apt or dpkg (not ours) to finish.

@@ -458,12 +458,25 @@ impl FepProcess {
     ) -> anyhow::Result<FepProcess> {
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config)?;
+        Self::spawn_file(ns, dir, name, fep, &config_path, args)
+    }
+
+    /// As [`FepProcess::spawn`], serving the config file at `config_path`
+    /// as it is (an installed fep's own /etc/fep/fep.toml, say).
+    pub fn spawn_file(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        fep: &Path,
+        config_path: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<FepProcess> {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)?;
         let child = ns
             .command(fep)
             .arg("--config")
-            .arg(&config_path)
+            .arg(config_path)
             .args(args)
             // Failed health checks too, which fep logs at debug.
             .env("RUST_LOG", "info,fep::control::health=debug")

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use fep_shared::api::{
     BackendAddArg, BackendRemoveArg, BackendView, ClusterView, Count, ExplainQuery, ExplainReason,
     ExplainView, FastPathState, GroupView, HttpServiceView, MoveArg, MoveReport, NodeAddArg,
@@ -27,6 +27,7 @@ use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
+    name = "fepctl",
     version,
     about = "Operate a running fep: ratios, drains, pins, nodes, services, routes, status"
 )]
@@ -43,8 +44,13 @@ struct Cli {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Write the man pages and shell completions to DIR, and exit (the
+    /// package's build runs this).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    generate_docs: Option<PathBuf>,
+    /// Required but for `--generate-docs`.
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -224,7 +230,17 @@ enum ServiceCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    let cmd = match (&cli.cmd, &cli.generate_docs) {
+        (_, Some(dir)) => return fep_shared::cli_docs::generate(Cli::command(), dir),
+        (Some(cmd), None) => cmd,
+        (None, None) => Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingSubcommand,
+                "a command is required (fepctl --help lists them)",
+            )
+            .exit(),
+    };
+    match run(&cli, cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fepctl: {e:#}");
@@ -257,10 +273,10 @@ fn command(to: &AdminAddress, path: &str, body: &impl Serialize) -> anyhow::Resu
     json(&post(to, path, body)?)
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
     let to = endpoint(cli)?;
     // Each arm returns the API's answer and the line a person reads.
-    let (out, said): (Value, String) = match &cli.cmd {
+    let (out, said): (Value, String) = match cmd {
         Cmd::Status => {
             let v: StatusView = get(&to, "/v1/status")?;
             (json(&v)?, status_text(&v))
