@@ -3,6 +3,7 @@
 //! that keeps runtime changes, damaged state that stops fep, and reloads
 //! good and bad.
 
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -557,4 +558,98 @@ fn the_admin_api_refuses_tcp_requests_without_the_token_and_the_socket_is_privat
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"be1\""));
+}
+
+const ECHO_1_1: &str = r#"
+[[service]]
+name = "echo"
+vip = "10.0.0.100"
+port = 7000
+protocol = "tcp"
+backend = [{ node = "be1", ratio = 1 }, { node = "be2", ratio = 1 }]
+"#;
+
+#[test]
+fn a_closed_connections_lingering_route_is_counted_apart_from_live_ones_in_every_view() {
+    if skip_without_root(
+        "a_closed_connections_lingering_route_is_counted_apart_from_live_ones_in_every_view",
+    ) {
+        return;
+    }
+    let r = fep_tests::start_for_agents(
+        "fcl",
+        2,
+        "metrics_listen = \"127.0.0.1:9100\"\n",
+        ECHO_1_1,
+        |_| {},
+    );
+    let (first, closed) = fep_tests::open_echo(&r);
+    let (mut second, open) = fep_tests::open_echo(&r);
+    assert_ne!(closed, open, "ratio 1:1 places the two apart");
+    let status = || fep_tests::status(&r);
+    assert_eq!((status().routes, status().closing), (2, 0));
+
+    // The client closes the first; the back end closes too: the route
+    // lingers (about 4 s) for the last ACKs, no longer a connection.
+    drop(first);
+    wait_for(&r, "the first route closing", Duration::from_secs(3), |r| {
+        fep_tests::status(r).closing == 1
+    });
+    let s = status();
+    assert_eq!((s.routes, s.closing), (1, 1), "{s:?}");
+    let svc = fep_tests::service(&r, "echo");
+    assert_eq!((svc.routes, svc.closing), (1, 1));
+    let of = |node: &str| backend(&r, "echo", node);
+    assert_eq!((of(&closed).routes, of(&closed).closing), (0, 1));
+    assert_eq!((of(&open).routes, of(&open).closing), (1, 0));
+    assert_eq!(
+        (of(&closed).share, of(&open).share),
+        (0.0, 1.0),
+        "shares are of open connections, not leftovers"
+    );
+    assert_eq!(
+        (node(&r, &closed).routes, node(&r, &closed).closing),
+        (0, 1)
+    );
+    let metrics = scrape(&r);
+    for (n, state, want) in [
+        (&closed, "live", 0.0),
+        (&closed, "closing", 1.0),
+        (&open, "live", 1.0),
+        (&open, "closing", 0.0),
+    ] {
+        let series = format!(r#"fep_routes{{node="{n}",service="echo",state="{state}"}}"#);
+        assert_eq!(value(&metrics, &series), want, "{series}");
+    }
+    let text = ok(&r, &["status"]);
+    assert!(text.contains("routes 1 live, 1 closing"), "{text}");
+    fep_tests::assert_aligned(
+        &text,
+        &["NODE", "ADDRESS", "STATE", "AGENT"],
+        &["ROUTES", "CLOSING", "CPU"],
+    );
+    let text = ok(&r, &["services"]);
+    assert!(
+        text.contains("echo tcp 10.0.0.100:7000 scheduler ratio — 1 live route(s), 1 closing"),
+        "{text}"
+    );
+    fep_tests::assert_aligned(
+        &text,
+        &["NODE", "UP"],
+        &["RATIO", "ROUTES", "CLOSING", "SHARE", "TARGET"],
+    );
+    let text = ok(&r, &["nodes"]);
+    fep_tests::assert_aligned(&text, &["NODE", "STATE"], &["ROUTES", "CLOSING"]);
+    let text = ok(&r, &["top", "--once"]);
+    assert!(text.contains("1 live routes, 1 closing"), "{text}");
+
+    // Once it has lingered, the route goes; the open connection still works.
+    wait_for(&r, "the closed route gone", Duration::from_secs(15), |r| {
+        fep_tests::status(r).closing == 0
+    });
+    assert_eq!(status().routes, 1);
+    second.get_mut().write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut second, &mut line).unwrap();
+    assert_eq!(line, "still here\n");
 }

@@ -109,7 +109,7 @@ impl Metrics {
             packets: counter_vec("fep_packets_total", "Packets forwarded, by service and direction (to_backend, to_client).", sb),
             bytes: counter_vec("fep_bytes_total", "Bytes of IP packets forwarded, by service and direction.", sb),
             drops: counter_vec("fep_dropped_packets_total", "Packets dropped, by reason.", &["reason"]),
-            routes: gauge_vec("fep_routes", "Live routes in the assigned-route table, by service and node.", sn),
+            routes: gauge_vec("fep_routes", "Routes in the assigned-route table, by service, node and state (live: the connection is open; closing: over, lingering for its last segments).", &["service", "node", "state"]),
             assignments: counter_vec("fep_route_assignments_total", "Routes assigned, by service and node.", sn),
             expired: counter("fep_routes_expired_total", "Routes removed because their connection ended or idled out."),
             evicted: counter("fep_routes_evicted_total", "Routes evicted because the table neared max_routes."),
@@ -290,9 +290,11 @@ impl Metrics {
             let svc = table.service(b.service);
             let be = table.backend(b.service, b.index);
             let labels = [svc.name.as_str(), be.node.as_str()];
-            self.routes
-                .with_label_values(&labels)
-                .set(i64::from(be.routes()));
+            for (state, n) in [("live", be.live_routes()), ("closing", be.closing())] {
+                self.routes
+                    .with_label_values(&[labels[0], labels[1], state])
+                    .set(i64::from(n));
+            }
             sync(&self.assignments.with_label_values(&labels), be.assigned());
             self.configured_ratio
                 .with_label_values(&labels)

@@ -46,8 +46,11 @@ pub struct BackendShared {
     /// Above the service's `high_load` (with its hysteresis): HTTP pools
     /// keep fewer idle connections to it.
     overloaded: AtomicBool,
-    /// Live routes assigned to this back end.
+    /// Routes assigned to this back end (and HTTP requests in flight to it).
     routes: AtomicU32,
+    /// Of those, routes whose connection is over, lingering for its last
+    /// segments.
+    closing: AtomicU32,
     /// Routes ever assigned to it.
     assigned: AtomicU64,
 }
@@ -87,8 +90,21 @@ impl Backend {
         self.shared.load.store(load.to_bits(), Ordering::Relaxed);
     }
 
+    /// Its routes, open or lingering: what the chooser, `max_connections`
+    /// and a drain count (a lingering route still carries segments).
     pub fn routes(&self) -> u32 {
         self.shared.routes.load(Ordering::Relaxed)
+    }
+
+    /// Its routes whose connection is over (FIN both ways or a RST),
+    /// lingering until they expire.
+    pub fn closing(&self) -> u32 {
+        self.shared.closing.load(Ordering::Relaxed)
+    }
+
+    /// Its routes whose connection is open: what the views' shares count.
+    pub fn live_routes(&self) -> u32 {
+        self.routes().saturating_sub(self.closing())
     }
 
     pub fn overloaded(&self) -> bool {
@@ -109,8 +125,22 @@ impl Backend {
         self.shared.assigned.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn route_removed(&self) {
+    pub(crate) fn route_removed(&self, closed: bool) {
         self.shared.routes.fetch_sub(1, Ordering::Relaxed);
+        if closed {
+            self.route_closing(-1);
+        }
+    }
+
+    /// `by` routes' connections closed (a reopened port: -1). Saturating:
+    /// a count that never goes round, whatever the order of updates.
+    pub(crate) fn route_closing(&self, by: i8) {
+        let _ = self
+            .shared
+            .closing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add_signed(i32::from(by)))
+            });
     }
 
     /// Counts an HTTP request in flight to this back end (as a route: the

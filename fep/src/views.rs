@@ -59,7 +59,8 @@ fn service_view(
 ) -> Option<ServiceView> {
     let s = m.services.get(usize::from(sid)).filter(|s| !s.removed)?;
     let svc = table.service(sid);
-    let routes: u32 = svc.live_backends().map(|(_, b)| b.routes()).sum();
+    let routes: u32 = svc.live_backends().map(|(_, b)| b.live_routes()).sum();
+    let closing: u32 = svc.live_backends().map(|(_, b)| b.closing()).sum();
     let ratio_sum: u32 = svc.live_backends().map(|(_, b)| b.ratio()).sum();
     let (http_service, mut http_backends) = http_views(http, sid);
     Some(ServiceView {
@@ -69,6 +70,7 @@ fn service_view(
         protocol: if s.tcp { Protocol::Tcp } else { Protocol::Udp },
         scheduler: s.scheduler,
         routes,
+        closing,
         pruning: s.pruning,
         backends: m
             .backends
@@ -81,8 +83,9 @@ fn service_view(
                     port: be.port,
                     configured_ratio: b.configured,
                     effective_ratio: be.ratio(),
-                    routes: be.routes(),
-                    share: fraction(be.routes(), routes),
+                    routes: be.live_routes(),
+                    closing: be.closing(),
+                    share: fraction(be.live_routes(), routes),
                     target_share: fraction(be.ratio(), ratio_sum),
                     up: m.backend_up(b, now),
                     overloaded: b.overloaded,
@@ -120,7 +123,8 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
                         service: m.services[usize::from(b.service)].name.clone(),
                         configured_ratio: b.configured,
                         effective_ratio: be.ratio(),
-                        routes: be.routes(),
+                        routes: be.live_routes(),
+                        closing: be.closing(),
                     }
                 })
                 .collect();
@@ -132,6 +136,7 @@ pub fn nodes(cp: &ControlPlane) -> Vec<NodeView> {
                 pinned: !n.pin.is_empty(),
                 pin: n.pin.clone(),
                 routes: services.iter().map(|s| s.routes).sum(),
+                closing: services.iter().map(|s| s.closing).sum(),
                 agent_connected: connected.contains(&(id as u16)),
                 report_age_ms: n.report.as_ref().map(|(at, _)| idle_since(*at, now)),
                 cpu_percent: n.report.as_ref().map(|(_, r)| r.cpu_percent),
@@ -193,8 +198,16 @@ pub fn status(cp: &ControlPlane, sources: &Sources) -> StatusView {
     let totals = Totals::sum(sources.workers.iter().map(|c| &**c));
     let dispatcher = cp.dispatcher();
     let removed = dispatcher.removed_totals();
+    let table = dispatcher.table();
+    let closing: usize = table
+        .services()
+        .iter()
+        .flat_map(|s| &s.backends)
+        .map(|b| b.closing() as usize)
+        .sum();
     StatusView {
-        routes: dispatcher.routes().len(),
+        routes: dispatcher.routes().len().saturating_sub(closing),
+        closing,
         routes_expired: removed.expired,
         routes_evicted: removed.evicted,
         journal_overflow: dispatcher.journal_overflow(),

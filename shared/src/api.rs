@@ -286,7 +286,12 @@ pub struct BackendView {
     pub port: u16,
     pub configured_ratio: u32,
     pub effective_ratio: u32,
+    /// Routes whose connection is open (HTTP mode: requests in flight).
     pub routes: u32,
+    /// Routes of connections that are over, lingering for their last
+    /// segments (counted apart from `routes`).
+    #[serde(default)]
+    pub closing: u32,
     /// Share of the service's live routes.
     pub share: f64,
     /// Share the effective ratios aim for.
@@ -403,7 +408,11 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    /// Its back ends' live routes.
     pub routes: u32,
+    /// Its back ends' closing routes.
+    #[serde(default)]
+    pub closing: u32,
     pub pruning: bool,
     pub backends: Vec<BackendView>,
     /// HTTP mode's figures, for a service with `mode = "http"`.
@@ -436,7 +445,10 @@ pub struct NodeServiceView {
     pub service: String,
     pub configured_ratio: u32,
     pub effective_ratio: u32,
+    /// Live routes (as [`BackendView::routes`]).
     pub routes: u32,
+    #[serde(default)]
+    pub closing: u32,
 }
 
 /// A node of `GET /v1/nodes`.
@@ -449,7 +461,11 @@ pub struct NodeView {
     pub state: NodeState,
     pub pinned: bool,
     pub pin: Pin,
+    /// Live routes, in every service.
     pub routes: u32,
+    /// Closing routes, in every service.
+    #[serde(default)]
+    pub closing: u32,
     pub agent_connected: bool,
     pub report_age_ms: Option<u32>,
     pub cpu_percent: Option<f64>,
@@ -525,8 +541,12 @@ pub struct TunWorkersView {
 /// `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
-    /// Live routes.
+    /// Routes whose connection is open.
     pub routes: usize,
+    /// Routes of closed connections, lingering until they expire (the
+    /// table holds `routes + closing`).
+    #[serde(default)]
+    pub closing: usize,
     pub routes_expired: usize,
     pub routes_evicted: usize,
     pub journal_overflow: u64,
@@ -584,6 +604,7 @@ mod tests {
             pinned: false,
             pin: Pin::default(),
             routes: 2,
+            closing: 1,
             agent_connected: true,
             report_age_ms: None,
             cpu_percent: Some(12.5),
@@ -592,6 +613,7 @@ mod tests {
                 configured_ratio: 2,
                 effective_ratio: 1,
                 routes: 2,
+                closing: 1,
             }],
         };
         let json = serde_json::to_value(&view).unwrap();

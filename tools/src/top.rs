@@ -45,6 +45,7 @@ pub fn bar(share: f64, target: f64, width: usize) -> String {
 /// two status samples.
 struct View {
     routes: usize,
+    closing: usize,
     services: Vec<ServiceView>,
     rates: Option<(f64, f64, f64)>,
 }
@@ -68,6 +69,7 @@ fn sample(to: &AdminAddress, last: &mut Option<(Instant, CountersView)>) -> anyh
     *last = Some((Instant::now(), now.counters.clone()));
     Ok(View {
         routes: now.routes,
+        closing: now.closing,
         services: now.services,
         rates,
     })
@@ -89,7 +91,10 @@ fn draw(f: &mut Frame, v: &View) {
         None => "measuring rates …".into(),
     };
     let header = Paragraph::new(vec![
-        Line::from(format!("fep — {} live routes", v.routes)),
+        Line::from(format!(
+            "fep — {} live routes, {} closing",
+            v.routes, v.closing
+        )),
         Line::from(rates),
         Line::from("bars: share of live routes, | the target share (effective ratios); q quits"),
     ])
@@ -119,8 +124,12 @@ fn draw(f: &mut Frame, v: &View) {
             })
         });
         let title = format!(
-            " {}{}{} ",
+            " {}{}{}{} ",
             svc.heading(),
+            match svc.closing {
+                0 => String::new(),
+                n => format!(" — {n} closing"),
+            },
             svc.http.as_ref().map_or(String::new(), |h| format!(
                 " — {:.0} req/s",
                 h.requests_per_s
@@ -229,6 +238,7 @@ mod tests {
             configured_ratio: 1000,
             effective_ratio: 1000,
             routes,
+            closing: 7,
             share,
             target_share: 0.5,
             up: true,
@@ -255,6 +265,7 @@ mod tests {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Ratio,
             routes: 1_500_000,
+            closing: 1_234_567,
             pruning: false,
             backends: vec![
                 backend("node-abcde", 1_000_000, 0.667, http),
@@ -273,6 +284,7 @@ mod tests {
     fn every_column_fits_80_columns_with_large_figures_and_an_http_pool() {
         let view = View {
             routes: 3_000_000,
+            closing: 2_469_134,
             services: vec![service("web", false), service("api", true)],
             rates: Some((1e6, 1e6, 0.0)),
         };
@@ -282,7 +294,8 @@ mod tests {
             .all(|l| l.chars().count() <= usize::from(WIDTH)));
         let text = lines.join("\n");
         for whole in [
-            "3000000 live routes",
+            "3000000 live routes, 2469134 closing",
+            "web tcp 10.0.0.100:80 scheduler ratio — 1234567 closing",
             "1000000 pkt/s to clients, 0 drops/s",
             "q quits",
             "POOL i/b x",

@@ -176,19 +176,29 @@ mod tests {
         r.send(client(1), 1000, 8080, SYN, 0).unwrap();
         r.reply([10, 0, 2, 1], 8080, client(1), 1000, SYN | ACK, 1)
             .unwrap();
+        let a = |r: &Rig| {
+            let t = r.d.table();
+            let be = &t.service(0).backends[0];
+            (be.routes(), be.live_routes(), be.closing())
+        };
         r.send(client(1), 1000, 8080, FIN_ACK, 100).unwrap();
         assert_eq!(
             r.d.expire(100 + CLOSED_LINGER_MS),
             ExpireStats::default(),
             "half-closed stays"
         );
+        assert_eq!(a(&r), (1, 1, 0), "half-closed is still a live connection");
         r.reply([10, 0, 2, 1], 8080, client(1), 1000, FIN_ACK, 200)
             .unwrap();
+        assert_eq!(a(&r), (1, 0, 1), "closed: lingering, no longer live");
         r.send(client(1), 1000, 8080, ACK, 210).unwrap();
-        assert_eq!(r.d.expire(210 + CLOSED_LINGER_MS - 1).expired, 0, "lingers");
-        assert_eq!(r.d.expire(210 + CLOSED_LINGER_MS).expired, 1);
+        r.reply([10, 0, 2, 1], 8080, client(1), 1000, FIN_ACK, 211)
+            .unwrap();
+        assert_eq!(a(&r), (1, 0, 1), "counted closing once");
+        assert_eq!(r.d.expire(211 + CLOSED_LINGER_MS - 1).expired, 0, "lingers");
+        assert_eq!(r.d.expire(211 + CLOSED_LINGER_MS).expired, 1);
         assert_eq!(r.routes(), 0);
-        assert_eq!(r.d.table().service(0).backends[0].routes(), 0);
+        assert_eq!(a(&r), (0, 0, 0));
         // The reply index went with it.
         assert_eq!(
             r.reply([10, 0, 2, 1], 8080, client(1), 1000, ACK, 5000),
@@ -202,8 +212,12 @@ mod tests {
         assert_eq!(r.send(client(1), 1000, 8080, SYN, 0).unwrap(), "A");
         r.reply([10, 0, 2, 1], 8080, client(1), 1000, tcp_flags::RST, 1)
             .unwrap();
+        let t = r.d.table();
+        let be = &t.service(0).backends[0];
+        assert_eq!((be.live_routes(), be.closing()), (0, 1));
         // Same client port connects again before the linger is over: same back end, fresh state.
         assert_eq!(r.send(client(1), 1000, 8080, SYN, 2).unwrap(), "A");
+        assert_eq!((be.live_routes(), be.closing()), (1, 0), "open again");
         assert_eq!(r.d.expire(2 + CLOSED_LINGER_MS).expired, 0);
         assert_eq!(r.routes(), 1);
     }

@@ -304,7 +304,7 @@ impl Dispatcher {
         let flags = pkt.tcp_flags();
         let closing = close_bits(flags, state::FIN_FROM_CLIENT);
         let confirms = Cell::new(false);
-        let hit = self.routes.get_and(&key, |route| {
+        let hit = self.routes.get_and(&key, svc, |route| {
             let st = route.state();
             let set = closing | confirm_bit(svc, flags, st);
             confirms.set(set & !st & state::ESTABLISHED != 0);
@@ -422,16 +422,15 @@ impl Dispatcher {
     ) -> Option<FlowKey> {
         for &service in table.services_behind(reply.protocol, &reply.backend, reply.backend_port) {
             let key = reply.key(service);
+            let svc = table.service(service);
             let holds = |b: BackendId| {
-                table
-                    .service(service)
-                    .backends
+                svc.backends
                     .get(usize::from(b))
                     .is_some_and(|be| reply.is_from(be))
             };
             let found = self
                 .routes
-                .get_and(&key, |r| !holds(r.backend()) || touch(r));
+                .get_and(&key, svc, |r| !holds(r.backend()) || touch(r));
             if found.is_some_and(holds) {
                 return Some(key);
             }

@@ -15,11 +15,12 @@
 //!   removal cannot set state bits on the route that moved into its slot.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::route::{FlowKey, Route};
+use super::route::{state, FlowKey, Route};
 use crate::transfer_table::BackendId;
 
 /// Control word: generation (32) | used (8) | state (8) | back end (16).
@@ -97,6 +98,8 @@ impl Slot {
 pub struct RouteRef<'a> {
     slot: &'a Slot,
     ctrl: u64,
+    /// Connections this reference's updates closed (1) or reopened (-1).
+    closes: Cell<i8>,
 }
 
 impl RouteRef<'_> {
@@ -110,6 +113,13 @@ impl RouteRef<'_> {
 
     pub fn last_seen(&self) -> u32 {
         self.slot.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Whether this reference's updates closed the route's connection (1),
+    /// reopened it (-1) or neither (0): exactly one update makes each such
+    /// change, however many workers race, so counts kept from it are exact.
+    pub fn closes(&self) -> i8 {
+        self.closes.get()
     }
 
     /// Records a packet: its time and the state bits it sets. Writes only
@@ -151,7 +161,12 @@ impl RouteRef<'_> {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    let closed = |c| state::is_closed(ctrl_state(c));
+                    let change = i8::from(closed(new)) - i8::from(closed(cur));
+                    self.closes.set(self.closes.get() + change);
+                    return true;
+                }
                 Err(now) => cur = now,
             }
         }
@@ -265,6 +280,7 @@ impl RouteMap {
                 return found.map(|(i, c)| RouteRef {
                     slot: self.slot(i),
                     ctrl: c,
+                    closes: Cell::new(0),
                 });
             }
         }

@@ -10,7 +10,8 @@
 //! [`Routes`] alone changes the table, and keeps with every insert and
 //! removal: the count of routes within `max_routes` (a reservation taken
 //! before an insert, so concurrent workers never pass the bound), each back
-//! end's route count, and under client affinity each client's held node
+//! end's route count and how many of them are closing (from the one update
+//! that closes or reopens each connection), and under client affinity each client's held node
 //! with its number of routes in the scope (the service, or every service of
 //! its affinity group). Routes live in a lock-free [`map`] (one writer
 //! lock for inserts and removals); client affinity in a sharded map
@@ -127,16 +128,26 @@ impl Routes {
         self.clients.get(&ClientKey::new(scope, client)).map(|s| *s)
     }
 
-    /// The packet path's lookup: `key`'s back end, if it has a route, after
-    /// `f` updated the route (`f` returns false when the route moved under
-    /// it, and the lookup looks again).
+    /// The packet path's lookup: `key`'s back end in `svc` (its service),
+    /// if it has a route, after `f` updated the route (`f` returns false
+    /// when the route moved under it, and the lookup looks again). An
+    /// update that closes or reopens the connection counts on the back end.
     #[inline]
     pub(crate) fn get_and(
         &self,
         key: &FlowKey,
+        svc: &Service,
         f: impl Fn(&RouteRef<'_>) -> bool,
     ) -> Option<BackendId> {
-        self.map.get_and(key, f)
+        self.map.get_and(key, |r| {
+            let done = f(r);
+            if r.closes() != 0 {
+                if let Some(b) = svc.backends.get(usize::from(r.backend())) {
+                    b.route_closing(r.closes());
+                }
+            }
+            done
+        })
     }
 
     /// Where `key`'s next packet would go in `svc` (see [`Explained`]).
@@ -257,7 +268,7 @@ impl Routes {
         let route = self.map.remove_if(key, cond)?;
         self.release();
         let svc = table.service(key.service);
-        svc.backends[usize::from(route.backend)].route_removed();
+        svc.backends[usize::from(route.backend)].route_removed(state::is_closed(route.state()));
         if let Some(scope) = svc.affinity {
             // Saturating: a service whose affinity changed at runtime
             // removes routes it did not count in this scope.
@@ -328,7 +339,13 @@ impl Routes {
         }
         let inserted = self.map.insert_with(key, now, state, make);
         match inserted {
-            Inserted::New(b) => svc.backends[usize::from(b)].route_added(),
+            Inserted::New(b) => {
+                let be = &svc.backends[usize::from(b)];
+                be.route_added();
+                if state::is_closed(state) {
+                    be.route_closing(1);
+                }
+            }
             Inserted::Existing(_) | Inserted::Refused => self.release(),
         }
         Some(inserted)
@@ -525,6 +542,49 @@ mod tests {
             b.set_ratio(0);
         }
         assert_eq!(r.explain(&key(0, 3, 1), web), Explained::NoBackend);
+    }
+
+    #[test]
+    fn each_back_end_counts_its_closing_routes_exactly_however_workers_race() {
+        let t = table();
+        let web = t.service(0);
+        let r = Routes::with_room(4096);
+        let keys: Vec<FlowKey> = (0..1000u16).map(|p| key(0, 1, 1000 + p)).collect();
+        for k in &keys {
+            r.assign(k, web, 0).unwrap();
+        }
+        let closing =
+            |t: &TransferTable| -> u32 { t.service(0).backends.iter().map(|b| b.closing()).sum() };
+        // Two workers close each connection from both sides at once (and
+        // again: a retransmitted FIN): one update makes the change.
+        std::thread::scope(|s| {
+            for bits in [state::FIN_FROM_CLIENT, state::FIN_FROM_BACKEND] {
+                let (r, keys) = (&r, &keys);
+                s.spawn(move || {
+                    for _ in 0..2 {
+                        for k in keys {
+                            r.get_and(k, web, |route| route.touch(1, bits)).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(closing(&t), 1000);
+        assert_eq!(counts(&t, 0).iter().sum::<u32>(), 1000, "all still there");
+        // A new connection on a closed port is open again; a removal of a
+        // closed route takes its closing count with it.
+        r.get_and(&keys[0], web, |route| route.reopen(2)).unwrap();
+        assert_eq!(closing(&t), 999);
+        assert!(r.remove_if(&t, &keys[1], |_| true).is_some());
+        assert!(r.remove_if(&t, &keys[0], |_| true).is_some());
+        assert_eq!(closing(&t), 998);
+        // Imported rows count as they are.
+        let rows = r.export(|_| true);
+        let (t2, to) = (table(), Routes::with_room(4096));
+        assert_eq!(to.import(&t2, rows), 998);
+        assert_eq!(closing(&t2), 998);
+        let live: u32 = t2.service(0).backends.iter().map(|b| b.live_routes()).sum();
+        assert_eq!(live, 0);
     }
 
     #[test]

@@ -380,7 +380,8 @@ fn routes(cli: &Cli, to: &AdminAddress, q: &RouteQuery) -> anyhow::Result<(Value
     let mut text = routes_text(&v);
     let limit = q.limit.unwrap_or(usize::MAX);
     if !cli.json && v.len() == limit {
-        let total = get::<StatusView>(to, "/v1/status")?.routes;
+        let status = get::<StatusView>(to, "/v1/status")?;
+        let total = status.routes + status.closing;
         text += &format!(
             "the first {limit} shown; {total} route(s) in the table (--limit K for more)\n"
         );
@@ -397,7 +398,9 @@ fn wait_drained(cli: &Cli, to: &AdminAddress, node: &str, timeout: Duration) -> 
             .into_iter()
             .find(|n| n.name == node)
             .with_context(|| format!("node '{node}' vanished"))?;
-        let routes = n.routes;
+        // Lingering routes still carry a connection's last segments: the
+        // node is drained once they are gone too.
+        let routes = n.routes + n.closing;
         if n.state == NodeState::Drained {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&n)?);
@@ -427,6 +430,7 @@ fn nodes_text(nodes: &[NodeView]) -> String {
         ("STATE", Left),
         ("PINNED", Left),
         ("ROUTES", Right),
+        ("CLOSING", Right),
         ("AGENT", Left),
         ("CPU", Right),
         ("RATIOS (service configured/effective)", Left),
@@ -448,6 +452,7 @@ fn nodes_text(nodes: &[NodeView]) -> String {
             n.state.to_string(),
             pin_text(&n.pin),
             n.routes.to_string(),
+            n.closing.to_string(),
             agent,
             n.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             ratios.join(", "),
@@ -595,6 +600,7 @@ fn backends_table(backends: &[BackendView]) -> String {
         ("RATIO", Right),
         ("EFF", Right),
         ("ROUTES", Right),
+        ("CLOSING", Right),
         ("SHARE", Right),
         ("TARGET", Right),
         ("UP", Left),
@@ -609,6 +615,7 @@ fn backends_table(backends: &[BackendView]) -> String {
             b.configured_ratio.to_string(),
             b.effective_ratio.to_string(),
             b.routes.to_string(),
+            b.closing.to_string(),
             top::pct(b.share),
             top::pct(b.target_share),
             if b.up { "up" } else { "down" }.into(),
@@ -624,9 +631,10 @@ fn services_text(services: &[ServiceView]) -> String {
     let mut out = String::new();
     for svc in services {
         out += &format!(
-            "{} — {} route(s){}\n",
+            "{} — {} live route(s), {} closing{}\n",
             svc.heading(),
             svc.routes,
+            svc.closing,
             if svc.pruning {
                 ", pruning idle routes"
             } else {
@@ -705,8 +713,8 @@ fn routes_text(routes: &[RouteView]) -> String {
 fn status_text(v: &StatusView) -> String {
     let c = &v.counters;
     let mut out = format!(
-        "routes {}   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}\n",
-        v.routes, c.to_backend_packets, c.to_backend_bytes, c.to_client_packets, c.to_client_bytes, c.get(Count::RoutesCreated)
+        "routes {} live, {} closing   to back ends {} pkts / {} bytes   to clients {} pkts / {} bytes   routes created {}\n",
+        v.routes, v.closing, c.to_backend_packets, c.to_backend_bytes, c.to_client_packets, c.to_client_bytes, c.get(Count::RoutesCreated)
     );
     let drops: Vec<String> = c
         .drops
