@@ -16,9 +16,8 @@ fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bep-agent"))
 }
 
-#[test]
-fn gen_key_writes_a_private_64_hex_key_once() {
-    let d = dir("key");
+/// `bep-agent --gen-key DIR/agent.key`, which must succeed; the key's path.
+fn gen_key(d: &std::path::Path) -> std::path::PathBuf {
     let key = d.join("agent.key");
     assert!(agent()
         .arg("--gen-key")
@@ -26,6 +25,12 @@ fn gen_key_writes_a_private_64_hex_key_once() {
         .status()
         .unwrap()
         .success());
+    key
+}
+
+#[test]
+fn gen_key_writes_a_private_64_hex_key_once() {
+    let key = gen_key(&dir("key"));
     let text = std::fs::read_to_string(&key).unwrap();
     assert_eq!(text.trim().len(), 64);
     assert!(text.trim().chars().all(|c| c.is_ascii_hexdigit()));
@@ -124,13 +129,7 @@ fn an_unreachable_fep_is_retried_with_backoff_and_the_agent_keeps_running() {
 #[test]
 fn check_reads_the_shipped_config_and_its_key_and_names_a_missing_key() {
     let d = dir("check");
-    let key = d.join("agent.key");
-    assert!(agent()
-        .arg("--gen-key")
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success());
+    let key = gen_key(&d);
     // The package's /etc/fep/bep-agent.toml, with its key in this directory.
     let shipped = include_str!("../../deploy/bep-agent.toml");
     let cfg = d.join("bep-agent.toml");
