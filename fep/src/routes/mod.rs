@@ -11,9 +11,9 @@
 //! removal: the count of routes within `max_routes` (a reservation taken
 //! before an insert, so concurrent workers never pass the bound), each back
 //! end's route count and how many of them are closing (from the one update
-//! that closes or reopens each connection), and under client affinity each client's held node
-//! with its number of routes in the scope (the service, or every service of
-//! its affinity group). Routes live in a lock-free [`map`] (one writer
+//! that closes or reopens each connection), and under client affinity each
+//! client's held node with its number of routes in the scope (the service,
+//! or every service of its affinity group). Routes live in a lock-free [`map`] (one writer
 //! lock for inserts and removals); client affinity in a sharded map
 //! (dashmap). Both hash with aHash under a random key, against collision
 //! floods. Lock order, where both are held: the route map's writer lock

@@ -28,6 +28,7 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(
     name = "fepctl",
+    override_usage = "fepctl [OPTIONS] <COMMAND>",
     version,
     about = "Operate a running fep: ratios, drains, pins, nodes, services, routes, status"
 )]
@@ -48,7 +49,7 @@ struct Cli {
     /// package's build runs this).
     #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
     generate_docs: Option<PathBuf>,
-    /// Required but for `--generate-docs`.
+    // Required but for `--generate-docs` (checked in `main`).
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
