@@ -394,10 +394,11 @@ fn http_mode_demo(lab: &Lab, socket: &Path) -> anyhow::Result<()> {
 fn print_nodes(socket: &Path) -> anyhow::Result<()> {
     for n in get::<Vec<NodeView>>(socket, "/v1/nodes")? {
         println!(
-            "     {:<4} {:<9} routes {:>3}",
+            "     {:<4} {:<9} routes {:>3} live, {:>3} closing",
             n.name,
             n.state.to_string(),
-            n.routes
+            n.routes,
+            n.closing
         );
     }
     Ok(())
