@@ -7,7 +7,13 @@
 //! filled in, the installed bep-agent reports from the shipped
 //! bep-agent.toml, and the installed fepctl reads both through the default
 //! socket. An upgrade keeps the edited config; removal leaves /etc/fep
-//! alone; the purge at the end (also on failure) removes everything.
+//! alone; purge removes everything.
+//!
+//! All that dpkg and the package do to the machine happens in a private
+//! overlay of /etc, /usr, /var and /run (a mount namespace of the test's
+//! own, gone when the test ends, passed or not), with systemd hidden from
+//! the maintainer scripts: the machine's own packages, configs and services
+//! are never touched, and a fep package installed on it is no obstacle.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -94,16 +100,65 @@ fn mode(path: &str) -> u32 {
         & 0o7777
 }
 
-/// Purges the package when the test ends, passed or not.
-struct Purge;
-
-impl Drop for Purge {
-    fn drop(&mut self) {
-        let _ = Command::new("dpkg")
-            .args(["--purge", PACKAGE])
-            .stdin(Stdio::null())
-            .output();
+/// Moves the calling thread (and what it starts) into a mount namespace
+/// of its own where /etc, /usr, /var and /run are overlays whose changes
+/// go to a tmpfs at `scratch`, and /run/systemd is an empty tmpfs (so the
+/// maintainer scripts find no systemd to talk to).
+fn enter_private_overlay(scratch: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    let c = |s: &str| CString::new(s).unwrap();
+    let mount = |src: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str| {
+        let (src, target, fstype, data) = (c(src), c(target.to_str().unwrap()), c(fstype), c(data));
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            let e = std::io::Error::last_os_error();
+            Err(std::io::Error::new(
+                e.kind(),
+                format!("mount {target:?}: {e}"),
+            ))
+        }
+    };
+    // SAFETY: unshare(2) of this thread's mount namespace (and with it its
+    // filesystem attributes); no memory is involved.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    mount(
+        "none",
+        Path::new("/"),
+        "",
+        libc::MS_REC | libc::MS_PRIVATE,
+        "",
+    )?;
+    std::fs::create_dir_all(scratch)?;
+    mount("tmpfs", scratch, "tmpfs", 0, "mode=0755")?;
+    for dir in ["etc", "usr", "var", "run"] {
+        let (upper, work) = (
+            scratch.join(dir).join("upper"),
+            scratch.join(dir).join("work"),
+        );
+        std::fs::create_dir_all(&upper)?;
+        std::fs::create_dir_all(&work)?;
+        let options = format!(
+            "lowerdir=/{dir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        mount("overlay", &Path::new("/").join(dir), "overlay", 0, &options)?;
+    }
+    std::fs::create_dir_all("/run/systemd")?;
+    mount("tmpfs", Path::new("/run/systemd"), "tmpfs", 0, "mode=0755")
 }
 
 fn wait_for(what: &str, fep: &FepProcess, mut cond: impl FnMut() -> bool) {
@@ -123,13 +178,9 @@ fn the_package_installs_serves_a_vip_upgrades_and_removes_cleanly() {
     if skip_without_root("the_package_installs_serves_a_vip_upgrades_and_removes_cleanly") {
         return;
     }
-    assert!(
-        dpkg_status().is_empty() && !Path::new("/etc/fep").exists(),
-        "this test installs and purges the {PACKAGE} package: it needs a machine where it is \
-         not installed and /etc/fep does not exist (dpkg says {:?})",
-        dpkg_status()
-    );
+    // What the test needs stays installed, as the other tests' tools do.
     host::ensure(&[host::DPKG_SHLIBDEPS, host::SYSTEMD_ANALYZE]).unwrap();
+    host::prepare_lab().unwrap();
     // Each to a file of its own: cargo-deb clears its default directory.
     let out = std::env::temp_dir().join(format!("fep-package-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
@@ -140,8 +191,28 @@ fn the_package_installs_serves_a_vip_upgrades_and_removes_cleanly() {
         "--output",
         out.join("second.deb").to_str().unwrap(),
     ]);
+    let scratch = out.join("overlay");
+    let test = std::thread::spawn(move || {
+        enter_private_overlay(&scratch).expect("a private overlay of /etc, /usr, /var and /run");
+        install_serve_upgrade_remove(&first, &second);
+    });
+    if let Err(panic) = test.join() {
+        std::panic::resume_unwind(panic);
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
 
-    let _purge = Purge;
+/// The test proper, in the private overlay.
+fn install_serve_upgrade_remove(first: &Path, second: &Path) {
+    // As on a machine that never had it (in the overlay only).
+    if !dpkg_status().is_empty() {
+        dpkg(&["--purge", PACKAGE]);
+    }
+    for dir in ["/etc/fep", STATE_DIR] {
+        if Path::new(dir).exists() {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
     dpkg(&["--install", first.to_str().unwrap()]);
     assert!(dpkg_status().starts_with("ii"), "{}", dpkg_status());
 
@@ -248,7 +319,6 @@ fn the_package_installs_serves_a_vip_upgrades_and_removes_cleanly() {
     for gone in ["/etc/fep", STATE_DIR] {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 /// The installed fep serves the edited /etc/fep/fep.toml in a lab's gateway
