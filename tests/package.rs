@@ -1,8 +1,8 @@
 //! The Debian package as an operator meets it: `tools/build-deb` builds it,
-//! `dpkg -i` installs it on this machine, and the installed files are what
-//! they say (modes, conffiles, units that `systemd-analyze verify` accepts
-//! with the installed paths, `--check` on the shipped configs, man pages and
-//! completions). The installed fep then serves a VIP in a namespace
+//! `dpkg -i` installs it (in a private overlay, below), and the installed
+//! files are what they say (modes, conffiles, units that `systemd-analyze
+//! verify` accepts with the installed paths, `--check` on the shipped
+//! configs, man pages and completions). The installed fep then serves a VIP in a namespace
 //! topology from the shipped /etc/fep/fep.toml with the lab's addresses
 //! filled in, the installed bep-agent reports from the shipped
 //! bep-agent.toml, and the installed fepctl reads both through the default
@@ -181,9 +181,27 @@ fn the_package_installs_serves_a_vip_upgrades_and_removes_cleanly() {
     // What the test needs stays installed, as the other tests' tools do.
     host::ensure(&[host::DPKG_SHLIBDEPS, host::SYSTEMD_ANALYZE]).unwrap();
     host::prepare_lab().unwrap();
-    // Each to a file of its own: cargo-deb clears its default directory.
     let out = std::env::temp_dir().join(format!("fep-package-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
+    // cargo-deb deletes every fep_*.deb in TARGET/debian when it builds one
+    // (even with --output): those an operator built are put back.
+    let debian = lab::workspace_bin("fep")
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("debian");
+    let kept: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&debian)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
     let first = build(&["--output", out.join("first.deb").to_str().unwrap()]);
     let second = build(&[
         "--deb-revision",
@@ -191,6 +209,9 @@ fn the_package_installs_serves_a_vip_upgrades_and_removes_cleanly() {
         "--output",
         out.join("second.deb").to_str().unwrap(),
     ]);
+    for (path, bytes) in &kept {
+        std::fs::write(path, bytes).unwrap();
+    }
     let scratch = out.join("overlay");
     let test = std::thread::spawn(move || {
         enter_private_overlay(&scratch).expect("a private overlay of /etc, /usr, /var and /run");
