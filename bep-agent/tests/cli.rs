@@ -138,12 +138,15 @@ fn check_reads_the_shipped_config_and_its_key_and_names_a_missing_key() {
         shipped.replace("/etc/fep/agent.key", key.to_str().unwrap()),
     )
     .unwrap();
-    let out = agent()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let check = || {
+        agent()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    let out = check();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -153,12 +156,7 @@ fn check_reads_the_shipped_config_and_its_key_and_names_a_missing_key() {
         )
     );
     std::fs::remove_file(&key).unwrap();
-    let out = agent()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let out = check();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key_file"));
 }

@@ -13,7 +13,7 @@ use fep_shared::Scheduler;
 pub(crate) trait Candidate {
     /// The effective ratio; 0 is never chosen.
     fn ratio(&self) -> u32;
-    /// Live routes assigned to it.
+    /// Routes assigned to it, open or closing.
     fn routes(&self) -> u32;
     /// The load the agent reported, in the service's load metric.
     fn load(&self) -> f64;
@@ -43,7 +43,7 @@ impl<C: Candidate> Candidate for &C {
 pub(crate) enum Chooser {
     /// Smooth weighted round robin; the state is each back end's current weight.
     Ratio(Mutex<Vec<i64>>),
-    /// Lowest (live routes ÷ ratio), ties by table order; no state of its own.
+    /// Lowest (routes ÷ ratio), ties by table order; no state of its own.
     LeastRoutes,
     /// Lowest (reported load ÷ ratio), ties by table order.
     Load,

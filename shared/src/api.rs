@@ -340,7 +340,8 @@ pub struct GroupView {
     pub master: bool,
     /// Its packets are stored while its routes come to this gateway.
     pub holding: bool,
-    /// Live routes of the group's services.
+    /// Routes of the group's services here, closing ones included (all
+    /// move with the group).
     pub routes: u64,
     pub last_hold: Option<HoldView>,
 }

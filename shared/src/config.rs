@@ -87,8 +87,9 @@ pub enum Scheduler {
     /// follow the ratios however short the connections are.
     #[default]
     Ratio,
-    /// Lowest (live routes ÷ ratio), ties by table order: steers the shares of
-    /// live routes toward the ratios, e.g. after a ratio change.
+    /// Lowest (routes ÷ ratio, closing ones included), ties by table order:
+    /// steers the shares of routes toward the ratios, e.g. after a ratio
+    /// change.
     LeastRoutes,
     /// Lowest (reported load ÷ ratio) among running nodes wins.
     Load,

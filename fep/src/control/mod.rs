@@ -235,7 +235,8 @@ impl ControlPlane {
             .clone()
     }
 
-    /// Live routes of a node, over all its back ends.
+    /// Routes of a node (open or closing), over all its back ends: a drain
+    /// completes when none is left.
     pub fn routes_of_node(&self, node: NodeId) -> u32 {
         self.dispatcher
             .table()

@@ -383,7 +383,7 @@ impl Model {
 
     /// Advances the state machines: down/up transitions, overload with
     /// hysteresis, scale-out, drain completion. `routes_of` counts a node's
-    /// live routes.
+    /// routes, closing ones included.
     pub fn tick(&mut self, now: u32, routes_of: impl Fn(NodeId) -> u32) -> Vec<Event> {
         let mut events = Vec::new();
         for i in 0..self.backends.len() {
