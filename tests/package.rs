@@ -17,13 +17,14 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use fep_shared::api::NodeView;
-use fep_tests::skip_without_root;
+use fep_tests::{http_names, skip_without_root, tally, wait_for, Running};
 use fep_tools::host;
 use fep_tools::lab::{self, backend_v4, FepProcess, Lab, VIP_V4};
+use fep_tools::netns::output;
 
 const PACKAGE: &str = "fep";
 const CONFIG: &str = "/etc/fep/fep.toml";
@@ -44,31 +45,13 @@ fn lab_addresses() -> [(&'static str, String); 4] {
     ]
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
-}
-
 fn dpkg(args: &[&str]) -> String {
-    stdout(
+    output(
         Command::new("dpkg")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+    .unwrap()
 }
 
 /// The package's state in dpkg's database ("" when unknown to it).
@@ -83,7 +66,7 @@ fn dpkg_status() -> String {
 /// `tools/build-deb ARGS`; the package it wrote (cargo-deb's last line).
 fn build(args: &[&str]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = stdout(Command::new(root.join("tools/build-deb")).args(args));
+    let text = output(Command::new(root.join("tools/build-deb")).args(args)).unwrap();
     let deb = PathBuf::from(text.lines().last().unwrap_or("").trim());
     assert!(
         deb.extension().is_some_and(|e| e == "deb") && deb.exists(),
@@ -159,18 +142,6 @@ fn enter_private_overlay(scratch: &Path) -> std::io::Result<()> {
     }
     std::fs::create_dir_all("/run/systemd")?;
     mount("tmpfs", Path::new("/run/systemd"), "tmpfs", 0, "mode=0755")
-}
-
-fn wait_for(what: &str, fep: &FepProcess, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\nfep log:\n{}",
-            fep.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -254,7 +225,8 @@ fn install_serve_upgrade_remove(first: &Path, second: &Path) {
     let key = std::fs::read_to_string(KEY).unwrap();
     assert_eq!(key.trim().len(), 64, "{key}");
     assert_eq!(mode(STATE_DIR), 0o700);
-    let conffiles = stdout(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", PACKAGE]));
+    let conffiles =
+        output(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", PACKAGE])).unwrap();
     for file in [CONFIG, AGENT_CONFIG] {
         assert!(
             conffiles.contains(file),
@@ -290,17 +262,18 @@ fn install_serve_upgrade_remove(first: &Path, second: &Path) {
     for unit in UNITS {
         let text = std::fs::read_to_string(unit).unwrap();
         assert!(!text.contains("/usr/local"), "{unit}:\n{text}");
-        run(Command::new("systemd-analyze").arg("verify").arg(unit));
+        output(Command::new("systemd-analyze").arg("verify").arg(unit)).unwrap();
     }
     assert!(std::fs::read_to_string(UNITS[0])
         .unwrap()
         .contains("ExecStart=/usr/bin/fep --config /etc/fep/fep.toml\n"));
 
     // The shipped configs pass their checks as installed.
-    let check = stdout(Command::new("/usr/bin/fep").args(["--config", CONFIG, "--check"]));
+    let check = output(Command::new("/usr/bin/fep").args(["--config", CONFIG, "--check"])).unwrap();
     assert!(check.contains("service web: tcp 192.0.2.10:80"), "{check}");
     let check =
-        stdout(Command::new("/usr/bin/bep-agent").args(["--config", AGENT_CONFIG, "--check"]));
+        output(Command::new("/usr/bin/bep-agent").args(["--config", AGENT_CONFIG, "--check"]))
+            .unwrap();
     assert!(check.contains("config OK: node be1"), "{check}");
 
     // The operator's edit: the lab's addresses in place of the examples.
@@ -371,32 +344,17 @@ fn serve_from_the_installed_files() {
         .unwrap();
     lab.adopt(Some(0), agent);
 
-    let fepctl = |args: &[&str]| stdout(Command::new("/usr/bin/fepctl").args(args));
-    wait_for("be1's agent to report", &fep, || {
+    let r = Running { lab, fep };
+    let fepctl = |args: &[&str]| output(Command::new("/usr/bin/fepctl").args(args)).unwrap();
+    wait_for(&r, "be1's agent to report", Duration::from_secs(15), |_| {
         let nodes: Vec<NodeView> = serde_json::from_str(&fepctl(&["--json", "nodes"])).unwrap();
         nodes
             .iter()
             .any(|n| n.name == "be1" && n.agent_connected && n.report_age_ms.is_some())
     });
-    let names: Vec<String> = lab
-        .client
-        .enter(|| {
-            (0..20)
-                .map(|i| {
-                    fep_tests::http::get(
-                        std::net::SocketAddr::new(VIP_V4.into(), 80),
-                        "/",
-                        Duration::from_secs(5),
-                    )
-                    .unwrap_or_else(|e| panic!("request {i} failed: {e:#}\n{}", fep.log()))
-                    .body_text()
-                })
-                .collect()
-        })
-        .unwrap();
-    let tally = fep_tests::tally(&names, 2);
+    let names = http_names(&r, VIP_V4.into(), 20);
     assert_eq!(
-        tally,
+        tally(&names, 2),
         [10, 10],
         "ratio 1:1 of the shipped config: {names:?}"
     );
@@ -407,12 +365,14 @@ fn serve_from_the_installed_files() {
         "fep keeps its state in the packaged state directory"
     );
 
+    let Running { lab, mut fep } = r;
     assert!(fep.stop().unwrap().success(), "{}", fep.log());
     let cleanup =
-        stdout(
+        output(
             lab.gateway
                 .command("/usr/bin/fep")
                 .args(["--config", CONFIG, "--cleanup"]),
-        );
+        )
+        .unwrap();
     assert!(cleanup.contains("removed TUN device fep0"), "{cleanup}");
 }
